@@ -1,0 +1,1 @@
+//! CDC-ACM serial (to be written).
