@@ -1,0 +1,147 @@
+//! What the session needs from an exported device, whatever runs it.
+
+use std::io;
+use std::task::{Context, Poll};
+
+use usbwire_devices::{EmulatedDevice, TransferType};
+use usbwire_proto::{DeviceInfo, Direction, Errno, IsoPacket, SetupPacket};
+
+/// One URB as the server runs it.
+#[derive(Debug)]
+pub struct Urb {
+    pub seqnum: u32,
+    /// Endpoint number, 0..=15.
+    pub ep: u8,
+    pub direction: Direction,
+    pub transfer_flags: u32,
+    pub setup: SetupPacket,
+    /// transfer_buffer_length.
+    pub length: usize,
+    /// OUT: the payload, `length` bytes. IN: at least `length` bytes of room;
+    /// the backend writes the data at the front.
+    pub buf: Vec<u8>,
+    pub iso: Vec<IsoPacket>,
+    pub start_frame: i32,
+    pub interval: i32,
+}
+
+impl Urb {
+    /// Endpoint address, with 0x80 for IN; control is always 0.
+    pub fn ep_address(&self) -> u8 {
+        if self.ep == 0 {
+            0
+        } else {
+            self.ep | self.direction.ep_bit()
+        }
+    }
+}
+
+/// An exported device, as a session drives it.
+///
+/// `poll_urb` runs the URB at the front of an endpoint's queue in the manner
+/// of `Future::poll`: `Pending` means nothing was consumed or produced yet
+/// and the backend will wake `cx` when it can make progress. The session,
+/// not the backend, decides which URB may run (see `queue.rs`).
+pub trait Backend: Send + 'static {
+    /// The device record for devlist and import, with this bus id.
+    fn device_info(&self, busid: &str, busnum: u32, devnum: u32) -> DeviceInfo;
+
+    /// The transfer type of an endpoint address in the current settings,
+    /// `None` for an endpoint the device does not have.
+    fn transfer_type(&self, ep_address: u8) -> Option<TransferType>;
+
+    /// Returns the number of bytes transferred or the URB's error.
+    fn poll_urb(&mut self, urb: &mut Urb, cx: &mut Context<'_>) -> Poll<Result<usize, Errno>>;
+
+    /// A port reset asked for by the importer.
+    fn reset(&mut self);
+
+    /// The importer went away: back to a state a new importer expects.
+    fn release(&mut self);
+
+    /// Makes acknowledged writes durable.
+    fn flush(&mut self) -> io::Result<()>;
+}
+
+/// `SET_FEATURE(PORT_RESET)` to a hub port, which is how the kernel's stub
+/// recognises a device reset request (`is_reset_device_cmd` in stub_rx.c).
+pub fn is_reset_request(s: &SetupPacket) -> bool {
+    s.request_type == 0x23 && s.request == 3 && s.value == 4
+}
+
+/// An emulated device exported as is.
+pub struct EmulatedBackend {
+    dev: EmulatedDevice,
+}
+
+impl EmulatedBackend {
+    pub fn new(dev: EmulatedDevice) -> Self {
+        EmulatedBackend { dev }
+    }
+
+    pub fn device(&mut self) -> &mut EmulatedDevice {
+        &mut self.dev
+    }
+}
+
+impl Backend for EmulatedBackend {
+    fn device_info(&self, busid: &str, busnum: u32, devnum: u32) -> DeviceInfo {
+        let d = self.dev.descriptors();
+        DeviceInfo {
+            path: format!("/sys/devices/platform/usbwire/usb{busnum}/{busid}"),
+            busid: busid.to_string(),
+            busnum,
+            devnum,
+            speed: d.speed,
+            id_vendor: d.device.vendor_id,
+            id_product: d.device.product_id,
+            bcd_device: d.device.device_version,
+            device_class: d.device.class,
+            device_subclass: d.device.subclass,
+            device_protocol: d.device.protocol,
+            configuration_value: d.config_value(),
+            num_configurations: 1,
+            num_interfaces: d.interfaces().len() as u8,
+            interfaces: d.interfaces().to_vec(),
+        }
+    }
+
+    fn transfer_type(&self, ep_address: u8) -> Option<TransferType> {
+        self.dev.endpoint_type(ep_address)
+    }
+
+    fn poll_urb(&mut self, urb: &mut Urb, cx: &mut Context<'_>) -> Poll<Result<usize, Errno>> {
+        let len = urb.length.min(urb.buf.len());
+        if urb.ep == 0 {
+            if is_reset_request(&urb.setup) {
+                self.dev.reset();
+                return Poll::Ready(Ok(0));
+            }
+            let r = match urb.setup.direction() {
+                Direction::In => self.dev.control(&urb.setup, &[], &mut urb.buf[..len]),
+                Direction::Out => self.dev.control(&urb.setup, &urb.buf[..len], &mut []),
+            };
+            return Poll::Ready(r);
+        }
+        let ep = urb.ep_address();
+        match urb.direction {
+            Direction::In => self.dev.poll_in(ep, &mut urb.buf[..len], cx),
+            Direction::Out => self.dev.poll_out(ep, &urb.buf[..len], cx),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.dev.reset();
+    }
+
+    fn release(&mut self) {
+        self.dev.reset();
+        if let Err(e) = self.dev.flush() {
+            tracing::error!("flushing a released device failed: {e}");
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.dev.flush()
+    }
+}

@@ -1,0 +1,231 @@
+//! The `usbipd` engine: accepts connections, answers device lists and
+//! imports from one [`Registry`], and runs each import's URBs.
+//!
+//! The entry point is [`run`], which serves a listener until a shutdown
+//! future resolves, in the manner of mini-redis.
+#![deny(unsafe_code)]
+
+pub mod backend;
+pub mod queue;
+pub mod registry;
+mod session;
+mod sys;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{debug, error, info, warn};
+use usbwire_proto::{DecodeError, Limits};
+
+pub use backend::{Backend, EmulatedBackend, Urb};
+pub use registry::{Registry, RegistryError, Reservation};
+
+/// Bounds and policies of a server. [`ServerConfig::validate`] refuses
+/// values that would let a client exhaust the machine.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub limits: Limits,
+    /// Concurrent connections; further ones wait in the accept queue.
+    pub max_connections: usize,
+    /// URBs one connection may have in flight before the server stops
+    /// reading from it.
+    pub max_urbs_in_flight: usize,
+    /// Transfer-buffer bytes one connection may have in flight.
+    pub max_bytes_in_flight: usize,
+    /// Hold an endpoint's queue after an error until the importer reacts
+    /// (see `queue.rs`). Off only for debugging: it shows what breaks.
+    pub hold_on_error: bool,
+    /// The shortest error hold, whatever the measured round-trip time.
+    pub hold_floor: Duration,
+    /// The longest error hold.
+    pub hold_ceiling: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            limits: Limits::default(),
+            max_connections: 1024,
+            max_urbs_in_flight: 1024,
+            max_bytes_in_flight: 64 * 1024 * 1024,
+            hold_on_error: true,
+            hold_floor: Duration::from_millis(20),
+            hold_ceiling: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A configuration value outside what the server accepts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{name} = {value} is out of range: it must be between {min} and {max}")]
+pub struct ConfigError {
+    pub name: &'static str,
+    pub value: u64,
+    pub min: u64,
+    pub max: u64,
+}
+
+fn check(name: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(ConfigError { name, value, min, max });
+    }
+    Ok(())
+}
+
+impl ServerConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check("max_connections", self.max_connections as u64, 1, 65_536)?;
+        check("max_urbs_in_flight", self.max_urbs_in_flight as u64, 1, 65_536)?;
+        check("max_transfer_length", self.limits.max_transfer_length.into(), 4096, 64 << 20)?;
+        check(
+            "max_bytes_in_flight",
+            self.max_bytes_in_flight as u64,
+            self.limits.max_transfer_length.into(),
+            1 << 30,
+        )?;
+        check("max_iso_packets", self.limits.max_iso_packets.into(), 1, 4096)?;
+        check("hold_floor_ms", self.hold_floor.as_millis() as u64, 0, 10_000)?;
+        check(
+            "hold_ceiling_ms",
+            self.hold_ceiling.as_millis() as u64,
+            self.hold_floor.as_millis() as u64,
+            60_000,
+        )?;
+        Ok(())
+    }
+
+    /// The error-hold window for a connection: long enough for the
+    /// importer's completion handler to react, which takes a round trip
+    /// and its own processing, so several RTTs above a floor.
+    pub fn hold_grace(&self, rtt: Option<Duration>) -> Duration {
+        let from_rtt = rtt.map(|r| r * 4).unwrap_or_default();
+        (self.hold_floor + from_rtt).min(self.hold_ceiling)
+    }
+}
+
+/// Why a connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("network I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol violation: {0}")]
+    Protocol(#[from] DecodeError),
+    #[error("the client sent no request in time")]
+    Timeout,
+}
+
+pub(crate) struct Shared {
+    pub registry: Registry,
+    pub config: ServerConfig,
+}
+
+impl Shared {
+    pub fn release(&self, busid: &str, conn: u64, mut backend: Box<dyn Backend>) {
+        backend.release();
+        self.registry.release(busid, conn, backend);
+    }
+}
+
+/// A server: a registry of exported devices and the bounds it serves them with.
+#[derive(Clone)]
+pub struct Server {
+    shared: Arc<Shared>,
+    next_conn: Arc<AtomicU64>,
+}
+
+impl Server {
+    pub fn new(registry: Registry, config: ServerConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(Server {
+            shared: Arc::new(Shared { registry, config }),
+            next_conn: Arc::new(AtomicU64::new(1)),
+        })
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.shared.registry
+    }
+
+    pub fn config(&self) -> &ServerConfig {
+        &self.shared.config
+    }
+
+    /// Serves `listeners` until `shutdown` resolves, then ends every
+    /// connection, gives every device back and flushes them all, so that no
+    /// acknowledged write is lost.
+    pub async fn run(&self, listeners: Vec<TcpListener>, shutdown: impl Future) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let permits = Arc::new(Semaphore::new(self.shared.config.max_connections));
+        let mut accepters = JoinSet::new();
+        let sessions = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
+        for listener in listeners {
+            let this = self.clone();
+            let stop_rx = stop_rx.clone();
+            let permits = permits.clone();
+            let sessions = sessions.clone();
+            accepters.spawn(async move {
+                this.accept_loop(listener, permits, sessions, stop_rx).await;
+            });
+        }
+        shutdown.await;
+        info!("shutting down");
+        let _ = stop_tx.send(true);
+        accepters.shutdown().await;
+        let mut sessions = sessions.lock().await;
+        while sessions.join_next().await.is_some() {}
+        self.flush_all();
+    }
+
+    /// Flushes every device that is not imported.
+    pub fn flush_all(&self) {
+        for (busid, mut b) in self.shared.registry.drain_available() {
+            if let Err(e) = b.flush() {
+                error!(%busid, "flushing device failed: {e}");
+            }
+            // Put it back so that a later run on the same registry still sees it.
+            self.shared.registry.restore(&busid, b);
+        }
+    }
+
+    async fn accept_loop(
+        &self,
+        listener: TcpListener,
+        permits: Arc<Semaphore>,
+        sessions: Arc<tokio::sync::Mutex<JoinSet<()>>>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            let permit = tokio::select! {
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                _ = stop.changed() => return,
+            };
+            let (stream, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of descriptors and the like: back off rather than spin.
+                        warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = stop.changed() => return,
+            };
+            let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+            debug!(conn, %peer, "connection");
+            let shared = self.shared.clone();
+            let stop = stop.clone();
+            sessions.lock().await.spawn(async move {
+                if let Err(e) = session::serve(stream, shared, conn, stop).await {
+                    info!(conn, %peer, "connection ended: {e}");
+                }
+                drop(permit);
+            });
+        }
+    }
+}

@@ -1,0 +1,564 @@
+//! One client connection: the OP phase, then the URB phase of an import.
+//!
+//! Everything a connection does happens in one task, and every reply goes
+//! through one ordered output queue. That makes the reply-ordering race of
+//! Linux's usbip-host (a RET_UNLINK overtaking the RET_SUBMIT it refers to)
+//! impossible by construction, and lets emulated devices be answered
+//! without a task per URB.
+
+use std::collections::{HashSet, VecDeque};
+use std::io::{self, IoSlice};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+use usbwire_devices::TransferType;
+use usbwire_proto::op::OP_HEADER_LEN;
+use usbwire_proto::urb::{flags, URB_HEADER_LEN};
+use usbwire_proto::{
+    CmdSubmit, CmdUnlink, DecodeError, Decoded, Direction, Errno, IsoPacket, OpReply, OpRequest,
+    OpStatus, RetSubmit, RetUnlink, UrbCommand, USBIP_VERSION,
+};
+
+use crate::backend::{is_reset_request, Backend, Urb};
+use crate::queue::EndpointQueue;
+use crate::{Shared, SessionError};
+
+const READ_CHUNK: usize = 256 * 1024;
+/// How long a client may take to send its OP request.
+const OP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Unlinks remembered for URBs not yet submitted (the vhci race), at most.
+const MAX_EARLY_UNLINKS: usize = 1024;
+/// Spare buffers kept for reuse per connection.
+const POOL_SIZE: usize = 64;
+
+pub(crate) async fn serve(
+    mut stream: TcpStream,
+    shared: Arc<Shared>,
+    conn: u64,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), SessionError> {
+    let _ = stream.set_nodelay(true);
+    let mut rbuf = Vec::with_capacity(512);
+    let req = tokio::select! {
+        r = tokio::time::timeout(OP_TIMEOUT, read_op(&mut stream, &mut rbuf)) => match r {
+            Ok(r) => r?,
+            Err(_) => return Err(SessionError::Timeout),
+        },
+        _ = shutdown.changed() => return Ok(()),
+    };
+    let Some((req, used)) = req else { return Ok(()) };
+    rbuf.drain(..used);
+    match req {
+        OpRequest::Devlist { .. } => {
+            let devices = shared.registry.devlist();
+            let mut out = Vec::with_capacity(12 + devices.len() * 330);
+            OpReply::Devlist { version: USBIP_VERSION, status: OpStatus::Ok, devices }.encode(&mut out);
+            stream.write_all(&out).await?;
+            let _ = stream.shutdown().await;
+            Ok(())
+        }
+        OpRequest::Import { busid, .. } => {
+            let (info, backend) = match shared.registry.import(&busid, conn) {
+                Ok(x) => x,
+                Err(e) => {
+                    info!(conn, %busid, "import refused: {e}");
+                    let mut out = Vec::new();
+                    OpReply::Import { version: USBIP_VERSION, status: e.op_status(), device: None }
+                        .encode(&mut out);
+                    stream.write_all(&out).await?;
+                    return Ok(());
+                }
+            };
+            let mut out = Vec::new();
+            OpReply::Import { version: USBIP_VERSION, status: OpStatus::Ok, device: Some(info.clone()) }
+                .encode(&mut out);
+            if let Err(e) = stream.write_all(&out).await {
+                shared.release(&busid, conn, backend);
+                return Err(e.into());
+            }
+            info!(conn, %busid, "imported");
+            let mut s = Session::new(shared.clone(), backend, rbuf, &stream);
+            let r = s.run(&stream, &mut shutdown).await;
+            let backend = s.into_backend();
+            shared.release(&busid, conn, backend);
+            info!(conn, %busid, "released");
+            r
+        }
+    }
+}
+
+/// Reads one OP request. `None` if the peer closed first.
+async fn read_op(
+    stream: &mut TcpStream,
+    rbuf: &mut Vec<u8>,
+) -> Result<Option<(OpRequest, usize)>, SessionError> {
+    loop {
+        match OpRequest::decode(rbuf) {
+            Ok(Decoded::Message(m, n)) => return Ok(Some((m, n))),
+            Ok(Decoded::NeedMore(n)) => {
+                let mut chunk = [0u8; 64];
+                let want = (n - rbuf.len()).min(chunk.len());
+                let got = stream.read(&mut chunk[..want]).await?;
+                if got == 0 {
+                    return Ok(None);
+                }
+                rbuf.extend_from_slice(&chunk[..got]);
+            }
+            Err(DecodeError::UnknownOpCode(code)) => {
+                // Answer with the reply code of the same request and a
+                // failure status, so that a peer speaking a newer or older
+                // dialect learns why, then close.
+                let mut out = Vec::with_capacity(OP_HEADER_LEN);
+                out.extend_from_slice(&USBIP_VERSION.to_be_bytes());
+                out.extend_from_slice(&(code & 0x7fff).to_be_bytes());
+                out.extend_from_slice(&OpStatus::Na.to_u32().to_be_bytes());
+                let _ = stream.write_all(&out).await;
+                return Err(DecodeError::UnknownOpCode(code).into());
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Wakes the session task when a backend can make progress.
+struct SessionWaker(Notify);
+
+impl Wake for SessionWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.notify_one();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.notify_one();
+    }
+}
+
+/// A reply waiting to be written.
+struct OutFrame {
+    header: [u8; URB_HEADER_LEN],
+    /// The URB's buffer; `payload_len` bytes at its front are sent.
+    payload: Vec<u8>,
+    payload_len: usize,
+    iso: Vec<u8>,
+}
+
+impl OutFrame {
+    fn len(&self) -> usize {
+        URB_HEADER_LEN + self.payload_len + self.iso.len()
+    }
+}
+
+fn ep_index(ep: u8, dir: Direction) -> usize {
+    // Endpoint 0 is one bidirectional queue: control transfers of both
+    // directions must stay in order.
+    if ep == 0 {
+        0
+    } else {
+        ep as usize + if dir == Direction::In { 16 } else { 0 }
+    }
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    backend: Option<Box<dyn Backend>>,
+    rbuf: Vec<u8>,
+    queues: Vec<EndpointQueue>,
+    out: VecDeque<OutFrame>,
+    /// Bytes of the front frame already written.
+    out_written: usize,
+    out_bytes: usize,
+    inflight: usize,
+    inflight_bytes: usize,
+    /// Highest CMD_SUBMIT seqnum seen, to tell an unlink of a completed URB
+    /// from an unlink that overtook its submit.
+    max_seqnum: Option<u32>,
+    early_unlinks: HashSet<u32>,
+    pool: Vec<Vec<u8>>,
+    waker: Arc<SessionWaker>,
+    grace: Duration,
+}
+
+/// Serial-number comparison: is `a` after `b`, allowing for wrap-around?
+fn seq_after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
+impl Session {
+    fn new(shared: Arc<Shared>, backend: Box<dyn Backend>, rbuf: Vec<u8>, stream: &TcpStream) -> Self {
+        let grace = shared.config.hold_grace(crate::sys::rtt(stream));
+        debug!(?grace, "error hold grace window");
+        Session {
+            shared,
+            backend: Some(backend),
+            rbuf,
+            queues: (0..32).map(|_| EndpointQueue::default()).collect(),
+            out: VecDeque::new(),
+            out_written: 0,
+            out_bytes: 0,
+            inflight: 0,
+            inflight_bytes: 0,
+            max_seqnum: None,
+            early_unlinks: HashSet::new(),
+            pool: Vec::new(),
+            waker: Arc::new(SessionWaker(Notify::new())),
+            grace,
+        }
+    }
+
+    fn into_backend(mut self) -> Box<dyn Backend> {
+        self.backend.take().expect("backend present until the session ends")
+    }
+
+    fn backend(&mut self) -> &mut dyn Backend {
+        &mut **self.backend.as_mut().expect("backend present until the session ends")
+    }
+
+    async fn run(&mut self, stream: &TcpStream, shutdown: &mut watch::Receiver<bool>) -> Result<(), SessionError> {
+        // Bytes that arrived with the import request.
+        self.process_input()?;
+        self.poll_all();
+        let mut eof = false;
+        loop {
+            if !self.out.is_empty() {
+                self.write_some(stream)?;
+            }
+            if eof {
+                return Ok(());
+            }
+            let want_read = self.can_read();
+            let want_write = !self.out.is_empty();
+            let deadline = self.next_deadline();
+            let notify = self.waker.clone();
+            tokio::select! {
+                r = stream.readable(), if want_read => {
+                    r?;
+                    if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
+                        self.rbuf.reserve(READ_CHUNK);
+                    }
+                    match stream.try_read_buf(&mut self.rbuf) {
+                        Ok(0) => eof = true,
+                        Ok(_) => {
+                            self.process_input()?;
+                            self.poll_all();
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                r = stream.writable(), if want_write => { r?; }
+                _ = notify.0.notified() => self.poll_all(),
+                _ = sleep_until_opt(deadline), if deadline.is_some() => {
+                    let now = Instant::now();
+                    for q in &mut self.queues { q.expire(now); }
+                    self.poll_all();
+                }
+                _ = shutdown.changed() => return Ok(()),
+            }
+        }
+    }
+
+    fn can_read(&self) -> bool {
+        let c = &self.shared.config;
+        self.inflight < c.max_urbs_in_flight
+            && self.inflight_bytes < c.max_bytes_in_flight
+            && self.out_bytes < c.max_bytes_in_flight
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.queues.iter().filter_map(|q| q.deadline()).min()
+    }
+
+    /// Decodes and handles every complete frame in the read buffer, as long
+    /// as the in-flight bounds allow.
+    fn process_input(&mut self) -> Result<(), SessionError> {
+        let mut at = 0;
+        let limits = self.shared.config.limits;
+        while at < self.rbuf.len() {
+            if !self.can_read() {
+                break;
+            }
+            let backend = self.backend.as_ref().expect("backend");
+            let decoded = UrbCommand::decode(&self.rbuf[at..], &limits, |dir, ep| {
+                ep < 16 && backend.transfer_type(ep as u8 | dir.ep_bit()) == Some(TransferType::Isochronous)
+            });
+            match decoded {
+                Ok(Decoded::NeedMore(n)) => {
+                    if self.rbuf.capacity() < at + n {
+                        self.rbuf.reserve(at + n - self.rbuf.len());
+                    }
+                    break;
+                }
+                Ok(Decoded::Message(cmd, used)) => {
+                    let base = at;
+                    at += used;
+                    match cmd {
+                        UrbCommand::Submit { cmd, data, iso } => {
+                            let data = base + data.start..base + data.end;
+                            let iso = base + iso.start..base + iso.end;
+                            self.submit(cmd, data, iso);
+                        }
+                        UrbCommand::Unlink(u) => self.unlink(u),
+                    }
+                }
+                Err(e) => {
+                    warn!("protocol error, closing the connection: {e}");
+                    return Err(e.into());
+                }
+            }
+        }
+        self.rbuf.drain(..at);
+        Ok(())
+    }
+
+    fn take_buf(&mut self, len: usize) -> Vec<u8> {
+        match self.pool.iter().position(|b| b.capacity() >= len) {
+            Some(i) => {
+                let mut b = self.pool.swap_remove(i);
+                if b.len() < len {
+                    b.resize(len, 0);
+                }
+                b
+            }
+            None => vec![0; len],
+        }
+    }
+
+    fn give_buf(&mut self, b: Vec<u8>) {
+        if self.pool.len() < POOL_SIZE && b.capacity() <= self.shared.config.limits.max_transfer_length as usize {
+            self.pool.push(b);
+        }
+    }
+
+    fn submit(&mut self, cmd: CmdSubmit, data: std::ops::Range<usize>, iso: std::ops::Range<usize>) {
+        if self.early_unlinks.remove(&cmd.seqnum) {
+            debug!(seqnum = cmd.seqnum, "dropping a submit whose unlink arrived first");
+            return;
+        }
+        if self.max_seqnum.is_none_or(|m| seq_after(cmd.seqnum, m)) {
+            self.max_seqnum = Some(cmd.seqnum);
+        }
+        let length = cmd.transfer_buffer_length as usize;
+        let iso_packets: Vec<IsoPacket> = IsoPacket::iter(&self.rbuf[iso]).collect();
+        let mut buf = self.take_buf(length);
+        if cmd.direction == Direction::Out {
+            buf[..length].copy_from_slice(&self.rbuf[data]);
+        }
+        let urb = Urb {
+            seqnum: cmd.seqnum,
+            ep: cmd.ep.min(255) as u8,
+            direction: cmd.direction,
+            transfer_flags: cmd.transfer_flags,
+            setup: cmd.setup_packet(),
+            length,
+            buf,
+            iso: iso_packets,
+            start_frame: cmd.start_frame,
+            interval: cmd.interval,
+        };
+        self.inflight += 1;
+        self.inflight_bytes += length;
+        if cmd.ep > 15 {
+            self.complete(urb, Err(Errno::EPIPE));
+            return;
+        }
+        let ep_addr = urb.ep_address();
+        if urb.ep != 0 && self.backend().transfer_type(ep_addr).is_none() {
+            debug!(ep = ep_addr, "URB for an endpoint the device does not have");
+            self.complete(urb, Err(Errno::EPIPE));
+            return;
+        }
+        let q = ep_index(urb.ep, urb.direction);
+        self.queues[q].waiting.push_back(urb);
+        self.pump(q);
+    }
+
+    fn unlink(&mut self, u: CmdUnlink) {
+        let target = u.unlink_seqnum;
+        let status = if let Some(urb) = self.queues.iter_mut().find_map(|q| q.remove_waiting(target)) {
+            self.finish_silently(urb);
+            Errno::ECONNRESET.to_status()
+        } else if let Some(urb) = self.remove_active(target) {
+            // Started but not complete: an emulated transfer that returned
+            // Pending has consumed nothing, so it can be dropped as is.
+            self.finish_silently(urb);
+            Errno::ECONNRESET.to_status()
+        } else if self.max_seqnum.is_none_or(|m| seq_after(target, m)) {
+            // The unlink overtook its submit (vhci queues unlinks behind
+            // submits but does not check that the submit went out). Answer
+            // now and drop the submit when it comes.
+            if self.early_unlinks.len() >= MAX_EARLY_UNLINKS {
+                warn!("too many unlinks for unknown URBs; forgetting the oldest is not possible, ignoring");
+            } else {
+                self.early_unlinks.insert(target);
+            }
+            Errno::ECONNRESET.to_status()
+        } else {
+            // Already completed: its RET_SUBMIT is already queued ahead of
+            // this reply.
+            0
+        };
+        debug!(seqnum = u.seqnum, target, status, "unlink");
+        let mut header = [0u8; URB_HEADER_LEN];
+        RetUnlink { seqnum: u.seqnum, status, ..Default::default() }.write_header(&mut header);
+        self.push_out(OutFrame { header, payload: Vec::new(), payload_len: 0, iso: Vec::new() });
+    }
+
+    fn remove_active(&mut self, seqnum: u32) -> Option<Urb> {
+        for qi in 0..self.queues.len() {
+            let q = &mut self.queues[qi];
+            if let Some(i) = q.active.iter().position(|u| u.seqnum == seqnum) {
+                let urb = q.active.remove(i);
+                self.pump(qi);
+                return urb;
+            }
+        }
+        None
+    }
+
+    fn finish_silently(&mut self, urb: Urb) {
+        self.inflight -= 1;
+        self.inflight_bytes -= urb.length;
+        self.give_buf(urb.buf);
+    }
+
+    /// Starts what may start on queue `q` and polls its active URBs.
+    fn pump(&mut self, q: usize) {
+        let waker = Waker::from(self.waker.clone());
+        let mut cx = Context::from_waker(&waker);
+        loop {
+            self.queues[q].start_next(1);
+            let Some(mut urb) = self.queues[q].active.pop_front() else { return };
+            match self.backend().poll_urb(&mut urb, &mut cx) {
+                Poll::Pending => {
+                    self.queues[q].active.push_front(urb);
+                    return;
+                }
+                Poll::Ready(r) => self.complete(urb, r),
+            }
+        }
+    }
+
+    fn poll_all(&mut self) {
+        for q in 0..self.queues.len() {
+            if !self.queues[q].is_empty() {
+                self.pump(q);
+            }
+        }
+    }
+
+    fn complete(&mut self, urb: Urb, result: Result<usize, Errno>) {
+        let (status, actual) = match result {
+            Ok(n) => {
+                let n = n.min(urb.length);
+                if urb.direction == Direction::In
+                    && n < urb.length
+                    && urb.transfer_flags & flags::URB_SHORT_NOT_OK != 0
+                {
+                    (Errno::EREMOTEIO.to_status(), n)
+                } else {
+                    (0, n)
+                }
+            }
+            Err(e) => (e.to_status(), 0),
+        };
+        if urb.ep == 0 && status == 0 {
+            self.after_control(&urb);
+        }
+        if status != 0 && urb.ep != 0 && self.shared.config.hold_on_error {
+            let q = ep_index(urb.ep, urb.direction);
+            self.queues[q].hold(Instant::now() + self.grace);
+            debug!(seqnum = urb.seqnum, ep = urb.ep_address(), status, "endpoint error: queue held");
+        }
+        let mut header = [0u8; URB_HEADER_LEN];
+        RetSubmit {
+            seqnum: urb.seqnum,
+            status,
+            actual_length: actual as u32,
+            start_frame: urb.start_frame,
+            number_of_packets: if urb.iso.is_empty() { 0 } else { urb.iso.len() as u32 },
+            ..Default::default()
+        }
+        .write_header(&mut header);
+        let mut iso = Vec::new();
+        for p in &urb.iso {
+            p.encode(&mut iso);
+        }
+        self.inflight -= 1;
+        self.inflight_bytes -= urb.length;
+        let payload_len = if urb.direction == Direction::In { actual } else { 0 };
+        self.push_out(OutFrame { header, payload: urb.buf, payload_len, iso });
+    }
+
+    /// Control requests that change endpoint state also end error holds,
+    /// as they do on a local host controller.
+    fn after_control(&mut self, urb: &Urb) {
+        let s = urb.setup;
+        let clear_halt = s.request_type == 0x02 && s.request == 1 && s.value == 0;
+        let set_interface = s.request_type == 0x01 && s.request == 11;
+        let set_config = s.request_type == 0x00 && s.request == 9;
+        if clear_halt {
+            let ep = s.index as u8;
+            let dir = if ep & 0x80 != 0 { Direction::In } else { Direction::Out };
+            let q = ep_index(ep & 0x0f, dir);
+            self.queues[q].release();
+        } else if set_interface || set_config || is_reset_request(&s) {
+            for q in &mut self.queues {
+                q.release();
+            }
+        }
+    }
+
+    fn push_out(&mut self, f: OutFrame) {
+        self.out_bytes += f.len();
+        self.out.push_back(f);
+    }
+
+    /// Writes as much of the output queue as the socket takes now, many
+    /// frames per system call.
+    fn write_some(&mut self, stream: &TcpStream) -> Result<(), SessionError> {
+        while !self.out.is_empty() {
+            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(64);
+            let mut skip = self.out_written;
+            for f in self.out.iter().take(21) {
+                for part in [&f.header[..], &f.payload[..f.payload_len], &f.iso[..]] {
+                    if skip >= part.len() {
+                        skip -= part.len();
+                        continue;
+                    }
+                    slices.push(IoSlice::new(&part[skip..]));
+                    skip = 0;
+                }
+            }
+            let n = match stream.try_write_vectored(&slices) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            drop(slices);
+            self.out_written += n;
+            self.out_bytes -= n;
+            while let Some(f) = self.out.front() {
+                let len = f.len();
+                if self.out_written < len {
+                    break;
+                }
+                self.out_written -= len;
+                let f = self.out.pop_front().expect("front exists");
+                self.give_buf(f.payload);
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,29 @@
+//! The one place this crate talks to the OS below tokio.
+#![allow(unsafe_code)]
+
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+/// The kernel's smoothed round-trip estimate for a TCP connection
+/// (`tcpi_rtt` from TCP_INFO), if it has one.
+pub fn rtt(stream: &tokio::net::TcpStream) -> Option<Duration> {
+    // SAFETY: `tcp_info` is plain old data, so a zeroed value is valid; the
+    // length passed is its size, and the kernel writes at most that much.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the fd is a live TCP socket owned by `stream` for this call,
+    // and `info`/`len` are valid for writes of `len` bytes.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 || info.tcpi_rtt == 0 {
+        return None;
+    }
+    Some(Duration::from_micros(info.tcpi_rtt.into()))
+}

@@ -1,0 +1,3 @@
+//! Test support shared by the cross-crate and kernel tests in `tests/tests/`.
+
+pub mod kernel;
