@@ -1,3 +1,4 @@
 //! Test support shared by the cross-crate and kernel tests in `tests/tests/`.
 
 pub mod kernel;
+pub mod support;

@@ -17,11 +17,16 @@ use usbwire_proto::{
 
 use crate::error::{ClientError, TransferError};
 
-async fn connect(addr: impl ToSocketAddrs + std::fmt::Display) -> Result<(TcpStream, String), ClientError> {
+async fn connect(
+    addr: impl ToSocketAddrs + std::fmt::Display,
+) -> Result<(TcpStream, String), ClientError> {
     let name = addr.to_string();
     let s = TcpStream::connect(addr)
         .await
-        .map_err(|source| ClientError::Connect { addr: name.clone(), source })?;
+        .map_err(|source| ClientError::Connect {
+            addr: name.clone(),
+            source,
+        })?;
     let _ = s.set_nodelay(true);
     Ok((s, name))
 }
@@ -37,27 +42,47 @@ async fn read_reply(stream: &mut TcpStream, name: &str) -> Result<OpReply, Clien
                 let got = stream
                     .read_buf(&mut buf)
                     .await
-                    .map_err(|source| ClientError::Io { addr: name.into(), source })?;
+                    .map_err(|source| ClientError::Io {
+                        addr: name.into(),
+                        source,
+                    })?;
                 if got == 0 {
                     return Err(ClientError::Closed { addr: name.into() });
                 }
             }
-            Err(source) => return Err(ClientError::Protocol { addr: name.into(), source }),
+            Err(source) => {
+                return Err(ClientError::Protocol {
+                    addr: name.into(),
+                    source,
+                })
+            }
         }
     }
 }
 
 /// Asks a server for its exportable devices.
-pub async fn list(addr: impl ToSocketAddrs + std::fmt::Display) -> Result<Vec<DeviceInfo>, ClientError> {
+pub async fn list(
+    addr: impl ToSocketAddrs + std::fmt::Display,
+) -> Result<Vec<DeviceInfo>, ClientError> {
     let (mut stream, name) = connect(addr).await?;
     let mut out = Vec::new();
-    OpRequest::Devlist { version: USBIP_VERSION }.encode(&mut out);
+    OpRequest::Devlist {
+        version: USBIP_VERSION,
+    }
+    .encode(&mut out);
     stream
         .write_all(&out)
         .await
-        .map_err(|source| ClientError::Io { addr: name.clone(), source })?;
+        .map_err(|source| ClientError::Io {
+            addr: name.clone(),
+            source,
+        })?;
     match read_reply(&mut stream, &name).await? {
-        OpReply::Devlist { status: OpStatus::Ok, devices, .. } => Ok(devices),
+        OpReply::Devlist {
+            status: OpStatus::Ok,
+            devices,
+            ..
+        } => Ok(devices),
         OpReply::Devlist { status, .. } => Err(ClientError::ListRefused { addr: name, status }),
         OpReply::Import { .. } => Err(ClientError::Protocol {
             addr: name,
@@ -76,17 +101,30 @@ pub async fn import(
 }
 
 /// Imports over a connection the caller opened.
-pub async fn import_stream(mut stream: TcpStream, name: &str, busid: &str) -> Result<RemoteDevice, ClientError> {
+pub async fn import_stream(
+    mut stream: TcpStream,
+    name: &str,
+    busid: &str,
+) -> Result<RemoteDevice, ClientError> {
     let mut out = Vec::new();
-    OpRequest::Import { version: USBIP_VERSION, busid: busid.to_string() }.encode(&mut out);
+    OpRequest::Import {
+        version: USBIP_VERSION,
+        busid: busid.to_string(),
+    }
+    .encode(&mut out);
     stream
         .write_all(&out)
         .await
-        .map_err(|source| ClientError::Io { addr: name.into(), source })?;
+        .map_err(|source| ClientError::Io {
+            addr: name.into(),
+            source,
+        })?;
     match read_reply(&mut stream, name).await? {
-        OpReply::Import { status: OpStatus::Ok, device: Some(info), .. } => {
-            Ok(RemoteDevice::start(stream, info, name.to_string()))
-        }
+        OpReply::Import {
+            status: OpStatus::Ok,
+            device: Some(info),
+            ..
+        } => Ok(RemoteDevice::start(stream, info, name.to_string())),
         OpReply::Import { status, .. } => Err(ClientError::ImportRefused {
             addr: name.into(),
             busid: busid.into(),
@@ -119,18 +157,30 @@ pub struct TransferRequest {
 
 impl TransferRequest {
     pub fn bulk_in(endpoint: u8, length: u32) -> Self {
-        TransferRequest { endpoint: endpoint | 0x80, length, ..Default::default() }
+        TransferRequest {
+            endpoint: endpoint | 0x80,
+            length,
+            ..Default::default()
+        }
     }
 
     pub fn bulk_out(endpoint: u8, data: Vec<u8>) -> Self {
-        TransferRequest { endpoint: endpoint & 0x7f, data, ..Default::default() }
+        TransferRequest {
+            endpoint: endpoint & 0x7f,
+            data,
+            ..Default::default()
+        }
     }
 
     pub fn control(setup: SetupPacket, data: Vec<u8>) -> Self {
         let dir_in = setup.direction() == Direction::In;
         TransferRequest {
             endpoint: if dir_in { 0x80 } else { 0 },
-            length: if dir_in { setup.length.into() } else { data.len() as u32 },
+            length: if dir_in {
+                setup.length.into()
+            } else {
+                data.len() as u32
+            },
             setup: Some(setup),
             data,
             ..Default::default()
@@ -170,13 +220,25 @@ impl Completion {
     }
 
     fn failed(e: TransferError) -> Self {
-        Completion { status: Err(e), data: Vec::new(), actual_length: 0, iso: Vec::new(), start_frame: 0 }
+        Completion {
+            status: Err(e),
+            data: Vec::new(),
+            actual_length: 0,
+            iso: Vec::new(),
+            start_frame: 0,
+        }
     }
 }
 
 enum Command {
-    Submit { req: TransferRequest, seqnum_tx: oneshot::Sender<u32>, done: oneshot::Sender<Completion> },
-    Unlink { seqnum: u32 },
+    Submit {
+        req: TransferRequest,
+        seqnum_tx: oneshot::Sender<u32>,
+        done: oneshot::Sender<Completion>,
+    },
+    Unlink {
+        seqnum: u32,
+    },
 }
 
 /// A device imported from a server. Dropping it (and every [`Transfer`])
@@ -242,26 +304,43 @@ impl RemoteDevice {
     pub fn submit(&self, req: TransferRequest) -> Transfer {
         let (seqnum_tx, seqnum) = oneshot::channel();
         let (done_tx, done) = oneshot::channel();
-        let _ = self.tx.send(Command::Submit { req, seqnum_tx, done: done_tx });
-        Transfer { seqnum, known_seqnum: None, done, tx: self.tx.clone() }
+        let _ = self.tx.send(Command::Submit {
+            req,
+            seqnum_tx,
+            done: done_tx,
+        });
+        Transfer {
+            seqnum,
+            known_seqnum: None,
+            done,
+            tx: self.tx.clone(),
+        }
     }
 
     /// A control transfer with an IN data stage.
     pub async fn control_in(&self, setup: SetupPacket) -> Result<Vec<u8>, TransferError> {
-        self.submit(TransferRequest::control(setup, Vec::new())).await.into_result()
+        self.submit(TransferRequest::control(setup, Vec::new()))
+            .await
+            .into_result()
     }
 
     /// A control transfer with an OUT data stage (or none).
     pub async fn control_out(&self, setup: SetupPacket, data: &[u8]) -> Result<(), TransferError> {
-        self.submit(TransferRequest::control(setup, data.to_vec())).await.status
+        self.submit(TransferRequest::control(setup, data.to_vec()))
+            .await
+            .status
     }
 
     pub async fn bulk_in(&self, endpoint: u8, length: u32) -> Result<Vec<u8>, TransferError> {
-        self.submit(TransferRequest::bulk_in(endpoint, length)).await.into_result()
+        self.submit(TransferRequest::bulk_in(endpoint, length))
+            .await
+            .into_result()
     }
 
     pub async fn bulk_out(&self, endpoint: u8, data: &[u8]) -> Result<u32, TransferError> {
-        let c = self.submit(TransferRequest::bulk_out(endpoint, data.to_vec())).await;
+        let c = self
+            .submit(TransferRequest::bulk_out(endpoint, data.to_vec()))
+            .await;
         c.status.map(|()| c.actual_length)
     }
 
@@ -275,7 +354,12 @@ impl RemoteDevice {
     }
 
     /// GET_DESCRIPTOR from the device.
-    pub async fn get_descriptor(&self, kind: u8, index: u8, length: u16) -> Result<Vec<u8>, TransferError> {
+    pub async fn get_descriptor(
+        &self,
+        kind: u8,
+        index: u8,
+        length: u16,
+    ) -> Result<Vec<u8>, TransferError> {
         self.control_in(SetupPacket {
             request_type: 0x80,
             request: 6,
@@ -303,14 +387,32 @@ impl RemoteDevice {
 
     /// SET_CONFIGURATION.
     pub async fn set_configuration(&self, value: u8) -> Result<(), TransferError> {
-        self.control_out(SetupPacket { request_type: 0, request: 9, value: value.into(), index: 0, length: 0 }, &[])
-            .await
+        self.control_out(
+            SetupPacket {
+                request_type: 0,
+                request: 9,
+                value: value.into(),
+                index: 0,
+                length: 0,
+            },
+            &[],
+        )
+        .await
     }
 
     /// CLEAR_FEATURE(ENDPOINT_HALT).
     pub async fn clear_halt(&self, endpoint: u8) -> Result<(), TransferError> {
-        self.control_out(SetupPacket { request_type: 2, request: 1, value: 0, index: endpoint.into(), length: 0 }, &[])
-            .await
+        self.control_out(
+            SetupPacket {
+                request_type: 2,
+                request: 1,
+                value: 0,
+                index: endpoint.into(),
+                length: 0,
+            },
+            &[],
+        )
+        .await
     }
 }
 
@@ -444,7 +546,11 @@ async fn connection(
     }
 }
 
-async fn write_batch(stream: &mut TcpStream, wbuf: &[u8], payloads: &[(usize, Vec<u8>)]) -> std::io::Result<()> {
+async fn write_batch(
+    stream: &mut TcpStream,
+    wbuf: &[u8],
+    payloads: &[(usize, Vec<u8>)],
+) -> std::io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(payloads.len() * 2 + 1);
     let mut at = 0;
     for (pos, data) in payloads {

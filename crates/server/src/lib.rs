@@ -72,7 +72,12 @@ pub struct ConfigError {
 
 fn check(name: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
     if value < min || value > max {
-        return Err(ConfigError { name, value, min, max });
+        return Err(ConfigError {
+            name,
+            value,
+            min,
+            max,
+        });
     }
     Ok(())
 }
@@ -80,16 +85,36 @@ fn check(name: &'static str, value: u64, min: u64, max: u64) -> Result<(), Confi
 impl ServerConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         check("max_connections", self.max_connections as u64, 1, 65_536)?;
-        check("max_urbs_in_flight", self.max_urbs_in_flight as u64, 1, 65_536)?;
-        check("max_transfer_length", self.limits.max_transfer_length.into(), 4096, 64 << 20)?;
+        check(
+            "max_urbs_in_flight",
+            self.max_urbs_in_flight as u64,
+            1,
+            65_536,
+        )?;
+        check(
+            "max_transfer_length",
+            self.limits.max_transfer_length.into(),
+            4096,
+            64 << 20,
+        )?;
         check(
             "max_bytes_in_flight",
             self.max_bytes_in_flight as u64,
             self.limits.max_transfer_length.into(),
             1 << 30,
         )?;
-        check("max_iso_packets", self.limits.max_iso_packets.into(), 1, 4096)?;
-        check("hold_floor_ms", self.hold_floor.as_millis() as u64, 0, 10_000)?;
+        check(
+            "max_iso_packets",
+            self.limits.max_iso_packets.into(),
+            1,
+            4096,
+        )?;
+        check(
+            "hold_floor_ms",
+            self.hold_floor.as_millis() as u64,
+            0,
+            10_000,
+        )?;
         check(
             "hold_ceiling_ms",
             self.hold_ceiling.as_millis() as u64,

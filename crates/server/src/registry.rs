@@ -55,7 +55,9 @@ enum SlotState {
     /// Reserved, not yet filled (or being removed).
     Transitional,
     Available(Box<dyn Backend>),
-    Imported { conn: u64 },
+    Imported {
+        conn: u64,
+    },
 }
 
 struct Slot {
@@ -96,7 +98,13 @@ impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.done {
             let mut map = self.registry.lock();
-            if matches!(map.get(&self.busid), Some(Slot { state: SlotState::Transitional, .. })) {
+            if matches!(
+                map.get(&self.busid),
+                Some(Slot {
+                    state: SlotState::Transitional,
+                    ..
+                })
+            ) {
                 map.remove(&self.busid);
             }
         }
@@ -112,7 +120,9 @@ pub fn valid_busid(busid: &str) -> bool {
         && !bus.is_empty()
         && bus.bytes().all(|b| b.is_ascii_digit())
         && !ports.is_empty()
-        && ports.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        && ports
+            .split('.')
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
 impl Registry {
@@ -178,7 +188,11 @@ impl Registry {
     }
 
     /// Takes a device for an importing connection.
-    pub fn import(&self, busid: &str, conn: u64) -> Result<(DeviceInfo, Box<dyn Backend>), RegistryError> {
+    pub fn import(
+        &self,
+        busid: &str,
+        conn: u64,
+    ) -> Result<(DeviceInfo, Box<dyn Backend>), RegistryError> {
         let mut map = self.lock();
         let slot = map
             .get_mut(busid)
@@ -221,7 +235,12 @@ impl Registry {
         self.lock()
             .values()
             .filter(|s| !matches!(s.state, SlotState::Transitional))
-            .map(|s| (s.info.clone(), matches!(s.state, SlotState::Imported { .. })))
+            .map(|s| {
+                (
+                    s.info.clone(),
+                    matches!(s.state, SlotState::Imported { .. }),
+                )
+            })
             .collect()
     }
 
@@ -231,7 +250,9 @@ impl Registry {
         let mut out = Vec::new();
         for (busid, slot) in map.iter_mut() {
             if matches!(slot.state, SlotState::Available(_)) {
-                if let SlotState::Available(b) = std::mem::replace(&mut slot.state, SlotState::Transitional) {
+                if let SlotState::Available(b) =
+                    std::mem::replace(&mut slot.state, SlotState::Transitional)
+                {
                     out.push((busid.clone(), b));
                 }
             }

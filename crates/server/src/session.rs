@@ -27,7 +27,7 @@ use usbwire_proto::{
 
 use crate::backend::{is_reset_request, Backend, Urb};
 use crate::queue::EndpointQueue;
-use crate::{Shared, SessionError};
+use crate::{SessionError, Shared};
 
 const READ_CHUNK: usize = 256 * 1024;
 /// How long a client may take to send its OP request.
@@ -52,13 +52,20 @@ pub(crate) async fn serve(
         },
         _ = shutdown.changed() => return Ok(()),
     };
-    let Some((req, used)) = req else { return Ok(()) };
+    let Some((req, used)) = req else {
+        return Ok(());
+    };
     rbuf.drain(..used);
     match req {
         OpRequest::Devlist { .. } => {
             let devices = shared.registry.devlist();
             let mut out = Vec::with_capacity(12 + devices.len() * 330);
-            OpReply::Devlist { version: USBIP_VERSION, status: OpStatus::Ok, devices }.encode(&mut out);
+            OpReply::Devlist {
+                version: USBIP_VERSION,
+                status: OpStatus::Ok,
+                devices,
+            }
+            .encode(&mut out);
             stream.write_all(&out).await?;
             let _ = stream.shutdown().await;
             Ok(())
@@ -69,15 +76,23 @@ pub(crate) async fn serve(
                 Err(e) => {
                     info!(conn, %busid, "import refused: {e}");
                     let mut out = Vec::new();
-                    OpReply::Import { version: USBIP_VERSION, status: e.op_status(), device: None }
-                        .encode(&mut out);
+                    OpReply::Import {
+                        version: USBIP_VERSION,
+                        status: e.op_status(),
+                        device: None,
+                    }
+                    .encode(&mut out);
                     stream.write_all(&out).await?;
                     return Ok(());
                 }
             };
             let mut out = Vec::new();
-            OpReply::Import { version: USBIP_VERSION, status: OpStatus::Ok, device: Some(info.clone()) }
-                .encode(&mut out);
+            OpReply::Import {
+                version: USBIP_VERSION,
+                status: OpStatus::Ok,
+                device: Some(info.clone()),
+            }
+            .encode(&mut out);
             if let Err(e) = stream.write_all(&out).await {
                 shared.release(&busid, conn, backend);
                 return Err(e.into());
@@ -189,7 +204,12 @@ fn seq_after(a: u32, b: u32) -> bool {
 }
 
 impl Session {
-    fn new(shared: Arc<Shared>, backend: Box<dyn Backend>, rbuf: Vec<u8>, stream: &TcpStream) -> Self {
+    fn new(
+        shared: Arc<Shared>,
+        backend: Box<dyn Backend>,
+        rbuf: Vec<u8>,
+        stream: &TcpStream,
+    ) -> Self {
         let grace = shared.config.hold_grace(crate::sys::rtt(stream));
         debug!(?grace, "error hold grace window");
         Session {
@@ -211,14 +231,23 @@ impl Session {
     }
 
     fn into_backend(mut self) -> Box<dyn Backend> {
-        self.backend.take().expect("backend present until the session ends")
+        self.backend
+            .take()
+            .expect("backend present until the session ends")
     }
 
     fn backend(&mut self) -> &mut dyn Backend {
-        &mut **self.backend.as_mut().expect("backend present until the session ends")
+        &mut **self
+            .backend
+            .as_mut()
+            .expect("backend present until the session ends")
     }
 
-    async fn run(&mut self, stream: &TcpStream, shutdown: &mut watch::Receiver<bool>) -> Result<(), SessionError> {
+    async fn run(
+        &mut self,
+        stream: &TcpStream,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), SessionError> {
         // Bytes that arrived with the import request.
         self.process_input()?;
         self.poll_all();
@@ -284,7 +313,9 @@ impl Session {
             }
             let backend = self.backend.as_ref().expect("backend");
             let decoded = UrbCommand::decode(&self.rbuf[at..], &limits, |dir, ep| {
-                ep < 16 && backend.transfer_type(ep as u8 | dir.ep_bit()) == Some(TransferType::Isochronous)
+                ep < 16
+                    && backend.transfer_type(ep as u8 | dir.ep_bit())
+                        == Some(TransferType::Isochronous)
             });
             match decoded {
                 Ok(Decoded::NeedMore(n)) => {
@@ -329,14 +360,24 @@ impl Session {
     }
 
     fn give_buf(&mut self, b: Vec<u8>) {
-        if self.pool.len() < POOL_SIZE && b.capacity() <= self.shared.config.limits.max_transfer_length as usize {
+        if self.pool.len() < POOL_SIZE
+            && b.capacity() <= self.shared.config.limits.max_transfer_length as usize
+        {
             self.pool.push(b);
         }
     }
 
-    fn submit(&mut self, cmd: CmdSubmit, data: std::ops::Range<usize>, iso: std::ops::Range<usize>) {
+    fn submit(
+        &mut self,
+        cmd: CmdSubmit,
+        data: std::ops::Range<usize>,
+        iso: std::ops::Range<usize>,
+    ) {
         if self.early_unlinks.remove(&cmd.seqnum) {
-            debug!(seqnum = cmd.seqnum, "dropping a submit whose unlink arrived first");
+            debug!(
+                seqnum = cmd.seqnum,
+                "dropping a submit whose unlink arrived first"
+            );
             return;
         }
         if self.max_seqnum.is_none_or(|m| seq_after(cmd.seqnum, m)) {
@@ -379,7 +420,11 @@ impl Session {
 
     fn unlink(&mut self, u: CmdUnlink) {
         let target = u.unlink_seqnum;
-        let status = if let Some(urb) = self.queues.iter_mut().find_map(|q| q.remove_waiting(target)) {
+        let status = if let Some(urb) = self
+            .queues
+            .iter_mut()
+            .find_map(|q| q.remove_waiting(target))
+        {
             self.finish_silently(urb);
             Errno::ECONNRESET.to_status()
         } else if let Some(urb) = self.remove_active(target) {
@@ -404,8 +449,18 @@ impl Session {
         };
         debug!(seqnum = u.seqnum, target, status, "unlink");
         let mut header = [0u8; URB_HEADER_LEN];
-        RetUnlink { seqnum: u.seqnum, status, ..Default::default() }.write_header(&mut header);
-        self.push_out(OutFrame { header, payload: Vec::new(), payload_len: 0, iso: Vec::new() });
+        RetUnlink {
+            seqnum: u.seqnum,
+            status,
+            ..Default::default()
+        }
+        .write_header(&mut header);
+        self.push_out(OutFrame {
+            header,
+            payload: Vec::new(),
+            payload_len: 0,
+            iso: Vec::new(),
+        });
     }
 
     fn remove_active(&mut self, seqnum: u32) -> Option<Urb> {
@@ -432,7 +487,9 @@ impl Session {
         let mut cx = Context::from_waker(&waker);
         loop {
             self.queues[q].start_next(1);
-            let Some(mut urb) = self.queues[q].active.pop_front() else { return };
+            let Some(mut urb) = self.queues[q].active.pop_front() else {
+                return;
+            };
             match self.backend().poll_urb(&mut urb, &mut cx) {
                 Poll::Pending => {
                     self.queues[q].active.push_front(urb);
@@ -469,10 +526,15 @@ impl Session {
         if urb.ep == 0 && status == 0 {
             self.after_control(&urb);
         }
-        if status != 0 && urb.ep != 0 && self.shared.config.hold_on_error {
+        if status != 0 && (1..16).contains(&urb.ep) && self.shared.config.hold_on_error {
             let q = ep_index(urb.ep, urb.direction);
             self.queues[q].hold(Instant::now() + self.grace);
-            debug!(seqnum = urb.seqnum, ep = urb.ep_address(), status, "endpoint error: queue held");
+            debug!(
+                seqnum = urb.seqnum,
+                ep = urb.ep_address(),
+                status,
+                "endpoint error: queue held"
+            );
         }
         let mut header = [0u8; URB_HEADER_LEN];
         RetSubmit {
@@ -480,7 +542,11 @@ impl Session {
             status,
             actual_length: actual as u32,
             start_frame: urb.start_frame,
-            number_of_packets: if urb.iso.is_empty() { 0 } else { urb.iso.len() as u32 },
+            number_of_packets: if urb.iso.is_empty() {
+                0
+            } else {
+                urb.iso.len() as u32
+            },
             ..Default::default()
         }
         .write_header(&mut header);
@@ -490,8 +556,17 @@ impl Session {
         }
         self.inflight -= 1;
         self.inflight_bytes -= urb.length;
-        let payload_len = if urb.direction == Direction::In { actual } else { 0 };
-        self.push_out(OutFrame { header, payload: urb.buf, payload_len, iso });
+        let payload_len = if urb.direction == Direction::In {
+            actual
+        } else {
+            0
+        };
+        self.push_out(OutFrame {
+            header,
+            payload: urb.buf,
+            payload_len,
+            iso,
+        });
     }
 
     /// Control requests that change endpoint state also end error holds,
@@ -503,7 +578,11 @@ impl Session {
         let set_config = s.request_type == 0x00 && s.request == 9;
         if clear_halt {
             let ep = s.index as u8;
-            let dir = if ep & 0x80 != 0 { Direction::In } else { Direction::Out };
+            let dir = if ep & 0x80 != 0 {
+                Direction::In
+            } else {
+                Direction::Out
+            };
             let q = ep_index(ep & 0x0f, dir);
             self.queues[q].release();
         } else if set_interface || set_config || is_reset_request(&s) {

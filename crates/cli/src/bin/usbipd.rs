@@ -1,0 +1,192 @@
+//! `usbipd`: the USB/IP server, flag-compatible with the C usbipd.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio::net::TcpListener;
+use tracing::{error, info};
+use usbwire_cli::config::Config;
+use usbwire_cli::devices::{self, Exported};
+use usbwire_server::{Registry, Server, ServerConfig};
+
+/// USB/IP server: exports emulated USB devices (and, later, local ones) to
+/// USB/IP clients such as Linux's vhci-hcd.
+#[derive(Parser, Debug)]
+#[command(name = "usbipd", version, about)]
+struct Args {
+    /// Listen on IPv4 only.
+    #[arg(short = '4', long = "ipv4")]
+    ipv4: bool,
+    /// Listen on IPv6 only.
+    #[arg(short = '6', long = "ipv6")]
+    ipv6: bool,
+    /// TCP port to listen on.
+    #[arg(short = 't', long = "tcp-port")]
+    tcp_port: Option<u16>,
+    /// Listen on this address only (may be repeated), e.g. 127.0.0.1.
+    #[arg(long = "listen", value_name = "ADDR")]
+    listen: Vec<IpAddr>,
+    /// Run as a daemon in the background.
+    #[arg(short = 'D', long = "daemon")]
+    daemon: bool,
+    /// Write the process id to FILE (default /var/run/usbipd.pid).
+    #[arg(short = 'P', long = "pid", value_name = "FILE", num_args = 0..=1,
+          default_missing_value = "/var/run/usbipd.pid")]
+    pid: Option<PathBuf>,
+    /// Print debugging information.
+    #[arg(short = 'd', long = "debug")]
+    debug: bool,
+    /// TOML file listing the emulated devices to export.
+    #[arg(long = "config", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Export a demo set with no files needed: a 64 MiB disk, a keyboard,
+    /// a serial echo port and the test device.
+    #[arg(long = "demo")]
+    demo: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = if args.debug { "debug" } else { "info" };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("USBWIRE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match real_main(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("usbipd: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(args: Args) -> Result<(), String> {
+    if args.config.is_none() && !args.demo {
+        return Err("nothing to export: pass --demo, or --config FILE listing devices".into());
+    }
+    let mut config = match &args.config {
+        Some(p) => Config::load(p).map_err(|e| e.to_string())?,
+        None => Config::default(),
+    };
+    let mut server_config = ServerConfig::default();
+    config.server.apply(&mut server_config);
+    server_config
+        .validate()
+        .map_err(|e| format!("invalid configuration: {e}"))?;
+    let port = args.tcp_port.or(config.server.tcp_port).unwrap_or(3240);
+
+    // Bind before daemonising, so that a port already in use is reported
+    // to the person who started us.
+    let listeners = bind(&args, port)?;
+    if args.daemon {
+        nix::unistd::daemon(false, false).map_err(|e| format!("cannot daemonise: {e}"))?;
+    }
+    if let Some(pid) = &args.pid {
+        std::fs::write(pid, format!("{}\n", std::process::id()))
+            .map_err(|e| format!("cannot write pid file {}: {e}", pid.display()))?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let result = runtime.block_on(async move {
+        let registry = Registry::new();
+        let mut exported: Vec<Exported> = Vec::new();
+        let mut demo_image: Option<tempfile::TempPath> = None;
+        if args.demo {
+            let (set, image) = devices::demo_set().map_err(|e| e.to_string())?;
+            config.devices.extend(set);
+            demo_image = Some(image);
+        }
+        for (i, d) in config.devices.iter().enumerate() {
+            let e = devices::export(&registry, d, i).map_err(|e| e.to_string())?;
+            info!("exporting {} as {}", e.description, e.busid);
+            exported.push(e);
+        }
+
+        let listeners: Vec<TcpListener> = listeners
+            .into_iter()
+            .map(TcpListener::from_std)
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?;
+        for l in &listeners {
+            if let Ok(a) = l.local_addr() {
+                info!("listening on {a}");
+            }
+        }
+        let server = Server::new(registry, server_config).map_err(|e| e.to_string())?;
+        server.run(listeners, shutdown_signal()).await;
+        drop(exported);
+        // The demo image is deleted only after the devices are flushed and gone.
+        drop(demo_image);
+        Ok::<(), String>(())
+    });
+    if let Some(pid) = &args.pid {
+        let _ = std::fs::remove_file(pid);
+    }
+    result
+}
+
+fn bind(args: &Args, port: u16) -> Result<Vec<std::net::TcpListener>, String> {
+    let addrs: Vec<(IpAddr, bool)> = if !args.listen.is_empty() {
+        args.listen.iter().map(|a| (*a, a.is_ipv6())).collect()
+    } else if args.ipv4 && !args.ipv6 {
+        vec![(Ipv4Addr::UNSPECIFIED.into(), false)]
+    } else if args.ipv6 && !args.ipv4 {
+        vec![(Ipv6Addr::UNSPECIFIED.into(), true)]
+    } else {
+        // Like the C usbipd: every address family.
+        vec![
+            (Ipv4Addr::UNSPECIFIED.into(), false),
+            (Ipv6Addr::UNSPECIFIED.into(), true),
+        ]
+    };
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for (ip, v6only) in addrs {
+        let addr = SocketAddr::new(ip, port);
+        match listen(addr, v6only) {
+            Ok(l) => out.push(l),
+            Err(e) => errors.push(format!("cannot listen on {addr}: {e}")),
+        }
+    }
+    if out.is_empty() {
+        return Err(errors.join("; "));
+    }
+    for e in errors {
+        tracing::warn!("{e}");
+    }
+    Ok(out)
+}
+
+fn listen(addr: SocketAddr, v6only: bool) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(v6only)?;
+    }
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut hup = signal(SignalKind::hangup()).expect("installing a SIGHUP handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = hup.recv() => info!("SIGHUP received"),
+    }
+}

@@ -1,0 +1,221 @@
+//! The `usbipd --config FILE` format (TOML).
+//!
+//! ```toml
+//! [server]
+//! tcp_port = 3240
+//!
+//! [[device]]
+//! kind = "mass-storage"
+//! image = "disk.img"        # relative paths are relative to this file
+//! read_only = false
+//!
+//! [[device]]
+//! kind = "keyboard"
+//! fifo = "/run/usbwire/keyboard"
+//!
+//! [[device]]
+//! kind = "serial"
+//! backend = "echo"          # or "pty", or "tcp" with listen = "127.0.0.1:4000"
+//!
+//! [[device]]
+//! kind = "test"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use usbwire_server::ServerConfig;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerSection,
+    #[serde(default, rename = "device")]
+    pub devices: Vec<DeviceConfig>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    pub tcp_port: Option<u16>,
+    pub max_connections: Option<usize>,
+    pub max_urbs_in_flight: Option<usize>,
+    pub max_bytes_in_flight: Option<usize>,
+    pub max_transfer_length: Option<u32>,
+    /// Debug only: turning it off lets URBs run past an endpoint error.
+    pub hold_on_error: Option<bool>,
+    pub hold_floor_ms: Option<u64>,
+    pub hold_ceiling_ms: Option<u64>,
+}
+
+impl ServerSection {
+    pub fn apply(&self, c: &mut ServerConfig) {
+        if let Some(v) = self.max_connections {
+            c.max_connections = v;
+        }
+        if let Some(v) = self.max_urbs_in_flight {
+            c.max_urbs_in_flight = v;
+        }
+        if let Some(v) = self.max_bytes_in_flight {
+            c.max_bytes_in_flight = v;
+        }
+        if let Some(v) = self.max_transfer_length {
+            c.limits.max_transfer_length = v;
+        }
+        if let Some(v) = self.hold_on_error {
+            c.hold_on_error = v;
+        }
+        if let Some(v) = self.hold_floor_ms {
+            c.hold_floor = Duration::from_millis(v);
+        }
+        if let Some(v) = self.hold_ceiling_ms {
+            c.hold_ceiling = Duration::from_millis(v);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum DeviceConfig {
+    MassStorage {
+        busid: Option<String>,
+        image: PathBuf,
+        #[serde(default)]
+        read_only: bool,
+        product: Option<String>,
+        serial: Option<String>,
+        /// `[first, end)`: LBAs that fail with a medium error, for testing.
+        bad_lbas: Option<[u64; 2]>,
+    },
+    Keyboard {
+        busid: Option<String>,
+        /// Lines written to this FIFO are typed.
+        fifo: Option<PathBuf>,
+        /// Text queued at start.
+        #[serde(rename = "type")]
+        type_text: Option<String>,
+    },
+    Serial {
+        busid: Option<String>,
+        #[serde(default)]
+        backend: SerialBackend,
+        /// For `backend = "tcp"`: a loopback address to listen on.
+        listen: Option<SocketAddr>,
+        /// For `backend = "pty"`: a symlink to create to the PTY.
+        link: Option<PathBuf>,
+    },
+    Test {
+        busid: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SerialBackend {
+    #[default]
+    Echo,
+    Pty,
+    Tcp,
+}
+
+impl DeviceConfig {
+    pub fn busid(&self) -> Option<&str> {
+        match self {
+            DeviceConfig::MassStorage { busid, .. }
+            | DeviceConfig::Keyboard { busid, .. }
+            | DeviceConfig::Serial { busid, .. }
+            | DeviceConfig::Test { busid } => busid.as_deref(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+}
+
+impl Config {
+    /// Reads a file; relative image paths become relative to its folder.
+    pub fn load(path: &Path) -> Result<Config, ConfigFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigFileError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let mut c: Config = toml::from_str(&text).map_err(|source| ConfigFileError::Parse {
+            path: path.into(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for d in &mut c.devices {
+            if let DeviceConfig::MassStorage { image, .. } = d {
+                if image.is_relative() {
+                    *image = base.join(&*image);
+                }
+            }
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_kind() {
+        let c: Config = toml::from_str(
+            r#"
+            [server]
+            tcp_port = 3241
+            hold_on_error = false
+            [[device]]
+            kind = "mass-storage"
+            image = "d.img"
+            read_only = true
+            bad_lbas = [10, 20]
+            [[device]]
+            kind = "keyboard"
+            type = "hi"
+            [[device]]
+            kind = "serial"
+            backend = "tcp"
+            listen = "127.0.0.1:4000"
+            [[device]]
+            kind = "test"
+            busid = "2-1"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.server.tcp_port, Some(3241));
+        assert_eq!(c.devices.len(), 4);
+        assert_eq!(c.devices[3].busid(), Some("2-1"));
+        assert!(matches!(
+            c.devices[2],
+            DeviceConfig::Serial {
+                backend: SerialBackend::Tcp,
+                ..
+            }
+        ));
+        let mut sc = ServerConfig::default();
+        c.server.apply(&mut sc);
+        assert!(!sc.hold_on_error);
+    }
+
+    #[test]
+    fn rejects_unknown_fields() {
+        assert!(toml::from_str::<Config>("[[device]]\nkind = \"test\"\ncolour = 1\n").is_err());
+        assert!(toml::from_str::<Config>("[[device]]\nkind = \"toaster\"\n").is_err());
+    }
+}

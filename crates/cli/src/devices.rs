@@ -1,0 +1,212 @@
+//! Turning configured devices into exported ones.
+
+use std::path::PathBuf;
+
+use usbwire_devices::acm::{AcmBackend, AcmConfig, CdcAcm};
+use usbwire_devices::hid::{self, HidKeyboard};
+use usbwire_devices::msc::{MassStorage, MscConfig};
+use usbwire_devices::testdev::TestDevice;
+use usbwire_devices::EmulatedDevice;
+use usbwire_server::{Backend, EmulatedBackend, Registry};
+
+use crate::config::{DeviceConfig, SerialBackend};
+
+/// An exported device and what must live as long as it does.
+pub struct Exported {
+    pub busid: String,
+    pub description: String,
+    /// Background work feeding the device (a keyboard FIFO reader).
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Exported {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("device {index} ({busid}): cannot open disk image {path}: {source}")]
+    Image {
+        index: usize,
+        busid: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("device {index} ({busid}): serial port: {source}")]
+    Serial {
+        index: usize,
+        busid: String,
+        source: std::io::Error,
+    },
+    #[error("device {index}: backend \"tcp\" needs listen = \"127.0.0.1:PORT\"")]
+    SerialNeedsListen { index: usize },
+    #[error("device {index}: {source}")]
+    Registry {
+        index: usize,
+        source: usbwire_server::RegistryError,
+    },
+    #[error("cannot create the demo disk image: {0}")]
+    DemoImage(std::io::Error),
+}
+
+/// The `--demo` set: a 64 MiB disk in a temporary file, a keyboard, a
+/// serial echo port and the test device.
+pub fn demo_set() -> Result<(Vec<DeviceConfig>, tempfile::TempPath), ExportError> {
+    let file = tempfile::Builder::new()
+        .prefix("usbwire-demo-")
+        .suffix(".img")
+        .tempfile()
+        .map_err(ExportError::DemoImage)?;
+    file.as_file()
+        .set_len(64 * 1024 * 1024)
+        .map_err(ExportError::DemoImage)?;
+    let path = file.into_temp_path();
+    let devices = vec![
+        DeviceConfig::MassStorage {
+            busid: None,
+            image: path.to_path_buf(),
+            read_only: false,
+            product: Some("usbwire demo disk".into()),
+            serial: None,
+            bad_lbas: None,
+        },
+        DeviceConfig::Keyboard {
+            busid: None,
+            fifo: None,
+            type_text: None,
+        },
+        DeviceConfig::Serial {
+            busid: None,
+            backend: SerialBackend::Echo,
+            listen: None,
+            link: None,
+        },
+        DeviceConfig::Test { busid: None },
+    ];
+    Ok((devices, path))
+}
+
+/// Builds device `index` of the configuration and adds it to the registry.
+/// Must run inside the tokio runtime (serial and keyboard feeders spawn tasks).
+pub fn export(
+    registry: &Registry,
+    d: &DeviceConfig,
+    index: usize,
+) -> Result<Exported, ExportError> {
+    let busid = d
+        .busid()
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("1-{}", index + 1));
+    let reservation = registry
+        .reserve(&busid)
+        .map_err(|source| ExportError::Registry { index, source })?;
+    let mut tasks = Vec::new();
+    let (device, description) = match d {
+        DeviceConfig::MassStorage {
+            image,
+            read_only,
+            product,
+            serial,
+            bad_lbas,
+            ..
+        } => {
+            let mut cfg = MscConfig {
+                read_only: *read_only,
+                ..Default::default()
+            };
+            if let Some(p) = product {
+                cfg.product = p.clone();
+            }
+            if let Some(s) = serial {
+                cfg.serial = s.clone();
+            }
+            cfg.bad_lbas = bad_lbas.map(|[a, b]| a..b);
+            let msc = MassStorage::open(image, cfg).map_err(|source| ExportError::Image {
+                index,
+                busid: busid.clone(),
+                path: image.clone(),
+                source,
+            })?;
+            let desc = format!(
+                "mass storage on {} ({} MiB{})",
+                image.display(),
+                msc.blocks() * 512 / (1024 * 1024),
+                if *read_only { ", read-only" } else { "" }
+            );
+            (EmulatedDevice::new(msc), desc)
+        }
+        DeviceConfig::Keyboard {
+            fifo, type_text, ..
+        } => {
+            let (kbd, handle) = HidKeyboard::new();
+            let mut desc = "HID keyboard".to_string();
+            if let Some(t) = type_text {
+                if let Err(e) = handle.type_text(t) {
+                    tracing::warn!("keyboard {busid}: cannot type the configured text: {e}");
+                }
+            }
+            if let Some(path) = fifo {
+                desc = format!("HID keyboard typing lines written to {}", path.display());
+                let path = path.clone();
+                let handle = handle.clone();
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = hid::serve_fifo(&path, handle).await {
+                        tracing::error!("keyboard FIFO {}: {e}", path.display());
+                    }
+                }));
+            }
+            (EmulatedDevice::new(kbd), desc)
+        }
+        DeviceConfig::Serial {
+            backend,
+            listen,
+            link,
+            ..
+        } => {
+            let backend = match backend {
+                SerialBackend::Echo => AcmBackend::Echo,
+                SerialBackend::Pty => AcmBackend::Pty,
+                SerialBackend::Tcp => {
+                    AcmBackend::Tcp(listen.ok_or(ExportError::SerialNeedsListen { index })?)
+                }
+            };
+            let cfg = AcmConfig {
+                backend: backend.clone(),
+                pty_link: link.clone(),
+                ..Default::default()
+            };
+            let acm = CdcAcm::new(cfg).map_err(|source| ExportError::Serial {
+                index,
+                busid: busid.clone(),
+                source,
+            })?;
+            let desc = match (&backend, acm.pty_path()) {
+                (AcmBackend::Pty, Some(p)) => format!("CDC-ACM serial on PTY {}", p.display()),
+                (AcmBackend::Tcp(a), _) => format!("CDC-ACM serial bridged to tcp://{a}"),
+                _ => "CDC-ACM serial echo port".to_string(),
+            };
+            (EmulatedDevice::new(acm), desc)
+        }
+        DeviceConfig::Test { .. } => (
+            EmulatedDevice::new(TestDevice::new()),
+            "test device (source/sink/loopback)".into(),
+        ),
+    };
+    let busnum = busid
+        .split('-')
+        .next()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(1);
+    let backend = EmulatedBackend::new(device);
+    let info = backend.device_info(&busid, busnum, index as u32 + 2);
+    reservation.commit(info, Box::new(backend));
+    Ok(Exported {
+        busid,
+        description,
+        tasks,
+    })
+}

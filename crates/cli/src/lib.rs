@@ -1,0 +1,5 @@
+//! Shared code of the `usbipd` and `usbip` binaries.
+
+pub mod config;
+pub mod devices;
+pub mod names;
