@@ -88,7 +88,7 @@ pub struct RawPeer {
     pub stream: TcpStream,
     buf: Vec<u8>,
     /// Directions of submitted URBs, to frame replies.
-    inflight: std::collections::HashMap<u32, Direction>,
+    inflight: std::collections::HashMap<u32, (Direction, u32)>,
 }
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -159,7 +159,8 @@ impl RawPeer {
     }
 
     pub async fn submit(&mut self, cmd: CmdSubmit, data: &[u8]) {
-        self.inflight.insert(cmd.seqnum, cmd.direction);
+        self.inflight
+            .insert(cmd.seqnum, (cmd.direction, cmd.transfer_buffer_length));
         let mut out = Vec::new();
         cmd.encode(data, &[], &mut out);
         self.send(&out).await;
@@ -181,9 +182,10 @@ impl RawPeer {
         loop {
             let inflight = &self.inflight;
             let d = UrbReply::decode(&self.buf, &Limits::default(), |s| {
-                inflight.get(&s).map(|d| InFlight {
+                inflight.get(&s).map(|(d, len)| InFlight {
                     direction: *d,
                     iso: false,
+                    length: *len,
                 })
             })
             .expect("valid URB reply");

@@ -419,6 +419,7 @@ impl RemoteDevice {
 struct Pending {
     direction: Direction,
     iso: bool,
+    length: u32,
     done: oneshot::Sender<Completion>,
 }
 
@@ -474,7 +475,7 @@ async fn connection(
                             for p in &req.iso {
                                 p.encode(&mut wbuf);
                             }
-                            pending.insert(seqnum, Pending { direction, iso: !req.iso.is_empty(), done });
+                            pending.insert(seqnum, Pending { direction, iso: !req.iso.is_empty(), length: sub.transfer_buffer_length, done });
                             let _ = seqnum_tx.send(seqnum);
                         }
                         Command::Unlink { seqnum } => {
@@ -499,7 +500,7 @@ async fn connection(
                 let mut at = 0;
                 loop {
                     let decoded = UrbReply::decode(&rbuf[at..], &limits, |seq| {
-                        pending.get(&seq).map(|p| InFlight { direction: p.direction, iso: p.iso })
+                        pending.get(&seq).map(|p| InFlight { direction: p.direction, iso: p.iso, length: p.length })
                     });
                     match decoded {
                         Ok(Decoded::NeedMore(n)) => {

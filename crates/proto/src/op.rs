@@ -442,9 +442,18 @@ impl OpReply {
                 status,
                 device,
             } => {
-                encode_header(out, *version, OP_REP_IMPORT, status.to_u32());
-                if let (OpStatus::Ok, Some(d)) = (status, device) {
-                    d.encode_fixed(out);
+                // The record follows exactly when the status is ST_OK. A
+                // success with no device would leave the peer waiting for
+                // 312 bytes that never come, so it goes out as ST_ERROR.
+                match (status, device) {
+                    (OpStatus::Ok, Some(d)) => {
+                        encode_header(out, *version, OP_REP_IMPORT, 0);
+                        d.encode_fixed(out);
+                    }
+                    (OpStatus::Ok, None) => {
+                        encode_header(out, *version, OP_REP_IMPORT, OpStatus::Error.to_u32())
+                    }
+                    (s, _) => encode_header(out, *version, OP_REP_IMPORT, s.to_u32()),
                 }
             }
         }

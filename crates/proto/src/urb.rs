@@ -434,6 +434,9 @@ impl UrbCommand {
 pub struct InFlight {
     pub direction: Direction,
     pub iso: bool,
+    /// The URB's transfer_buffer_length: a reply claiming more is fatal,
+    /// as in the kernel (CVE-2016-3955).
+    pub length: u32,
 }
 
 /// A reply from server to client, with where its payload lies in the buffer
@@ -465,7 +468,11 @@ impl UrbReply {
         match u32_at(b, 0) {
             USBIP_RET_SUBMIT => {
                 let urb = in_flight(seqnum).ok_or(DecodeError::UnknownSeqnum(seqnum))?;
-                let actual = check_len("actual_length", i32_at(b, 24), limits.max_transfer_length)?;
+                let actual = check_len(
+                    "actual_length",
+                    i32_at(b, 24),
+                    limits.max_transfer_length.min(urb.length),
+                )?;
                 let raw_np = u32_at(b, 32);
                 let np = if urb.iso {
                     iso_count(raw_np, limits)?
@@ -482,7 +489,8 @@ impl UrbReply {
                 if b.len() < iso.end {
                     return Ok(Decoded::NeedMore(iso.end));
                 }
-                if urb.iso && urb.direction == Direction::In {
+                // The kernel checks the sum on every isochronous reply.
+                if urb.iso {
                     let sum: u64 = IsoPacket::iter(&b[iso.clone()])
                         .map(|p| u64::from(p.actual_length))
                         .sum();

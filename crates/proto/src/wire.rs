@@ -36,9 +36,14 @@ pub(crate) fn cstr_field(b: &[u8]) -> String {
 }
 
 /// Writes a string into a fixed-size field, NUL-padded. A string that does
-/// not fit is cut so that a NUL always ends the field, as the C tools expect.
+/// not fit is cut (at a character boundary) so that a NUL always ends the
+/// field, as the C tools expect.
 pub(crate) fn put_cstr_field(out: &mut [u8], s: &str) {
     out.fill(0);
-    let n = s.len().min(out.len().saturating_sub(1));
+    let mut n = s.len().min(out.len().saturating_sub(1));
+    // Never cut a character in half: the peer would read invalid UTF-8.
+    while !s.is_char_boundary(n) {
+        n -= 1;
+    }
     out[..n].copy_from_slice(&s.as_bytes()[..n]);
 }

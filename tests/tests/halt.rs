@@ -1,0 +1,148 @@
+//! The endpoint error hold (issue: no URB runs past an endpoint error
+//! before the importer has reacted), over TCP with the client library and
+//! the test device's scripted faults.
+//!
+//! The loopback endpoints carry a 100-byte "data" message and a 13-byte
+//! "status" message, the shape of a mass-storage data phase followed by
+//! its CSW. URB1 asks for 512 bytes with URB_SHORT_NOT_OK and gets the
+//! 100 bytes: -EREMOTEIO. What happens to URB2, queued behind it, decides
+//! whether the status survives.
+
+use std::time::{Duration, Instant};
+
+use usbwire_client::{RemoteDevice, TransferError, TransferRequest};
+use usbwire_devices::testdev::{Fault, TestDevice, EP_LOOP_IN, EP_LOOP_OUT, EP_SOURCE};
+use usbwire_devices::EmulatedDevice;
+use usbwire_proto::urb::flags::URB_SHORT_NOT_OK;
+use usbwire_server::ServerConfig;
+use usbwire_tests::support::TestServer;
+
+const DATA: [u8; 100] = [0xd7; 100];
+const STATUS: &[u8; 13] = b"USBS-status!!";
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn setup(config: ServerConfig) -> (TestServer, RemoteDevice) {
+    let s = TestServer::start(vec![EmulatedDevice::new(TestDevice::new())], config).await;
+    let dev = usbwire_client::import(s.addr, "1-1").await.unwrap();
+    dev.set_configuration(1).await.unwrap();
+    dev.bulk_out(EP_LOOP_OUT, &DATA).await.unwrap();
+    dev.bulk_out(EP_LOOP_OUT, STATUS).await.unwrap();
+    (s, dev)
+}
+
+fn read(len: u32) -> TransferRequest {
+    TransferRequest::bulk_in(EP_LOOP_IN, len)
+}
+
+fn config(hold: bool, floor_ms: u64) -> ServerConfig {
+    ServerConfig {
+        hold_on_error: hold,
+        hold_floor: Duration::from_millis(floor_ms),
+        hold_ceiling: Duration::from_millis(floor_ms.max(1000)),
+        ..ServerConfig::default()
+    }
+}
+
+async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, f)
+        .await
+        .expect("transfer did not complete in time")
+}
+
+#[tokio::test]
+async fn short_read_then_unlink_keeps_the_status_for_urb3() {
+    let (_s, dev) = setup(config(true, 200)).await;
+    let mut urb1 = dev.submit(read(512).with_flags(URB_SHORT_NOT_OK));
+    let mut urb2 = dev.submit(read(512).with_flags(URB_SHORT_NOT_OK));
+    let urb3 = dev.submit(read(512));
+    let c1 = within(&mut urb1).await;
+    assert_eq!(c1.status, Err(TransferError::Short));
+    assert_eq!(c1.data, DATA, "the short data is still delivered");
+    // Only now, having seen URB1's error, does the importer unlink URB2,
+    // as usb_sg_wait does from its completion handler.
+    urb2.cancel().await;
+    let c2 = within(&mut urb2).await;
+    assert_eq!(
+        c2.status,
+        Err(TransferError::Cancelled),
+        "URB2 must not have run"
+    );
+    assert!(c2.data.is_empty());
+    let c3 = within(urb3).await;
+    assert_eq!(c3.status, Ok(()));
+    assert_eq!(c3.data, STATUS, "the status reached URB3 intact");
+}
+
+#[tokio::test]
+async fn without_an_unlink_urb2_runs_after_the_grace_window_in_order() {
+    let floor = 150;
+    let (_s, dev) = setup(config(true, floor)).await;
+    let mut urb1 = dev.submit(read(512).with_flags(URB_SHORT_NOT_OK));
+    let urb2 = dev.submit(read(512));
+    let c1 = within(&mut urb1).await;
+    let error_seen = Instant::now();
+    assert_eq!(c1.status, Err(TransferError::Short));
+    let c2 = within(urb2).await;
+    let held = error_seen.elapsed();
+    assert_eq!(c2.status, Ok(()));
+    assert_eq!(c2.data, STATUS, "URB2 gets the next data, in order");
+    assert!(
+        held >= Duration::from_millis(floor * 8 / 10),
+        "URB2 completed {held:?} after URB1's error: it did not wait for the grace window"
+    );
+}
+
+#[tokio::test]
+async fn stall_holds_until_clear_halt_and_other_endpoints_keep_running() {
+    // A long window, so that only the CLEAR_FEATURE(HALT) can explain URB2 running soon.
+    let (_s, dev) = setup(config(true, 5000)).await;
+    let (setup, data) = Fault::Stall.request(EP_LOOP_IN, 0);
+    dev.control_out(setup, &data).await.unwrap();
+    let mut urb1 = dev.submit(read(512));
+    let mut urb2 = dev.submit(read(512));
+    assert_eq!(within(&mut urb1).await.status, Err(TransferError::Stall));
+    // The loop endpoint is held; the source endpoint is not.
+    let other = within(dev.bulk_in(EP_SOURCE, 4096)).await.unwrap();
+    assert_eq!(other.len(), 4096);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut urb2)
+            .await
+            .is_err(),
+        "URB2 ran while the endpoint was held"
+    );
+    let cleared = Instant::now();
+    dev.clear_halt(EP_LOOP_IN).await.unwrap();
+    let c2 = within(urb2).await;
+    assert!(
+        cleared.elapsed() < Duration::from_secs(2),
+        "CLEAR_FEATURE(HALT) did not release the hold"
+    );
+    assert_eq!(
+        c2.status,
+        Ok(()),
+        "URB2 ran after the halt was cleared, not into the stall"
+    );
+    assert_eq!(c2.data, DATA);
+}
+
+#[tokio::test]
+async fn with_the_hold_switched_off_urb2_swallows_the_status() {
+    // The control experiment: it shows the first test exercises the contract.
+    let (_s, dev) = setup(config(false, 0)).await;
+    let mut urb1 = dev.submit(read(512).with_flags(URB_SHORT_NOT_OK));
+    let mut urb2 = dev.submit(read(512).with_flags(URB_SHORT_NOT_OK));
+    let urb3 = dev.submit(read(512));
+    assert_eq!(within(&mut urb1).await.status, Err(TransferError::Short));
+    urb2.cancel().await;
+    let c2 = within(&mut urb2).await;
+    assert_eq!(
+        c2.data, STATUS,
+        "without the hold, URB2 ran at once and took the status"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), urb3)
+            .await
+            .is_err(),
+        "URB3 got data although the status was already consumed"
+    );
+}
