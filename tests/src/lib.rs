@@ -1,4 +1,5 @@
 //! Test support shared by the cross-crate and kernel tests in `tests/tests/`.
 
+pub mod daemon;
 pub mod kernel;
 pub mod support;

@@ -1,0 +1,45 @@
+# usbwire guest shell library: sourced before every test script (/usbwire/lib.sh).
+# All loops are bounded.
+
+# usbwire_wait_path PATH [TIMEOUT_SECS=10]: wait until PATH exists.
+usbwire_wait_path() {
+	_n=0; _max=$(( ${2:-10} * 20 ))
+	while [ ! -e "$1" ]; do
+		_n=$((_n + 1))
+		if [ "$_n" -gt "$_max" ]; then echo "usbwire: timeout waiting for $1" >&2; return 1; fi
+		sleep 0.05
+	done
+}
+
+# usbwire_wait_cmd TIMEOUT_SECS CMD...: retry CMD (every 0.1 s) until it succeeds.
+usbwire_wait_cmd() {
+	_n=0; _max=$(( $1 * 10 )); shift
+	until "$@" >/dev/null 2>&1; do
+		_n=$((_n + 1))
+		if [ "$_n" -gt "$_max" ]; then echo "usbwire: timeout waiting for: $*" >&2; return 1; fi
+		sleep 0.1
+	done
+}
+
+# usbwire_wait_listen PORT [TIMEOUT_SECS=10]: wait until a TCP socket listens on PORT.
+usbwire_wait_listen() {
+	usbwire_wait_cmd "${2:-10}" sh -c "netstat -ltn | grep -q ':$1 '"
+}
+
+# usbwire_udc_busid [UDC=dummy_udc.0] [TIMEOUT_SECS=10]: print the busid (e.g. 17-1) of
+# the device a gadget bound to the dummy UDC appears as on the matching dummy_hcd bus.
+usbwire_udc_busid() {
+	_udc=${1:-dummy_udc.0}
+	_hcd=/sys/devices/platform/dummy_hcd.${_udc#dummy_udc.}
+	usbwire_wait_cmd "${2:-10}" sh -c "ls -d $_hcd/usb*/*-1" || return 1
+	_dev=$(ls -d "$_hcd"/usb*/*-1 | head -n 1)
+	# wait for enumeration to finish (configuration selected)
+	usbwire_wait_cmd "${2:-10}" sh -c "[ -n \"\$(cat $_dev/bConfigurationValue 2>/dev/null)\" ]" || return 1
+	basename "$_dev"
+}
+
+# usbwire_wait_signal PORT [TIMEOUT_SECS=60]: block until the host connects to PORT
+# (RunningGuest::signal); prints what the host sent.
+usbwire_wait_signal() {
+	echo ACK | timeout "${2:-60}" nc -l -p "$1"
+}
