@@ -27,14 +27,23 @@ pub struct TestServer {
 impl TestServer {
     /// Exports `devices` as 1-1, 1-2, ... and serves them.
     pub async fn start(devices: Vec<EmulatedDevice>, config: ServerConfig) -> TestServer {
+        let backends = devices
+            .into_iter()
+            .map(|d| Box::new(EmulatedBackend::new(d)) as Box<dyn usbwire_server::Backend>)
+            .collect();
+        Self::start_backends(backends, config).await
+    }
+
+    /// Exports arbitrary backends as 1-1, 1-2, ... and serves them.
+    pub async fn start_backends(
+        backends: Vec<Box<dyn usbwire_server::Backend>>,
+        config: ServerConfig,
+    ) -> TestServer {
         let registry = Registry::new();
-        for (i, d) in devices.into_iter().enumerate() {
+        for (i, backend) in backends.into_iter().enumerate() {
             let busid = format!("1-{}", i + 1);
-            let backend = EmulatedBackend::new(d);
-            let info = usbwire_server::Backend::device_info(&backend, &busid, 1, i as u32 + 2);
-            registry
-                .add(info, Box::new(backend))
-                .expect("fresh registry");
+            let info = backend.device_info(&busid, 1, i as u32 + 2);
+            registry.add(info, backend).expect("fresh registry");
         }
         let listener = TcpListener::bind("127.0.0.1:0")
             .await

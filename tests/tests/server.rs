@@ -225,3 +225,126 @@ async fn devlist_lists_every_device_with_interfaces() {
         "the server closes after a device list, like the C usbipd"
     );
 }
+
+mod async_cancel {
+    //! A backend whose URBs are in flight elsewhere (like a real device's
+    //! in a host controller): cancelling takes time, and the URB may
+    //! complete first. The reply order must still be right.
+
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll, Waker};
+
+    use usbwire_devices::TransferType;
+    use usbwire_proto::{DeviceInfo, Direction, Errno, Speed};
+    use usbwire_server::{Backend, ServerConfig, Urb};
+    use usbwire_tests::support::*;
+
+    #[derive(Default)]
+    struct State {
+        cancel_requested: bool,
+        waker: Option<Waker>,
+    }
+
+    /// Bulk IN 0x81 stays pending until cancelled; then it completes with
+    /// `outcome`: its data (it finished first) or -ECONNRESET.
+    struct InFlightElsewhere {
+        outcome: Result<usize, Errno>,
+        state: Arc<Mutex<State>>,
+    }
+
+    impl Backend for InFlightElsewhere {
+        fn device_info(&self, busid: &str, busnum: u32, devnum: u32) -> DeviceInfo {
+            DeviceInfo {
+                path: String::new(),
+                busid: busid.into(),
+                busnum,
+                devnum,
+                speed: Speed::High,
+                id_vendor: 1,
+                id_product: 2,
+                bcd_device: 0,
+                device_class: 0xff,
+                device_subclass: 0,
+                device_protocol: 0,
+                configuration_value: 1,
+                num_configurations: 1,
+                num_interfaces: 0,
+                interfaces: vec![],
+            }
+        }
+        fn transfer_type(&self, ep: u8) -> Option<TransferType> {
+            (ep == 0x81).then_some(TransferType::Bulk)
+        }
+        fn poll_urb(&mut self, urb: &mut Urb, cx: &mut Context<'_>) -> Poll<Result<usize, Errno>> {
+            if urb.ep == 0 {
+                return Poll::Ready(Ok(0));
+            }
+            let mut st = self.state.lock().unwrap();
+            if st.cancel_requested {
+                if let Ok(n) = self.outcome {
+                    urb.buf[..n].fill(0x5a);
+                }
+                return Poll::Ready(self.outcome);
+            }
+            st.waker = Some(cx.waker().clone());
+            Poll::Pending
+        }
+        fn cancel(&mut self, _urb: &mut Urb) -> bool {
+            let mut st = self.state.lock().unwrap();
+            st.cancel_requested = true;
+            if let Some(w) = st.waker.take() {
+                w.wake();
+            }
+            false
+        }
+        fn reset(&mut self) {}
+        fn release(&mut self) {}
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    async fn scenario(outcome: Result<usize, Errno>) -> Vec<Reply> {
+        let backend = InFlightElsewhere {
+            outcome,
+            state: Default::default(),
+        };
+        let s = TestServer::start_backends(vec![Box::new(backend)], ServerConfig::default()).await;
+        let mut p = RawPeer::import(s.addr, "1-1").await;
+        p.submit(submit(1, 1, Direction::In, 64), &[]).await;
+        p.unlink(2, 1).await;
+        let first = p.next().await;
+        let mut replies = vec![first.clone()];
+        if matches!(first, Reply::Submit(..)) {
+            replies.push(p.next().await);
+        }
+        assert!(
+            p.quiet_for(std::time::Duration::from_millis(100)).await,
+            "a stray reply followed"
+        );
+        replies
+    }
+
+    #[tokio::test]
+    async fn completed_before_cancel_gets_ret_submit_then_ret_unlink_zero() {
+        let r = scenario(Ok(64)).await;
+        match &r[..] {
+            [Reply::Submit(ret, data), Reply::Unlink(u)] => {
+                assert_eq!((ret.seqnum, ret.status, data.len()), (1, 0, 64));
+                assert_eq!((u.seqnum, u.status), (2, 0));
+            }
+            other => panic!("wrong replies or order: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn cancelled_in_time_gets_only_ret_unlink_econnreset() {
+        let r = scenario(Err(Errno::ECONNRESET)).await;
+        match &r[..] {
+            [Reply::Unlink(u)] => {
+                assert_eq!((u.seqnum, u.status), (2, Errno::ECONNRESET.to_status()))
+            }
+            other => panic!("wrong replies: {other:?}"),
+        }
+    }
+}

@@ -53,6 +53,23 @@ pub trait Backend: Send + 'static {
     /// Returns the number of bytes transferred or the URB's error.
     fn poll_urb(&mut self, urb: &mut Urb, cx: &mut Context<'_>) -> Poll<Result<usize, Errno>>;
 
+    /// How many URBs of one endpoint may be started at once. A device that
+    /// completes transfers itself runs one at a time; a real device keeps
+    /// several in the host controller so the bus never idles.
+    fn max_active(&self, _ep_address: u8) -> usize {
+        1
+    }
+
+    /// Cancels a started URB. `true`: it is gone and moved no data (the
+    /// session answers the unlink with -ECONNRESET at once). `false`: the
+    /// cancellation is under way and the URB will still complete through
+    /// `poll_urb`, with -ECONNRESET if it was stopped in time or its real
+    /// result if not. A transfer that returned `Pending` consumed nothing,
+    /// so the default drops it.
+    fn cancel(&mut self, _urb: &mut Urb) -> bool {
+        true
+    }
+
     /// A port reset asked for by the importer.
     fn reset(&mut self);
 

@@ -6,7 +6,7 @@
 //! impossible by construction, and lets emulated devices be answered
 //! without a task per URB.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
@@ -192,7 +192,10 @@ struct Session {
     /// Highest CMD_SUBMIT seqnum seen, to tell an unlink of a completed URB
     /// from an unlink that overtook its submit.
     max_seqnum: Option<u32>,
-    early_unlinks: HashSet<u32>,
+    early_unlinks: VecDeque<u32>,
+    /// Active URBs whose cancellation the backend is still carrying out,
+    /// with the seqnum of the CMD_UNLINK to answer when it has.
+    pending_unlinks: HashMap<u32, u32>,
     pool: Vec<Vec<u8>>,
     waker: Arc<SessionWaker>,
     grace: Duration,
@@ -223,7 +226,8 @@ impl Session {
             inflight: 0,
             inflight_bytes: 0,
             max_seqnum: None,
-            early_unlinks: HashSet::new(),
+            early_unlinks: VecDeque::new(),
+            pending_unlinks: HashMap::new(),
             pool: Vec::new(),
             waker: Arc::new(SessionWaker(Notify::new())),
             grace,
@@ -373,7 +377,8 @@ impl Session {
         data: std::ops::Range<usize>,
         iso: std::ops::Range<usize>,
     ) {
-        if self.early_unlinks.remove(&cmd.seqnum) {
+        if let Some(i) = self.early_unlinks.iter().position(|&s| s == cmd.seqnum) {
+            self.early_unlinks.remove(i);
             debug!(
                 seqnum = cmd.seqnum,
                 "dropping a submit whose unlink arrived first"
@@ -427,20 +432,23 @@ impl Session {
         {
             self.finish_silently(urb);
             Errno::ECONNRESET.to_status()
-        } else if let Some(urb) = self.remove_active(target) {
-            // Started but not complete: an emulated transfer that returned
-            // Pending has consumed nothing, so it can be dropped as is.
-            self.finish_silently(urb);
+        } else if let Some(cancelled) = self.cancel_active(target) {
+            if !cancelled {
+                // The backend must finish it first; `complete` answers the
+                // unlink then, after the RET_SUBMIT if the URB got one.
+                self.pending_unlinks.insert(target, u.seqnum);
+                return;
+            }
             Errno::ECONNRESET.to_status()
         } else if self.max_seqnum.is_none_or(|m| seq_after(target, m)) {
             // The unlink overtook its submit (vhci queues unlinks behind
             // submits but does not check that the submit went out). Answer
             // now and drop the submit when it comes.
             if self.early_unlinks.len() >= MAX_EARLY_UNLINKS {
-                warn!("too many unlinks for unknown URBs; forgetting the oldest is not possible, ignoring");
-            } else {
-                self.early_unlinks.insert(target);
+                warn!("too many unlinks for URBs never submitted; forgetting the oldest");
+                self.early_unlinks.pop_front();
             }
+            self.early_unlinks.push_back(target);
             Errno::ECONNRESET.to_status()
         } else {
             // Already completed: its RET_SUBMIT is already queued ahead of
@@ -448,9 +456,13 @@ impl Session {
             0
         };
         debug!(seqnum = u.seqnum, target, status, "unlink");
+        self.push_ret_unlink(u.seqnum, status);
+    }
+
+    fn push_ret_unlink(&mut self, seqnum: u32, status: i32) {
         let mut header = [0u8; URB_HEADER_LEN];
         RetUnlink {
-            seqnum: u.seqnum,
+            seqnum,
             status,
             ..Default::default()
         }
@@ -463,14 +475,23 @@ impl Session {
         });
     }
 
-    fn remove_active(&mut self, seqnum: u32) -> Option<Urb> {
+    fn cancel_active(&mut self, seqnum: u32) -> Option<bool> {
         for qi in 0..self.queues.len() {
-            let q = &mut self.queues[qi];
-            if let Some(i) = q.active.iter().position(|u| u.seqnum == seqnum) {
-                let urb = q.active.remove(i);
+            let Some(i) = self.queues[qi]
+                .active
+                .iter()
+                .position(|u| u.seqnum == seqnum)
+            else {
+                continue;
+            };
+            let mut urb = self.queues[qi].active.remove(i).expect("index found");
+            if self.backend().cancel(&mut urb) {
+                self.finish_silently(urb);
                 self.pump(qi);
-                return urb;
+                return Some(true);
             }
+            self.queues[qi].active.insert(i, urb);
+            return Some(false);
         }
         None
     }
@@ -486,16 +507,31 @@ impl Session {
         let waker = Waker::from(self.waker.clone());
         let mut cx = Context::from_waker(&waker);
         loop {
-            self.queues[q].start_next(1);
-            let Some(mut urb) = self.queues[q].active.pop_front() else {
-                return;
-            };
-            match self.backend().poll_urb(&mut urb, &mut cx) {
-                Poll::Pending => {
-                    self.queues[q].active.push_front(urb);
-                    return;
+            let mut progressed = false;
+            while let Some(ep) = self.queues[q].waiting.front().map(|u| u.ep_address()) {
+                let max = self.backend().max_active(ep).max(1);
+                if !self.queues[q].start_next(max) {
+                    break;
                 }
-                Poll::Ready(r) => self.complete(urb, r),
+            }
+            // Poll every active URB in order: the first poll of a real
+            // device's URB submits it.
+            let mut i = 0;
+            while i < self.queues[q].active.len() {
+                let mut urb = self.queues[q].active.remove(i).expect("index checked");
+                match self.backend().poll_urb(&mut urb, &mut cx) {
+                    Poll::Pending => {
+                        self.queues[q].active.insert(i, urb);
+                        i += 1;
+                    }
+                    Poll::Ready(r) => {
+                        self.complete(urb, r);
+                        progressed = true;
+                    }
+                }
+            }
+            if !progressed {
+                return;
             }
         }
     }
@@ -526,7 +562,11 @@ impl Session {
         if urb.ep == 0 && status == 0 {
             self.after_control(&urb);
         }
-        if status != 0 && (1..16).contains(&urb.ep) && self.shared.config.hold_on_error {
+        // An URB stopped by its own unlink is not an endpoint error.
+        let unlinked =
+            status == Errno::ECONNRESET.to_status() || status == Errno::ENOENT.to_status();
+        if status != 0 && !unlinked && (1..16).contains(&urb.ep) && self.shared.config.hold_on_error
+        {
             let q = ep_index(urb.ep, urb.direction);
             self.queues[q].hold(Instant::now() + self.grace);
             debug!(
@@ -561,12 +601,32 @@ impl Session {
         } else {
             0
         };
-        self.push_out(OutFrame {
-            header,
-            payload: urb.buf,
-            payload_len,
-            iso,
-        });
+        let unlink = self.pending_unlinks.remove(&urb.seqnum);
+        if unlink.is_some()
+            && (status == Errno::ECONNRESET.to_status() || status == Errno::ENOENT.to_status())
+        {
+            // Cancelled in time: only the unlink is answered, as if the URB
+            // had never been submitted.
+            self.give_buf(urb.buf);
+        } else {
+            self.push_out(OutFrame {
+                header,
+                payload: urb.buf,
+                payload_len,
+                iso,
+            });
+        }
+        if let Some(unlink_seq) = unlink {
+            // A URB that completed before its cancellation took effect gets
+            // RET_SUBMIT first, then RET_UNLINK(0): never the reverse.
+            let st =
+                if status == Errno::ECONNRESET.to_status() || status == Errno::ENOENT.to_status() {
+                    Errno::ECONNRESET.to_status()
+                } else {
+                    0
+                };
+            self.push_ret_unlink(unlink_seq, st);
+        }
     }
 
     /// Control requests that change endpoint state also end error holds,
