@@ -660,25 +660,32 @@ impl Session {
     /// Writes as much of the output queue as the socket takes now, many
     /// frames per system call.
     fn write_some(&mut self, stream: &TcpStream) -> Result<(), SessionError> {
+        const MAX_SLICES: usize = 64;
         while !self.out.is_empty() {
-            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(64);
+            // A fixed array: no allocation per write, and up to 64 replies
+            // (header-only ones take one slice each) per system call.
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let mut used = 0;
             let mut skip = self.out_written;
-            for f in self.out.iter().take(21) {
+            'frames: for f in self.out.iter() {
                 for part in [&f.header[..], &f.payload[..f.payload_len], &f.iso[..]] {
                     if skip >= part.len() {
                         skip -= part.len();
                         continue;
                     }
-                    slices.push(IoSlice::new(&part[skip..]));
+                    if used == MAX_SLICES {
+                        break 'frames;
+                    }
+                    slices[used] = IoSlice::new(&part[skip..]);
+                    used += 1;
                     skip = 0;
                 }
             }
-            let n = match stream.try_write_vectored(&slices) {
+            let n = match stream.try_write_vectored(&slices[..used]) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e.into()),
             };
-            drop(slices);
             self.out_written += n;
             self.out_bytes -= n;
             while let Some(f) = self.out.front() {
