@@ -5,12 +5,23 @@
 //! imported device entirely from user space, with no kernel module: many
 //! transfers in flight, cancellation with Linux's unlink semantics, and
 //! typed errors.
+//!
+//! [`vhci`] hands an imported device to the kernel's vhci-hcd instead
+//! (`usbip attach/detach/port`), and [`local`] reads the local USB devices
+//! from sysfs (`usbip list -l`).
 
 mod error;
+pub mod local;
 mod remote;
+pub mod vhci;
 
 pub use error::{ClientError, TransferError};
+pub use local::{LocalDevice, LocalError, LocalInterface, NotExportable, Sysfs};
 pub use remote::{
     import, import_stream, list, Completion, RemoteDevice, Transfer, TransferRequest,
 };
 pub use usbwire_proto::{DeviceInfo, Direction, Errno, IsoPacket, SetupPacket, Speed};
+pub use vhci::{
+    AttachError, Attached, AttrWriter, Hub, ImportedDevice, PortRecord, PortState, PortStatus,
+    SysfsWriter, Vhci, VhciError,
+};

@@ -1,17 +1,32 @@
 //! `usbip`: the USB/IP client, flag-compatible with the C usbip-utils.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args as ClapArgs, Parser, Subcommand};
+use clap::{ArgGroup, Args as ClapArgs, Parser, Subcommand};
 use usbwire_cli::names;
+use usbwire_client::{ImportedDevice, LocalDevice, Sysfs, Vhci};
 use usbwire_proto::DeviceInfo;
+
+/// Where `/sys` and `/var/run` are looked for; `/` unless this environment
+/// variable says otherwise (tests run against fake trees).
+const ROOT_ENV: &str = "USBWIRE_SYSFS_ROOT";
+
+fn root() -> PathBuf {
+    std::env::var_os(ROOT_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/"))
+}
 
 #[derive(Parser, Debug)]
 #[command(name = "usbip", version, about = "USB/IP client")]
 struct Cli {
-    /// Print debugging information.
-    #[arg(short = 'd', long = "debug", global = true)]
+    /// Print debugging information (before the command, as with the C tool).
+    #[arg(short = 'd', long = "debug")]
     debug: bool,
+    /// Accepted for compatibility with the C tool; messages still go to stderr.
+    #[arg(long = "log", hide = true)]
+    log: bool,
     /// TCP port of the server.
     #[arg(short = 't', long = "tcp-port", default_value_t = 3240, global = true)]
     tcp_port: u16,
@@ -21,18 +36,56 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// List exportable (remote) devices.
+    /// List exportable (remote) or local USB devices.
     List(ListArgs),
+    /// Attach a remote USB device to this host's vhci-hcd.
+    Attach(AttachArgs),
+    /// Detach a device from a vhci-hcd port.
+    Detach(DetachArgs),
+    /// Show the devices imported through vhci-hcd.
+    Port(PortArgs),
 }
 
 #[derive(ClapArgs, Debug)]
+#[command(group(ArgGroup::new("what").args(["remote", "local"])))]
 struct ListArgs {
     /// List the exportable devices of a remote host.
     #[arg(short = 'r', long = "remote", value_name = "HOST")]
     remote: Option<String>,
+    /// List the local USB devices.
+    #[arg(short = 'l', long = "local")]
+    local: bool,
     /// Parsable output, one device per line.
     #[arg(short = 'p', long = "parsable")]
     parsable: bool,
+    /// JSON output.
+    #[arg(long = "json")]
+    json: bool,
+}
+
+#[derive(ClapArgs, Debug)]
+#[command(group(ArgGroup::new("dev").required(true).args(["busid", "device"])))]
+struct AttachArgs {
+    /// The machine with exported USB devices.
+    #[arg(short = 'r', long = "remote", value_name = "HOST")]
+    remote: String,
+    /// Bus id of the device on HOST.
+    #[arg(short = 'b', long = "busid")]
+    busid: Option<String>,
+    /// Id of the virtual UDC on HOST (imported the same way).
+    #[arg(short = 'd', long = "device")]
+    device: Option<String>,
+}
+
+#[derive(ClapArgs, Debug)]
+struct DetachArgs {
+    /// The vhci_hcd port the device is on.
+    #[arg(short = 'p', long = "port")]
+    port: String,
+}
+
+#[derive(ClapArgs, Debug)]
+struct PortArgs {
     /// JSON output.
     #[arg(long = "json")]
     json: bool,
@@ -68,9 +121,200 @@ async fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::List(a) => match a.remote {
             Some(host) => list_remote(&host, cli.tcp_port, a.parsable, a.json).await,
-            None => Err("list: give -r HOST (listing local devices is not available yet)".into()),
+            None if a.local => list_local(&Sysfs::new(root()), a.parsable, a.json),
+            None => Err("list: give -r HOST or -l".into()),
         },
+        Command::Attach(a) => {
+            let busid = a.busid.or(a.device).unwrap_or_default();
+            attach(&Vhci::new(root()), &a.remote, cli.tcp_port, &busid)
+        }
+        Command::Detach(a) => detach(&Vhci::new(root()), &a.port),
+        Command::Port(a) => port(&Vhci::new(root()), a.json),
     }
+}
+
+/// `usbip attach`: silent on success, as the C tool is.
+fn attach(vhci: &Vhci, host: &str, tcp_port: u16, busid: &str) -> Result<(), String> {
+    let a = vhci
+        .attach_remote(host, tcp_port, busid)
+        .map_err(|e| e.to_string())?;
+    tracing::debug!(port = a.port, "attached {busid} from {host}");
+    Ok(())
+}
+
+/// `usbip detach -p PORT`.
+fn detach(vhci: &Vhci, port: &str) -> Result<(), String> {
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("invalid port {port}"));
+    }
+    let n: u32 = port.parse().map_err(|_| format!("invalid port {port}"))?;
+    vhci.detach(n).map_err(|e| e.to_string())?;
+    // The C tool's info() line, its doubled newline included.
+    eprint!("usbip: info: Port {n} is now detached!\n\n");
+    Ok(())
+}
+
+/// `usbip port`.
+fn port(vhci: &Vhci, json: bool) -> Result<(), String> {
+    let devices = vhci.imported().map_err(|e| e.to_string())?;
+    if json {
+        println!("{}", imported_json(&devices));
+        return Ok(());
+    }
+    for d in &devices {
+        if let Err(why) = &d.record {
+            eprintln!("usbip: warning: port {}: {why}", d.status.port);
+        }
+    }
+    print!("{}", render_ports(&devices));
+    Ok(())
+}
+
+/// What `snprintf(buf, size, ...)` keeps of `s`.
+fn c_truncate(mut s: String, size: usize) -> String {
+    if s.len() >= size {
+        let mut end = size - 1;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// `usbip port`'s text, line for line as `usbip_vhci_imported_device_dump` prints it.
+fn render_ports(devices: &[ImportedDevice]) -> String {
+    let mut out = String::from("Imported USB devices\n====================\n");
+    for d in devices {
+        let (vendor, product) = d
+            .local
+            .as_ref()
+            .map(|l| (l.id_vendor, l.id_product))
+            .unwrap_or((0, 0));
+        out.push_str(&format!(
+            "Port {:02}: <{}> at {}\n",
+            d.status.port,
+            d.status.state.describe(),
+            d.speed().describe()
+        ));
+        out.push_str(&format!(
+            "       {}\n",
+            c_truncate(names::product(vendor, product), 100)
+        ));
+        match &d.record {
+            Ok(r) => out.push_str(&format!(
+                "{:>10} -> usbip://{}:{}/{}\n",
+                d.local_busid(),
+                r.host,
+                r.service,
+                r.busid
+            )),
+            Err(_) => out.push_str(&format!(
+                "{:>10} -> unknown host, remote port and remote busid\n",
+                d.local_busid()
+            )),
+        }
+        out.push_str(&format!(
+            "{:>10} -> remote bus/dev {:03}/{:03}\n",
+            " ",
+            d.status.busnum(),
+            d.status.devnum()
+        ));
+    }
+    out
+}
+
+fn imported_json(devices: &[ImportedDevice]) -> String {
+    let v: Vec<serde_json::Value> = devices
+        .iter()
+        .map(|d| {
+            let (vendor, product) = d
+                .local
+                .as_ref()
+                .map(|l| (l.id_vendor, l.id_product))
+                .unwrap_or((0, 0));
+            serde_json::json!({
+                "port": d.status.port,
+                "hub": d.status.hub.short(),
+                "status": d.status.state.describe(),
+                "speed": d.speed().describe(),
+                "local_busid": d.local_busid(),
+                "vendor_id": format!("{vendor:04x}"),
+                "product_id": format!("{product:04x}"),
+                "product": names::product(vendor, product),
+                "remote": d.record.as_ref().ok().map(|r| serde_json::json!({
+                    "host": r.host,
+                    "port": r.service,
+                    "busid": r.busid,
+                })),
+                "remote_busnum": d.status.busnum(),
+                "remote_devnum": d.status.devnum(),
+            })
+        })
+        .collect();
+    serde_json::Value::Array(v).to_string()
+}
+
+/// `usbip list -l`.
+fn list_local(sysfs: &Sysfs, parsable: bool, json: bool) -> Result<(), String> {
+    let devices = sysfs.listed_devices().map_err(|e| e.to_string())?;
+    if json {
+        println!("{}", local_json(&devices));
+    } else {
+        print!("{}", render_local(&devices, parsable));
+    }
+    Ok(())
+}
+
+/// `usbip list -l [-p]`'s text, as `list_devices` in usbip_list.c prints it.
+fn render_local(devices: &[LocalDevice], parsable: bool) -> String {
+    let mut out = String::new();
+    for d in devices {
+        if parsable {
+            out.push_str(&format!(
+                "busid={}#usbid={:04x}:{:04x}#",
+                d.busid, d.id_vendor, d.id_product
+            ));
+        } else {
+            out.push_str(&format!(
+                " - busid {} ({:04x}:{:04x})\n   {}\n",
+                d.busid,
+                d.id_vendor,
+                d.id_product,
+                c_truncate(names::product(d.id_vendor, d.id_product), 128)
+            ));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn local_json(devices: &[LocalDevice]) -> String {
+    let v: Vec<serde_json::Value> = devices
+        .iter()
+        .map(|d| {
+            serde_json::json!({
+                "busid": d.busid,
+                "path": d.sysfs_path(),
+                "busnum": d.busnum,
+                "devnum": d.devnum,
+                "speed": d.speed.describe(),
+                "vendor_id": format!("{:04x}", d.id_vendor),
+                "product_id": format!("{:04x}", d.id_product),
+                "bcd_device": format!("{:04x}", d.bcd_device),
+                "product": names::product(d.id_vendor, d.id_product),
+                "class": format!("{:02x}/{:02x}/{:02x}", d.device_class, d.device_subclass, d.device_protocol),
+                "driver": d.driver,
+                "exportable": d.is_exportable(),
+                "interfaces": d.interfaces.iter().map(|i| serde_json::json!({
+                    "name": i.name,
+                    "class": format!("{:02x}/{:02x}/{:02x}", i.class, i.subclass, i.protocol),
+                    "driver": i.driver,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    serde_json::Value::Array(v).to_string()
 }
 
 fn host_port(host: &str, port: u16) -> String {
@@ -164,4 +408,182 @@ fn devices_json(devices: &[DeviceInfo]) -> String {
         })
         .collect();
     serde_json::Value::Array(v).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use usbwire_client::local::fake::{device, interface, root_hub, FakeDevice};
+    use usbwire_client::vhci::fake::{vhci, Used};
+    use usbwire_client::{PortRecord, PortState, Speed};
+
+    #[test]
+    fn cli_parses_like_the_c_tool() {
+        let c = Cli::try_parse_from(["usbip", "-d", "attach", "-r", "h", "-d", "usbip-vudc.0"])
+            .unwrap();
+        assert!(c.debug);
+        match c.command {
+            Command::Attach(a) => assert_eq!(
+                (a.remote.as_str(), a.device.as_deref()),
+                ("h", Some("usbip-vudc.0"))
+            ),
+            c => panic!("{c:?}"),
+        }
+        let c = Cli::try_parse_from(["usbip", "attach", "--remote=h", "--busid=1-1", "-t", "3241"])
+            .unwrap();
+        assert_eq!(c.tcp_port, 3241);
+        assert!(
+            Cli::try_parse_from(["usbip", "attach", "-r", "h"]).is_err(),
+            "needs -b or -d"
+        );
+        assert!(Cli::try_parse_from(["usbip", "list", "-r", "h", "-l"]).is_err());
+        assert!(Cli::try_parse_from(["usbip", "list", "-p", "-l"]).is_ok());
+        assert!(Cli::try_parse_from(["usbip", "detach", "-p", "3"]).is_ok());
+        assert!(Cli::try_parse_from(["usbip", "port", "--json"]).is_ok());
+    }
+
+    fn used(port: u32, local_busid: &'static str, devid: u32, speed: Speed) -> Used<'static> {
+        Used {
+            port,
+            speed,
+            devid,
+            sockfd: 3,
+            local_busid,
+            state: PortState::Used,
+        }
+    }
+
+    #[test]
+    fn port_renders_like_usbip_vhci_imported_device_dump() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        vhci(
+            root,
+            2,
+            8,
+            &[
+                used(0, "3-1", 0x0001_0002, Speed::High),
+                used(24, "6-1", 0x0002_000c, Speed::Super),
+                used(17, "5-1", 0x0001_0003, Speed::Full),
+            ],
+        );
+        root_hub(root, "platform/vhci_hcd.0/usb3", 3);
+        device(
+            root,
+            &FakeDevice {
+                devpath: "platform/vhci_hcd.0/usb3/3-1",
+                id_vendor: 0xfffe,
+                id_product: 0xfffd,
+                busnum: 3,
+                ..Default::default()
+            },
+        );
+        device(
+            root,
+            &FakeDevice {
+                devpath: "platform/vhci_hcd.1/usb6/6-1",
+                id_vendor: 0xfffe,
+                id_product: 0x0001,
+                speed: "5000",
+                busnum: 6,
+                ..Default::default()
+            },
+        );
+        device(
+            root,
+            &FakeDevice {
+                devpath: "platform/vhci_hcd.1/usb5/5-1",
+                id_vendor: 0xfffe,
+                id_product: 0x0002,
+                speed: "12",
+                busnum: 5,
+                ..Default::default()
+            },
+        );
+        let v = Vhci::new(root);
+        let rec = |host: &str, busid: &str| PortRecord {
+            host: host.into(),
+            service: "3240".into(),
+            busid: busid.into(),
+        };
+        v.write_record(0, &rec("10.0.0.2", "1-1")).unwrap();
+        v.write_record(24, &rec("server", "2-12")).unwrap();
+        let got = render_ports(&v.imported().unwrap());
+        let want = "\
+Imported USB devices
+====================
+Port 00: <Port in Use> at High Speed(480Mbps)
+       unknown vendor : unknown product (fffe:fffd)
+       3-1 -> usbip://10.0.0.2:3240/1-1
+           -> remote bus/dev 001/002
+Port 17: <Port in Use> at Full Speed(12Mbps)
+       unknown vendor : unknown product (fffe:0002)
+       5-1 -> unknown host, remote port and remote busid
+           -> remote bus/dev 001/003
+Port 24: <Port in Use> at Super Speed(5000Mbps)
+       unknown vendor : unknown product (fffe:0001)
+       6-1 -> usbip://server:3240/2-12
+           -> remote bus/dev 002/012
+";
+        assert_eq!(got, want);
+        let j: serde_json::Value =
+            serde_json::from_str(&imported_json(&v.imported().unwrap())).unwrap();
+        assert_eq!(j[0]["remote"]["host"], "10.0.0.2");
+        assert_eq!(j[1]["remote"], serde_json::Value::Null);
+        assert_eq!(j[2]["hub"], "ss");
+        // Nothing imported: the header alone.
+        let t2 = tempfile::tempdir().unwrap();
+        vhci(t2.path(), 1, 8, &[]);
+        assert_eq!(
+            render_ports(&Vhci::new(t2.path()).imported().unwrap()),
+            "Imported USB devices\n====================\n"
+        );
+    }
+
+    #[test]
+    fn list_local_renders_like_list_devices() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        root_hub(root, "pci0000:00/0000:00:14.0/usb1", 1);
+        let hub = device(
+            root,
+            &FakeDevice {
+                devpath: "pci0000:00/0000:00:14.0/usb1/1-1",
+                class: 9,
+                id_vendor: 0x05e3,
+                id_product: 0x0608,
+                ..Default::default()
+            },
+        );
+        interface(root, &hub, 1, 0, (9, 0, 0), Some("hub"));
+        let disk = device(
+            root,
+            &FakeDevice {
+                devpath: "pci0000:00/0000:00:14.0/usb1/1-1/1-1.4",
+                id_vendor: 0xfffe,
+                id_product: 0x5567,
+                ..Default::default()
+            },
+        );
+        interface(root, &disk, 1, 0, (8, 6, 0x50), Some("usb-storage"));
+        let s = Sysfs::new(root);
+        let devs = s.listed_devices().unwrap();
+        assert_eq!(
+            render_local(&devs, false),
+            " - busid 1-1.4 (fffe:5567)\n   unknown vendor : unknown product (fffe:5567)\n\n"
+        );
+        assert_eq!(render_local(&devs, true), "busid=1-1.4#usbid=fffe:5567#\n");
+        let j: serde_json::Value = serde_json::from_str(&local_json(&devs)).unwrap();
+        assert_eq!(j[0]["interfaces"][0]["driver"], "usb-storage");
+        assert_eq!(j[0]["interfaces"][0]["name"], "1-1.4:1.0");
+        assert_eq!(j[0]["exportable"], true);
+        assert_eq!(j.as_array().unwrap().len(), 1, "hubs are not listed");
+    }
+
+    #[test]
+    fn truncates_like_snprintf() {
+        assert_eq!(c_truncate("abcdef".into(), 4), "abc");
+        assert_eq!(c_truncate("abc".into(), 4), "abc");
+        assert_eq!(c_truncate("aé".into(), 3), "a");
+    }
 }
