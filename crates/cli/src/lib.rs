@@ -1,5 +1,6 @@
 //! Shared code of the `usbipd` and `usbip` binaries.
 
 pub mod config;
+pub mod control;
 pub mod devices;
 pub mod names;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{ArgGroup, Args as ClapArgs, Parser, Subcommand};
-use usbwire_cli::names;
+use usbwire_cli::{control, names};
 use usbwire_client::{ImportedDevice, LocalDevice, Sysfs, Vhci};
 use usbwire_proto::DeviceInfo;
 
@@ -44,6 +44,33 @@ enum Command {
     Detach(DetachArgs),
     /// Show the devices imported through vhci-hcd.
     Port(PortArgs),
+    /// Export a local USB device through the running usbipd.
+    Bind(BindArgs),
+    /// Stop exporting a local USB device and give it back to its drivers.
+    Unbind(UnbindArgs),
+}
+
+#[derive(ClapArgs, Debug)]
+struct BindArgs {
+    /// Bus id of the local device (see `usbip list -l`).
+    #[arg(short = 'b', long = "busid")]
+    busid: String,
+    /// Bind although a file system on the device is mounted or held by dm/md.
+    #[arg(short = 'f', long = "force")]
+    force: bool,
+    /// usbipd's control socket (default $USBWIRE_CONTROL_SOCKET or /run/usbwire/usbipd.sock).
+    #[arg(long = "control-socket", value_name = "PATH")]
+    control_socket: Option<PathBuf>,
+}
+
+#[derive(ClapArgs, Debug)]
+struct UnbindArgs {
+    /// Bus id of the local device.
+    #[arg(short = 'b', long = "busid")]
+    busid: String,
+    /// usbipd's control socket.
+    #[arg(long = "control-socket", value_name = "PATH")]
+    control_socket: Option<PathBuf>,
 }
 
 #[derive(ClapArgs, Debug)]
@@ -130,6 +157,20 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Detach(a) => detach(&Vhci::new(root()), &a.port),
         Command::Port(a) => port(&Vhci::new(root()), a.json),
+        Command::Bind(a) => {
+            let path = control::socket_path(a.control_socket);
+            match control::bind_command(&path, &a.busid, a.force).await {
+                0 => Ok(()),
+                _ => std::process::exit(1),
+            }
+        }
+        Command::Unbind(a) => {
+            let path = control::socket_path(a.control_socket);
+            match control::unbind_command(&path, &a.busid).await {
+                0 => Ok(()),
+                _ => std::process::exit(1),
+            }
+        }
     }
 }
 

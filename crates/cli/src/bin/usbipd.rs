@@ -3,12 +3,16 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
 use tokio::net::TcpListener;
 use tracing::{error, info};
 use usbwire_cli::config::Config;
+use usbwire_cli::control;
 use usbwire_cli::devices::{self, Exported};
+use usbwire_host::{Manager, Roots};
 use usbwire_server::{Registry, Server, ServerConfig};
 
 /// USB/IP server: exports emulated USB devices (and, later, local ones) to
@@ -45,7 +49,24 @@ struct Args {
     /// a serial echo port and the test device.
     #[arg(long = "demo")]
     demo: bool,
+    /// Control socket for `usbip bind/unbind` (real USB devices).
+    #[arg(long = "control-socket", value_name = "PATH")]
+    control_socket: Option<PathBuf>,
+    /// Let members of GROUP use the control socket (mode 0660 instead of 0600).
+    #[arg(long = "control-group", value_name = "GROUP")]
+    control_group: Option<String>,
+    /// No control socket: export only the configured emulated devices.
+    #[arg(long = "no-control")]
+    no_control: bool,
+    /// Where bindings of real devices persist across restarts.
+    #[arg(long = "state-file", value_name = "FILE", default_value = DEFAULT_STATE_FILE)]
+    state_file: PathBuf,
+    /// How often to look for bound devices that were unplugged or plugged in (ms).
+    #[arg(long = "hotplug-interval-ms", default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    hotplug_interval_ms: u64,
 }
+
+const DEFAULT_STATE_FILE: &str = "/var/lib/usbwire/bindings.json";
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -69,7 +90,7 @@ fn main() -> ExitCode {
 }
 
 fn real_main(args: Args) -> Result<(), String> {
-    if args.config.is_none() && !args.demo {
+    if args.config.is_none() && !args.demo && args.no_control {
         return Err("nothing to export: pass --demo, or --config FILE listing devices".into());
     }
     let mut config = match &args.config {
@@ -86,6 +107,30 @@ fn real_main(args: Args) -> Result<(), String> {
     // Bind before daemonising, so that a port already in use is reported
     // to the person who started us.
     let listeners = bind(&args, port)?;
+    let control = if args.no_control {
+        None
+    } else {
+        let path = args
+            .control_socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(control::DEFAULT_SOCKET));
+        match control::listen(&path, args.control_group.as_deref()) {
+            Ok(l) => Some((l, path)),
+            Err(e) if args.control_socket.is_none() && args.control_group.is_none() => {
+                tracing::warn!(
+                    "no control socket ({}: {e}); real USB devices cannot be bound",
+                    path.display()
+                );
+                None
+            }
+            Err(e) => {
+                return Err(format!(
+                    "cannot create the control socket {}: {e}",
+                    path.display()
+                ))
+            }
+        }
+    };
     if args.daemon {
         nix::unistd::daemon(false, false).map_err(|e| format!("cannot daemonise: {e}"))?;
     }
@@ -122,8 +167,36 @@ fn real_main(args: Args) -> Result<(), String> {
                 info!("listening on {a}");
             }
         }
+        let mut manager = None;
+        let mut tasks = Vec::new();
+        if let Some((l, path)) = control {
+            let m = Arc::new(
+                Manager::new(
+                    Roots::default(),
+                    registry.clone(),
+                    Some(args.state_file.clone()),
+                )
+                .map_err(|e| format!("cannot read the state file: {e}"))?,
+            );
+            // Bindings from the last run come back before anyone connects.
+            let m2 = m.clone();
+            let _ = tokio::task::spawn_blocking(move || m2.poll()).await;
+            tasks.push(m.spawn_hotplug(Duration::from_millis(args.hotplug_interval_ms)));
+            tasks.push(tokio::spawn(control::serve(l, m.clone())));
+            info!("control socket on {}", path.display());
+            manager = Some((m, path));
+        }
         let server = Server::new(registry, server_config).map_err(|e| e.to_string())?;
         server.run(listeners, shutdown_signal()).await;
+        for t in &tasks {
+            t.abort();
+        }
+        if let Some((m, path)) = manager {
+            // Every real device goes back to its kernel drivers; the
+            // bindings stay in the state file for the next start.
+            let _ = tokio::task::spawn_blocking(move || m.shutdown()).await;
+            let _ = std::fs::remove_file(path);
+        }
         drop(exported);
         // The demo image is deleted only after the devices are flushed and gone.
         drop(demo_image);

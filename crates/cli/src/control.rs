@@ -1,0 +1,370 @@
+//! The control socket between `usbip bind/unbind` and a running `usbipd`.
+//!
+//! A Unix stream socket (default [`DEFAULT_SOCKET`]), mode 0600 (root
+//! only), or 0660 with `--control-group GROUP`. One JSON request per line,
+//! one JSON response per line:
+//!
+//! ```text
+//! {"op":"bind","busid":"1-1","force":false}
+//! {"ok":true,"message":"bind device on busid 1-1: complete","warnings":[]}
+//! {"op":"unbind","busid":"1-1"}
+//! {"ok":false,"errno":"EBUSY","message":"1-1 is busy (EBUSY): /dev/sda1 is mounted on /mnt"}
+//! {"op":"list"}
+//! {"ok":true,"message":"","bindings":[{"busid":"1-1","vendor":1317,"product":42149,"state":"exported"}]}
+//! ```
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{debug, info, warn};
+use usbwire_host::Manager;
+
+/// Where `usbipd` listens and `usbip bind` connects unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/usbwire/usbipd.sock";
+/// Environment variable that overrides [`DEFAULT_SOCKET`] for `usbip`.
+pub const SOCKET_ENV: &str = "USBWIRE_CONTROL_SOCKET";
+/// Longest request line accepted.
+const MAX_LINE: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Request {
+    Bind {
+        busid: String,
+        #[serde(default)]
+        force: bool,
+    },
+    Unbind {
+        busid: String,
+    },
+    List,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindingEntry {
+    pub busid: String,
+    pub vendor: u16,
+    pub product: u16,
+    pub state: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errno: Option<String>,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bindings: Vec<BindingEntry>,
+}
+
+/// Runs one request against the manager (blocking: sysfs and ioctls).
+pub fn handle(m: &Manager, req: Request) -> Response {
+    match req {
+        Request::Bind { busid, force } => match m.bind(&busid, force) {
+            Ok(warnings) => Response {
+                ok: true,
+                message: format!("bind device on busid {busid}: complete"),
+                warnings,
+                ..Default::default()
+            },
+            Err(e) => Response {
+                errno: Some(e.errno().into()),
+                message: e.to_string(),
+                ..Default::default()
+            },
+        },
+        Request::Unbind { busid } => match m.unbind(&busid) {
+            Ok(()) => Response {
+                ok: true,
+                message: format!("unbind device on busid {busid}: complete"),
+                ..Default::default()
+            },
+            Err(e) => Response {
+                errno: Some(e.errno().into()),
+                message: e.to_string(),
+                ..Default::default()
+            },
+        },
+        Request::List => Response {
+            ok: true,
+            bindings: m
+                .bindings()
+                .into_iter()
+                .map(|b| BindingEntry {
+                    busid: b.busid,
+                    vendor: b.vendor,
+                    product: b.product,
+                    state: b.state.into(),
+                })
+                .collect(),
+            ..Default::default()
+        },
+    }
+}
+
+/// Creates the socket: its directory (0755), the socket with mode 0600, or
+/// 0660 and group `group`. A stale socket file is replaced; a live one
+/// (another usbipd) is an error.
+pub fn listen(path: &Path, group: Option<&str>) -> io::Result<std::os::unix::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{} is in use by another usbipd", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    // Created with no access for anyone but the owner, then opened up.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let l = std::os::unix::net::UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let l = l?;
+    let mode = if let Some(g) = group {
+        let gid = group_id(g)?;
+        std::os::unix::fs::chown(path, None, Some(gid))?;
+        0o660
+    } else {
+        0o600
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// A group's id: a number, or a name from `/etc/group`.
+fn group_id(g: &str) -> io::Result<u32> {
+    if let Ok(n) = g.parse() {
+        return Ok(n);
+    }
+    let text = std::fs::read_to_string("/etc/group")?;
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            let gid = f.nth(1)?.parse().ok()?;
+            (name == g).then_some(gid)
+        })
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no group named {g}")))
+}
+
+/// Serves the control socket until the task is aborted.
+pub async fn serve(listener: std::os::unix::net::UnixListener, manager: Arc<Manager>) {
+    let listener = match UnixListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("control socket: {e}");
+            return;
+        }
+    };
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!("control socket accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let m = manager.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_one(stream, m).await {
+                debug!("control connection: {e}");
+            }
+        });
+    }
+}
+
+async fn serve_one(stream: UnixStream, m: Arc<Manager>) -> io::Result<()> {
+    let peer = stream.peer_cred().ok();
+    let (r, mut w) = stream.into_split();
+    let mut lines = BufReader::new(r.take(MAX_LINE as u64 * 16)).lines();
+    while let Some(line) = lines.next_line().await? {
+        if line.len() > MAX_LINE {
+            break;
+        }
+        let resp = match serde_json::from_str::<Request>(&line) {
+            Ok(req) => {
+                info!(uid = peer.map(|p| p.uid()), "control request: {req:?}");
+                let m = m.clone();
+                tokio::task::spawn_blocking(move || handle(&m, req))
+                    .await
+                    .unwrap_or_else(|_| Response {
+                        errno: Some("EIO".into()),
+                        message: "the request failed inside usbipd".into(),
+                        ..Default::default()
+                    })
+            }
+            Err(e) => Response {
+                errno: Some("EINVAL".into()),
+                message: format!("bad request: {e}"),
+                ..Default::default()
+            },
+        };
+        let mut out = serde_json::to_vec(&resp).map_err(io::Error::other)?;
+        out.push(b'\n');
+        w.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+use tokio::io::AsyncReadExt as _;
+
+/// The socket path `usbip` uses: `--control-socket`, then
+/// `$USBWIRE_CONTROL_SOCKET`, then the default.
+pub fn socket_path(arg: Option<PathBuf>) -> PathBuf {
+    arg.or_else(|| std::env::var_os(SOCKET_ENV).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+}
+
+/// Sends one request and reads the response.
+pub async fn request(path: &Path, req: &Request) -> io::Result<Response> {
+    let mut s = UnixStream::connect(path).await.map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "cannot reach usbipd on {}: {e} (is usbipd running, and are you root or in its control group?)",
+                path.display()
+            ),
+        )
+    })?;
+    let mut line = serde_json::to_vec(req).map_err(io::Error::other)?;
+    line.push(b'\n');
+    s.write_all(&line).await?;
+    let mut r = BufReader::new(s);
+    let mut resp = String::new();
+    tokio::time::timeout(Duration::from_secs(60), r.read_line(&mut resp))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "usbipd did not answer"))??;
+    serde_json::from_str(&resp).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// `usbip bind -b BUSID [--force]`: prints the result like the C tool;
+/// returns the process exit status.
+pub async fn bind_command(socket: &Path, busid: &str, force: bool) -> i32 {
+    print_response(
+        request(
+            socket,
+            &Request::Bind {
+                busid: busid.into(),
+                force,
+            },
+        )
+        .await,
+    )
+}
+
+/// `usbip unbind -b BUSID`.
+pub async fn unbind_command(socket: &Path, busid: &str) -> i32 {
+    print_response(
+        request(
+            socket,
+            &Request::Unbind {
+                busid: busid.into(),
+            },
+        )
+        .await,
+    )
+}
+
+fn print_response(r: io::Result<Response>) -> i32 {
+    match r {
+        Ok(r) if r.ok => {
+            for w in &r.warnings {
+                eprintln!("usbip: warning: {w}");
+            }
+            println!("usbip: info: {}", r.message);
+            0
+        }
+        Ok(r) => {
+            eprintln!("usbip: error: {}", r.message);
+            1
+        }
+        Err(e) => {
+            eprintln!("usbip: error: {e}");
+            1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_as_json_lines() {
+        let r = Request::Bind {
+            busid: "1-1".into(),
+            force: true,
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(s, r#"{"op":"bind","busid":"1-1","force":true}"#);
+        assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"bind","busid":"2-1"}"#).unwrap(),
+            Request::Bind {
+                busid: "2-1".into(),
+                force: false
+            }
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"op":"format"}"#).is_err());
+    }
+
+    #[tokio::test]
+    async fn socket_is_owner_only_and_answers_requests() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("run/usbipd.sock");
+        let l = listen(&path, None).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // A second daemon on the same socket is refused.
+        assert!(listen(&path, None).is_err());
+        let fake = tempfile::tempdir().unwrap();
+        let m = Arc::new(
+            Manager::new(
+                usbwire_host::Roots::under(fake.path()),
+                usbwire_server::Registry::new(),
+                None,
+            )
+            .unwrap(),
+        );
+        let t = tokio::spawn(serve(l, m));
+        let r = request(
+            &path,
+            &Request::Bind {
+                busid: "9-9".into(),
+                force: false,
+            },
+        )
+        .await
+        .unwrap();
+        assert!(!r.ok);
+        assert_eq!(r.errno.as_deref(), Some("ENODEV"));
+        let r = request(
+            &path,
+            &Request::Unbind {
+                busid: "9-9".into(),
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.errno.as_deref(), Some("ENODEV"));
+        let r = request(&path, &Request::List).await.unwrap();
+        assert!(r.ok && r.bindings.is_empty());
+        t.abort();
+    }
+}

@@ -1,0 +1,713 @@
+//! [`UsbfsBackend`]: a real device, claimed through usbfs, as the server's
+//! [`Backend`].
+//!
+//! URBs are submitted asynchronously (`USBDEVFS_SUBMITURB`) on their first
+//! poll and reaped (`USBDEVFS_REAPURBNDELAY`) when tokio reports the usbfs
+//! descriptor writable, which is how usbfs signals reapable URBs. Several
+//! URBs per endpoint are in flight ([`Backend::max_active`]); an unlink
+//! discards exactly one URB (`USBDEVFS_DISCARDURB`), never the endpoint.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info, warn};
+use usbwire_devices::TransferType;
+use usbwire_proto::urb::flags as lf;
+use usbwire_proto::{DeviceInfo, Direction, Errno};
+use usbwire_server::backend::is_reset_request;
+use usbwire_server::{Backend, Urb};
+
+use crate::sysfs::{Descriptors, Roots, SysDevice};
+use crate::usbfs::{self, Transfer, Usbfs};
+
+/// URBs of one bulk/interrupt endpoint kept in the host controller at once.
+pub const MAX_ACTIVE_BULK: usize = 32;
+/// URBs of one isochronous endpoint kept in flight at once.
+pub const MAX_ACTIVE_ISO: usize = 8;
+
+/// Maps a usbfs/ioctl error to the errno an importer should see.
+pub fn errno_of(e: &io::Error) -> Errno {
+    match e.raw_os_error() {
+        Some(libc::ENODEV) | Some(libc::ENOENT) | Some(libc::ESHUTDOWN) => Errno::ENODEV,
+        Some(libc::EPIPE) => Errno::EPIPE,
+        Some(libc::EPROTO) => Errno::EPROTO,
+        Some(libc::EILSEQ) => Errno::EILSEQ,
+        Some(libc::ETIME) | Some(libc::ETIMEDOUT) => Errno::ETIME,
+        Some(libc::EOVERFLOW) => Errno::EOVERFLOW,
+        Some(libc::ENOMEM) => Errno::ENOMEM,
+        Some(libc::EINVAL) => Errno::EINVAL,
+        Some(libc::EREMOTEIO) => Errno::EREMOTEIO,
+        Some(libc::ENOSPC) => Errno::ENOSPC,
+        Some(libc::EXDEV) => Errno::EXDEV,
+        Some(libc::ECONNRESET) => Errno::ECONNRESET,
+        Some(libc::EBUSY) => Errno::EBUSY,
+        _ => Errno::EPROTO,
+    }
+}
+
+/// Maps a completed URB's status (0 or a negative Linux errno) to the wire.
+pub fn status_errno(status: i32) -> Errno {
+    // Linux errnos are the same numbers on the wire.
+    Errno(status.checked_neg().unwrap_or(libc::EPROTO))
+}
+
+/// The usbfs flags for an URB with USB/IP `transfer_flags`, masked the way
+/// `usb_submit_urb` and stub_rx.c's `masking_bogus_flags` mask them.
+///
+/// `continuation`: this bulk IN URB continues a transfer whose earlier URB
+/// is still on the endpoint; it gets `USBDEVFS_URB_BULK_CONTINUATION`, so
+/// that if an earlier URB of the transfer fails the kernel cancels this one
+/// instead of letting it swallow data meant for the next transfer.
+pub fn usbfs_flags(
+    transfer_flags: u32,
+    tt: TransferType,
+    dir: Direction,
+    continuation: bool,
+) -> u32 {
+    let is_in = dir == Direction::In;
+    let mut f = 0;
+    if transfer_flags & lf::URB_NO_INTERRUPT != 0 {
+        f |= usbfs::URB_NO_INTERRUPT;
+    }
+    match tt {
+        TransferType::Isochronous => {
+            if transfer_flags & lf::URB_ISO_ASAP != 0 {
+                f |= usbfs::URB_ISO_ASAP;
+            }
+        }
+        TransferType::Bulk | TransferType::Interrupt => {
+            if !is_in && transfer_flags & lf::URB_ZERO_PACKET != 0 {
+                f |= usbfs::URB_ZERO_PACKET;
+            }
+            if is_in && transfer_flags & lf::URB_SHORT_NOT_OK != 0 {
+                f |= usbfs::URB_SHORT_NOT_OK;
+                if tt == TransferType::Bulk && continuation {
+                    f |= usbfs::URB_BULK_CONTINUATION;
+                }
+            }
+        }
+        TransferType::Control => {
+            if is_in && transfer_flags & lf::URB_SHORT_NOT_OK != 0 {
+                f |= usbfs::URB_SHORT_NOT_OK;
+            }
+        }
+    }
+    f
+}
+
+/// Tracks, per bulk IN endpoint, whether the next URB continues a
+/// transfer: an URB with URB_SHORT_NOT_OK and URB_NO_INTERRUPT is followed
+/// by more URBs of its transfer (usb_sg_init marks every URB but the last
+/// with URB_NO_INTERRUPT); the URB after the last one starts a new transfer.
+#[derive(Debug, Default, Clone)]
+pub struct ContinuationTracker {
+    open: [bool; 16],
+}
+
+impl ContinuationTracker {
+    /// Whether an URB with these flags on IN endpoint `ep` (1..=15) is a
+    /// continuation; records it.
+    pub fn next(&mut self, ep: u8, transfer_flags: u32) -> bool {
+        let i = (ep & 0x0f) as usize;
+        let short_not_ok = transfer_flags & lf::URB_SHORT_NOT_OK != 0;
+        let continuation = short_not_ok && self.open[i];
+        self.open[i] = short_not_ok && transfer_flags & lf::URB_NO_INTERRUPT != 0;
+        continuation
+    }
+
+    pub fn reset(&mut self) {
+        self.open = [false; 16];
+    }
+}
+
+/// How an URB was handed to usbfs, to shape its completion.
+enum Kind {
+    /// Data starts 8 bytes into the kernel buffer.
+    Control,
+    /// Packet lengths, for packing the IN data.
+    Iso(Vec<u32>),
+    Plain,
+}
+
+struct Submitted {
+    id: u64,
+    kind: Kind,
+}
+
+/// A real device exported through usbfs. Dropping it releases every
+/// interface and lets the kernel drivers bind again.
+pub struct UsbfsBackend {
+    dev: Usbfs,
+    roots: Roots,
+    sys: SysDevice,
+    desc: Descriptors,
+    config: u8,
+    alts: BTreeMap<u8, u8>,
+    /// Interfaces we claimed, with the driver each had before.
+    claimed: Vec<(u8, Option<String>)>,
+    next_id: u64,
+    by_seq: HashMap<u32, Submitted>,
+    done: HashMap<u64, Transfer>,
+    cont: ContinuationTracker,
+    gone: bool,
+    /// Put the original drivers back when dropped.
+    reattach: bool,
+}
+
+impl UsbfsBackend {
+    /// Takes over `sys`: every interface of the active configuration is
+    /// detached from its driver and claimed.
+    pub fn claim(roots: &Roots, sys: SysDevice) -> io::Result<UsbfsBackend> {
+        let dev = Usbfs::open(&sys.devnode(roots))?;
+        let desc = Descriptors::parse(&sys.descriptors()?);
+        let mut b = UsbfsBackend {
+            dev,
+            roots: roots.clone(),
+            config: sys.config_value,
+            alts: sys.interfaces.iter().map(|i| (i.number, i.alt)).collect(),
+            claimed: Vec::new(),
+            sys,
+            desc,
+            next_id: 1,
+            by_seq: HashMap::new(),
+            done: HashMap::new(),
+            cont: ContinuationTracker::default(),
+            gone: false,
+            reattach: true,
+        };
+        let ifaces: Vec<(u8, Option<String>)> = b
+            .sys
+            .interfaces
+            .iter()
+            .map(|i| (i.number, i.driver.clone()))
+            .collect();
+        for (n, driver) in ifaces {
+            if let Err(e) = b.dev.disconnect_claim(n) {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot claim interface {n} of {}: {e}", b.sys.busid),
+                ));
+            }
+            b.claimed.push((n, driver));
+        }
+        Ok(b)
+    }
+
+    pub fn busid(&self) -> &str {
+        &self.sys.busid
+    }
+
+    pub fn sys(&self) -> &SysDevice {
+        &self.sys
+    }
+
+    /// The interfaces claimed and their original drivers.
+    pub fn original_drivers(&self) -> &[(u8, Option<String>)] {
+        &self.claimed
+    }
+
+    /// Whether the device was seen unplugged.
+    pub fn is_gone(&self) -> bool {
+        self.gone
+    }
+
+    fn reclaim(&mut self) {
+        for (n, _) in self.claimed.clone() {
+            if let Err(e) = self.dev.disconnect_claim(n) {
+                if e.raw_os_error() != Some(libc::EBUSY) {
+                    debug!(busid = %self.sys.busid, "re-claiming interface {n}: {e}");
+                }
+            }
+        }
+    }
+
+    fn refresh(&mut self) {
+        if let Ok(s) = SysDevice::read(&self.roots, &self.sys.busid) {
+            if let Ok(raw) = s.descriptors() {
+                self.desc = Descriptors::parse(&raw);
+            }
+            self.config = s.config_value;
+            self.alts = s.interfaces.iter().map(|i| (i.number, i.alt)).collect();
+        }
+    }
+
+    /// Reaps everything completed, without blocking.
+    fn reap_all(&mut self) {
+        loop {
+            match self.dev.reap() {
+                Ok((id, t)) => {
+                    self.done.insert(id, t);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    if e.raw_os_error() == Some(libc::ENODEV) {
+                        if !self.gone {
+                            info!(busid = %self.sys.busid, "device unplugged");
+                        }
+                        self.gone = true;
+                    } else {
+                        warn!(busid = %self.sys.busid, "reaping URBs failed: {e}");
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn io_result(&mut self, r: io::Result<()>) -> Result<usize, Errno> {
+        match r {
+            Ok(()) => Ok(0),
+            Err(e) => {
+                if e.raw_os_error() == Some(libc::ENODEV) {
+                    self.gone = true;
+                }
+                Err(errno_of(&e))
+            }
+        }
+    }
+
+    /// Control requests that change device state go through the ioctls
+    /// that keep the kernel's view in step, as stub_rx.c does.
+    fn special_control(&mut self, urb: &Urb) -> Option<Result<usize, Errno>> {
+        let s = urb.setup;
+        if is_reset_request(&s) {
+            info!(busid = %self.sys.busid, "device reset requested");
+            let r = self.dev.reset();
+            self.reclaim();
+            self.cont.reset();
+            self.refresh();
+            return Some(self.io_result(r));
+        }
+        if s.request_type == 0x00 && s.request == 9 {
+            let value = s.value as u8;
+            if value == self.config {
+                // Already active: setting it again would unbind and rebind
+                // every interface (the kernel's stub skips it likewise).
+                return Some(Ok(0));
+            }
+            info!(busid = %self.sys.busid, "SET_CONFIGURATION {value}");
+            for (n, _) in self.claimed.clone() {
+                let _ = self.dev.release_interface(n);
+            }
+            let r = self.dev.set_configuration(value);
+            self.refresh();
+            self.claimed = self
+                .desc
+                .interfaces(self.config)
+                .into_iter()
+                .map(|n| (n, None))
+                .collect();
+            self.reclaim();
+            return Some(self.io_result(r));
+        }
+        if s.request_type == 0x01 && s.request == 11 {
+            let (iface, alt) = (s.index as u8, s.value as u8);
+            let r = self.dev.set_interface(iface, alt);
+            if r.is_ok() {
+                self.alts.insert(iface, alt);
+            }
+            return Some(self.io_result(r));
+        }
+        if s.request_type == 0x02 && s.request == 1 && s.value == 0 {
+            let r = self.dev.clear_halt(s.index as u8);
+            return Some(self.io_result(r));
+        }
+        None
+    }
+
+    /// Builds and submits an URB. `Some` when it finished at once.
+    fn submit(&mut self, urb: &mut Urb) -> Option<Result<usize, Errno>> {
+        if self.gone {
+            return Some(Err(Errno::ENODEV));
+        }
+        let len = urb.length.min(urb.buf.len());
+        let ep = urb.ep_address();
+        let (t, kind) = if urb.ep == 0 {
+            if let Some(r) = self.special_control(urb) {
+                return Some(r);
+            }
+            let in_dir = urb.setup.direction() == Direction::In;
+            let wlen = (urb.setup.length as usize).min(len);
+            let mut b = vec![0u8; 8 + wlen];
+            b[..8].copy_from_slice(&urb.setup.to_bytes());
+            if !in_dir {
+                b[8..].copy_from_slice(&urb.buf[..wlen]);
+            }
+            let dir = if in_dir {
+                Direction::In
+            } else {
+                Direction::Out
+            };
+            let f = usbfs_flags(urb.transfer_flags, TransferType::Control, dir, false);
+            let n = b.len();
+            (
+                Transfer::new(usbfs::TYPE_CONTROL, 0, f, b, n, &[], 0),
+                Kind::Control,
+            )
+        } else {
+            let Some(tt) = self.transfer_type(ep) else {
+                return Some(Err(Errno::EPIPE));
+            };
+            match tt {
+                TransferType::Isochronous => {
+                    let lens: Vec<u32> = urb.iso.iter().map(|p| p.length).collect();
+                    let total: usize = lens.iter().map(|&l| l as usize).sum();
+                    let mut b = vec![0u8; total];
+                    if urb.direction == Direction::Out {
+                        // usbfs packs packets back to back; USB/IP gives offsets.
+                        let mut at = 0;
+                        for p in &urb.iso {
+                            let (o, l) = (p.offset as usize, p.length as usize);
+                            if o + l > len {
+                                return Some(Err(Errno::EINVAL));
+                            }
+                            b[at..at + l].copy_from_slice(&urb.buf[o..o + l]);
+                            at += l;
+                        }
+                    }
+                    let f = usbfs_flags(urb.transfer_flags, tt, urb.direction, false);
+                    (
+                        Transfer::new(usbfs::TYPE_ISO, ep, f, b, total, &lens, urb.start_frame),
+                        Kind::Iso(lens),
+                    )
+                }
+                TransferType::Bulk | TransferType::Interrupt => {
+                    let continuation = tt == TransferType::Bulk
+                        && urb.direction == Direction::In
+                        && self.cont.next(urb.ep, urb.transfer_flags);
+                    let f = usbfs_flags(urb.transfer_flags, tt, urb.direction, continuation);
+                    let typ = if tt == TransferType::Bulk {
+                        usbfs::TYPE_BULK
+                    } else {
+                        usbfs::TYPE_INTERRUPT
+                    };
+                    // The session's buffer goes to the kernel and comes back
+                    // on completion: no copy.
+                    let b = std::mem::take(&mut urb.buf);
+                    (Transfer::new(typ, ep, f, b, len, &[], 0), Kind::Plain)
+                }
+                TransferType::Control => return Some(Err(Errno::EPIPE)),
+            }
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        match self.dev.submit(id, t) {
+            Ok(()) => {
+                self.by_seq.insert(urb.seqnum, Submitted { id, kind });
+                None
+            }
+            Err((t, e)) => {
+                if matches!(kind, Kind::Plain) {
+                    urb.buf = t.into_buf();
+                }
+                debug!(busid = %self.sys.busid, ep, "submit failed: {e}");
+                if e.raw_os_error() == Some(libc::ENODEV) {
+                    self.gone = true;
+                }
+                Some(Err(errno_of(&e)))
+            }
+        }
+    }
+
+    fn finish(&mut self, urb: &mut Urb, kind: Kind, t: Transfer) -> Result<usize, Errno> {
+        let status = t.status();
+        let actual = t.actual_length();
+        match kind {
+            Kind::Plain => {
+                urb.buf = t.into_buf();
+                if urb.buf.len() < urb.length {
+                    urb.buf.resize(urb.length, 0);
+                }
+            }
+            Kind::Control => {
+                if urb.setup.direction() == Direction::In {
+                    let n = actual.min(urb.buf.len());
+                    urb.buf[..n].copy_from_slice(&t.buf()[8..8 + n]);
+                }
+            }
+            Kind::Iso(lens) => {
+                let mut src = 0;
+                let mut dst = 0;
+                for (i, l) in lens.iter().enumerate() {
+                    let (a, st) = t.iso_result(i);
+                    if let Some(p) = urb.iso.get_mut(i) {
+                        p.actual_length = a;
+                        p.status = st;
+                    }
+                    if urb.direction == Direction::In {
+                        let a = (a as usize).min(*l as usize);
+                        // The stub sends IN packets packed back to back;
+                        // vhci spreads them out again (usbip_pad_iso).
+                        if dst + a <= urb.buf.len() {
+                            urb.buf[dst..dst + a].copy_from_slice(&t.buf()[src..src + a]);
+                        }
+                        dst += a;
+                    }
+                    src += *l as usize;
+                }
+                urb.start_frame = t.start_frame();
+                return if status == 0 || status == -libc::EXDEV {
+                    Ok(actual)
+                } else {
+                    Err(status_errno(status))
+                };
+            }
+        }
+        if status == 0 || status == -libc::EREMOTEIO {
+            // A short IN with URB_SHORT_NOT_OK: the session reports
+            // -EREMOTEIO itself, with the data that did arrive.
+            Ok(actual)
+        } else {
+            if status == -libc::ENODEV || status == -libc::ESHUTDOWN {
+                self.gone = true;
+            }
+            Err(status_errno(status))
+        }
+    }
+
+    /// Discards every URB in flight and waits (bounded) until the kernel
+    /// gave them all back.
+    fn drain(&mut self) {
+        for id in self.dev.inflight_ids() {
+            let _ = self.dev.discard(id);
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.dev.inflight_len() > 0 && Instant::now() < deadline {
+            self.reap_all();
+            if self.gone && self.dev.inflight_len() > 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        self.done.clear();
+        self.by_seq.clear();
+        self.cont.reset();
+    }
+
+    /// Do not put the kernel drivers back when dropped (the device is gone).
+    pub fn skip_reattach(&mut self) {
+        self.reattach = false;
+    }
+}
+
+impl Backend for UsbfsBackend {
+    fn is_gone(&self) -> bool {
+        self.gone
+    }
+
+    fn device_info(&self, busid: &str, _busnum: u32, _devnum: u32) -> DeviceInfo {
+        let mut i = self.sys.device_info();
+        i.busid = busid.to_string();
+        i
+    }
+
+    fn transfer_type(&self, ep_address: u8) -> Option<TransferType> {
+        if ep_address & 0x0f == 0 {
+            return Some(TransferType::Control);
+        }
+        self.desc.endpoint_type(self.config, &self.alts, ep_address)
+    }
+
+    fn poll_urb(&mut self, urb: &mut Urb, cx: &mut Context<'_>) -> Poll<Result<usize, Errno>> {
+        if !self.by_seq.contains_key(&urb.seqnum) {
+            if let Some(r) = self.submit(urb) {
+                return Poll::Ready(r);
+            }
+        }
+        let id = self.by_seq[&urb.seqnum].id;
+        loop {
+            if let Some(t) = self.done.remove(&id) {
+                let s = self.by_seq.remove(&urb.seqnum).expect("present");
+                return Poll::Ready(self.finish(urb, s.kind, t));
+            }
+            self.reap_all();
+            if let Some(t) = self.done.remove(&id) {
+                let s = self.by_seq.remove(&urb.seqnum).expect("present");
+                return Poll::Ready(self.finish(urb, s.kind, t));
+            }
+            if self.gone {
+                // Nothing left to reap and ours did not come back.
+                self.by_seq.remove(&urb.seqnum);
+                return Poll::Ready(Err(Errno::ENODEV));
+            }
+            // Readiness is cleared before the next reap: a completion
+            // that lands after it is signalled again.
+            match self.dev.poll_reapable(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => {
+                    warn!("usbfs readiness failed: {e}");
+                    self.gone = true;
+                }
+            }
+        }
+    }
+
+    fn max_active(&self, ep_address: u8) -> usize {
+        if ep_address & 0x0f == 0 {
+            return 1;
+        }
+        match self.transfer_type(ep_address) {
+            Some(TransferType::Bulk) | Some(TransferType::Interrupt) => MAX_ACTIVE_BULK,
+            Some(TransferType::Isochronous) => MAX_ACTIVE_ISO,
+            _ => 1,
+        }
+    }
+
+    fn cancel(&mut self, urb: &mut Urb) -> bool {
+        let Some(s) = self.by_seq.get(&urb.seqnum) else {
+            return true;
+        };
+        let id = s.id;
+        if self.done.contains_key(&id) {
+            return false;
+        }
+        match self.dev.discard(id) {
+            Ok(()) => debug!(seqnum = urb.seqnum, "discarding one URB"),
+            // EINVAL: it completed already and waits to be reaped.
+            Err(e) => debug!(seqnum = urb.seqnum, "discard: {e}"),
+        }
+        false
+    }
+
+    fn reset(&mut self) {
+        self.drain();
+        let _ = self.dev.reset();
+        self.reclaim();
+        self.refresh();
+    }
+
+    fn release(&mut self) {
+        self.drain();
+        if !self.gone {
+            // Back to what a new importer expects: the kernel's stub
+            // resets the device when its importer goes away.
+            let _ = self.dev.reset();
+            self.reclaim();
+            self.refresh();
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for UsbfsBackend {
+    fn drop(&mut self) {
+        self.drain();
+        if !self.reattach || self.gone {
+            return;
+        }
+        for (n, _) in &self.claimed {
+            let _ = self.dev.release_interface(*n);
+        }
+        for (n, _) in &self.claimed {
+            if let Err(e) = self.dev.connect_interface(*n) {
+                debug!(busid = %self.sys.busid, "re-probing interface {n}: {e}");
+            }
+        }
+        crate::bind::restore_drivers(&self.roots, &self.sys, &self.claimed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_are_masked_like_the_kernel() {
+        let all = lf::URB_SHORT_NOT_OK
+            | lf::URB_ZERO_PACKET
+            | lf::URB_ISO_ASAP
+            | lf::URB_NO_INTERRUPT
+            | lf::URB_DIR_IN
+            | lf::URB_FREE_BUFFER
+            | lf::URB_NO_TRANSFER_DMA_MAP;
+        // Bulk OUT: ZERO_PACKET kept, SHORT_NOT_OK and ISO_ASAP dropped.
+        assert_eq!(
+            usbfs_flags(all, TransferType::Bulk, Direction::Out, false),
+            usbfs::URB_ZERO_PACKET | usbfs::URB_NO_INTERRUPT
+        );
+        // Bulk IN: SHORT_NOT_OK kept, ZERO_PACKET dropped.
+        assert_eq!(
+            usbfs_flags(all, TransferType::Bulk, Direction::In, false),
+            usbfs::URB_SHORT_NOT_OK | usbfs::URB_NO_INTERRUPT
+        );
+        // Continuation only with SHORT_NOT_OK on bulk IN.
+        assert_eq!(
+            usbfs_flags(
+                lf::URB_SHORT_NOT_OK,
+                TransferType::Bulk,
+                Direction::In,
+                true
+            ),
+            usbfs::URB_SHORT_NOT_OK | usbfs::URB_BULK_CONTINUATION
+        );
+        assert_eq!(usbfs_flags(0, TransferType::Bulk, Direction::In, true), 0);
+        assert_eq!(
+            usbfs_flags(
+                lf::URB_SHORT_NOT_OK,
+                TransferType::Interrupt,
+                Direction::In,
+                true
+            ),
+            usbfs::URB_SHORT_NOT_OK
+        );
+        // ISO: only ISO_ASAP.
+        assert_eq!(
+            usbfs_flags(
+                all & !lf::URB_NO_INTERRUPT,
+                TransferType::Isochronous,
+                Direction::In,
+                false
+            ),
+            usbfs::URB_ISO_ASAP
+        );
+        // Control OUT: nothing.
+        assert_eq!(
+            usbfs_flags(
+                lf::URB_SHORT_NOT_OK | lf::URB_ZERO_PACKET,
+                TransferType::Control,
+                Direction::Out,
+                false
+            ),
+            0
+        );
+    }
+
+    #[test]
+    fn continuation_follows_scatter_gather_transfers() {
+        let sno = lf::URB_SHORT_NOT_OK;
+        let ni = lf::URB_NO_INTERRUPT;
+        let mut c = ContinuationTracker::default();
+        // A three-URB transfer (usb_sg_init): first starts, the rest continue.
+        assert!(!c.next(1, sno | ni));
+        assert!(c.next(1, sno | ni));
+        assert!(c.next(1, sno));
+        // The next transfer starts afresh and re-enables the endpoint.
+        assert!(!c.next(1, sno | ni));
+        assert!(c.next(1, sno));
+        // URBs without SHORT_NOT_OK are never continuations.
+        assert!(!c.next(2, ni));
+        assert!(!c.next(2, 0));
+        // Endpoints are independent.
+        assert!(!c.next(3, sno | ni));
+        assert!(!c.next(4, sno));
+        assert!(c.next(3, sno));
+    }
+
+    #[test]
+    fn errors_map_to_wire_errnos() {
+        let e = |n| io::Error::from_raw_os_error(n);
+        assert_eq!(errno_of(&e(libc::ENODEV)), Errno::ENODEV);
+        assert_eq!(errno_of(&e(libc::EPIPE)), Errno::EPIPE);
+        assert_eq!(errno_of(&e(libc::ESHUTDOWN)), Errno::ENODEV);
+        assert_eq!(status_errno(-libc::EPIPE), Errno::EPIPE);
+        assert_eq!(status_errno(-libc::EPROTO), Errno::EPROTO);
+        assert_eq!(status_errno(-libc::ECONNRESET), Errno::ECONNRESET);
+        assert_eq!(status_errno(-libc::ESHUTDOWN), Errno::ESHUTDOWN);
+    }
+}

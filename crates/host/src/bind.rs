@@ -1,0 +1,413 @@
+//! Binding and unbinding local devices, and keeping the bindings alive
+//! across unplugs and daemon restarts.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tracing::{debug, info, warn};
+use usbwire_server::{Registry, RegistryError};
+
+use crate::backend::UsbfsBackend;
+use crate::busy::{self, Holder};
+use crate::state::{Binding, State};
+use crate::sysfs::{driver_of, Roots, SysDevice};
+
+/// Why a bind or unbind was refused. [`BindError::errno`] gives the
+/// errno-style name the control protocol reports.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BindError {
+    #[error("{busid}: no such USB device")]
+    NotFound { busid: String },
+    #[error("{busid} is a hub; hubs and root hubs cannot be exported")]
+    Hub { busid: String },
+    #[error("{busid} is busy (EBUSY): {}{}", join(.holders), if *.forcible { "; --force overrides this" } else { "" })]
+    Busy {
+        busid: String,
+        holders: Vec<Holder>,
+        forcible: bool,
+    },
+    #[error("{busid} is already bound and exported (EEXIST)")]
+    AlreadyExported { busid: String },
+    #[error("{busid} is imported by a client right now (EBUSY); detach it first")]
+    Imported { busid: String },
+    #[error(
+        "{busid} is itself imported from a USB/IP server (vhci_hcd); it cannot be exported again"
+    )]
+    Vhci { busid: String },
+    #[error("{busid} is exported by the kernel's usbip-host; run the C `usbip unbind` first")]
+    KernelStub { busid: String },
+    #[error("{busid} is not bound")]
+    NotBound { busid: String },
+    #[error("{busid} is changing state right now (EAGAIN); try again")]
+    Again { busid: String },
+    #[error("{0}")]
+    Io(String),
+}
+
+fn join(h: &[Holder]) -> String {
+    h.iter()
+        .map(|h| h.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl BindError {
+    pub fn errno(&self) -> &'static str {
+        match self {
+            BindError::NotFound { .. } | BindError::NotBound { .. } => "ENODEV",
+            BindError::Hub { .. } | BindError::Vhci { .. } => "EINVAL",
+            BindError::Busy { .. } | BindError::Imported { .. } | BindError::KernelStub { .. } => {
+                "EBUSY"
+            }
+            BindError::AlreadyExported { .. } => "EEXIST",
+            BindError::Again { .. } => "EAGAIN",
+            BindError::Io(_) => "EIO",
+        }
+    }
+}
+
+/// A binding's state as `usbip bind`/`list` report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindingStatus {
+    pub busid: String,
+    pub vendor: u16,
+    pub product: u16,
+    /// exported, imported or absent (unplugged).
+    pub state: &'static str,
+}
+
+/// Puts back drivers that `USBDEVFS_CONNECT` did not re-probe.
+pub(crate) fn restore_drivers(roots: &Roots, sys: &SysDevice, claimed: &[(u8, Option<String>)]) {
+    for (n, driver) in claimed {
+        let Some(driver) = driver else { continue };
+        if driver == "usbfs" {
+            continue;
+        }
+        let name = sys.interface_name(*n);
+        let dir = sys.path.join(&name);
+        if driver_of(&dir).is_some() {
+            continue;
+        }
+        let bind = roots.sys.join("bus/usb/drivers").join(driver).join("bind");
+        match fs::write(&bind, &name) {
+            Ok(()) => debug!("re-bound {name} to {driver}"),
+            Err(e) => debug!("binding {name} to {driver}: {e}"),
+        }
+    }
+}
+
+struct Inner {
+    state: State,
+    /// Exported bus ids and the (busnum, devnum) the backend opened.
+    exported: HashMap<String, (u32, u32)>,
+    /// Last hotplug error per bus id, so each is logged once.
+    last_error: HashMap<String, String>,
+}
+
+/// Owns the bindings: binds and unbinds, persists them, follows hotplug.
+pub struct Manager {
+    roots: Roots,
+    registry: Registry,
+    state_path: Option<PathBuf>,
+    inner: Mutex<Inner>,
+}
+
+impl Manager {
+    /// A manager over `registry`. The state file is read now; a missing
+    /// file is an empty state.
+    pub fn new(
+        roots: Roots,
+        registry: Registry,
+        state_path: Option<PathBuf>,
+    ) -> std::io::Result<Manager> {
+        let state = match &state_path {
+            Some(p) => State::load(p)?,
+            None => State::default(),
+        };
+        Ok(Manager {
+            roots,
+            registry,
+            state_path,
+            inner: Mutex::new(Inner {
+                state,
+                exported: HashMap::new(),
+                last_error: HashMap::new(),
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn save(&self, inner: &Inner) {
+        if let Some(p) = &self.state_path {
+            if let Err(e) = inner.state.save(p) {
+                warn!("cannot write the state file {}: {e}", p.display());
+            }
+        }
+    }
+
+    /// Binds `busid`: busy checks, claim through usbfs, export. Returns the
+    /// warnings (what `force` overrode).
+    pub fn bind(&self, busid: &str, force: bool) -> Result<Vec<String>, BindError> {
+        let mut inner = self.lock();
+        let (warnings, binding) = self.bind_locked(&mut inner, busid, force)?;
+        inner.state.upsert(binding);
+        self.save(&inner);
+        Ok(warnings)
+    }
+
+    fn bind_locked(
+        &self,
+        inner: &mut Inner,
+        busid: &str,
+        force: bool,
+    ) -> Result<(Vec<String>, Binding), BindError> {
+        let nf = || BindError::NotFound {
+            busid: busid.to_string(),
+        };
+        if busid.is_empty() || busid.contains('/') || busid.contains("..") {
+            return Err(nf());
+        }
+        let sys = SysDevice::read(&self.roots, busid).map_err(|_| nf())?;
+        if sys.is_hub() {
+            return Err(BindError::Hub {
+                busid: busid.into(),
+            });
+        }
+        if sys
+            .path
+            .components()
+            .any(|c| c.as_os_str().to_string_lossy().starts_with("vhci_hcd"))
+        {
+            return Err(BindError::Vhci {
+                busid: busid.into(),
+            });
+        }
+        if sys
+            .interfaces
+            .iter()
+            .any(|i| i.driver.as_deref() == Some("usbip-host"))
+        {
+            return Err(BindError::KernelStub {
+                busid: busid.into(),
+            });
+        }
+        let reservation = match self.registry.reserve(busid) {
+            Ok(r) => r,
+            Err(RegistryError::Exists(_)) => {
+                let imported = self
+                    .registry
+                    .all()
+                    .iter()
+                    .any(|(d, imp)| d.busid == busid && *imp);
+                return Err(if imported {
+                    BindError::Imported {
+                        busid: busid.into(),
+                    }
+                } else {
+                    BindError::AlreadyExported {
+                        busid: busid.into(),
+                    }
+                });
+            }
+            Err(RegistryError::Busy(_)) => {
+                return Err(BindError::Again {
+                    busid: busid.into(),
+                })
+            }
+            Err(e) => return Err(BindError::Io(e.to_string())),
+        };
+        let holders = busy::check(&self.roots, &sys);
+        let (forcible, hard): (Vec<Holder>, Vec<Holder>) =
+            holders.into_iter().partition(|h| h.forcible());
+        if !hard.is_empty() {
+            let mut all = hard;
+            all.extend(forcible);
+            return Err(BindError::Busy {
+                busid: busid.into(),
+                holders: all,
+                forcible: false,
+            });
+        }
+        let mut warnings = Vec::new();
+        if !forcible.is_empty() {
+            if !force {
+                return Err(BindError::Busy {
+                    busid: busid.into(),
+                    holders: forcible,
+                    forcible: true,
+                });
+            }
+            for h in &forcible {
+                let w = format!("--force: binding {busid} although {h}");
+                warn!("{w}");
+                warnings.push(w);
+            }
+        }
+        let backend = UsbfsBackend::claim(&self.roots, sys.clone())
+            .map_err(|e| BindError::Io(format!("{busid}: {e}")))?;
+        let binding = Binding {
+            busid: busid.to_string(),
+            vendor: sys.vendor,
+            product: sys.product,
+            serial: sys.serial.clone(),
+            drivers: backend.original_drivers().to_vec(),
+        };
+        let mut info = sys.device_info();
+        info.busid = busid.to_string();
+        reservation.commit(info, Box::new(backend));
+        inner
+            .exported
+            .insert(busid.to_string(), (sys.busnum, sys.devnum));
+        inner.last_error.remove(busid);
+        info!(
+            "bound {busid} ({:04x}:{:04x}) and exported it",
+            sys.vendor, sys.product
+        );
+        Ok((warnings, binding))
+    }
+
+    /// Unbinds `busid`: stops exporting it, releases its interfaces and
+    /// lets the original drivers bind again.
+    pub fn unbind(&self, busid: &str) -> Result<(), BindError> {
+        let mut inner = self.lock();
+        match self.registry.remove(busid) {
+            Ok(backend) => {
+                drop(backend);
+                inner.exported.remove(busid);
+            }
+            Err(RegistryError::InUse(_)) => {
+                return Err(BindError::Imported {
+                    busid: busid.into(),
+                })
+            }
+            Err(RegistryError::Busy(_)) => {
+                return Err(BindError::Again {
+                    busid: busid.into(),
+                })
+            }
+            Err(_) => {
+                if inner.state.get(busid).is_none() {
+                    return Err(BindError::NotBound {
+                        busid: busid.into(),
+                    });
+                }
+            }
+        }
+        inner.state.remove(busid);
+        self.save(&inner);
+        info!("unbound {busid}");
+        Ok(())
+    }
+
+    /// Every binding and its state.
+    pub fn bindings(&self) -> Vec<BindingStatus> {
+        let inner = self.lock();
+        let all = self.registry.all();
+        inner
+            .state
+            .bindings
+            .iter()
+            .map(|b| {
+                let state = match all.iter().find(|(d, _)| d.busid == b.busid) {
+                    Some((_, true)) => "imported",
+                    Some((_, false)) if inner.exported.contains_key(&b.busid) => "exported",
+                    _ => "absent",
+                };
+                BindingStatus {
+                    busid: b.busid.clone(),
+                    vendor: b.vendor,
+                    product: b.product,
+                    state,
+                }
+            })
+            .collect()
+    }
+
+    /// One hotplug pass: stop exporting bound devices that are gone (or
+    /// were replaced), export bound devices that are (back) present.
+    pub fn poll(&self) {
+        let mut inner = self.lock();
+        let bindings = inner.state.bindings.clone();
+        for b in bindings {
+            let sys = SysDevice::read(&self.roots, &b.busid).ok();
+            if let Some(&(busnum, devnum)) = inner.exported.get(&b.busid) {
+                let same = sys
+                    .as_ref()
+                    .is_some_and(|s| s.busnum == busnum && s.devnum == devnum);
+                if same {
+                    continue;
+                }
+                match self.registry.remove(&b.busid) {
+                    Ok(backend) => {
+                        drop(backend);
+                        inner.exported.remove(&b.busid);
+                        info!("{} was unplugged; it is no longer exported", b.busid);
+                    }
+                    Err(RegistryError::NotFound(_)) => {
+                        inner.exported.remove(&b.busid);
+                    }
+                    // Imported: the session ends its URBs with -ENODEV; we
+                    // take the device back once the importer lets go.
+                    Err(_) => continue,
+                }
+            }
+            let Some(sys) = sys else { continue };
+            if sys.vendor != b.vendor || sys.product != b.product {
+                continue;
+            }
+            if sys.config_value == 0 {
+                // Still enumerating.
+                continue;
+            }
+            match self.bind_locked(&mut inner, &b.busid, false) {
+                Ok(_) => info!("{} is present again and exported", b.busid),
+                Err(e) => {
+                    let msg = e.to_string();
+                    if inner.last_error.get(&b.busid) != Some(&msg) {
+                        warn!("cannot export bound device {}: {msg}", b.busid);
+                        inner.last_error.insert(b.busid.clone(), msg);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Polls for hotplug every `every` until the task is aborted.
+    pub fn spawn_hotplug(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(every);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                t.tick().await;
+                let m = this.clone();
+                if tokio::task::spawn_blocking(move || m.poll()).await.is_err() {
+                    warn!("hotplug pass panicked");
+                }
+            }
+        })
+    }
+
+    /// Gives every exported device back to its kernel drivers, keeping the
+    /// bindings in the state file for the next start.
+    pub fn shutdown(&self) {
+        let mut inner = self.lock();
+        let ids: Vec<String> = inner.exported.keys().cloned().collect();
+        for busid in ids {
+            match self.registry.remove(&busid) {
+                Ok(b) => {
+                    drop(b);
+                    info!("released {busid}");
+                }
+                Err(e) => warn!("cannot release {busid}: {e}"),
+            }
+            inner.exported.remove(&busid);
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! Exporting real USB devices through Linux usbfs.
+//!
+//! * [`bind::Manager`] binds and unbinds devices (busy checks in [`busy`],
+//!   bindings persisted by [`state`]) and follows hotplug by polling sysfs.
+//! * [`backend::UsbfsBackend`] is the server [`usbwire_server::Backend`]
+//!   of a bound device.
+//! * [`usbfs`] holds the raw ioctls, the only unsafe code of the crate.
+#![deny(unsafe_code)]
+
+pub mod backend;
+pub mod bind;
+pub mod busy;
+pub mod state;
+pub mod sysfs;
+pub mod usbfs;
+
+pub use backend::UsbfsBackend;
+pub use bind::{BindError, BindingStatus, Manager};
+pub use sysfs::Roots;
