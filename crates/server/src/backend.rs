@@ -70,6 +70,13 @@ pub trait Backend: Send + 'static {
         true
     }
 
+    /// The device was unplugged: the session completes what is left with
+    /// -ENODEV and closes the import, so the importer sees a disconnect
+    /// rather than a device that never answers.
+    fn is_gone(&self) -> bool {
+        false
+    }
+
     /// A port reset asked for by the importer.
     fn reset(&mut self);
 

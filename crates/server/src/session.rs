@@ -263,6 +263,10 @@ impl Session {
             if eof {
                 return Ok(());
             }
+            if self.backend().is_gone() && self.fail_all_gone() && self.out.is_empty() {
+                info!("the device is gone: closing its import");
+                return Ok(());
+            }
             let want_read = self.can_read();
             let want_write = !self.out.is_empty();
             let deadline = self.next_deadline();
@@ -293,6 +297,18 @@ impl Session {
                 _ = shutdown.changed() => return Ok(()),
             }
         }
+    }
+
+    /// Completes every URB not yet started with -ENODEV (started ones
+    /// complete through the backend). Returns whether none is left.
+    fn fail_all_gone(&mut self) -> bool {
+        for q in 0..self.queues.len() {
+            while let Some(urb) = self.queues[q].waiting.pop_front() {
+                self.complete(urb, Err(Errno::ENODEV));
+            }
+        }
+        self.poll_all();
+        self.queues.iter().all(|q| q.is_empty())
     }
 
     fn can_read(&self) -> bool {
