@@ -259,6 +259,11 @@ impl Session {
         loop {
             if !self.out.is_empty() {
                 self.write_some(stream)?;
+                if !self.rbuf.is_empty() && self.can_read() {
+                    // Written replies made room for buffered commands.
+                    self.process_input()?;
+                    self.poll_all();
+                }
             }
             if eof {
                 return Ok(());
@@ -267,7 +272,10 @@ impl Session {
                 info!("the device is gone: closing its import");
                 return Ok(());
             }
-            let want_read = self.can_read();
+            // Keep reading while the buffer has room, even when the
+            // in-flight bounds stop new URBs from starting: that is how a
+            // peer that went away is noticed and its device released.
+            let want_read = self.rbuf.len() < self.read_limit();
             let want_write = !self.out.is_empty();
             let deadline = self.next_deadline();
             let notify = self.waker.clone();
@@ -288,7 +296,12 @@ impl Session {
                     }
                 }
                 r = stream.writable(), if want_write => { r?; }
-                _ = notify.0.notified() => self.poll_all(),
+                _ = notify.0.notified() => {
+                    self.poll_all();
+                    // Completions free in-flight room for commands already buffered.
+                    self.process_input()?;
+                    self.poll_all();
+                }
                 _ = sleep_until_opt(deadline), if deadline.is_some() => {
                     let now = Instant::now();
                     for q in &mut self.queues { q.expire(now); }
@@ -309,6 +322,12 @@ impl Session {
         }
         self.poll_all();
         self.queues.iter().all(|q| q.is_empty())
+    }
+
+    /// How much unprocessed input may be buffered: one largest frame and
+    /// change.
+    fn read_limit(&self) -> usize {
+        self.shared.config.limits.max_transfer_length as usize + READ_CHUNK
     }
 
     fn can_read(&self) -> bool {
