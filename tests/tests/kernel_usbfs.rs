@@ -243,9 +243,12 @@ echo "DD-ENDED-AFTER=$t0..$t1"
 cat /tmp/dd.rc || echo "DD-HUNG"
 cat /tmp/dd.err | tail -n 3
 kill -0 $DAEMON && echo "DAEMON-ALIVE"
-# Debian's `usbip port` cannot list a port whose device the USB core has
-# already given up on, so detach through the attribute.
-for p in $(seq 0 15); do echo $p > /sys/devices/platform/vhci_hcd.0/detach 2>/dev/null || true; done
+# The server closes the import of an unplugged device by itself: vhci sees
+# the connection close and frees the port (status 006 is VDEV_ST_USED).
+if usbwire_wait_cmd 30 sh -c "! cat /sys/devices/platform/vhci_hcd.0/status* | awk '\$3 == \"006\"' | grep -q ."; then
+  echo "IMPORT-CLOSED-BY-SERVER"
+fi
+dmesg | grep -i "connection closed" | tail -n 2
 usbwire_wait_cmd 30 sh -c "usbip list -r 127.0.0.1 | grep -q ' $ss:'" || true
 usbip list -r 127.0.0.1
 usbip list -r 127.0.0.1 | grep -q "$ss" && echo "SS-STILL-EXPORTED"
@@ -408,6 +411,7 @@ echo DONE
     for needle in [
         "DAEMON-ALIVE",
         "SS-STILL-EXPORTED",
+        "IMPORT-CLOSED-BY-SERVER",
         "MS-GONE-FROM-DEVLIST",
         "MS-REEXPORTED",
         "READ-AFTER-RESTART-OK",
