@@ -196,6 +196,8 @@ struct Session {
     /// Active URBs whose cancellation the backend is still carrying out,
     /// with the seqnum of the CMD_UNLINK to answer when it has.
     pending_unlinks: HashMap<u32, u32>,
+    /// How many queues are held (see `recount_holds`).
+    held: usize,
     pool: Vec<Vec<u8>>,
     waker: Arc<SessionWaker>,
     grace: Duration,
@@ -228,6 +230,7 @@ impl Session {
             max_seqnum: None,
             early_unlinks: VecDeque::new(),
             pending_unlinks: HashMap::new(),
+            held: 0,
             pool: Vec::new(),
             waker: Arc::new(SessionWaker(Notify::new())),
             grace,
@@ -305,6 +308,7 @@ impl Session {
                 _ = sleep_until_opt(deadline), if deadline.is_some() => {
                     let now = Instant::now();
                     for q in &mut self.queues { q.expire(now); }
+                    self.recount_holds();
                     self.poll_all();
                 }
                 _ = shutdown.changed() => return Ok(()),
@@ -337,7 +341,16 @@ impl Session {
             && self.out_bytes < c.max_bytes_in_flight
     }
 
+    /// Error holds are rare; counting them when they change keeps the
+    /// common path from scanning every queue for a deadline.
+    fn recount_holds(&mut self) {
+        self.held = self.queues.iter().filter(|q| q.is_held()).count();
+    }
+
     fn next_deadline(&self) -> Option<Instant> {
+        if self.held == 0 {
+            return None;
+        }
         self.queues.iter().filter_map(|q| q.deadline()).min()
     }
 
@@ -604,6 +617,7 @@ impl Session {
         {
             let q = ep_index(urb.ep, urb.direction);
             self.queues[q].hold(Instant::now() + self.grace);
+            self.recount_holds();
             debug!(
                 seqnum = urb.seqnum,
                 ep = urb.ep_address(),
@@ -636,7 +650,13 @@ impl Session {
         } else {
             0
         };
-        let unlink = self.pending_unlinks.remove(&urb.seqnum);
+        // Hashing every completion's seqnum costs more than the lookup is
+        // worth when, as almost always, no unlink is under way.
+        let unlink = if self.pending_unlinks.is_empty() {
+            None
+        } else {
+            self.pending_unlinks.remove(&urb.seqnum)
+        };
         if unlink.is_some()
             && (status == Errno::ECONNRESET.to_status() || status == Errno::ENOENT.to_status())
         {
@@ -685,6 +705,7 @@ impl Session {
                 q.release();
             }
         }
+        self.recount_holds();
     }
 
     fn push_out(&mut self, f: OutFrame) {
