@@ -20,3 +20,6 @@ cargo clippy --workspace --all-targets -- -D warnings
 # The fuzz targets must keep building (they are not run here).
 bash fuzz/build.sh --no-asan
 cargo test --workspace
+# The benchmark must keep working; a short smoke run checks that its
+# results are sane (no timing assertions).
+cargo run -q -p usbwire-bench -- --smoke --json-only > /dev/null

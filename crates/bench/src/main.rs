@@ -1,0 +1,991 @@
+//! `usbwire-bench`: raw TCP on loopback, usbwire's `usbipd` and the `usbip`
+//! crate's server, measured side by side in one run under the same load
+//! client.
+//!
+//! ```text
+//! cargo build --release --bins && ./target/release/usbwire-bench
+//! cargo run --release -p usbwire-bench -- --smoke        # CI: works, sane, no errors
+//! ./target/release/usbwire-bench --scale                  # 1,000 devices, 256 idle connections
+//! ./target/release/usbwire-bench --server-cpu 0 --client-cpu 0 --filter ctrl,pingpong
+//! ```
+
+mod crate_server;
+mod load;
+mod msc;
+mod rawtcp;
+mod scale;
+mod servers;
+mod sys;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use serde_json::{json, Value};
+use usbwire_proto::Direction;
+
+use load::{Conn, Spec};
+use servers::ServerProc;
+use sys::CpuSample;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "usbwire-bench",
+    version,
+    about = "USB/IP benchmarks: raw TCP vs usbwire vs the usbip crate"
+)]
+struct Args {
+    /// Seconds per workload (after a short warm-up).
+    #[arg(long, default_value_t = 3.0)]
+    duration: f64,
+    /// CI mode: very short runs; checks only that every workload works
+    /// (non-zero rate, no errors) and exits non-zero otherwise.
+    #[arg(long)]
+    smoke: bool,
+    /// Print only the final JSON line.
+    #[arg(long)]
+    json_only: bool,
+    /// Run only workloads whose "server:workload" name contains one of
+    /// these (comma-separated), e.g. `usbwire:bulk-in`, `ctrl,pingpong`.
+    #[arg(long, value_delimiter = ',')]
+    filter: Vec<String>,
+    /// Pin the server processes (and the raw-TCP peer thread) to this CPU.
+    #[arg(long)]
+    server_cpu: Option<usize>,
+    /// Pin the load client (this process) to this CPU.
+    #[arg(long)]
+    client_cpu: Option<usize>,
+    /// Scale mode: many devices, devlist time, RSS per idle connection,
+    /// aggregate throughput of 1, 2, 4, 8 concurrent imports.
+    #[arg(long)]
+    scale: bool,
+    /// Devices exported in scale mode.
+    #[arg(long, default_value_t = 1000)]
+    scale_devices: usize,
+    /// Idle connections opened in scale mode.
+    #[arg(long, default_value_t = 256)]
+    scale_conns: usize,
+    /// Size of the mass-storage image (MiB), written and read once first
+    /// so that it is in the page cache.
+    #[arg(long, default_value_t = 256)]
+    msc_image_mib: u64,
+    /// Bytes per READ(10) command in the mass-storage workload.
+    #[arg(long, default_value_t = 128 * 1024)]
+    msc_cmd_bytes: u32,
+    /// READ(10) commands queued at once in the mass-storage workload.
+    #[arg(long, default_value_t = 8)]
+    msc_depth: usize,
+    /// The usbipd binary (default: next to this one).
+    #[arg(long)]
+    usbipd: Option<PathBuf>,
+    /// Internal: serve the usbip crate's device on 127.0.0.1:PORT.
+    #[arg(long, hide = true)]
+    serve_usbip_crate: Option<u16>,
+    /// Internal: devices the usbip crate's server exports.
+    #[arg(long, hide = true, default_value_t = 1)]
+    crate_devices: usize,
+}
+
+/// One measured workload on one server.
+#[derive(Debug, Clone)]
+struct Row {
+    server: &'static str,
+    workload: String,
+    ops: u64,
+    bytes: u64,
+    secs: f64,
+    /// Microseconds.
+    p50: Option<f64>,
+    p99: Option<f64>,
+    max: Option<f64>,
+    cpu_us_per_op: Option<f64>,
+    errors: u64,
+    error: Option<String>,
+}
+
+impl Row {
+    fn failed(server: &'static str, workload: &str, e: String) -> Row {
+        Row {
+            server,
+            workload: workload.into(),
+            ops: 0,
+            bytes: 0,
+            secs: 0.0,
+            p50: None,
+            p99: None,
+            max: None,
+            cpu_us_per_op: None,
+            errors: 1,
+            error: Some(e),
+        }
+    }
+    fn ops_s(&self) -> f64 {
+        if self.secs > 0.0 {
+            self.ops as f64 / self.secs
+        } else {
+            0.0
+        }
+    }
+    fn mb_s(&self) -> f64 {
+        if self.secs > 0.0 {
+            self.bytes as f64 / self.secs / 1e6
+        } else {
+            0.0
+        }
+    }
+    fn to_json(&self) -> Value {
+        json!({
+            "server": self.server, "workload": self.workload,
+            "ops": self.ops, "bytes": self.bytes, "secs": self.secs,
+            "ops_per_s": self.ops_s(), "mb_per_s": self.mb_s(),
+            "p50_us": self.p50, "p99_us": self.p99, "max_us": self.max,
+            "server_cpu_us_per_op": self.cpu_us_per_op,
+            "errors": self.errors, "error": self.error,
+        })
+    }
+}
+
+/// p50, p99, max in µs of latencies in ns (sorts them).
+fn percentiles(lat: &mut [u32]) -> (Option<f64>, Option<f64>, Option<f64>) {
+    if lat.is_empty() {
+        return (None, None, None);
+    }
+    lat.sort_unstable();
+    let at = |q: usize| f64::from(lat[(lat.len() - 1) * q / 100]) / 1e3;
+    (
+        Some(at(50)),
+        Some(at(99)),
+        Some(f64::from(lat[lat.len() - 1]) / 1e3),
+    )
+}
+
+struct Ctx {
+    args: Args,
+    dur: Duration,
+    warm: Duration,
+    lat: Vec<u32>,
+    rows: Vec<Row>,
+    quiet: bool,
+}
+
+impl Ctx {
+    fn selected(&self, server: &str, workload: &str) -> bool {
+        let name = format!("{server}:{workload}");
+        self.args.filter.is_empty() || self.args.filter.iter().any(|f| name.contains(f.as_str()))
+    }
+    fn progress(&self, msg: &str) {
+        if !self.quiet {
+            eprintln!("  {msg}");
+        }
+    }
+    fn push(&mut self, r: Row) {
+        if !self.quiet {
+            let e = r
+                .error
+                .as_deref()
+                .map(|e| format!("  ERROR: {e}"))
+                .unwrap_or_default();
+            eprintln!(
+                "  {:<12} {:<22} {:>10.0} op/s {:>8.1} MB/s  p50 {:>7}  p99 {:>7}  max {:>8}  cpu {:>6} us/op{e}",
+                r.server,
+                r.workload,
+                r.ops_s(),
+                r.mb_s(),
+                fmt_us(r.p50),
+                fmt_us(r.p99),
+                fmt_us(r.max),
+                fmt_opt(r.cpu_us_per_op, 2),
+            );
+        }
+        self.rows.push(r);
+    }
+}
+
+fn fmt_us(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v >= 1000.0 => format!("{:.0}", v),
+        Some(v) => format!("{:.1}", v),
+        None => "-".into(),
+    }
+}
+
+fn fmt_opt(v: Option<f64>, prec: usize) -> String {
+    v.map(|v| format!("{v:.prec$}"))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn fmt_rate(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.2}M", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.1}k", v / 1e3)
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+/// The URB workloads run against both servers.
+fn urb_workloads() -> Vec<(String, Spec)> {
+    let mut v = vec![(
+        "ctrl-get-descriptor".to_string(),
+        Spec {
+            dir: Direction::In,
+            ep: 0,
+            len: 18,
+            setup: load::GET_DEVICE_DESCRIPTOR,
+            depth: 1,
+            expect_len: Some(18),
+        },
+    )];
+    for dir in [Direction::Out, Direction::In] {
+        for (size, sname) in [(512u32, "512"), (64 << 10, "64k")] {
+            for k in [1usize, 8, 32] {
+                let (d, ep) = match dir {
+                    Direction::Out => ("out", 2),
+                    Direction::In => ("in", 1),
+                };
+                v.push((
+                    format!("bulk-{d}-{sname}-k{k}"),
+                    Spec {
+                        dir,
+                        ep,
+                        len: size,
+                        setup: [0; 8],
+                        depth: k,
+                        expect_len: Some(size),
+                    },
+                ));
+            }
+        }
+    }
+    v
+}
+
+fn run_raw(ctx: &mut Ctx) {
+    let peer = ctx.args.server_cpu;
+    for (name, size) in [("stream-64k", 64usize << 10), ("stream-1m", 1 << 20)] {
+        if !ctx.selected("raw-tcp", name) {
+            continue;
+        }
+        let row = match rawtcp::stream(size, ctx.warm, ctx.dur, peer) {
+            Ok(r) => Row {
+                server: "raw-tcp",
+                workload: name.into(),
+                ops: r.ops,
+                bytes: r.bytes,
+                secs: r.elapsed.as_secs_f64(),
+                p50: None,
+                p99: None,
+                max: None,
+                cpu_us_per_op: Some(r.peer_cpu_ns as f64 / 1e3 / r.ops.max(1) as f64),
+                errors: 0,
+                error: None,
+            },
+            Err(e) => Row::failed("raw-tcp", name, e.to_string()),
+        };
+        ctx.push(row);
+    }
+    let name = "pingpong-64b";
+    if ctx.selected("raw-tcp", name) {
+        let mut lat = std::mem::take(&mut ctx.lat);
+        let row = match rawtcp::pingpong(ctx.warm, ctx.dur, peer, &mut lat) {
+            Ok(r) => {
+                let (p50, p99, max) = percentiles(&mut lat);
+                Row {
+                    server: "raw-tcp",
+                    workload: name.into(),
+                    ops: r.ops,
+                    bytes: r.bytes,
+                    secs: r.elapsed.as_secs_f64(),
+                    p50,
+                    p99,
+                    max,
+                    cpu_us_per_op: Some(r.peer_cpu_ns as f64 / 1e3 / r.ops.max(1) as f64),
+                    errors: 0,
+                    error: None,
+                }
+            }
+            Err(e) => Row::failed("raw-tcp", name, e.to_string()),
+        };
+        ctx.lat = lat;
+        ctx.push(row);
+    }
+}
+
+/// Every selected URB workload over one imported connection.
+fn run_urb_suite(ctx: &mut Ctx, server: &mut ServerProc, busid: &str) {
+    let name = server.name;
+    let work: Vec<(String, Spec)> = urb_workloads()
+        .into_iter()
+        .filter(|(w, _)| ctx.selected(name, w))
+        .collect();
+    if work.is_empty() {
+        return;
+    }
+    let mut conn = match Conn::import(server.addr, busid, true) {
+        Ok(c) => c,
+        Err(e) => {
+            for (w, _) in &work {
+                ctx.push(Row::failed(name, w, format!("import {busid}: {e}")));
+            }
+            return;
+        }
+    };
+    let pid = server.pid();
+    for (w, spec) in work {
+        let mut lat = std::mem::take(&mut ctx.lat);
+        let row = (|| -> Result<Row, String> {
+            conn.run(&spec, ctx.warm, &mut lat)
+                .map_err(|e| e.to_string())?;
+            let c0 = CpuSample::take(pid);
+            let st = conn
+                .run(&spec, ctx.dur, &mut lat)
+                .map_err(|e| e.to_string())?;
+            let c1 = CpuSample::take(pid);
+            let (p50, p99, max) = percentiles(&mut lat);
+            Ok(Row {
+                server: name,
+                workload: w.clone(),
+                ops: st.urbs,
+                bytes: st.bytes,
+                secs: st.elapsed.as_secs_f64(),
+                p50,
+                p99,
+                max,
+                cpu_us_per_op: Some(c0.delta_ns(&c1) as f64 / 1e3 / st.urbs.max(1) as f64),
+                errors: st.errors,
+                error: st.first_error,
+            })
+        })();
+        ctx.lat = lat;
+        match row {
+            Ok(r) => ctx.push(r),
+            Err(e) => {
+                let e = match server.check_alive() {
+                    Err(dead) => format!("{e}; {dead}"),
+                    Ok(()) => e,
+                };
+                ctx.push(Row::failed(name, &w, e));
+                // The connection is out of step: a new one for the rest.
+                match Conn::import(server.addr, busid, true) {
+                    Ok(c) => conn = c,
+                    Err(_) => return,
+                }
+            }
+        }
+    }
+}
+
+fn run_msc(ctx: &mut Ctx, server: &ServerProc, busid: &str, image_bytes: u64) {
+    let w = format!(
+        "msc-read-{}k-q{}",
+        ctx.args.msc_cmd_bytes / 1024,
+        ctx.args.msc_depth
+    );
+    if !ctx.selected(server.name, &w) {
+        return;
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return ctx.push(Row::failed(server.name, &w, e.to_string())),
+    };
+    let (addr, pid) = (server.addr, server.pid());
+    let (warm, dur) = (ctx.warm, ctx.dur);
+    let (depth, cmd) = (
+        ctx.args.msc_depth.max(1),
+        ctx.args.msc_cmd_bytes.max(512) / 512 * 512,
+    );
+    let cap = ctx.lat.capacity().min(1 << 20);
+    let row = rt.block_on(async move {
+        let dev = msc::prepare(addr, busid).await?;
+        let _ = msc::read_loop(&dev, warm, depth, cmd, image_bytes, 0).await;
+        let c0 = CpuSample::take(pid);
+        let mut r = msc::read_loop(&dev, dur, depth, cmd, image_bytes, cap).await;
+        let c1 = CpuSample::take(pid);
+        let (p50, p99, max) = percentiles(&mut r.lat);
+        Ok::<Row, String>(Row {
+            server: "usbwire",
+            workload: String::new(),
+            ops: r.commands,
+            bytes: r.bytes,
+            secs: r.elapsed.as_secs_f64(),
+            p50,
+            p99,
+            max,
+            cpu_us_per_op: Some(c0.delta_ns(&c1) as f64 / 1e3 / r.commands.max(1) as f64),
+            errors: r.errors,
+            error: r.first_error,
+        })
+    });
+    match row {
+        Ok(mut r) => {
+            r.workload = w;
+            ctx.push(r)
+        }
+        Err(e) => ctx.push(Row::failed(server.name, &w, e)),
+    }
+}
+
+fn print_tables(ctx: &Ctx, scale: &[scale::ScaleResult]) {
+    let raw: Vec<&Row> = ctx.rows.iter().filter(|r| r.server == "raw-tcp").collect();
+    if !raw.is_empty() {
+        println!();
+        println!("raw TCP on loopback (the limit)");
+        println!(
+            "{:<24} {:>9} {:>9} {:>8} {:>8} {:>8} {:>11}",
+            "workload", "ops/s", "MB/s", "p50 us", "p99 us", "max us", "peer us/op"
+        );
+        for r in raw {
+            println!(
+                "{:<24} {:>9} {:>9.0} {:>8} {:>8} {:>8} {:>11}{}",
+                r.workload,
+                fmt_rate(r.ops_s()),
+                r.mb_s(),
+                fmt_us(r.p50),
+                fmt_us(r.p99),
+                fmt_us(r.max),
+                fmt_opt(r.cpu_us_per_op, 2),
+                r.error
+                    .as_deref()
+                    .map(|e| format!("  ERROR {e}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    let servers = ["usbwire", "usbip-crate"];
+    let mut names: Vec<&str> = Vec::new();
+    for r in &ctx.rows {
+        if r.server != "raw-tcp" && !names.contains(&r.workload.as_str()) {
+            names.push(&r.workload);
+        }
+    }
+    if !names.is_empty() {
+        println!();
+        println!(
+            "URB workloads (MB = 10^6 bytes; latency = submit to reply parsed, us; cpu = server CPU us per URB)"
+        );
+        let group = format!(
+            "{:>8} {:>7} {:>7} {:>7} {:>7} {:>6}",
+            "URB/s", "MB/s", "p50", "p99", "max", "cpu"
+        );
+        println!(
+            "{:<22} | {:<46} | {:<46} | {:>6}",
+            "", "usbwire", "usbip crate 0.9", "ratio"
+        );
+        println!("{:<22} | {group} | {group} | {:>6}", "workload", "uw/cr");
+        for w in names {
+            let mut line = format!("{w:<22}");
+            let mut rates = [None, None];
+            for (i, s) in servers.iter().enumerate() {
+                match ctx.rows.iter().find(|r| r.server == *s && r.workload == w) {
+                    Some(r) if r.error.is_some() && r.ops == 0 => {
+                        line.push_str(&format!(" | {:<46}", "FAILED"));
+                    }
+                    Some(r) => {
+                        rates[i] = Some(r.ops_s());
+                        line.push_str(&format!(
+                            " | {:>8} {:>7.1} {:>7} {:>7} {:>7} {:>6}",
+                            fmt_rate(r.ops_s()),
+                            r.mb_s(),
+                            fmt_us(r.p50),
+                            fmt_us(r.p99),
+                            fmt_us(r.max),
+                            fmt_opt(r.cpu_us_per_op, 2)
+                        ));
+                    }
+                    None => line.push_str(&format!(" | {:<46}", "n/a")),
+                }
+            }
+            match rates {
+                [Some(a), Some(b)] if b > 0.0 => line.push_str(&format!(" | {:>5.2}x", a / b)),
+                _ => line.push_str(&format!(" | {:>6}", "-")),
+            }
+            println!("{line}");
+        }
+        for r in &ctx.rows {
+            if let Some(e) = &r.error {
+                println!(
+                    "  error in {}:{}: {e} ({} errors)",
+                    r.server, r.workload, r.errors
+                );
+            }
+        }
+    }
+    for s in scale {
+        println!();
+        println!(
+            "scale, {}: {} devices exported, devlist {} listed in {:.2} ms p50 (min {:.2}, max {:.2})",
+            s.server, s.devices, s.devices_listed, s.devlist_ms_p50, s.devlist_ms_min, s.devlist_ms_max
+        );
+        println!(
+            "  {} idle imported connections: RSS {} -> {} KiB, {:.1} KiB per connection",
+            s.conns, s.rss_before_kib, s.rss_after_kib, s.rss_per_conn_kib
+        );
+        println!(
+            "  {:>8} {:>9} {:>9} {:>12} {:>12} {:>12}",
+            "imports", "MB/s", "URB/s", "srv us/URB", "server CPUs", "client CPUs"
+        );
+        for a in &s.agg {
+            println!(
+                "  {:>8} {:>9.0} {:>9} {:>12.2} {:>12.2} {:>12.2}",
+                a.imports,
+                a.mb_s,
+                fmt_rate(a.urb_s),
+                a.server_cpu_us_per_urb,
+                a.server_cpus,
+                a.client_cpus
+            );
+        }
+        for e in &s.errors {
+            println!("  error: {e}");
+        }
+    }
+}
+
+/// The project's performance targets, checked against what was measured.
+fn targets(ctx: &Ctx, scale: &[scale::ScaleResult]) -> Vec<Value> {
+    let find = |s: &str, w: &str| {
+        ctx.rows
+            .iter()
+            .find(|r| r.server == s && r.workload == w && r.ops > 0)
+    };
+    let mut out = Vec::new();
+    let mut verdict = |id: &str, what: String, pass: Option<bool>| {
+        out.push(json!({"target": id, "check": what,
+            "verdict": match pass { Some(true) => "PASS", Some(false) => "FAIL", None => "n/a" }}));
+    };
+    // P1
+    let raw64 = find("raw-tcp", "stream-64k").map(|r| r.mb_s());
+    for d in ["out", "in"] {
+        for k in [8, 32] {
+            let w = format!("bulk-{d}-64k-k{k}");
+            let uw = find("usbwire", &w).map(|r| r.mb_s());
+            let cr = find("usbip-crate", &format!("bulk-out-64k-k{k}")).map(|r| r.mb_s());
+            let pass = match (uw, cr, raw64) {
+                (Some(u), Some(c), Some(t)) => Some(u >= c && u >= 0.8 * t),
+                _ => None,
+            };
+            verdict(
+                "P1",
+                format!(
+                    "{w}: usbwire {} MB/s >= crate OUT {} MB/s and >= 80% of raw 64k stream {} MB/s",
+                    fmt_opt(uw, 0),
+                    fmt_opt(cr, 0),
+                    fmt_opt(raw64, 0)
+                ),
+                pass,
+            );
+        }
+    }
+    // P2
+    for d in ["out", "in"] {
+        let w = format!("bulk-{d}-512-k32");
+        let uw = find("usbwire", &w);
+        let cr = find("usbip-crate", &w);
+        let cpu = uw.and_then(|r| r.cpu_us_per_op);
+        verdict(
+            "P2",
+            format!("{w}: usbwire server CPU {} us/URB <= 2", fmt_opt(cpu, 2)),
+            cpu.map(|c| c <= 2.0),
+        );
+        let ratio = match (uw, cr) {
+            (Some(u), Some(c)) if c.ops_s() > 0.0 => Some(u.ops_s() / c.ops_s()),
+            _ => None,
+        };
+        verdict(
+            "P2",
+            format!(
+                "{w}: usbwire {} URB/s >= 3x crate {} URB/s (ratio {})",
+                fmt_rate(uw.map(|r| r.ops_s()).unwrap_or(0.0)),
+                fmt_rate(cr.map(|r| r.ops_s()).unwrap_or(0.0)),
+                fmt_opt(ratio, 2)
+            ),
+            ratio.map(|r| r >= 3.0),
+        );
+    }
+    // P3
+    let ctrl = find("usbwire", "ctrl-get-descriptor").and_then(|r| r.p50);
+    let ping = find("raw-tcp", "pingpong-64b").and_then(|r| r.p50);
+    let pinned = ctx.args.server_cpu.is_some() && ctx.args.server_cpu == ctx.args.client_cpu;
+    verdict(
+        "P3",
+        format!(
+            "control p50 {} us <= raw ping-pong p50 {} us + 3 ({})",
+            fmt_opt(ctrl, 1),
+            fmt_opt(ping, 1),
+            if pinned {
+                "pinned to one CPU"
+            } else {
+                "NOT pinned: run with --server-cpu 0 --client-cpu 0 for the real check"
+            }
+        ),
+        match (ctrl, ping) {
+            (Some(c), Some(p)) => Some(c <= p + 3.0),
+            _ => None,
+        },
+    );
+    let worst = ctx
+        .rows
+        .iter()
+        .filter(|r| {
+            r.server == "usbwire" && (r.workload.ends_with("-k8") || r.workload.ends_with("-k32"))
+        })
+        .filter_map(|r| r.max.map(|m| (m, r.workload.clone())))
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    verdict(
+        "P3",
+        match &worst {
+            Some((m, w)) => {
+                format!("no pipelined usbwire run with max latency > 5 ms: worst {m:.0} us ({w})")
+            }
+            None => "no pipelined usbwire run with max latency > 5 ms: not run".into(),
+        },
+        worst.as_ref().map(|(m, _)| *m <= 5000.0),
+    );
+    // P4
+    let uws = scale.iter().find(|s| s.server == "usbwire");
+    verdict(
+        "P4",
+        format!(
+            "devlist of {} devices {} ms < 50",
+            uws.map(|s| s.devices).unwrap_or(0),
+            fmt_opt(uws.map(|s| s.devlist_ms_p50), 2)
+        ),
+        uws.filter(|s| s.devices >= 1000 && s.devlist_ms_p50.is_finite())
+            .map(|s| s.devlist_ms_p50 < 50.0),
+    );
+    verdict(
+        "P4",
+        format!(
+            "idle connection RSS {} KiB <= 64",
+            fmt_opt(uws.map(|s| s.rss_per_conn_kib), 1)
+        ),
+        uws.filter(|s| s.rss_per_conn_kib.is_finite())
+            .map(|s| s.rss_per_conn_kib <= 64.0),
+    );
+    let agg: Vec<f64> = uws
+        .map(|s| s.agg.iter().map(|a| a.mb_s).collect())
+        .unwrap_or_default();
+    // Rising: each step keeps at least 95% of the previous one, unless the
+    // previous step already had the CPUs saturated (server + client >= 90%).
+    let ncpu = sys::online_cpus() as f64;
+    let rising = uws.filter(|s| s.agg.len() == 4).map(|s| {
+        s.agg.windows(2).all(|w| {
+            w[1].mb_s >= 0.95 * w[0].mb_s || w[0].server_cpus + w[0].client_cpus >= 0.9 * ncpu
+        })
+    });
+    verdict(
+        "P4",
+        format!(
+            "aggregate 64k IN MB/s rising 1->8 imports until CPU saturates: {}",
+            agg.iter()
+                .map(|v| format!("{v:.0}"))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        ),
+        rising,
+    );
+    let m = ctx
+        .rows
+        .iter()
+        .find(|r| r.server == "usbwire" && r.workload.starts_with("msc-read") && r.ops > 0)
+        .map(|r| r.mb_s());
+    verdict(
+        "P4",
+        format!(
+            "MSC READ through the client library {} MB/s >= 1000",
+            fmt_opt(m, 0)
+        ),
+        m.map(|v| v >= 1000.0),
+    );
+    out
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Some(port) = args.serve_usbip_crate {
+        crate_server::serve(port, args.crate_devices);
+    }
+    match real_main(args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("usbwire-bench: error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn real_main(args: Args) -> Result<bool, String> {
+    if let Some(cpu) = args.client_cpu {
+        sys::pin_thread(0, cpu).map_err(|e| format!("--client-cpu {cpu}: {e}"))?;
+    }
+    let (dur, warm) = if args.smoke {
+        (Duration::from_millis(300), Duration::from_millis(50))
+    } else {
+        let d = Duration::from_secs_f64(args.duration.clamp(0.05, 600.0));
+        (d, (d / 5).min(Duration::from_millis(300)))
+    };
+    let quiet = args.json_only;
+    let machine = sys::machine();
+    let load_start = sys::loadavg();
+    if !quiet {
+        eprintln!(
+            "usbwire-bench on {machine} (load average {load_start:.2}): \
+             {dur:?} per workload after a {warm:?} warm-up"
+        );
+        if args.server_cpu.is_none() || args.server_cpu != args.client_cpu {
+            eprintln!(
+                "note: the P3 control-latency comparison is meant to be run pinned to one CPU: \
+                 --server-cpu 0 --client-cpu 0 --filter ctrl,pingpong"
+            );
+        }
+    }
+    let mut ctx = Ctx {
+        dur,
+        warm,
+        // Preallocated once: no allocation while measuring.
+        lat: Vec::with_capacity(if args.smoke { 1 << 20 } else { 8 << 20 }),
+        rows: Vec::new(),
+        quiet,
+        args,
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix("usbwire-bench")
+        .tempdir()
+        .map_err(|e| format!("tempdir: {e}"))?;
+
+    if !quiet
+        && ["stream-64k", "stream-1m", "pingpong-64b"]
+            .iter()
+            .any(|w| ctx.selected("raw-tcp", w))
+    {
+        eprintln!("raw TCP:");
+    }
+    run_raw(&mut ctx);
+
+    // usbwire's usbipd: test device 1-1, mass storage 1-2.
+    let msc_w = format!(
+        "msc-read-{}k-q{}",
+        ctx.args.msc_cmd_bytes / 1024,
+        ctx.args.msc_depth
+    );
+    let want_uw = urb_workloads()
+        .iter()
+        .any(|(w, _)| ctx.selected("usbwire", w))
+        || ctx.selected("usbwire", &msc_w);
+    let mut fatal: Option<String> = None;
+    if want_uw {
+        let exe = servers::find_usbipd(ctx.args.usbipd.as_deref())?;
+        let mib = if ctx.args.smoke {
+            ctx.args.msc_image_mib.min(32)
+        } else {
+            ctx.args.msc_image_mib
+        }
+        .max(1);
+        let image = tmp.path().join("disk.img");
+        if ctx.selected("usbwire", &msc_w) {
+            ctx.progress(&format!(
+                "writing a {mib} MiB disk image and reading it into the page cache"
+            ));
+            msc::make_image(&image, mib).map_err(|e| format!("{}: {e}", image.display()))?;
+        } else {
+            std::fs::write(&image, vec![0u8; 1 << 20]).map_err(|e| e.to_string())?;
+        }
+        let config = tmp.path().join("usbipd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[[device]]\nkind = \"test\"\nbusid = \"1-1\"\n\n[[device]]\nkind = \"mass-storage\"\nbusid = \"1-2\"\nimage = \"{}\"\n",
+                image.display()
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        if !quiet {
+            eprintln!("usbwire ({}):", exe.display());
+        }
+        match ServerProc::usbipd(&exe, &config, &tmp.path().join("usbipd.log")) {
+            Ok(mut srv) => {
+                if let Some(cpu) = ctx.args.server_cpu {
+                    sys::pin_process(srv.pid(), cpu).map_err(|e| format!("--server-cpu: {e}"))?;
+                }
+                run_urb_suite(&mut ctx, &mut srv, "1-1");
+                let image_bytes = std::fs::metadata(&image).map(|m| m.len()).unwrap_or(0);
+                run_msc(&mut ctx, &srv, "1-2", image_bytes);
+                if let Err(e) = srv.check_alive() {
+                    fatal = Some(e);
+                }
+                srv.stop();
+            }
+            Err(e) => fatal = Some(e),
+        }
+    }
+
+    let want_cr = urb_workloads()
+        .iter()
+        .any(|(w, _)| ctx.selected("usbip-crate", w));
+    if want_cr {
+        if !quiet {
+            eprintln!("usbip crate 0.9 (child process):");
+        }
+        match ServerProc::usbip_crate(1, &tmp.path().join("usbip-crate.log")) {
+            Ok(mut srv) => {
+                if let Some(cpu) = ctx.args.server_cpu {
+                    sys::pin_process(srv.pid(), cpu).map_err(|e| format!("--server-cpu: {e}"))?;
+                }
+                run_urb_suite(&mut ctx, &mut srv, "1-1");
+                if let Err(e) = srv.check_alive() {
+                    fatal.get_or_insert(e);
+                }
+                srv.stop();
+            }
+            Err(e) => {
+                fatal.get_or_insert(e);
+            }
+        }
+    }
+
+    let mut scale_results = Vec::new();
+    if ctx.args.scale {
+        let (devices, conns, reps) = if ctx.args.smoke {
+            (
+                ctx.args.scale_devices.min(100),
+                ctx.args.scale_conns.min(16),
+                3,
+            )
+        } else {
+            (ctx.args.scale_devices.max(8), ctx.args.scale_conns, 20)
+        };
+        let opts = scale::ScaleOpts {
+            devices,
+            conns,
+            devlist_reps: reps,
+            dur,
+            warm,
+        };
+        if ctx.selected("usbwire", "scale") {
+            let exe = servers::find_usbipd(ctx.args.usbipd.as_deref())?;
+            let config = tmp.path().join("scale.toml");
+            std::fs::write(&config, scale::config(devices)).map_err(|e| e.to_string())?;
+            if !quiet {
+                eprintln!("scale, usbwire: {devices} devices, {conns} idle connections");
+            }
+            match ServerProc::usbipd(&exe, &config, &tmp.path().join("usbipd-scale.log")) {
+                Ok(mut srv) => {
+                    if let Some(cpu) = ctx.args.server_cpu {
+                        sys::pin_process(srv.pid(), cpu).map_err(|e| e.to_string())?;
+                    }
+                    scale_results.push(scale::run(&mut srv, &opts));
+                    srv.stop();
+                }
+                Err(e) => {
+                    fatal.get_or_insert(e);
+                }
+            }
+        }
+        if ctx.selected("usbip-crate", "scale") {
+            if !quiet {
+                eprintln!("scale, usbip crate: {devices} devices, {conns} idle connections");
+            }
+            match ServerProc::usbip_crate(devices, &tmp.path().join("usbip-crate-scale.log")) {
+                Ok(mut srv) => {
+                    if let Some(cpu) = ctx.args.server_cpu {
+                        sys::pin_process(srv.pid(), cpu).map_err(|e| e.to_string())?;
+                    }
+                    scale_results.push(scale::run(&mut srv, &opts));
+                    srv.stop();
+                }
+                Err(e) => {
+                    fatal.get_or_insert(e);
+                }
+            }
+        }
+    }
+
+    if !quiet {
+        print_tables(&ctx, &scale_results);
+    }
+    let t = targets(&ctx, &scale_results);
+    if !quiet {
+        println!();
+        println!("targets (informational; the smoke test never checks timings):");
+        for v in &t {
+            println!(
+                "  {} {:<5} {}",
+                v["target"].as_str().unwrap_or(""),
+                v["verdict"].as_str().unwrap_or(""),
+                v["check"].as_str().unwrap_or("")
+            );
+        }
+        println!();
+    }
+
+    // Sanity: everything selected ran, moved data, and saw no errors.
+    let mut problems: Vec<String> = Vec::new();
+    if let Some(e) = &fatal {
+        problems.push(e.clone());
+    }
+    if ctx.rows.is_empty() && scale_results.is_empty() {
+        problems.push("no workload matched --filter".into());
+    }
+    for r in &ctx.rows {
+        if r.ops == 0 || r.errors > 0 || r.error.is_some() || r.ops_s().is_nan() || r.ops_s() <= 0.0
+        {
+            problems.push(format!(
+                "{}:{}: {} ops, {} errors {}",
+                r.server,
+                r.workload,
+                r.ops,
+                r.errors,
+                r.error.as_deref().unwrap_or("")
+            ));
+        }
+        if r.bytes == 0 {
+            problems.push(format!("{}:{}: no data moved", r.server, r.workload));
+        }
+    }
+    for s in &scale_results {
+        for e in &s.errors {
+            problems.push(format!("scale {}: {e}", s.server));
+        }
+        if s.agg
+            .iter()
+            .any(|a| a.mb_s.is_nan() || a.mb_s <= 0.0 || a.errors > 0)
+        {
+            problems.push(format!(
+                "scale {}: aggregate run moved no data or had errors",
+                s.server
+            ));
+        }
+    }
+
+    let summary = json!({
+        "bench": "usbwire-bench",
+        "version": env!("CARGO_PKG_VERSION"),
+        "machine": machine,
+        "loadavg_start": load_start,
+        "loadavg_end": sys::loadavg(),
+        "mode": if ctx.args.smoke { "smoke" } else { "full" },
+        "duration_s": dur.as_secs_f64(),
+        "server_cpu": ctx.args.server_cpu,
+        "client_cpu": ctx.args.client_cpu,
+        "msc": {"cmd_bytes": ctx.args.msc_cmd_bytes, "depth": ctx.args.msc_depth},
+        "results": ctx.rows.iter().map(Row::to_json).collect::<Vec<_>>(),
+        "scale": scale_results.iter().map(|s| s.to_json()).collect::<Vec<_>>(),
+        "targets": t,
+        "problems": problems,
+    });
+    println!("{summary}");
+    if !problems.is_empty() {
+        eprintln!("usbwire-bench: {} problem(s):", problems.len());
+        for p in &problems {
+            eprintln!("  {p}");
+        }
+        return Ok(false);
+    }
+    Ok(true)
+}

@@ -1,0 +1,147 @@
+//! The limit: plain TCP on loopback between two threads of this process.
+
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::sys;
+
+pub struct RawResult {
+    /// Writes (stream) or round trips (ping-pong).
+    pub ops: u64,
+    pub bytes: u64,
+    pub elapsed: Duration,
+    /// CPU time of the peer thread (the receiver / the echoer), ns.
+    pub peer_cpu_ns: u64,
+}
+
+fn pair() -> io::Result<(TcpStream, TcpListener)> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let c = TcpStream::connect(l.local_addr()?)?;
+    Ok((c, l))
+}
+
+fn setup(s: &TcpStream) -> io::Result<()> {
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    Ok(())
+}
+
+/// A one-way stream in `write_size` writes: `warm` unmeasured, then `dur`
+/// measured, on the same connection; the receiver reads into a 256 KiB
+/// buffer. The peer's CPU time is averaged over every write.
+pub fn stream(
+    write_size: usize,
+    warm: Duration,
+    dur: Duration,
+    peer_cpu: Option<usize>,
+) -> io::Result<RawResult> {
+    let (mut c, l) = pair()?;
+    setup(&c)?;
+    let peer = thread::spawn(move || -> io::Result<(u64, u64)> {
+        if let Some(cpu) = peer_cpu {
+            sys::pin_thread(0, cpu)?;
+        }
+        let (mut s, _) = l.accept()?;
+        setup(&s)?;
+        let cpu0 = sys::thread_cpu_ns();
+        // As large as usbipd's read chunk (256 KiB).
+        let mut buf = vec![0u8; 256 << 10];
+        let mut total = 0u64;
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        Ok((total, sys::thread_cpu_ns() - cpu0))
+    });
+    let buf = vec![0x5au8; write_size];
+    let t0 = Instant::now();
+    let mut warm_ops = 0u64;
+    while t0.elapsed() < warm {
+        c.write_all(&buf)?;
+        warm_ops += 1;
+    }
+    let start = Instant::now();
+    let mut ops = 0u64;
+    while start.elapsed() < dur {
+        c.write_all(&buf)?;
+        ops += 1;
+    }
+    c.shutdown(std::net::Shutdown::Write)?;
+    let (total, cpu) = peer
+        .join()
+        .map_err(|_| io::Error::other("receiver panicked"))??;
+    // Measured until the receiver has read the last byte.
+    let elapsed = start.elapsed();
+    if total != (warm_ops + ops) * write_size as u64 {
+        return Err(io::Error::other("receiver byte count mismatch"));
+    }
+    Ok(RawResult {
+        ops,
+        bytes: ops * write_size as u64,
+        elapsed,
+        peer_cpu_ns: cpu * ops / (warm_ops + ops).max(1),
+    })
+}
+
+/// 64-byte ping-pong, `warm` unmeasured then `dur` measured on the same
+/// connection; per-round-trip latency in ns goes to `lat`.
+pub fn pingpong(
+    warm: Duration,
+    dur: Duration,
+    peer_cpu: Option<usize>,
+    lat: &mut Vec<u32>,
+) -> io::Result<RawResult> {
+    lat.clear();
+    let (mut c, l) = pair()?;
+    setup(&c)?;
+    let peer = thread::spawn(move || -> io::Result<u64> {
+        if let Some(cpu) = peer_cpu {
+            sys::pin_thread(0, cpu)?;
+        }
+        let (mut s, _) = l.accept()?;
+        setup(&s)?;
+        let cpu0 = sys::thread_cpu_ns();
+        let mut buf = [0u8; 64];
+        // Ends when the client closes.
+        while s.read_exact(&mut buf).is_ok() {
+            s.write_all(&buf)?;
+        }
+        Ok(sys::thread_cpu_ns() - cpu0)
+    });
+    let mut buf = [0x5au8; 64];
+    let t0 = Instant::now();
+    let mut warm_ops = 0u64;
+    while t0.elapsed() < warm {
+        c.write_all(&buf)?;
+        c.read_exact(&mut buf)?;
+        warm_ops += 1;
+    }
+    let start = Instant::now();
+    let mut ops = 0u64;
+    while start.elapsed() < dur {
+        let t = Instant::now();
+        c.write_all(&buf)?;
+        c.read_exact(&mut buf)?;
+        if lat.len() < lat.capacity() {
+            lat.push(t.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+        }
+        ops += 1;
+    }
+    let elapsed = start.elapsed();
+    drop(c);
+    let cpu = peer
+        .join()
+        .map_err(|_| io::Error::other("echo thread panicked"))??;
+    Ok(RawResult {
+        ops,
+        bytes: ops * 64,
+        elapsed,
+        peer_cpu_ns: cpu * ops / (warm_ops + ops).max(1),
+    })
+}

@@ -1,0 +1,34 @@
+//! The benchmark's smoke mode as a test: every workload runs briefly and
+//! must move data without errors. No timing is checked.
+//!
+//! Ignored by default because it needs `usbipd` (it builds it through cargo
+//! when missing) and takes a while: run it with
+//! `cargo test -p usbwire-bench -- --ignored`, or directly with
+//! `cargo run --release -p usbwire-bench -- --smoke`.
+
+use std::process::Command;
+
+#[test]
+#[ignore = "builds and runs usbipd; run with --ignored"]
+fn smoke_mode_runs_clean() {
+    let out = Command::new(env!("CARGO_BIN_EXE_usbwire-bench"))
+        .args(["--smoke", "--json-only"])
+        .output()
+        .expect("run usbwire-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "usbwire-bench --smoke failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    let line = stdout.lines().last().expect("a JSON line");
+    let v: serde_json::Value = serde_json::from_str(line).expect("valid JSON");
+    assert_eq!(v["problems"].as_array().map(Vec::len), Some(0), "{line}");
+    let results = v["results"].as_array().expect("results");
+    assert!(results.len() >= 20, "{line}");
+    for r in results {
+        assert!(r["ops"].as_u64().unwrap_or(0) > 0, "{r}");
+        assert_eq!(r["errors"].as_u64(), Some(0), "{r}");
+    }
+}
