@@ -146,3 +146,136 @@ async fn with_the_hold_switched_off_urb2_swallows_the_status() {
         "URB3 got data although the status was already consumed"
     );
 }
+
+mod given_back {
+    //! A device whose URBs sit in a host controller, as through usbfs: when
+    //! URB1 fails, the controller cancels URB2 and URB3 (bulk continuation)
+    //! before they run and the backend gives them back. The session must
+    //! hold them like URBs it never started.
+
+    use std::collections::{HashSet, VecDeque};
+    use std::task::{Context, Poll, Waker};
+    use std::time::Duration;
+
+    use usbwire_client::{TransferError, TransferRequest};
+    use usbwire_devices::TransferType;
+    use usbwire_proto::urb::flags::URB_SHORT_NOT_OK;
+    use usbwire_proto::{DeviceInfo, Errno, Speed};
+    use usbwire_server::{Backend, ServerConfig, Urb, NOT_STARTED};
+    use usbwire_tests::support::TestServer;
+
+    struct HostController {
+        messages: VecDeque<Vec<u8>>,
+        started: Vec<u32>,
+        cancelled: HashSet<u32>,
+        waker: Option<Waker>,
+    }
+
+    impl Backend for HostController {
+        fn device_info(&self, busid: &str, busnum: u32, devnum: u32) -> DeviceInfo {
+            DeviceInfo {
+                path: String::new(),
+                busid: busid.into(),
+                busnum,
+                devnum,
+                speed: Speed::High,
+                id_vendor: 1,
+                id_product: 3,
+                bcd_device: 0,
+                device_class: 0xff,
+                device_subclass: 0,
+                device_protocol: 0,
+                configuration_value: 1,
+                num_configurations: 1,
+                num_interfaces: 0,
+                interfaces: vec![],
+            }
+        }
+        fn transfer_type(&self, ep: u8) -> Option<TransferType> {
+            (ep == 0x81).then_some(TransferType::Bulk)
+        }
+        fn max_active(&self, _ep: u8) -> usize {
+            8
+        }
+        fn poll_urb(&mut self, urb: &mut Urb, cx: &mut Context<'_>) -> Poll<Result<usize, Errno>> {
+            if urb.ep == 0 {
+                return Poll::Ready(Ok(0));
+            }
+            if self.cancelled.remove(&urb.seqnum) {
+                self.started.retain(|s| *s != urb.seqnum);
+                return Poll::Ready(Err(NOT_STARTED));
+            }
+            if !self.started.contains(&urb.seqnum) {
+                self.started.push(urb.seqnum);
+                if let Some(w) = self.waker.take() {
+                    w.wake();
+                }
+            }
+            // The first URB completes only once three are in the controller.
+            if self.started.first() == Some(&urb.seqnum)
+                && (self.started.len() >= 3 || self.messages.len() < 2)
+            {
+                let Some(m) = self.messages.pop_front() else {
+                    self.waker = Some(cx.waker().clone());
+                    return Poll::Pending;
+                };
+                self.started.remove(0);
+                urb.buf[..m.len()].copy_from_slice(&m);
+                if m.len() < urb.length && urb.transfer_flags & URB_SHORT_NOT_OK != 0 {
+                    // Short under SHORT_NOT_OK: the controller cancels the
+                    // continuation URBs queued behind it before they run.
+                    self.cancelled.extend(self.started.iter().copied());
+                }
+                return Poll::Ready(Ok(m.len()));
+            }
+            self.waker = Some(cx.waker().clone());
+            Poll::Pending
+        }
+        fn reset(&mut self) {}
+        fn release(&mut self) {}
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn urbs_given_back_by_the_controller_are_held_and_unlinkable() {
+        let backend = HostController {
+            messages: VecDeque::from([vec![0xd7; 100], b"USBS-status!!".to_vec()]),
+            started: Vec::new(),
+            cancelled: HashSet::new(),
+            waker: None,
+        };
+        let config = ServerConfig {
+            hold_floor: Duration::from_millis(200),
+            ..ServerConfig::default()
+        };
+        let s = TestServer::start_backends(vec![Box::new(backend)], config).await;
+        let dev = usbwire_client::import(s.addr, "1-1").await.unwrap();
+        let mut urb1 = dev.submit(TransferRequest::bulk_in(1, 512).with_flags(URB_SHORT_NOT_OK));
+        let mut urb2 = dev.submit(TransferRequest::bulk_in(1, 512).with_flags(URB_SHORT_NOT_OK));
+        let urb3 = dev.submit(TransferRequest::bulk_in(1, 512));
+        let c1 = tokio::time::timeout(Duration::from_secs(10), &mut urb1)
+            .await
+            .unwrap();
+        assert_eq!(c1.status, Err(TransferError::Short));
+        assert_eq!(c1.data.len(), 100);
+        urb2.cancel().await;
+        let c2 = tokio::time::timeout(Duration::from_secs(10), &mut urb2)
+            .await
+            .unwrap();
+        assert_eq!(
+            c2.status,
+            Err(TransferError::Cancelled),
+            "URB2 was given back, so its unlink wins"
+        );
+        let c3 = tokio::time::timeout(Duration::from_secs(10), urb3)
+            .await
+            .unwrap();
+        assert_eq!(c3.status, Ok(()));
+        assert_eq!(
+            c3.data, b"USBS-status!!",
+            "the status reached URB3 after the hold"
+        );
+    }
+}

@@ -17,7 +17,7 @@ use usbwire_devices::TransferType;
 use usbwire_proto::urb::flags as lf;
 use usbwire_proto::{DeviceInfo, Direction, Errno};
 use usbwire_server::backend::is_reset_request;
-use usbwire_server::{Backend, Urb};
+use usbwire_server::{Backend, Urb, NOT_STARTED};
 
 use crate::sysfs::{Descriptors, Roots, SysDevice};
 use crate::usbfs::{self, Transfer, Usbfs};
@@ -56,10 +56,12 @@ pub fn status_errno(status: i32) -> Errno {
 /// The usbfs flags for an URB with USB/IP `transfer_flags`, masked the way
 /// `usb_submit_urb` and stub_rx.c's `masking_bogus_flags` mask them.
 ///
-/// `continuation`: this bulk IN URB continues a transfer whose earlier URB
-/// is still on the endpoint; it gets `USBDEVFS_URB_BULK_CONTINUATION`, so
-/// that if an earlier URB of the transfer fails the kernel cancels this one
-/// instead of letting it swallow data meant for the next transfer.
+/// `continuation`: this bulk URB was queued behind another URB still on the
+/// endpoint; it gets `USBDEVFS_URB_BULK_CONTINUATION`, so that if an
+/// earlier URB fails the kernel cancels this one before it runs (from the
+/// failed URB's completion, before the controller moves on) instead of
+/// letting it swallow data meant for a later stage. The backend then gives
+/// it back to the session untouched, and the endpoint's error hold decides.
 pub fn usbfs_flags(
     transfer_flags: u32,
     tt: TransferType,
@@ -83,9 +85,9 @@ pub fn usbfs_flags(
             }
             if is_in && transfer_flags & lf::URB_SHORT_NOT_OK != 0 {
                 f |= usbfs::URB_SHORT_NOT_OK;
-                if tt == TransferType::Bulk && continuation {
-                    f |= usbfs::URB_BULK_CONTINUATION;
-                }
+            }
+            if tt == TransferType::Bulk && continuation {
+                f |= usbfs::URB_BULK_CONTINUATION;
             }
         }
         TransferType::Control => {
@@ -95,31 +97,6 @@ pub fn usbfs_flags(
         }
     }
     f
-}
-
-/// Tracks, per bulk IN endpoint, whether the next URB continues a
-/// transfer: an URB with URB_SHORT_NOT_OK and URB_NO_INTERRUPT is followed
-/// by more URBs of its transfer (usb_sg_init marks every URB but the last
-/// with URB_NO_INTERRUPT); the URB after the last one starts a new transfer.
-#[derive(Debug, Default, Clone)]
-pub struct ContinuationTracker {
-    open: [bool; 16],
-}
-
-impl ContinuationTracker {
-    /// Whether an URB with these flags on IN endpoint `ep` (1..=15) is a
-    /// continuation; records it.
-    pub fn next(&mut self, ep: u8, transfer_flags: u32) -> bool {
-        let i = (ep & 0x0f) as usize;
-        let short_not_ok = transfer_flags & lf::URB_SHORT_NOT_OK != 0;
-        let continuation = short_not_ok && self.open[i];
-        self.open[i] = short_not_ok && transfer_flags & lf::URB_NO_INTERRUPT != 0;
-        continuation
-    }
-
-    pub fn reset(&mut self) {
-        self.open = [false; 16];
-    }
 }
 
 /// How an URB was handed to usbfs, to shape its completion.
@@ -134,6 +111,12 @@ enum Kind {
 struct Submitted {
     id: u64,
     kind: Kind,
+    /// Endpoint address, to know what else is in flight on it.
+    ep: u8,
+    /// Submitted with USBDEVFS_URB_BULK_CONTINUATION.
+    continuation: bool,
+    /// The session asked for it to be cancelled (an unlink).
+    cancelled: bool,
 }
 
 /// A real device exported through usbfs. Dropping it releases every
@@ -150,7 +133,6 @@ pub struct UsbfsBackend {
     next_id: u64,
     by_seq: HashMap<u32, Submitted>,
     done: HashMap<u64, Transfer>,
-    cont: ContinuationTracker,
     gone: bool,
     /// Put the original drivers back when dropped.
     reattach: bool,
@@ -173,7 +155,6 @@ impl UsbfsBackend {
             next_id: 1,
             by_seq: HashMap::new(),
             done: HashMap::new(),
-            cont: ContinuationTracker::default(),
             gone: false,
             reattach: true,
         };
@@ -276,7 +257,6 @@ impl UsbfsBackend {
             info!(busid = %self.sys.busid, "device reset requested");
             let r = self.dev.reset();
             self.reclaim();
-            self.cont.reset();
             self.refresh();
             return Some(self.io_result(r));
         }
@@ -374,9 +354,8 @@ impl UsbfsBackend {
                     )
                 }
                 TransferType::Bulk | TransferType::Interrupt => {
-                    let continuation = tt == TransferType::Bulk
-                        && urb.direction == Direction::In
-                        && self.cont.next(urb.ep, urb.transfer_flags);
+                    let continuation =
+                        tt == TransferType::Bulk && self.by_seq.values().any(|s| s.ep == ep);
                     let f = usbfs_flags(urb.transfer_flags, tt, urb.direction, continuation);
                     let typ = if tt == TransferType::Bulk {
                         usbfs::TYPE_BULK
@@ -395,7 +374,19 @@ impl UsbfsBackend {
         self.next_id += 1;
         match self.dev.submit(id, t) {
             Ok(()) => {
-                self.by_seq.insert(urb.seqnum, Submitted { id, kind });
+                let continuation = matches!(kind, Kind::Plain)
+                    && self.transfer_type(ep) == Some(TransferType::Bulk)
+                    && self.by_seq.values().any(|s| s.ep == ep);
+                self.by_seq.insert(
+                    urb.seqnum,
+                    Submitted {
+                        id,
+                        kind,
+                        ep,
+                        continuation,
+                        cancelled: false,
+                    },
+                );
                 None
             }
             Err((t, e)) => {
@@ -406,14 +397,35 @@ impl UsbfsBackend {
                 if e.raw_os_error() == Some(libc::ENODEV) {
                     self.gone = true;
                 }
+                let continuation = matches!(kind, Kind::Plain)
+                    && self.transfer_type(ep) == Some(TransferType::Bulk)
+                    && self.by_seq.values().any(|s| s.ep == ep);
+                if continuation && e.raw_os_error() == Some(libc::EREMOTEIO) {
+                    // usbfs refuses continuations after an earlier failure
+                    // on the endpoint until a new transfer starts: not run.
+                    if urb.buf.len() < urb.length {
+                        urb.buf.resize(urb.length, 0);
+                    }
+                    return Some(Err(NOT_STARTED));
+                }
                 Some(Err(errno_of(&e)))
             }
         }
     }
 
-    fn finish(&mut self, urb: &mut Urb, kind: Kind, t: Transfer) -> Result<usize, Errno> {
+    fn finish(&mut self, urb: &mut Urb, sub: Submitted, t: Transfer) -> Result<usize, Errno> {
         let status = t.status();
         let actual = t.actual_length();
+        let kind = sub.kind;
+        if sub.continuation && !sub.cancelled && status == -libc::ECONNRESET && actual == 0 {
+            // The kernel cancelled this continuation because an earlier URB
+            // of the endpoint failed; it never ran.
+            urb.buf = t.into_buf();
+            if urb.buf.len() < urb.length {
+                urb.buf.resize(urb.length, 0);
+            }
+            return Err(NOT_STARTED);
+        }
         match kind {
             Kind::Plain => {
                 urb.buf = t.into_buf();
@@ -483,7 +495,6 @@ impl UsbfsBackend {
         }
         self.done.clear();
         self.by_seq.clear();
-        self.cont.reset();
     }
 
     /// Do not put the kernel drivers back when dropped (the device is gone).
@@ -520,12 +531,12 @@ impl Backend for UsbfsBackend {
         loop {
             if let Some(t) = self.done.remove(&id) {
                 let s = self.by_seq.remove(&urb.seqnum).expect("present");
-                return Poll::Ready(self.finish(urb, s.kind, t));
+                return Poll::Ready(self.finish(urb, s, t));
             }
             self.reap_all();
             if let Some(t) = self.done.remove(&id) {
                 let s = self.by_seq.remove(&urb.seqnum).expect("present");
-                return Poll::Ready(self.finish(urb, s.kind, t));
+                return Poll::Ready(self.finish(urb, s, t));
             }
             if self.gone {
                 // Nothing left to reap and ours did not come back.
@@ -550,16 +561,20 @@ impl Backend for UsbfsBackend {
             return 1;
         }
         match self.transfer_type(ep_address) {
-            Some(TransferType::Bulk) | Some(TransferType::Interrupt) => MAX_ACTIVE_BULK,
+            Some(TransferType::Bulk) => MAX_ACTIVE_BULK,
+            // usbfs has no continuation for interrupt endpoints, so one at a
+            // time is the only way nothing runs past an error there.
+            Some(TransferType::Interrupt) => 1,
             Some(TransferType::Isochronous) => MAX_ACTIVE_ISO,
             _ => 1,
         }
     }
 
     fn cancel(&mut self, urb: &mut Urb) -> bool {
-        let Some(s) = self.by_seq.get(&urb.seqnum) else {
+        let Some(s) = self.by_seq.get_mut(&urb.seqnum) else {
             return true;
         };
+        s.cancelled = true;
         let id = s.id;
         if self.done.contains_key(&id) {
             return false;
@@ -636,7 +651,8 @@ mod tests {
             usbfs_flags(all, TransferType::Bulk, Direction::In, false),
             usbfs::URB_SHORT_NOT_OK | usbfs::URB_NO_INTERRUPT
         );
-        // Continuation only with SHORT_NOT_OK on bulk IN.
+        // A bulk URB queued behind another is a continuation, either way:
+        // the kernel then cancels it, unrun, if an earlier one fails.
         assert_eq!(
             usbfs_flags(
                 lf::URB_SHORT_NOT_OK,
@@ -646,7 +662,11 @@ mod tests {
             ),
             usbfs::URB_SHORT_NOT_OK | usbfs::URB_BULK_CONTINUATION
         );
-        assert_eq!(usbfs_flags(0, TransferType::Bulk, Direction::In, true), 0);
+        assert_eq!(
+            usbfs_flags(0, TransferType::Bulk, Direction::Out, true),
+            usbfs::URB_BULK_CONTINUATION
+        );
+        assert_eq!(usbfs_flags(0, TransferType::Bulk, Direction::In, false), 0);
         assert_eq!(
             usbfs_flags(
                 lf::URB_SHORT_NOT_OK,
@@ -676,27 +696,6 @@ mod tests {
             ),
             0
         );
-    }
-
-    #[test]
-    fn continuation_follows_scatter_gather_transfers() {
-        let sno = lf::URB_SHORT_NOT_OK;
-        let ni = lf::URB_NO_INTERRUPT;
-        let mut c = ContinuationTracker::default();
-        // A three-URB transfer (usb_sg_init): first starts, the rest continue.
-        assert!(!c.next(1, sno | ni));
-        assert!(c.next(1, sno | ni));
-        assert!(c.next(1, sno));
-        // The next transfer starts afresh and re-enables the endpoint.
-        assert!(!c.next(1, sno | ni));
-        assert!(c.next(1, sno));
-        // URBs without SHORT_NOT_OK are never continuations.
-        assert!(!c.next(2, ni));
-        assert!(!c.next(2, 0));
-        // Endpoints are independent.
-        assert!(!c.next(3, sno | ni));
-        assert!(!c.next(4, sno));
-        assert!(c.next(3, sno));
     }
 
     #[test]

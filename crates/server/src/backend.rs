@@ -87,6 +87,13 @@ pub trait Backend: Send + 'static {
     fn flush(&mut self) -> io::Result<()>;
 }
 
+/// What `poll_urb` returns for an URB the backend gives back without having
+/// run it: a real host controller cancelled it because an earlier URB of
+/// its endpoint failed (usbfs bulk continuation). The session puts it back
+/// at the front of the endpoint's waiting queue, where the error hold
+/// decides when, or whether, it runs. No data may have moved for it.
+pub const NOT_STARTED: Errno = Errno::EINPROGRESS;
+
 /// `SET_FEATURE(PORT_RESET)` to a hub port, which is how the kernel's stub
 /// recognises a device reset request (`is_reset_device_cmd` in stub_rx.c).
 pub fn is_reset_request(s: &SetupPacket) -> bool {

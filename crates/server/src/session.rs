@@ -25,7 +25,7 @@ use usbwire_proto::{
     OpStatus, RetSubmit, RetUnlink, UrbCommand, USBIP_VERSION,
 };
 
-use crate::backend::{is_reset_request, Backend, Urb};
+use crate::backend::{is_reset_request, Backend, Urb, NOT_STARTED};
 use crate::queue::EndpointQueue;
 use crate::{SessionError, Shared};
 
@@ -554,7 +554,9 @@ impl Session {
     fn pump(&mut self, q: usize) {
         let waker = Waker::from(self.waker.clone());
         let mut cx = Context::from_waker(&waker);
-        loop {
+        // Bounded, so that a backend that keeps giving URBs back cannot
+        // spin the session; the next wake-up carries on.
+        for _ in 0..1024 {
             let mut progressed = false;
             while let Some(ep) = self.queues[q].waiting.front().map(|u| u.ep_address()) {
                 let max = self.backend().max_active(ep).max(1);
@@ -565,6 +567,7 @@ impl Session {
             // Poll every active URB in order: the first poll of a real
             // device's URB submits it.
             let mut i = 0;
+            let mut given_back = Vec::new();
             while i < self.queues[q].active.len() {
                 let mut urb = self.queues[q].active.remove(i).expect("index checked");
                 match self.backend().poll_urb(&mut urb, &mut cx) {
@@ -572,16 +575,25 @@ impl Session {
                         self.queues[q].active.insert(i, urb);
                         i += 1;
                     }
+                    Poll::Ready(Err(e)) if e == NOT_STARTED => given_back.push(urb),
                     Poll::Ready(r) => {
                         self.complete(urb, r);
                         progressed = true;
                     }
                 }
             }
+            // URBs the device never ran go back ahead of those still
+            // waiting, in their order: the queue's hold now governs them.
+            for urb in given_back.into_iter().rev() {
+                self.queues[q].waiting.push_front(urb);
+                progressed = true;
+            }
             if !progressed {
                 return;
             }
         }
+        // Out of rounds with work left: come back on the next turn.
+        waker.wake_by_ref();
     }
 
     fn poll_all(&mut self) {
