@@ -657,8 +657,7 @@ impl Function for CdcAcm {
         match setup.request {
             request::GET_LINE_CODING => {
                 let b = self.line_coding.to_bytes();
-                let n = b.len().min(buf.len());
-                buf[..n].copy_from_slice(&b[..n]);
+                let n = crate::core::reply(&b, buf);
                 Some(Ok(n))
             }
             _ => None,

@@ -24,6 +24,14 @@ pub mod req {
     pub const DEVICE_REMOTE_WAKEUP: u16 = 1;
 }
 
+/// Copies a control reply into the data-stage buffer, truncated to the
+/// host's wLength as USB requires, and returns the length sent.
+pub fn reply(src: &[u8], buf: &mut [u8]) -> usize {
+    let n = src.len().min(buf.len());
+    buf[..n].copy_from_slice(&src[..n]);
+    n
+}
+
 /// The class- or vendor-specific part of an emulated device.
 ///
 /// Control handlers return `None` for a request that is not theirs; the
@@ -191,9 +199,8 @@ impl EmulatedDevice {
     }
 
     fn copy_out(data: &[u8], buf: &mut [u8], w_length: u16) -> Result<usize, Errno> {
-        let n = data.len().min(buf.len()).min(w_length as usize);
-        buf[..n].copy_from_slice(&data[..n]);
-        Ok(n)
+        let n = buf.len().min(w_length as usize);
+        Ok(reply(data, &mut buf[..n]))
     }
 
     /// Chapter 9 requests. `None` hands the request to the function

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt};
 use usbwire_proto::{Errno, SetupPacket, Speed};
 
-use crate::core::Function;
+use crate::core::{reply, Function};
 use crate::descriptors::{self, Descriptors, DeviceDescriptor, TransferType};
 
 /// Reports queued at most; a press and a release per character, so about
@@ -359,12 +359,6 @@ fn build_descriptors(serial: &str) -> Descriptors {
     )
 }
 
-fn copy_to(src: &[u8], buf: &mut [u8]) -> usize {
-    let n = src.len().min(buf.len());
-    buf[..n].copy_from_slice(&src[..n]);
-    n
-}
-
 impl Function for HidKeyboard {
     fn descriptors(&self) -> &Descriptors {
         &self.descriptors
@@ -376,17 +370,17 @@ impl Function for HidKeyboard {
         }
         match (s.kind(), s.request) {
             (0, crate::core::req::GET_DESCRIPTOR) => match (s.value >> 8) as u8 {
-                DT_REPORT => Some(Ok(copy_to(&REPORT_DESCRIPTOR, buf))),
-                DT_HID => Some(Ok(copy_to(&HID_DESCRIPTOR, buf))),
+                DT_REPORT => Some(Ok(reply(&REPORT_DESCRIPTOR, buf))),
+                DT_HID => Some(Ok(reply(&HID_DESCRIPTOR, buf))),
                 _ => None,
             },
             (1, request::GET_REPORT) => match (s.value >> 8) as u8 {
-                1 => Some(Ok(copy_to(&self.current, buf))),
-                2 => Some(Ok(copy_to(&[self.leds()], buf))),
+                1 => Some(Ok(reply(&self.current, buf))),
+                2 => Some(Ok(reply(&[self.leds()], buf))),
                 _ => Some(Err(Errno::EPIPE)),
             },
-            (1, request::GET_IDLE) => Some(Ok(copy_to(&[self.idle], buf))),
-            (1, request::GET_PROTOCOL) => Some(Ok(copy_to(&[self.protocol], buf))),
+            (1, request::GET_IDLE) => Some(Ok(reply(&[self.idle], buf))),
+            (1, request::GET_PROTOCOL) => Some(Ok(reply(&[self.protocol], buf))),
             _ => None,
         }
     }

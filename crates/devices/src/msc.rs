@@ -1040,8 +1040,7 @@ impl Function for MassStorage {
                 return None;
             }
             let bos = self.bos.as_ref()?;
-            let n = bos.len().min(buf.len());
-            buf[..n].copy_from_slice(&bos[..n]);
+            let n = crate::core::reply(bos, buf);
             return Some(Ok(n));
         }
         if setup.kind() != 1 || setup.recipient() != 1 || setup.request != REQ_GET_MAX_LUN {

@@ -489,8 +489,7 @@ impl Function for TestDevice {
         match s.request {
             vendor::STATS => {
                 let b = self.stats.to_bytes();
-                let n = b.len().min(buf.len());
-                buf[..n].copy_from_slice(&b[..n]);
+                let n = crate::core::reply(&b, buf);
                 Some(Ok(n))
             }
             _ => None,
