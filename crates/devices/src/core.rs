@@ -211,11 +211,15 @@ impl EmulatedDevice {
             (req::GET_DESCRIPTOR, 0) => {
                 let d = self.function.descriptors();
                 let index = s.value as u8;
-                let bytes: Option<Vec<u8>> = match (s.value >> 8) as u8 {
-                    descriptors::DT_DEVICE => Some(d.device_bytes().to_vec()),
-                    descriptors::DT_CONFIG if index == 0 => Some(d.configuration.clone()),
-                    descriptors::DT_STRING => d.string(index),
-                    descriptors::DT_DEVICE_QUALIFIER => d.device_qualifier().map(|q| q.to_vec()),
+                // Borrowed where the bytes already exist: enumeration and
+                // benchmarks ask for descriptors in a loop.
+                let bytes: Option<std::borrow::Cow<'_, [u8]>> = match (s.value >> 8) as u8 {
+                    descriptors::DT_DEVICE => Some(d.device_bytes()[..].into()),
+                    descriptors::DT_CONFIG if index == 0 => Some(d.configuration[..].into()),
+                    descriptors::DT_STRING => d.string(index).map(Into::into),
+                    descriptors::DT_DEVICE_QUALIFIER => {
+                        d.device_qualifier().map(|q| q.to_vec().into())
+                    }
                     // Not a standard type the core knows (BOS, or a
                     // class type): the function may have it.
                     descriptors::DT_BOS => return None,

@@ -283,6 +283,8 @@ impl Session {
             let deadline = self.next_deadline();
             let notify = self.waker.clone();
             tokio::select! {
+                // Fixed order: no random draw per turn, and input first.
+                biased;
                 r = stream.readable(), if want_read => {
                     r?;
                     if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
