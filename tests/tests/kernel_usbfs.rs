@@ -3,6 +3,7 @@
 //! `usbipd-rs`/`usbip-rs` run in the guest, and the guest's own vhci-hcd
 //! (driven by Debian's C `usbip attach`) imports over 127.0.0.1.
 
+use std::future::Future;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -426,5 +427,291 @@ echo DONE
     assert!(
         bulk_report.contains("cancelled=1") || bulk_report.contains("ok=24"),
         "{bulk_report}"
+    );
+}
+
+/// A Loopback gadget (`usb_f_ss_lb`, function `Loopback.0`) named `name`
+/// on `udc`: what is written to its bulk OUT comes back on its bulk IN, so
+/// an IN URB stays pending until something is written.
+fn gadget_loopback_sh(name: &str, udc: &str) -> String {
+    format!(
+        r#"# --- usbwire loopback gadget {name} ---
+modprobe libcomposite || exit 90
+G=/sys/kernel/config/usb_gadget/{name}
+mkdir -p $G/strings/0x409 $G/configs/c.1/strings/0x409 || exit 90
+echo 0x0525 > $G/idVendor
+echo 0xa4a1 > $G/idProduct
+echo usbwire > $G/strings/0x409/manufacturer
+echo Loopback > $G/strings/0x409/product
+echo usbwire-{name} > $G/strings/0x409/serialnumber
+echo c1 > $G/configs/c.1/strings/0x409/configuration
+mkdir $G/functions/Loopback.0 || exit 90
+ln -s $G/functions/Loopback.0 $G/configs/c.1/ || exit 90
+echo {udc} > $G/UDC || exit 90
+# --- end gadget ---
+"#
+    )
+}
+
+/// The top-level objects of a JSON array (as `usbip list --json` prints
+/// it), as text: enough to find one device's object without a JSON parser.
+fn json_objects(text: &str) -> Vec<&str> {
+    let (mut out, mut depth, mut start) = (Vec::new(), 0usize, 0usize);
+    let (mut in_str, mut escaped) = (false, false);
+    for (i, c) in text.char_indices() {
+        if in_str {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => in_str = true,
+            '{' => {
+                if depth == 0 {
+                    start = i;
+                }
+                depth += 1;
+            }
+            '}' => {
+                depth = depth.saturating_sub(1);
+                if depth == 0 {
+                    out.push(&text[start..=i]);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The first of `ins` to complete within `ms` milliseconds, if any.
+async fn first_done(
+    ins: &mut [usbwire_client::Transfer],
+    ms: u64,
+) -> Option<(usize, usbwire_client::Completion)> {
+    let any = std::future::poll_fn(|cx| {
+        for (k, t) in ins.iter_mut().enumerate() {
+            if let std::task::Poll::Ready(c) = std::pin::Pin::new(t).poll(cx) {
+                return std::task::Poll::Ready((k, c));
+            }
+        }
+        std::task::Poll::Pending
+    });
+    tokio::time::timeout(Duration::from_millis(ms), any)
+        .await
+        .ok()
+}
+
+/// The object for `busid` in a `usbip list -l --json` line, if listed.
+fn json_device<'a>(text: &'a str, busid: &str) -> Option<&'a str> {
+    let key = format!("\"busid\":\"{busid}\"");
+    json_objects(text).into_iter().find(|o| o.contains(&key))
+}
+
+/// CMD_UNLINK on a real device cancels exactly the URB it names (usbfs
+/// DISCARDURB) and leaves the URBs queued around it on the endpoint alone;
+/// and `usbip list -l` marks what our usbipd exports.
+#[test]
+fn kernel_usbfs_loopback_unlink_one_urb_and_list_marks() {
+    let Some(guest) = kernel::require() else {
+        return;
+    };
+    let t0 = Instant::now();
+    const SIG: u16 = 5557;
+    let script = PRELUDE.to_string()
+        + &format!(
+            r#"
+modprobe dummy_hcd
+{lb}
+lb=$(usbwire_udc_busid {udc})
+roothub=$(basename $(ls -d /sys/devices/platform/dummy_hcd.0/usb*))
+echo "LB=$lb"
+echo "ROOTHUB=$roothub"
+
+echo "== list -l without a daemon"
+usbip-rs list -l --json >/tmp/nod.json 2>/tmp/nod.err
+echo "JSON-NO-DAEMON=$(cat /tmp/nod.json)"
+echo "NO-DAEMON-STDERR=[$(cat /tmp/nod.err)]"
+start_daemon
+echo "JSON-UNBOUND=$(usbip-rs list -l --json)"
+usbip-rs bind -b "$lb"
+
+echo "== list -l with $lb exported"
+usbip-rs list -l --mark
+echo "JSON-BOUND=$(usbip-rs list -l --json)"
+echo "JSON-BOUND-ALL=$(usbip-rs list -l --all --json)"
+usbip-rs list -l --all --mark
+echo "MARK-P=$(usbip-rs list -p -l --all --mark | tr '\n' ' ')"
+# What the C tool prints, byte for byte, with usbipd running and a device bound.
+usbip-rs list -l >/tmp/ours
+usbip list -l >/tmp/theirs 2>/dev/null || true
+usbip-rs list -p -l >/tmp/ours.p
+usbip list -p -l >/tmp/theirs.p 2>/dev/null || true
+if cmp -s /tmp/ours /tmp/theirs && cmp -s /tmp/ours.p /tmp/theirs.p; then echo "PLAIN-SAME-AS-C"; else diff /tmp/theirs /tmp/ours || true; diff /tmp/theirs.p /tmp/ours.p || true; fi
+echo READY
+usbwire_wait_signal {sig} 120
+usbip-rs unbind -b "$lb"
+echo "JSON-UNBOUND-AGAIN=$(usbip-rs list -l --json)"
+kill $DAEMON; wait $DAEMON || true
+echo DONE
+"#,
+            lb = gadget_loopback_sh("lb", DUMMY_UDC),
+            udc = DUMMY_UDC,
+            sig = SIG,
+        );
+    let g = with_our_tools(guest)
+        .script(&script)
+        .hostfwd(3240)
+        .hostfwd(SIG)
+        .timeout(Duration::from_secs(300))
+        .spawn()
+        .expect("spawn guest");
+    g.wait_for_output("READY\n", Duration::from_secs(200))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let t_ready = t0.elapsed();
+    let line = |text: &str, p: &str| -> String {
+        text.lines()
+            .find_map(|l| l.strip_prefix(p))
+            .unwrap_or_else(|| panic!("no {p} line in\n{text}"))
+            .trim()
+            .to_string()
+    };
+    let out = g.output();
+    let lb = line(&out, "LB=");
+    let port = g.host_port(3240);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let unlink = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        rt.block_on(async {
+            let dev = usbwire_client::import(format!("127.0.0.1:{port}"), &lb)
+                .await
+                .expect("import the Loopback gadget");
+            dev.set_configuration(1).await.expect("set configuration");
+            let cfg = dev.config_descriptor().await.expect("config descriptor");
+            let (ep_in, ep_out) = bulk_endpoints(&cfg);
+            assert!(
+                ep_in & 0x80 != 0 && ep_out != 0,
+                "bulk endpoints in {cfg:?}"
+            );
+            let mut ins: Vec<_> = (0..3)
+                .map(|_| dev.submit(TransferRequest::bulk_in(ep_in, 512)))
+                .collect();
+            // Nothing written: all three stay queued on the device.
+            if let Some((k, c)) = first_done(&mut ins, 300).await {
+                panic!("loopback IN {k} completed with nothing written: {c:?}");
+            }
+            let t = Instant::now();
+            ins[1].cancel().await;
+            let c = tokio::time::timeout(Duration::from_secs(20), &mut ins[1])
+                .await
+                .expect("the unlink is answered");
+            let unlink_ms = t.elapsed().as_secs_f64() * 1e3;
+            assert_eq!(
+                c.status,
+                Err(TransferError::Cancelled),
+                "the unlinked URB: {c:?}"
+            );
+            assert!(c.data.is_empty(), "{c:?}");
+            let cancelled = ins.remove(1);
+            drop(cancelled);
+            // The other two are still queued, untouched.
+            if let Some((k, c)) = first_done(&mut ins, 300).await {
+                panic!("IN {k} completed after the unlink of another: {c:?}");
+            }
+            let msgs: [&[u8]; 2] = [b"first loopback message", b"the second one, longer"];
+            for m in msgs {
+                let n = dev.bulk_out(ep_out, m).await.expect("bulk OUT");
+                assert_eq!(n as usize, m.len());
+            }
+            for (k, (t, m)) in ins.into_iter().zip(msgs).enumerate() {
+                let c = tokio::time::timeout(Duration::from_secs(20), t)
+                    .await
+                    .unwrap_or_else(|_| panic!("IN {k} never completed"));
+                assert_eq!(c.status, Ok(()), "IN {k}");
+                assert_eq!(c.data, m, "IN {k}: {:?}", String::from_utf8_lossy(&c.data));
+            }
+            format!("unlink answered in {unlink_ms:.1} ms")
+        })
+    }));
+    drop(rt);
+    if unlink.is_err() {
+        println!("--- guest output ---\n{}", g.output());
+    }
+    let unlink = unlink.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    println!("unlink: {unlink}");
+    g.signal(SIG, "go", Duration::from_secs(30))
+        .expect("signal the guest");
+    let res = g.wait().expect("guest");
+    let text = res.output.clone();
+    println!("{text}");
+    println!(
+        "ready after {:.1}s, total {:.1}s",
+        t_ready.as_secs_f64(),
+        t0.elapsed().as_secs_f64()
+    );
+    res.assert_success();
+    assert!(text.contains("DONE"));
+    let roothub = line(&text, "ROOTHUB=");
+    let dev_in = |json_line: &str| -> String {
+        let j = line(&text, json_line);
+        json_device(&j, &lb)
+            .unwrap_or_else(|| panic!("{lb} not in {json_line} {j}"))
+            .to_string()
+    };
+    // No daemon: not exported, and nothing said about it.
+    let d = dev_in("JSON-NO-DAEMON=");
+    assert!(
+        d.contains(r#""exportable":true"#) && d.contains(r#""exported":false"#),
+        "{d}"
+    );
+    assert_eq!(line(&text, "NO-DAEMON-STDERR="), "[]");
+    let d = dev_in("JSON-UNBOUND=");
+    assert!(
+        d.contains(r#""exportable":true"#) && d.contains(r#""exported":false"#),
+        "{d}"
+    );
+    let d = dev_in("JSON-BOUND=");
+    assert!(
+        d.contains(r#""exported":true"#)
+            && d.contains(r#""exportable":false"#)
+            && d.contains(r#""reason":"exported""#)
+            && d.contains(r#""usbipd_state":"exported""#),
+        "{d}"
+    );
+    // The root hub: not in the C tool's set, marked not exportable with --all.
+    assert!(json_device(&line(&text, "JSON-BOUND="), &roothub).is_none());
+    let all = line(&text, "JSON-BOUND-ALL=");
+    let hub = json_device(&all, &roothub).expect("root hub listed with --all");
+    assert!(
+        hub.contains(r#""exportable":false"#) && hub.contains(r#""reason":"hub""#),
+        "{hub}"
+    );
+    let mark_p = line(&text, "MARK-P=");
+    assert!(
+        mark_p.contains(&format!("busid={lb}#usbid=0525:a4a1#export=exported#")),
+        "{mark_p}"
+    );
+    assert!(
+        mark_p.contains(&format!("busid={roothub}#")) && mark_p.contains("export=hub#"),
+        "{mark_p}"
+    );
+    assert!(
+        text.contains(&format!(" - busid {lb} (0525:a4a1) (exported by usbipd)")),
+        "no --mark line for {lb}"
+    );
+    assert!(
+        text.contains("PLAIN-SAME-AS-C"),
+        "plain list -l differs from the C tool"
+    );
+    let d = dev_in("JSON-UNBOUND-AGAIN=");
+    assert!(
+        d.contains(r#""exportable":true"#) && d.contains(r#""exported":false"#),
+        "{d}"
     );
 }

@@ -253,6 +253,27 @@ pub async fn request(path: &Path, req: &Request) -> io::Result<Response> {
     serde_json::from_str(&resp).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
+/// What usbipd has bound, for `usbip list -l` to mark exported devices.
+/// No socket, no daemon, no permission or no answer within `wait` is an
+/// empty list, silently: nothing is known to be exported.
+pub async fn bindings_or_none(path: &Path, wait: Duration) -> Vec<BindingEntry> {
+    match tokio::time::timeout(wait, request(path, &Request::List)).await {
+        Ok(Ok(r)) if r.ok => r.bindings,
+        Ok(Ok(r)) => {
+            debug!("usbipd refused to list its bindings: {}", r.message);
+            Vec::new()
+        }
+        Ok(Err(e)) => {
+            debug!("no bindings from usbipd: {e}");
+            Vec::new()
+        }
+        Err(_) => {
+            debug!("usbipd did not list its bindings within {wait:?}");
+            Vec::new()
+        }
+    }
+}
+
 /// `usbip bind -b BUSID [--force]`: prints the result like the C tool;
 /// returns the process exit status.
 pub async fn bind_command(socket: &Path, busid: &str, force: bool) -> i32 {
@@ -365,6 +386,19 @@ mod tests {
         assert_eq!(r.errno.as_deref(), Some("ENODEV"));
         let r = request(&path, &Request::List).await.unwrap();
         assert!(r.ok && r.bindings.is_empty());
+        let wait = Duration::from_secs(5);
+        assert!(bindings_or_none(&path, wait).await.is_empty());
         t.abort();
+        // No daemon, no socket, a socket nobody answers on: quietly nothing.
+        assert!(bindings_or_none(&d.path().join("none.sock"), wait)
+            .await
+            .is_empty());
+        let _mute = std::os::unix::net::UnixListener::bind(d.path().join("mute.sock")).unwrap();
+        let t0 = std::time::Instant::now();
+        let short = Duration::from_millis(200);
+        assert!(bindings_or_none(&d.path().join("mute.sock"), short)
+            .await
+            .is_empty());
+        assert!(t0.elapsed() < Duration::from_secs(5));
     }
 }

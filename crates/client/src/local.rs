@@ -95,7 +95,81 @@ pub enum NotExportable {
     Imported,
 }
 
+/// Where a local device stands for export, as `usbip list -l --mark` and
+/// `--json` report it ([`LocalDevice::export_status`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportStatus {
+    /// `usbip bind` would export it.
+    Exportable,
+    /// Already bound in our usbipd (exported, in use by a client, or
+    /// waiting for the device to come back).
+    Exported,
+    /// Bound to the kernel's `usbip-host` driver: exported by the kernel's
+    /// usbipd, not ours.
+    KernelExported,
+    /// Never exportable: a hub, or a device imported through vhci_hcd.
+    Not(NotExportable),
+}
+
+impl ExportStatus {
+    /// `usbip bind` would accept it.
+    pub fn is_exportable(self) -> bool {
+        self == ExportStatus::Exportable
+    }
+
+    /// Bound in our usbipd.
+    pub fn is_exported(self) -> bool {
+        self == ExportStatus::Exported
+    }
+
+    /// One word for scripts: `exportable`, `exported`, `usbip-host`, `hub`
+    /// or `imported`.
+    pub fn keyword(self) -> &'static str {
+        match self {
+            ExportStatus::Exportable => "exportable",
+            ExportStatus::Exported => "exported",
+            ExportStatus::KernelExported => "usbip-host",
+            ExportStatus::Not(NotExportable::Hub) => "hub",
+            ExportStatus::Not(NotExportable::Imported) => "imported",
+        }
+    }
+
+    /// Why `usbip bind` would not export it now, as [`Self::keyword`]; `None`
+    /// when it would.
+    pub fn reason(self) -> Option<&'static str> {
+        (!self.is_exportable()).then(|| self.keyword())
+    }
+
+    /// For people: `exportable`, `exported by usbipd`, `hub: not exportable`...
+    pub fn describe(self) -> &'static str {
+        match self {
+            ExportStatus::Exportable => "exportable",
+            ExportStatus::Exported => "exported by usbipd",
+            ExportStatus::KernelExported => "bound to usbip-host: exported by the kernel",
+            ExportStatus::Not(NotExportable::Hub) => "hub: not exportable",
+            ExportStatus::Not(NotExportable::Imported) => {
+                "imported through vhci_hcd: not exportable"
+            }
+        }
+    }
+}
+
 impl LocalDevice {
+    /// Where this device stands for export; `bound_in_usbipd` says whether
+    /// our usbipd holds a binding for its bus id (ask its control socket).
+    /// Hubs and imported devices are never exportable, whatever usbipd says.
+    pub fn export_status(&self, bound_in_usbipd: bool) -> ExportStatus {
+        if let Some(why) = self.not_exportable() {
+            ExportStatus::Not(why)
+        } else if bound_in_usbipd {
+            ExportStatus::Exported
+        } else if self.driver.as_deref() == Some("usbip-host") {
+            ExportStatus::KernelExported
+        } else {
+            ExportStatus::Exportable
+        }
+    }
+
     /// `/sys/devices/...`, as the C tools put it in a device record.
     pub fn sysfs_path(&self) -> String {
         format!("/sys{}", self.devpath)
@@ -630,6 +704,74 @@ mod tests {
             Some(NotExportable::Imported)
         );
         assert!(s.device("1-1.2").unwrap().is_exportable());
+    }
+
+    #[test]
+    fn export_status_marks_hubs_imported_bound_and_free_devices() {
+        let t = tree();
+        let root = t.path();
+        // A device the kernel's usbip-host holds.
+        device(
+            root,
+            &FakeDevice {
+                devpath: "pci0000:00/0000:00:14.0/usb1/1-4",
+                driver: Some("usbip-host"),
+                devnum: 5,
+                ..Default::default()
+            },
+        );
+        let s = Sysfs::new(root);
+        // usbipd holds a binding for 1-3, and (bogusly) for the hub 1-1 and
+        // the imported 3-1: those stay not exportable.
+        let bound = ["1-3", "1-1", "3-1"];
+        let marks: Vec<(String, ExportStatus)> = s
+            .devices()
+            .unwrap()
+            .into_iter()
+            .map(|d| {
+                let st = d.export_status(bound.contains(&d.busid.as_str()));
+                (d.busid, st)
+            })
+            .collect();
+        let want = [
+            ("usb1", ExportStatus::Not(NotExportable::Hub)),
+            ("1-1", ExportStatus::Not(NotExportable::Hub)),
+            ("1-1.2", ExportStatus::Exportable),
+            ("1-3", ExportStatus::Exported),
+            ("1-4", ExportStatus::KernelExported),
+            ("usb3", ExportStatus::Not(NotExportable::Hub)),
+            ("3-1", ExportStatus::Not(NotExportable::Imported)),
+        ];
+        let got: Vec<(&str, ExportStatus)> =
+            marks.iter().map(|(b, st)| (b.as_str(), *st)).collect();
+        assert_eq!(got, want);
+        let words: Vec<(Option<&str>, bool, bool)> = want
+            .iter()
+            .map(|(_, st)| (st.reason(), st.is_exportable(), st.is_exported()))
+            .collect();
+        assert_eq!(
+            words,
+            [
+                (Some("hub"), false, false),
+                (Some("hub"), false, false),
+                (None, true, false),
+                (Some("exported"), false, true),
+                (Some("usbip-host"), false, false),
+                (Some("hub"), false, false),
+                (Some("imported"), false, false),
+            ]
+        );
+        assert_eq!(ExportStatus::Exportable.describe(), "exportable");
+        assert_eq!(ExportStatus::Exported.describe(), "exported by usbipd");
+        assert_eq!(
+            ExportStatus::Not(NotExportable::Hub).describe(),
+            "hub: not exportable"
+        );
+        // Unbound again: exportable again.
+        assert_eq!(
+            s.device("1-3").unwrap().export_status(false),
+            ExportStatus::Exportable
+        );
     }
 
     #[test]

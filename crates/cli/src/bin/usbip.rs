@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{ArgGroup, Args as ClapArgs, Parser, Subcommand};
 use usbwire_cli::{control, names};
+use usbwire_client::local::ExportStatus;
 use usbwire_client::{ImportedDevice, LocalDevice, Sysfs, Vhci};
 use usbwire_proto::DeviceInfo;
 
@@ -85,9 +86,20 @@ struct ListArgs {
     /// Parsable output, one device per line.
     #[arg(short = 'p', long = "parsable")]
     parsable: bool,
-    /// JSON output.
+    /// JSON output (with -l: each device's export status too).
     #[arg(long = "json")]
     json: bool,
+    /// With -l: mark each device exportable, exported by usbipd or not
+    /// exportable (not in the C tool).
+    #[arg(long = "mark", conflicts_with = "remote")]
+    mark: bool,
+    /// With -l: list hubs and devices imported through vhci_hcd too, which
+    /// are never exportable (not in the C tool).
+    #[arg(long = "all", conflicts_with = "remote")]
+    all: bool,
+    /// usbipd's control socket, asked which devices it exports (with -l).
+    #[arg(long = "control-socket", value_name = "PATH")]
+    control_socket: Option<PathBuf>,
 }
 
 #[derive(ClapArgs, Debug)]
@@ -148,7 +160,25 @@ async fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::List(a) => match a.remote {
             Some(host) => list_remote(&host, cli.tcp_port, a.parsable, a.json).await,
-            None if a.local => list_local(&Sysfs::new(root()), a.parsable, a.json),
+            None if a.local => {
+                let opts = LocalListing {
+                    parsable: a.parsable,
+                    json: a.json,
+                    mark: a.mark,
+                    all: a.all,
+                };
+                // Plain `list -l` does not need usbipd: the C tool's output.
+                let bindings = if a.json || a.mark {
+                    control::bindings_or_none(
+                        &control::socket_path(a.control_socket),
+                        std::time::Duration::from_secs(3),
+                    )
+                    .await
+                } else {
+                    Vec::new()
+                };
+                list_local(&Sysfs::new(root()), &bindings, opts)
+            }
             None => Err("list: give -r HOST or -l".into()),
         },
         Command::Attach(a) => {
@@ -296,32 +326,102 @@ fn imported_json(devices: &[ImportedDevice]) -> String {
     serde_json::Value::Array(v).to_string()
 }
 
+/// How `usbip list -l` prints.
+#[derive(Debug, Clone, Copy, Default)]
+struct LocalListing {
+    parsable: bool,
+    json: bool,
+    /// Append each device's export status (not in the C tool).
+    mark: bool,
+    /// Hubs and vhci_hcd devices too (not in the C tool).
+    all: bool,
+}
+
+/// A local device and where it stands for export.
+struct Marked {
+    dev: LocalDevice,
+    status: ExportStatus,
+    /// usbipd's state for it when it is bound there: exported, imported
+    /// (in use by a client) or absent.
+    usbipd_state: Option<String>,
+}
+
+/// The devices to list, marked with what usbipd has bound.
+fn mark_local(
+    sysfs: &Sysfs,
+    bindings: &[control::BindingEntry],
+    all: bool,
+) -> Result<Vec<Marked>, String> {
+    let devices = if all {
+        sysfs.devices()
+    } else {
+        sysfs.listed_devices()
+    }
+    .map_err(|e| e.to_string())?;
+    Ok(devices
+        .into_iter()
+        .map(|dev| {
+            let usbipd_state = bindings
+                .iter()
+                .find(|b| b.busid == dev.busid)
+                .map(|b| b.state.clone());
+            Marked {
+                status: dev.export_status(usbipd_state.is_some()),
+                usbipd_state,
+                dev,
+            }
+        })
+        .collect())
+}
+
 /// `usbip list -l`.
-fn list_local(sysfs: &Sysfs, parsable: bool, json: bool) -> Result<(), String> {
-    let devices = sysfs.listed_devices().map_err(|e| e.to_string())?;
-    if json {
+fn list_local(
+    sysfs: &Sysfs,
+    bindings: &[control::BindingEntry],
+    opts: LocalListing,
+) -> Result<(), String> {
+    let devices = mark_local(sysfs, bindings, opts.all)?;
+    if opts.json {
         println!("{}", local_json(&devices));
     } else {
-        print!("{}", render_local(&devices, parsable));
+        print!("{}", render_local(&devices, opts.parsable, opts.mark));
     }
     Ok(())
 }
 
-/// `usbip list -l [-p]`'s text, as `list_devices` in usbip_list.c prints it.
-fn render_local(devices: &[LocalDevice], parsable: bool) -> String {
+/// What `--mark` appends to a device's first line.
+fn mark_text(m: &Marked) -> String {
+    match (m.status, m.usbipd_state.as_deref()) {
+        (ExportStatus::Exported, Some("imported")) => " (exported by usbipd, in use)".into(),
+        (ExportStatus::Exported, Some("absent")) => {
+            " (exported by usbipd, not yet available)".into()
+        }
+        (st, _) => format!(" ({})", st.describe()),
+    }
+}
+
+/// `usbip list -l [-p]`'s text, as `list_devices` in usbip_list.c prints it;
+/// `mark` (ours) appends the export status to the busid line, or an
+/// `export=` field with -p.
+fn render_local(devices: &[Marked], parsable: bool, mark: bool) -> String {
     let mut out = String::new();
-    for d in devices {
+    for m in devices {
+        let d = &m.dev;
         if parsable {
             out.push_str(&format!(
                 "busid={}#usbid={:04x}:{:04x}#",
                 d.busid, d.id_vendor, d.id_product
             ));
+            if mark {
+                out.push_str(&format!("export={}#", m.status.keyword()));
+            }
         } else {
             out.push_str(&format!(
-                " - busid {} ({:04x}:{:04x})\n   {}\n",
+                " - busid {} ({:04x}:{:04x}){}\n   {}\n",
                 d.busid,
                 d.id_vendor,
                 d.id_product,
+                if mark { mark_text(m) } else { String::new() },
                 c_truncate(names::product(d.id_vendor, d.id_product), 128)
             ));
         }
@@ -330,10 +430,11 @@ fn render_local(devices: &[LocalDevice], parsable: bool) -> String {
     out
 }
 
-fn local_json(devices: &[LocalDevice]) -> String {
+fn local_json(devices: &[Marked]) -> String {
     let v: Vec<serde_json::Value> = devices
         .iter()
-        .map(|d| {
+        .map(|m| {
+            let d = &m.dev;
             serde_json::json!({
                 "busid": d.busid,
                 "path": d.sysfs_path(),
@@ -346,7 +447,10 @@ fn local_json(devices: &[LocalDevice]) -> String {
                 "product": names::product(d.id_vendor, d.id_product),
                 "class": format!("{:02x}/{:02x}/{:02x}", d.device_class, d.device_subclass, d.device_protocol),
                 "driver": d.driver,
-                "exportable": d.is_exportable(),
+                "exportable": m.status.is_exportable(),
+                "exported": m.status.is_exported(),
+                "reason": m.status.reason(),
+                "usbipd_state": m.usbipd_state,
                 "interfaces": d.interfaces.iter().map(|i| serde_json::json!({
                     "name": i.name,
                     "class": format!("{:02x}/{:02x}/{:02x}", i.class, i.subclass, i.protocol),
@@ -608,17 +712,137 @@ Port 24: <Port in Use> at Super Speed(5000Mbps)
         );
         interface(root, &disk, 1, 0, (8, 6, 0x50), Some("usb-storage"));
         let s = Sysfs::new(root);
-        let devs = s.listed_devices().unwrap();
+        let devs = mark_local(&s, &[], false).unwrap();
         assert_eq!(
-            render_local(&devs, false),
+            render_local(&devs, false, false),
             " - busid 1-1.4 (fffe:5567)\n   unknown vendor : unknown product (fffe:5567)\n\n"
         );
-        assert_eq!(render_local(&devs, true), "busid=1-1.4#usbid=fffe:5567#\n");
+        assert_eq!(
+            render_local(&devs, true, false),
+            "busid=1-1.4#usbid=fffe:5567#\n"
+        );
         let j: serde_json::Value = serde_json::from_str(&local_json(&devs)).unwrap();
         assert_eq!(j[0]["interfaces"][0]["driver"], "usb-storage");
         assert_eq!(j[0]["interfaces"][0]["name"], "1-1.4:1.0");
         assert_eq!(j[0]["exportable"], true);
+        assert_eq!(j[0]["exported"], false);
+        assert_eq!(j[0]["reason"], serde_json::Value::Null);
         assert_eq!(j.as_array().unwrap().len(), 1, "hubs are not listed");
+    }
+
+    fn binding(busid: &str, state: &str) -> control::BindingEntry {
+        control::BindingEntry {
+            busid: busid.into(),
+            vendor: 0xfffe,
+            product: 0,
+            state: state.into(),
+        }
+    }
+
+    #[test]
+    fn list_local_marks_exportable_exported_and_hubs() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        root_hub(root, "platform/dummy_hcd.0/usb1", 1);
+        for (n, pid) in [(1, 0x0001), (2, 0x0002), (3, 0x0003)] {
+            let dev = device(
+                root,
+                &FakeDevice {
+                    devpath: &format!("platform/dummy_hcd.0/usb1/1-{n}"),
+                    id_vendor: 0xfffe,
+                    id_product: pid,
+                    devnum: n + 1,
+                    ..Default::default()
+                },
+            );
+            interface(root, &dev, 1, 0, (0xff, 0, 0), Some("usbfs"));
+        }
+        root_hub(root, "platform/vhci_hcd.0/usb3", 3);
+        device(
+            root,
+            &FakeDevice {
+                devpath: "platform/vhci_hcd.0/usb3/3-1",
+                id_vendor: 0xfffe,
+                id_product: 0x0009,
+                busnum: 3,
+                ..Default::default()
+            },
+        );
+        let s = Sysfs::new(root);
+        let bound = [
+            binding("1-1", "exported"),
+            binding("1-3", "imported"),
+            binding("7-7", "absent"),
+        ];
+        // The C tool's listing stays as it is with a daemon around.
+        let plain = mark_local(&s, &bound, false).unwrap();
+        assert_eq!(
+            render_local(&plain, true, false),
+            "busid=1-1#usbid=fffe:0001#\nbusid=1-2#usbid=fffe:0002#\nbusid=1-3#usbid=fffe:0003#\n"
+        );
+        let marked = mark_local(&s, &bound, true).unwrap();
+        let firsts: Vec<String> = render_local(&marked, false, true)
+            .lines()
+            .filter(|l| l.starts_with(" - "))
+            .map(String::from)
+            .collect();
+        assert_eq!(
+            firsts,
+            [
+                " - busid usb1 (1d6b:0002) (hub: not exportable)",
+                " - busid 1-1 (fffe:0001) (exported by usbipd)",
+                " - busid 1-2 (fffe:0002) (exportable)",
+                " - busid 1-3 (fffe:0003) (exported by usbipd, in use)",
+                " - busid usb3 (1d6b:0002) (hub: not exportable)",
+                " - busid 3-1 (fffe:0009) (imported through vhci_hcd: not exportable)",
+            ]
+        );
+        assert!(render_local(&marked, true, true).starts_with(
+            "busid=usb1#usbid=1d6b:0002#export=hub#\nbusid=1-1#usbid=fffe:0001#export=exported#\n"
+        ));
+        let j: serde_json::Value = serde_json::from_str(&local_json(&marked)).unwrap();
+        let rows: Vec<(String, bool, bool, serde_json::Value, serde_json::Value)> = j
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                (
+                    d["busid"].as_str().unwrap().to_string(),
+                    d["exportable"].as_bool().unwrap(),
+                    d["exported"].as_bool().unwrap(),
+                    d["reason"].clone(),
+                    d["usbipd_state"].clone(),
+                )
+            })
+            .collect();
+        use serde_json::json;
+        assert_eq!(
+            rows,
+            [
+                ("usb1".into(), false, false, json!("hub"), json!(null)),
+                (
+                    "1-1".into(),
+                    false,
+                    true,
+                    json!("exported"),
+                    json!("exported")
+                ),
+                ("1-2".into(), true, false, json!(null), json!(null)),
+                (
+                    "1-3".into(),
+                    false,
+                    true,
+                    json!("exported"),
+                    json!("imported")
+                ),
+                ("usb3".into(), false, false, json!("hub"), json!(null)),
+                ("3-1".into(), false, false, json!("imported"), json!(null)),
+            ]
+        );
+        // Options: --mark and --all belong to -l.
+        assert!(Cli::try_parse_from(["usbip", "list", "-l", "--mark", "--json"]).is_ok());
+        assert!(Cli::try_parse_from(["usbip", "list", "-r", "h", "--mark"]).is_err());
+        assert!(Cli::try_parse_from(["usbip", "list", "-r", "h", "--all"]).is_err());
     }
 
     #[test]
