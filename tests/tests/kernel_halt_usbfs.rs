@@ -3,7 +3,6 @@
 //! data meant for the next stage still reaches the right URB.
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use usbwire_client::{TransferError, TransferRequest};
@@ -12,17 +11,6 @@ use usbwire_tests::kernel;
 
 const SIGNAL: u16 = 5555;
 const FLOOR_MS: u64 = 300;
-
-/// A stripped copy of one of our binaries: debug builds are too large for
-/// the guest's initramfs.
-fn stripped(name: &str) -> std::path::PathBuf {
-    let src = kernel::cargo_bin(name);
-    let dst = src.with_file_name(format!("{name}.kernel-halt-stripped"));
-    match Command::new("strip").arg("-o").arg(&dst).arg(&src).output() {
-        Ok(o) if o.status.success() => dst,
-        _ => src,
-    }
-}
 
 fn bulk_endpoints(config: &[u8]) -> (u8, u8) {
     let (mut ep_in, mut ep_out) = (0, 0);
@@ -78,8 +66,8 @@ tail -n 40 /tmp/usbipd.log
     );
     let g = guest
         .script(&script)
-        .host_binary(&stripped("usbipd"), "/usr/bin/usbipd-rs")
-        .host_binary(&stripped("usbip"), "/usr/bin/usbip-rs")
+        .host_binary(&kernel::stripped_bin("usbipd"), "/usr/bin/usbipd-rs")
+        .host_binary(&kernel::stripped_bin("usbip"), "/usr/bin/usbip-rs")
         .memory_mib(768)
         .hostfwd(3240)
         .hostfwd(SIGNAL)

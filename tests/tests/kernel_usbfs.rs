@@ -38,22 +38,10 @@ fn make_image(dir: &std::path::Path) -> Vec<u8> {
     std::fs::read(&image).unwrap()
 }
 
-/// A stripped copy of one of our binaries (debug builds are ~70 MB each,
-/// too much for the guest's initramfs).
-fn stripped(name: &str) -> std::path::PathBuf {
-    let src = kernel::cargo_bin(name);
-    let dst = src.with_file_name(format!("{name}.kernel-usbfs-stripped"));
-    let o = Command::new("strip").arg("-o").arg(&dst).arg(&src).output();
-    match o {
-        Ok(o) if o.status.success() => dst,
-        _ => src,
-    }
-}
-
 /// Our binaries, under names that do not shadow Debian's C tools.
 fn with_our_tools(g: kernel::Guest) -> kernel::Guest {
-    g.host_binary(&stripped("usbipd"), "/usr/bin/usbipd-rs")
-        .host_binary(&stripped("usbip"), "/usr/bin/usbip-rs")
+    g.host_binary(&kernel::stripped_bin("usbipd"), "/usr/bin/usbipd-rs")
+        .host_binary(&kernel::stripped_bin("usbip"), "/usr/bin/usbip-rs")
         .memory_mib(768)
 }
 

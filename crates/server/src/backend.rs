@@ -23,6 +23,9 @@ pub struct Urb {
     pub iso: Vec<IsoPacket>,
     pub start_frame: i32,
     pub interval: i32,
+    /// Set by the session once the backend has seen the URB: before that,
+    /// an error hold can still take it back without anything having run.
+    pub started: bool,
 }
 
 impl Urb {

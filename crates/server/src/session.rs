@@ -455,6 +455,7 @@ impl Session {
             iso: iso_packets,
             start_frame: cmd.start_frame,
             interval: cmd.interval,
+            started: false,
         };
         self.inflight += 1;
         self.inflight_bytes += length;
@@ -572,12 +573,22 @@ impl Session {
             let mut given_back = Vec::new();
             while i < self.queues[q].active.len() {
                 let mut urb = self.queues[q].active.remove(i).expect("index checked");
+                if !urb.started && self.queues[q].is_held() {
+                    // An earlier URB of this pass failed: this one was moved
+                    // up but never reached the device, so it waits instead.
+                    given_back.push(urb);
+                    continue;
+                }
+                urb.started = true;
                 match self.backend().poll_urb(&mut urb, &mut cx) {
                     Poll::Pending => {
                         self.queues[q].active.insert(i, urb);
                         i += 1;
                     }
-                    Poll::Ready(Err(e)) if e == NOT_STARTED => given_back.push(urb),
+                    Poll::Ready(Err(e)) if e == NOT_STARTED => {
+                        urb.started = false;
+                        given_back.push(urb);
+                    }
                     Poll::Ready(r) => {
                         self.complete(urb, r);
                         progressed = true;

@@ -222,6 +222,26 @@ pub fn free_port() -> u16 {
         .expect("binding 127.0.0.1:0")
 }
 
+/// A stripped copy of one of our binaries ([`cargo_bin`]), for the guest:
+/// debug builds are tens of MiB each, too much for its initramfs. Falls
+/// back to the unstripped binary when `strip` is not available.
+pub fn stripped_bin(name: &str) -> PathBuf {
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let src = cargo_bin(name);
+    let dst = src.with_file_name(format!("{name}.guest-stripped"));
+    // Strip to a private name, then rename over the shared one: tests in
+    // parallel threads never read a half-written file.
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = src.with_file_name(format!("{name}.guest-stripped.{}.{n}", std::process::id()));
+    match Command::new("strip").arg("-o").arg(&tmp).arg(&src).output() {
+        Ok(o) if o.status.success() && fs::rename(&tmp, &dst).is_ok() => dst,
+        _ => {
+            let _ = fs::remove_file(&tmp);
+            src
+        }
+    }
+}
+
 /// Debian's C `usbip` tool on the host (package `usbip`), if installed.
 pub fn host_usbip() -> Option<PathBuf> {
     ["/usr/sbin/usbip", "/usr/bin/usbip", "/sbin/usbip"]
