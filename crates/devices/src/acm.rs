@@ -737,30 +737,14 @@ fn is_acm_request(s: &SetupPacket) -> bool {
 mod tests {
     use super::*;
     use crate::core::EmulatedDevice;
+    use crate::test_util::{setup, CountWaker};
     use std::io::{Read, Write};
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::Wake;
     use std::time::Duration;
 
-    struct CountWaker(AtomicUsize);
-    impl Wake for CountWaker {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
     fn counting() -> (Arc<CountWaker>, Waker) {
         let c = Arc::new(CountWaker(AtomicUsize::new(0)));
         (c.clone(), Waker::from(c))
-    }
-
-    fn setup(request_type: u8, request: u8, value: u16, index: u16, length: u16) -> SetupPacket {
-        SetupPacket {
-            request_type,
-            request,
-            value,
-            index,
-            length,
-        }
     }
 
     fn configured(acm: CdcAcm) -> EmulatedDevice {

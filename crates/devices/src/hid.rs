@@ -578,25 +578,8 @@ pub async fn serve_fifo(path: &Path, handle: KeyboardHandle) -> io::Result<()> {
 mod tests {
     use super::*;
     use crate::core::EmulatedDevice;
+    use crate::test_util::{setup, CountWaker};
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::Wake;
-
-    struct CountWaker(AtomicUsize);
-    impl Wake for CountWaker {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    fn setup(request_type: u8, request: u8, value: u16, index: u16, length: u16) -> SetupPacket {
-        SetupPacket {
-            request_type,
-            request,
-            value,
-            index,
-            length,
-        }
-    }
 
     fn configured() -> (EmulatedDevice, KeyboardHandle) {
         let (kbd, h) = HidKeyboard::new();

@@ -12,6 +12,8 @@ pub mod core;
 pub mod descriptors;
 pub mod hid;
 pub mod msc;
+#[cfg(test)]
+mod test_util;
 pub mod testdev;
 
 pub use crate::core::{EmulatedDevice, Function};

@@ -1142,10 +1142,10 @@ impl Function for MassStorage {
 mod tests {
     use super::*;
     use crate::core::EmulatedDevice;
+    use crate::test_util::CountWaker;
     use std::io::Write;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
-    use std::task::Wake;
 
     fn noop() -> Context<'static> {
         Context::from_waker(Waker::noop())
@@ -1826,13 +1826,6 @@ mod tests {
             CSW_FAILED
         );
         assert_eq!(sense(&mut dev), (0x05, 0x21, 0x00, None));
-    }
-
-    struct CountWaker(AtomicUsize);
-    impl Wake for CountWaker {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
     }
 
     #[test]
