@@ -278,3 +278,66 @@ pub fn set_configuration(seqnum: u32) -> CmdSubmit {
 }
 
 pub const HEADER: usize = URB_HEADER_LEN;
+
+/// Bulk endpoint addresses (IN, OUT) of interface 0, alternate setting 0,
+/// from a configuration descriptor.
+pub fn bulk_endpoints(config: &[u8]) -> (u8, u8) {
+    let (mut iface, mut alt) = (255u8, 255u8);
+    let (mut ep_in, mut ep_out) = (0u8, 0u8);
+    let mut at = 0;
+    while at + 2 <= config.len() {
+        let len = config[at] as usize;
+        if len < 2 || at + len > config.len() {
+            break;
+        }
+        let d = &config[at..at + len];
+        match d[1] {
+            4 => {
+                iface = d[2];
+                alt = d[3];
+            }
+            5 if iface == 0 && alt == 0 && d[3] & 3 == 2 => {
+                if d[2] & 0x80 != 0 {
+                    ep_in = d[2];
+                } else {
+                    ep_out = d[2];
+                }
+            }
+            _ => {}
+        }
+        at += len;
+    }
+    assert!(
+        ep_in != 0 && ep_out != 0,
+        "no bulk endpoints in {config:02x?}"
+    );
+    (ep_in, ep_out)
+}
+
+/// The hex SHA-256 of `data`, computed by `sha256sum` so that it is the
+/// same tool the guest scripts use.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("running sha256sum");
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The value of a `KEY=value` line a guest script printed; panics with the
+/// whole output when there is none.
+pub fn output_value<'a>(output: &'a str, key: &str) -> &'a str {
+    output
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("guest output has no {key} line:\n{output}"))
+}

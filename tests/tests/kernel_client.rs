@@ -10,6 +10,7 @@ use std::time::Duration;
 use usbwire_client::{RemoteDevice, TransferError, TransferRequest};
 use usbwire_tests::daemon::Usbipd;
 use usbwire_tests::kernel::{self, GUESTFWD_ADDR};
+use usbwire_tests::support::{bulk_endpoints, output_value};
 
 const SIGNAL_1: u16 = 5555;
 const SIGNAL_2: u16 = 5556;
@@ -35,40 +36,6 @@ echo {udc} > $G/UDC
 
 fn gadget_remove(name: &str) -> String {
     kernel::gadget_remove_sh(name)
-}
-
-/// Bulk endpoint addresses (IN, OUT) of interface 0, alternate setting 0.
-fn bulk_endpoints(config: &[u8]) -> (u8, u8) {
-    let (mut iface, mut alt) = (255u8, 255u8);
-    let (mut ep_in, mut ep_out) = (0u8, 0u8);
-    let mut at = 0;
-    while at + 2 <= config.len() {
-        let len = config[at] as usize;
-        if len < 2 || at + len > config.len() {
-            break;
-        }
-        let d = &config[at..at + len];
-        match d[1] {
-            4 => {
-                iface = d[2];
-                alt = d[3];
-            }
-            5 if iface == 0 && alt == 0 && d[3] & 3 == 2 => {
-                if d[2] & 0x80 != 0 {
-                    ep_in = d[2];
-                } else {
-                    ep_out = d[2];
-                }
-            }
-            _ => {}
-        }
-        at += len;
-    }
-    assert!(
-        ep_in != 0 && ep_out != 0,
-        "no bulk endpoints in {config:02x?}"
-    );
-    (ep_in, ep_out)
 }
 
 /// Imports and configures a device, as a host does after enumeration:
@@ -226,13 +193,7 @@ echo DONE
     g.wait_for_output("READY\n", Duration::from_secs(200))
         .expect("guest ready");
     let out = g.output();
-    let get = |o: &str, k: &str| {
-        o.lines()
-            .find_map(|l| l.strip_prefix(k))
-            .unwrap()
-            .trim()
-            .to_string()
-    };
+    let get = |o: &str, k: &str| output_value(o, k).to_string();
     let (ss, lb) = (get(&out, "SS="), get(&out, "LB="));
     let port = g.host_port(3240);
     let addr = SocketAddr::from(([127, 0, 0, 1], port));

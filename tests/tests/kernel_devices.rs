@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use usbwire_tests::daemon::Usbipd;
 use usbwire_tests::kernel::{self, GUESTFWD_ADDR};
+use usbwire_tests::support::{output_value, sha256_hex};
 
 const SIGNAL_PORT: u16 = 5555;
 const SIGNAL_PORT_2: u16 = 5556;
@@ -77,29 +78,6 @@ fn debugfs_cat(image: &Path, path: &str) -> Vec<u8> {
         .output()
         .expect("debugfs");
     out.stdout
-}
-
-fn sha256(data: &[u8]) -> String {
-    let mut child = Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(data).unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
-}
-
-fn value<'a>(output: &'a str, key: &str) -> &'a str {
-    output
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .map(str::trim)
-        .unwrap_or_else(|| panic!("guest output has no {key} line:\n{output}"))
 }
 
 /// Input events from the guest's hex dump: (type, code, value) of each
@@ -260,9 +238,9 @@ dmesg | grep -iE 'vhci|usb-storage|input|ttyACM|usbip' | tail -n 30
 
     // The file the guest wrote is in the image, intact, and the image is clean.
     assert!(daemon.stop(), "usbipd did not exit cleanly");
-    let newsum = value(o, "NEWSUM=");
+    let newsum = output_value(o, "NEWSUM=");
     assert_eq!(
-        value(o, "READBACK="),
+        output_value(o, "READBACK="),
         newsum,
         "re-attached disk reads the file back differently"
     );
@@ -273,7 +251,7 @@ dmesg | grep -iE 'vhci|usb-storage|input|ttyACM|usbip' | tail -n 30
         "new.bin is missing or short in the image"
     );
     assert_eq!(
-        sha256(&on_host),
+        sha256_hex(&on_host),
         newsum,
         "new.bin in the image differs from what the guest wrote"
     );
@@ -281,7 +259,7 @@ dmesg | grep -iE 'vhci|usb-storage|input|ttyACM|usbip' | tail -n 30
 
     assert!(o.contains("REEXPORTED"));
     assert_eq!(
-        value(o, "ACM="),
+        output_value(o, "ACM="),
         "usbwire-echo-42",
         "bytes did not come back through the echo port"
     );

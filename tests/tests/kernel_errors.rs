@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use usbwire_tests::daemon::Usbipd;
 use usbwire_tests::kernel::{self, GUESTFWD_ADDR};
+use usbwire_tests::support::{output_value, sha256_hex};
 
 const MIB: usize = 1024 * 1024;
 /// LBAs [8200, 8208): inside the fifth MiB of the disk.
@@ -24,22 +25,6 @@ fn pattern(len: usize) -> Vec<u8> {
             x as u8
         })
         .collect()
-}
-
-fn sha256(data: &[u8]) -> String {
-    use std::io::Write;
-    let mut child = std::process::Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(data).unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 #[test]
@@ -109,12 +94,7 @@ usbip detach -p 0
         );
     }
     let o = &out.output;
-    let get = |k: &str| {
-        o.lines()
-            .find_map(|l| l.strip_prefix(k))
-            .map(str::trim)
-            .unwrap_or_else(|| panic!("no {k}:\n{o}"))
-    };
+    let get = |k: &str| output_value(o, k);
     assert_eq!(
         get("BAD-READ="),
         "failed",
@@ -139,14 +119,14 @@ usbip detach -p 0
     }
     assert_eq!(
         get("GOOD2="),
-        sha256(&data[2 * MIB..3 * MIB]),
+        sha256_hex(&data[2 * MIB..3 * MIB]),
         "good blocks before differ from the image"
     );
     assert_eq!(
         get("GOOD5="),
-        sha256(&data[5 * MIB..6 * MIB]),
+        sha256_hex(&data[5 * MIB..6 * MIB]),
         "good blocks after differ from the image"
     );
     // The good blocks just before the bad range, read alone, succeed.
-    assert_eq!(get("LEAD="), sha256(&data[8192 * 512..8200 * 512]));
+    assert_eq!(get("LEAD="), sha256_hex(&data[8192 * 512..8200 * 512]));
 }

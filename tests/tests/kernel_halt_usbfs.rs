@@ -8,27 +8,10 @@ use std::time::{Duration, Instant};
 use usbwire_client::{TransferError, TransferRequest};
 use usbwire_proto::urb::flags::URB_SHORT_NOT_OK;
 use usbwire_tests::kernel;
+use usbwire_tests::support::bulk_endpoints;
 
 const SIGNAL: u16 = 5555;
 const FLOOR_MS: u64 = 300;
-
-fn bulk_endpoints(config: &[u8]) -> (u8, u8) {
-    let (mut ep_in, mut ep_out) = (0, 0);
-    let mut at = 0;
-    while at + 2 <= config.len() && config[at] >= 2 {
-        let d = &config[at..(at + config[at] as usize).min(config.len())];
-        if d.len() >= 7 && d[1] == 5 && d[3] & 3 == 2 {
-            if d[2] & 0x80 != 0 {
-                ep_in = d[2];
-            } else {
-                ep_out = d[2];
-            }
-        }
-        at += config[at] as usize;
-    }
-    assert!(ep_in != 0 && ep_out != 0);
-    (ep_in, ep_out)
-}
 
 #[test]
 fn short_read_through_usbfs_keeps_the_status_for_the_right_urb() {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use usbwire_client::{SetupPacket, TransferError, TransferRequest};
 use usbwire_tests::kernel::{self, DUMMY_UDC};
+use usbwire_tests::support::bulk_endpoints;
 
 fn run(c: &mut Command) -> String {
     let o = c.output().expect("run");
@@ -169,28 +170,6 @@ echo DONE
     assert_eq!(line("BACKING="), "USBWIRE-WRITE-MARK-0123456789");
     assert!(line("UNBIND-IMPORTED: ").contains("imported"));
     assert_eq!(line("DRIVER-AFTER-UNBIND="), "usb-storage");
-}
-
-/// Bulk endpoints (IN, OUT) from a configuration descriptor.
-fn bulk_endpoints(cfg: &[u8]) -> (u8, u8) {
-    let (mut i, mut o) = (0, 0);
-    let mut at = 0;
-    let mut alt = 0;
-    while at + 2 <= cfg.len() && cfg[at] >= 2 {
-        let d = &cfg[at..at + cfg[at] as usize];
-        if d[1] == 4 {
-            alt = d[3];
-        }
-        if d[1] == 5 && alt == 0 && d[3] & 3 == 2 {
-            if d[2] & 0x80 != 0 {
-                i = d[2];
-            } else {
-                o = d[2];
-            }
-        }
-        at += d[0] as usize;
-    }
-    (i, o)
 }
 
 #[test]
