@@ -49,6 +49,8 @@ pub struct ServerSection {
     pub hold_on_error: Option<bool>,
     pub hold_floor_ms: Option<u64>,
     pub hold_ceiling_ms: Option<u64>,
+    /// Threads serving connections (0: one per CPU).
+    pub workers: Option<usize>,
 }
 
 impl ServerSection {
@@ -73,6 +75,9 @@ impl ServerSection {
         }
         if let Some(v) = self.hold_ceiling_ms {
             c.hold_ceiling = Duration::from_millis(v);
+        }
+        if let Some(v) = self.workers {
+            c.workers = v;
         }
     }
 }

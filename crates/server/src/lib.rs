@@ -10,9 +10,12 @@ pub mod queue;
 pub mod registry;
 mod session;
 mod sys;
+mod workers;
+
+use workers::{Job, Workers};
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,6 +47,9 @@ pub struct ServerConfig {
     pub hold_floor: Duration,
     /// The longest error hold.
     pub hold_ceiling: Duration,
+    /// Threads that serve connections; 0 means one per CPU this process
+    /// may run on.
+    pub workers: usize,
 }
 
 impl Default for ServerConfig {
@@ -56,6 +62,7 @@ impl Default for ServerConfig {
             hold_on_error: true,
             hold_floor: Duration::from_millis(20),
             hold_ceiling: Duration::from_secs(1),
+            workers: 0,
         }
     }
 }
@@ -109,6 +116,7 @@ impl ServerConfig {
             1,
             4096,
         )?;
+        check("workers", self.workers as u64, 0, 1024)?;
         check(
             "hold_floor_ms",
             self.hold_floor.as_millis() as u64,
@@ -186,24 +194,38 @@ impl Server {
     pub async fn run(&self, listeners: Vec<TcpListener>, shutdown: impl Future) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let permits = Arc::new(Semaphore::new(self.shared.config.max_connections));
+        let workers = Arc::new(Workers::start(self.worker_count(), &self.shared, &stop_rx));
+        // Only if no worker thread could start.
+        let local = Arc::new(std::sync::Mutex::new(JoinSet::new()));
         let mut accepters = JoinSet::new();
-        let sessions = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
         for listener in listeners {
             let this = self.clone();
             let stop_rx = stop_rx.clone();
             let permits = permits.clone();
-            let sessions = sessions.clone();
+            let (workers, local) = (workers.clone(), local.clone());
             accepters.spawn(async move {
-                this.accept_loop(listener, permits, sessions, stop_rx).await;
+                this.accept_loop(listener, permits, workers, local, stop_rx)
+                    .await;
             });
         }
         shutdown.await;
         info!("shutting down");
         let _ = stop_tx.send(true);
         accepters.shutdown().await;
-        let mut sessions = sessions.lock().await;
-        while sessions.join_next().await.is_some() {}
+        match Arc::into_inner(workers) {
+            Some(w) => w.join().await,
+            None => error!("worker threads still referenced at shutdown"),
+        }
+        let mut local = std::mem::take(&mut *local.lock().unwrap_or_else(|e| e.into_inner()));
+        while local.join_next().await.is_some() {}
         self.flush_all();
+    }
+
+    fn worker_count(&self) -> usize {
+        match self.shared.config.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
     }
 
     /// Flushes every device that is not imported.
@@ -221,7 +243,8 @@ impl Server {
         &self,
         listener: TcpListener,
         permits: Arc<Semaphore>,
-        sessions: Arc<tokio::sync::Mutex<JoinSet<()>>>,
+        workers: Arc<Workers>,
+        local: Arc<std::sync::Mutex<JoinSet<()>>>,
         mut stop: watch::Receiver<bool>,
     ) {
         loop {
@@ -243,14 +266,28 @@ impl Server {
             };
             let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
             debug!(conn, %peer, "connection");
-            let shared = self.shared.clone();
-            let stop = stop.clone();
-            sessions.lock().await.spawn(async move {
-                if let Err(e) = session::serve(stream, shared, conn, stop).await {
-                    info!(conn, %peer, "connection ended: {e}");
+            // Leaves this runtime's reactor; the worker registers it with its own.
+            let stream = match stream.into_std() {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(conn, %peer, "cannot hand the connection over: {e}");
+                    continue;
                 }
-                drop(permit);
-            });
+            };
+            let job = Job {
+                stream,
+                peer,
+                conn,
+                permit,
+            };
+            if let Err(job) = workers.dispatch(job) {
+                let (shared, stop) = (self.shared.clone(), stop.clone());
+                let load = Arc::new(AtomicUsize::new(0));
+                local
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .spawn(workers::serve(job, shared, stop, load));
+            }
         }
     }
 }

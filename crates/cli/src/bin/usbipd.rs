@@ -138,7 +138,10 @@ fn real_main(args: Args) -> Result<(), String> {
         std::fs::write(pid, format!("{}\n", std::process::id()))
             .map_err(|e| format!("cannot write pid file {}: {e}", pid.display()))?;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // Connections run on the server's own worker threads; this runtime
+    // only accepts them and runs the control socket, hotplug and the
+    // device feeders.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
