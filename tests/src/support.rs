@@ -168,11 +168,17 @@ impl RawPeer {
     }
 
     pub async fn submit(&mut self, cmd: CmdSubmit, data: &[u8]) {
+        let mut out = Vec::new();
+        self.encode_submit(cmd, data, &mut out);
+        self.send(&out).await;
+    }
+
+    /// Appends a CMD_SUBMIT to `out` and expects its reply, for tests that
+    /// send the bytes themselves (split, delayed).
+    pub fn encode_submit(&mut self, cmd: CmdSubmit, data: &[u8], out: &mut Vec<u8>) {
         self.inflight
             .insert(cmd.seqnum, (cmd.direction, cmd.transfer_buffer_length));
-        let mut out = Vec::new();
-        cmd.encode(data, &[], &mut out);
-        self.send(&out).await;
+        cmd.encode(data, &[], out);
     }
 
     pub async fn unlink(&mut self, seqnum: u32, target: u32) {

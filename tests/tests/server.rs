@@ -200,6 +200,61 @@ async fn many_urbs_in_flight_complete_in_order_per_endpoint() {
     }
 }
 
+/// Large OUT payloads are read straight into their URB's buffer, small ones
+/// through the read buffer; whatever the split of the stream, every
+/// payload reaches the device whole and in order.
+#[tokio::test]
+async fn out_payloads_arrive_intact_however_the_stream_is_split() {
+    const LOOP_OUT: u32 = 4; // 0x04
+    const LOOP_IN: u32 = 3; // 0x83
+    let s = test_server(1).await;
+    let mut p = configured(s.addr).await;
+    // Around the direct-read threshold (16 KiB), and small ones between.
+    let sizes = [65536usize, 20000, 100, 16384, 16383, 48, 30000];
+    let payloads: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| (0..n).map(|i| (i * 7 + k * 31) as u8).collect())
+        .collect();
+    let mut stream = Vec::new();
+    for (k, data) in payloads.iter().enumerate() {
+        let cmd = submit(10 + k as u32, LOOP_OUT, Direction::Out, data.len() as u32);
+        p.encode_submit(cmd, data, &mut stream);
+    }
+    // Splits that cut headers and payloads everywhere, with pauses so that
+    // the server sees them as separate reads.
+    let cuts = [1usize, 47, 48, 49, 700, 4096, 16385, 13, 60000, 2];
+    let (mut at, mut i) = (0, 0);
+    while at < stream.len() {
+        let n = cuts[i % cuts.len()].min(stream.len() - at);
+        p.send(&stream[at..at + n]).await;
+        at += n;
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for (k, data) in payloads.iter().enumerate() {
+        match p.next().await {
+            Reply::Submit(r, _) => assert_eq!(
+                (r.seqnum, r.status, r.actual_length as usize),
+                (10 + k as u32, 0, data.len())
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+    for (k, data) in payloads.iter().enumerate() {
+        p.submit(submit(100 + k as u32, LOOP_IN, Direction::In, 65536), &[])
+            .await;
+        match p.next().await {
+            Reply::Submit(r, got) => {
+                assert_eq!((r.seqnum, r.status), (100 + k as u32, 0));
+                assert!(got == *data, "payload {k} ({} bytes) differs", data.len());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn devlist_lists_every_device_with_interfaces() {
     let s = test_server(3).await;

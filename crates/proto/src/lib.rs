@@ -23,8 +23,8 @@ pub use op::{
     OP_REQ_DEVLIST, OP_REQ_IMPORT, USBIP_VERSION,
 };
 pub use urb::{
-    CmdSubmit, CmdUnlink, Direction, IsoPacket, RetSubmit, RetUnlink, SetupPacket, UrbCommand,
-    UrbReply, URB_HEADER_LEN,
+    CmdSubmit, CmdUnlink, Direction, IsoPacket, RetSubmit, RetUnlink, SetupPacket, SubmitHeader,
+    UrbCommand, UrbReply, URB_HEADER_LEN,
 };
 
 /// What a decoder returns when the buffer holds a whole message or not yet.

@@ -353,6 +353,24 @@ fn iso_count(raw: u32, limits: &Limits) -> Result<u32, DecodeError> {
     check_len("number_of_packets", raw as i32, limits.max_iso_packets)
 }
 
+/// A CMD_SUBMIT decoded from its 48-byte header alone, with where its
+/// payload and isochronous descriptors will lie once they have arrived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubmitHeader {
+    pub cmd: CmdSubmit,
+    /// OUT payload; empty for IN.
+    pub data: Range<usize>,
+    /// Isochronous descriptors; empty unless isochronous.
+    pub iso: Range<usize>,
+}
+
+impl SubmitHeader {
+    /// The whole frame's length: header, payload and descriptors.
+    pub fn frame_len(&self) -> usize {
+        self.iso.end
+    }
+}
+
 impl UrbCommand {
     /// Decodes one command. `is_iso(direction, ep)` tells whether the
     /// endpoint is isochronous: the header does not say, and only then does
@@ -367,49 +385,23 @@ impl UrbCommand {
         }
         match u32_at(b, 0) {
             USBIP_CMD_SUBMIT => {
-                let direction = Direction::from_u32(u32_at(b, 12))?;
-                let ep = u32_at(b, 16);
-                let tbl = check_len(
-                    "transfer_buffer_length",
-                    i32_at(b, 24),
-                    limits.max_transfer_length,
-                )?;
-                let raw_np = u32_at(b, 32);
-                let np = if is_iso(direction, ep) {
-                    iso_count(raw_np, limits)?
-                } else {
-                    0
-                };
-                let data_len = if direction == Direction::Out { tbl } else { 0 } as usize;
-                let data = URB_HEADER_LEN..URB_HEADER_LEN + data_len;
-                let iso = data.end..data.end + np as usize * ISO_PACKET_LEN;
+                let SubmitHeader { cmd, data, iso } = Self::submit_header(b, limits, is_iso)?
+                    .expect("a CMD_SUBMIT header is present");
                 if b.len() < iso.end {
                     return Ok(Decoded::NeedMore(iso.end));
                 }
                 for (index, p) in IsoPacket::iter(&b[iso.clone()]).enumerate() {
-                    if u64::from(p.offset) + u64::from(p.length) > u64::from(tbl) {
+                    if u64::from(p.offset) + u64::from(p.length)
+                        > u64::from(cmd.transfer_buffer_length)
+                    {
                         return Err(DecodeError::IsoOutOfBounds {
                             index: index as u32,
                             offset: p.offset,
                             length: p.length,
-                            buffer: tbl,
+                            buffer: cmd.transfer_buffer_length,
                         });
                     }
                 }
-                let mut setup = [0u8; 8];
-                setup.copy_from_slice(&b[40..48]);
-                let cmd = CmdSubmit {
-                    seqnum: u32_at(b, 4),
-                    devid: u32_at(b, 8),
-                    direction,
-                    ep,
-                    transfer_flags: u32_at(b, 20),
-                    transfer_buffer_length: tbl,
-                    start_frame: i32_at(b, 28),
-                    number_of_packets: raw_np,
-                    interval: i32_at(b, 36),
-                    setup,
-                };
                 let end = iso.end;
                 Ok(Decoded::Message(UrbCommand::Submit { cmd, data, iso }, end))
             }
@@ -425,6 +417,53 @@ impl UrbCommand {
             )),
             other => Err(DecodeError::UnknownCommand(other)),
         }
+    }
+
+    /// Decodes a CMD_SUBMIT's header without waiting for what follows it,
+    /// with the same checks as [`UrbCommand::decode`] (the descriptors'
+    /// bounds aside, which need the descriptors). `None` if `b` holds less
+    /// than a header or another command. This is what lets a server read a
+    /// large OUT payload straight into the URB's own buffer instead of
+    /// copying it out of its read buffer.
+    pub fn submit_header(
+        b: &[u8],
+        limits: &Limits,
+        is_iso: impl FnOnce(Direction, u32) -> bool,
+    ) -> Result<Option<SubmitHeader>, DecodeError> {
+        if b.len() < URB_HEADER_LEN || u32_at(b, 0) != USBIP_CMD_SUBMIT {
+            return Ok(None);
+        }
+        let direction = Direction::from_u32(u32_at(b, 12))?;
+        let ep = u32_at(b, 16);
+        let tbl = check_len(
+            "transfer_buffer_length",
+            i32_at(b, 24),
+            limits.max_transfer_length,
+        )?;
+        let raw_np = u32_at(b, 32);
+        let np = if is_iso(direction, ep) {
+            iso_count(raw_np, limits)?
+        } else {
+            0
+        };
+        let data_len = if direction == Direction::Out { tbl } else { 0 } as usize;
+        let data = URB_HEADER_LEN..URB_HEADER_LEN + data_len;
+        let iso = data.end..data.end + np as usize * ISO_PACKET_LEN;
+        let mut setup = [0u8; 8];
+        setup.copy_from_slice(&b[40..48]);
+        let cmd = CmdSubmit {
+            seqnum: u32_at(b, 4),
+            devid: u32_at(b, 8),
+            direction,
+            ep,
+            transfer_flags: u32_at(b, 20),
+            transfer_buffer_length: tbl,
+            start_frame: i32_at(b, 28),
+            number_of_packets: raw_np,
+            interval: i32_at(b, 36),
+            setup,
+        };
+        Ok(Some(SubmitHeader { cmd, data, iso }))
     }
 }
 

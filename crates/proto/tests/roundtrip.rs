@@ -585,6 +585,34 @@ proptest! {
         prop_assert_eq!(Cmd::decode(&out, &m).unwrap(), Decoded::Message(m, out.len()));
     }
 
+    /// Every prefix holding at least the header gives what the whole frame
+    /// gives, so a server may start an URB's buffer from the header alone.
+    #[test]
+    fn submit_header_agrees_with_decode(m in urb_command()) {
+        let mut out = Vec::new();
+        m.encode(&mut out);
+        let is_iso = match &m {
+            Cmd::Submit { is_iso, .. } => *is_iso,
+            Cmd::Unlink(_) => false,
+        };
+        let whole = UrbCommand::decode(&out, &limits(), |_, _| is_iso).unwrap();
+        for cut in [0, URB_HEADER_LEN - 1, URB_HEADER_LEN, (URB_HEADER_LEN + out.len()) / 2, out.len()] {
+            let cut = cut.min(out.len());
+            let h = UrbCommand::submit_header(&out[..cut], &limits(), |_, _| is_iso).unwrap();
+            match (&whole, h) {
+                (_, None) if cut < URB_HEADER_LEN => {}
+                (Decoded::Message(UrbCommand::Unlink(_), _), None) => {}
+                (Decoded::Message(UrbCommand::Submit { cmd, data, iso }, n), Some(h)) => {
+                    prop_assert_eq!(&h.cmd, cmd);
+                    prop_assert_eq!(&h.data, data);
+                    prop_assert_eq!(&h.iso, iso);
+                    prop_assert_eq!(h.frame_len(), *n);
+                }
+                (w, h) => prop_assert!(false, "cut {}: decode {:?}, header {:?}", cut, w, h),
+            }
+        }
+    }
+
     #[test]
     fn urb_reply_roundtrip(m in urb_reply()) {
         let mut out = Vec::new();

@@ -7,7 +7,7 @@
 //! without a task per URB.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
@@ -36,6 +36,10 @@ const OP_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_EARLY_UNLINKS: usize = 1024;
 /// Spare buffers kept for reuse per connection.
 const POOL_SIZE: usize = 64;
+/// OUT payloads at least this long are read from the socket straight into
+/// their URB's buffer (see `PartialOut`); shorter ones are copied out of
+/// the read buffer, which costs less than the extra system calls.
+const DIRECT_READ_MIN: usize = 16 * 1024;
 
 pub(crate) async fn serve(
     mut stream: TcpStream,
@@ -153,6 +157,15 @@ impl Wake for SessionWaker {
     }
 }
 
+/// A CMD_SUBMIT whose OUT payload is being read straight into its own
+/// buffer: a large payload is copied once, by the kernel, instead of into
+/// the read buffer and then again into the URB.
+struct PartialOut {
+    cmd: CmdSubmit,
+    buf: Vec<u8>,
+    filled: usize,
+}
+
 /// A reply waiting to be written.
 struct OutFrame {
     header: [u8; URB_HEADER_LEN],
@@ -182,6 +195,7 @@ struct Session {
     shared: Arc<Shared>,
     backend: Option<Box<dyn Backend>>,
     rbuf: Vec<u8>,
+    partial: Option<PartialOut>,
     queues: Vec<EndpointQueue>,
     out: VecDeque<OutFrame>,
     /// Bytes of the front frame already written.
@@ -221,6 +235,7 @@ impl Session {
             shared,
             backend: Some(backend),
             rbuf,
+            partial: None,
             queues: (0..32).map(|_| EndpointQueue::default()).collect(),
             out: VecDeque::new(),
             out_written: 0,
@@ -278,7 +293,7 @@ impl Session {
             // Keep reading while the buffer has room, even when the
             // in-flight bounds stop new URBs from starting: that is how a
             // peer that went away is noticed and its device released.
-            let want_read = self.rbuf.len() < self.read_limit();
+            let want_read = self.partial.is_some() || self.rbuf.len() < self.read_limit();
             let want_write = !self.out.is_empty();
             let deadline = self.next_deadline();
             let notify = self.waker.clone();
@@ -287,17 +302,21 @@ impl Session {
                 biased;
                 r = stream.readable(), if want_read => {
                     r?;
-                    if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
-                        self.rbuf.reserve(READ_CHUNK);
-                    }
-                    match stream.try_read_buf(&mut self.rbuf) {
-                        Ok(0) => eof = true,
-                        Ok(_) => {
-                            self.process_input()?;
-                            self.poll_all();
+                    if self.partial.is_some() {
+                        eof = self.read_partial(stream)?;
+                    } else {
+                        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
+                            self.rbuf.reserve(READ_CHUNK);
                         }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Err(e.into()),
+                        match stream.try_read_buf(&mut self.rbuf) {
+                            Ok(0) => eof = true,
+                            Ok(_) => {
+                                self.process_input()?;
+                                self.poll_all();
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                            Err(e) => return Err(e.into()),
+                        }
                     }
                 }
                 r = stream.writable(), if want_write => { r?; }
@@ -365,14 +384,21 @@ impl Session {
             if !self.can_read() {
                 break;
             }
-            let backend = self.backend.as_ref().expect("backend");
-            let decoded = UrbCommand::decode(&self.rbuf[at..], &limits, |dir, ep| {
+            let backend = self.backend.as_deref().expect("backend");
+            let is_iso = |dir: Direction, ep: u32| {
                 ep < 16
                     && backend.transfer_type(ep as u8 | dir.ep_bit())
                         == Some(TransferType::Isochronous)
-            });
-            match decoded {
+            };
+            match UrbCommand::decode(&self.rbuf[at..], &limits, is_iso) {
                 Ok(Decoded::NeedMore(n)) => {
+                    if let Some(h) = UrbCommand::submit_header(&self.rbuf[at..], &limits, is_iso)? {
+                        if h.iso.is_empty() && h.data.len() >= DIRECT_READ_MIN {
+                            self.start_partial(h.cmd, at + URB_HEADER_LEN);
+                            at = self.rbuf.len();
+                            break;
+                        }
+                    }
                     if self.rbuf.capacity() < at + n {
                         self.rbuf.reserve(at + n - self.rbuf.len());
                     }
@@ -398,6 +424,53 @@ impl Session {
         }
         self.rbuf.drain(..at);
         Ok(())
+    }
+
+    /// Starts reading an OUT payload into its own buffer; the part already
+    /// read, from `from` to the end of the read buffer, is copied over.
+    fn start_partial(&mut self, cmd: CmdSubmit, from: usize) {
+        let len = cmd.transfer_buffer_length as usize;
+        let have = self.rbuf.len() - from;
+        debug_assert!(have < len, "a complete frame is decoded, not read on");
+        let mut buf = self.take_buf(len);
+        buf[..have].copy_from_slice(&self.rbuf[from..]);
+        self.partial = Some(PartialOut {
+            cmd,
+            buf,
+            filled: have,
+        });
+    }
+
+    /// Reads more of the partial OUT payload, and with it at most the next
+    /// command's header: if that command carries a large payload too, it
+    /// should go straight into its own buffer as well. Returns whether the
+    /// peer closed the connection.
+    fn read_partial(&mut self, stream: &TcpStream) -> Result<bool, SessionError> {
+        let p = self.partial.as_mut().expect("a partial payload");
+        let len = p.cmd.transfer_buffer_length as usize;
+        let mut next = [0u8; URB_HEADER_LEN];
+        let mut bufs = [
+            IoSliceMut::new(&mut p.buf[p.filled..len]),
+            IoSliceMut::new(&mut next),
+        ];
+        let n = match stream.try_read_vectored(&mut bufs) {
+            Ok(0) => return Ok(true),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        let to_payload = n.min(len - p.filled);
+        p.filled += to_payload;
+        // The read buffer was emptied up to this payload when it started.
+        debug_assert!(self.rbuf.is_empty() || to_payload == n);
+        self.rbuf.extend_from_slice(&next[..n - to_payload]);
+        if p.filled == len {
+            let p = self.partial.take().expect("checked above");
+            self.submit_urb(p.cmd, p.buf, Vec::new());
+            self.process_input()?;
+            self.poll_all();
+        }
+        Ok(false)
     }
 
     fn take_buf(&mut self, len: usize) -> Vec<u8> {
@@ -427,23 +500,34 @@ impl Session {
         data: std::ops::Range<usize>,
         iso: std::ops::Range<usize>,
     ) {
+        let length = cmd.transfer_buffer_length as usize;
+        let iso_packets: Vec<IsoPacket> = if iso.is_empty() {
+            Vec::new()
+        } else {
+            IsoPacket::iter(&self.rbuf[iso]).collect()
+        };
+        let mut buf = self.take_buf(length);
+        if cmd.direction == Direction::Out {
+            buf[..length].copy_from_slice(&self.rbuf[data]);
+        }
+        self.submit_urb(cmd, buf, iso_packets);
+    }
+
+    /// Queues a submitted URB, whose OUT payload is already in `buf`.
+    fn submit_urb(&mut self, cmd: CmdSubmit, buf: Vec<u8>, iso: Vec<IsoPacket>) {
         if let Some(i) = self.early_unlinks.iter().position(|&s| s == cmd.seqnum) {
             self.early_unlinks.remove(i);
             debug!(
                 seqnum = cmd.seqnum,
                 "dropping a submit whose unlink arrived first"
             );
+            self.give_buf(buf);
             return;
         }
         if self.max_seqnum.is_none_or(|m| seq_after(cmd.seqnum, m)) {
             self.max_seqnum = Some(cmd.seqnum);
         }
         let length = cmd.transfer_buffer_length as usize;
-        let iso_packets: Vec<IsoPacket> = IsoPacket::iter(&self.rbuf[iso]).collect();
-        let mut buf = self.take_buf(length);
-        if cmd.direction == Direction::Out {
-            buf[..length].copy_from_slice(&self.rbuf[data]);
-        }
         let urb = Urb {
             seqnum: cmd.seqnum,
             ep: cmd.ep.min(255) as u8,
@@ -452,7 +536,7 @@ impl Session {
             setup: cmd.setup_packet(),
             length,
             buf,
-            iso: iso_packets,
+            iso,
             start_frame: cmd.start_frame,
             interval: cmd.interval,
             started: false,
