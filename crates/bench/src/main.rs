@@ -286,10 +286,20 @@ fn run_raw(ctx: &mut Ctx) {
         };
         ctx.push(row);
     }
-    let name = "pingpong-64b";
-    if ctx.selected("raw-tcp", name) {
+    // Latency workloads: a 64-byte ping-pong, and 560-byte requests (a
+    // CMD_SUBMIT with 512 bytes) answered by 48 bytes (a RET_SUBMIT), 32 in
+    // flight, like bulk-out-512-k32 against a server that does nothing.
+    for name in ["pingpong-64b", "pipelined-560b-k32"] {
+        if !ctx.selected("raw-tcp", name) {
+            continue;
+        }
         let mut lat = std::mem::take(&mut ctx.lat);
-        let row = match rawtcp::pingpong(ctx.warm, ctx.dur, peer, &mut lat) {
+        let r = if name == "pingpong-64b" {
+            rawtcp::pingpong(ctx.warm, ctx.dur, peer, &mut lat)
+        } else {
+            rawtcp::pipelined(560, 48, 32, ctx.warm, ctx.dur, peer, &mut lat)
+        };
+        let row = match r {
             Ok(r) => {
                 let (p50, p99, max) = percentiles(&mut lat);
                 Row {
@@ -636,12 +646,17 @@ fn targets(ctx: &Ctx, scale: &[scale::ScaleResult]) -> Vec<Value> {
         })
         .filter_map(|r| r.max.map(|m| (m, r.workload.clone())))
         .max_by(|a, b| a.0.total_cmp(&b.0));
+    // The same machine's loopback TCP, answering at once, in this run: a
+    // tail above 5 ms there is the machine's, not the server's.
+    let raw_max = find("raw-tcp", "pipelined-560b-k32").and_then(|r| r.max);
     verdict(
         "P3",
         match &worst {
-            Some((m, w)) => {
-                format!("no pipelined usbwire run with max latency > 5 ms: worst {m:.0} us ({w})")
-            }
+            Some((m, w)) => format!(
+                "no pipelined usbwire run with max latency > 5 ms: worst {m:.0} us ({w}); \
+                 raw TCP pipelined max {} us",
+                fmt_opt(raw_max, 0)
+            ),
             None => "no pipelined usbwire run with max latency > 5 ms: not run".into(),
         },
         worst.as_ref().map(|(m, _)| *m <= 5000.0),

@@ -145,3 +145,101 @@ pub fn pingpong(
         peer_cpu_ns: cpu * ops / (warm_ops + ops).max(1),
     })
 }
+
+/// `req`-byte requests, each answered by a `resp`-byte reply, `depth` in
+/// flight; the client writes every request it may send in one write and
+/// reads replies into one buffer, as the URB load client does. This is a
+/// server that does nothing but answer: the limit for pipelined URB
+/// workloads, and the tail latency that loopback TCP itself shows on this
+/// machine. Latencies (send to reply, ns) go to `lat`.
+pub fn pipelined(
+    req: usize,
+    resp: usize,
+    depth: usize,
+    warm: Duration,
+    dur: Duration,
+    peer_cpu: Option<usize>,
+    lat: &mut Vec<u32>,
+) -> io::Result<RawResult> {
+    lat.clear();
+    let (mut c, l) = pair()?;
+    setup(&c)?;
+    let peer = thread::spawn(move || -> io::Result<u64> {
+        if let Some(cpu) = peer_cpu {
+            sys::pin_thread(0, cpu)?;
+        }
+        let (mut s, _) = l.accept()?;
+        setup(&s)?;
+        let cpu0 = sys::thread_cpu_ns();
+        let mut buf = vec![0u8; 256 << 10];
+        let replies = vec![0u8; resp * depth];
+        let mut partial = 0usize;
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            let done = (partial + n) / req;
+            partial = (partial + n) % req;
+            if done > 0 {
+                s.write_all(&replies[..done * resp])?;
+            }
+        }
+        Ok(sys::thread_cpu_ns() - cpu0)
+    });
+    let requests = vec![0x5au8; req * depth];
+    let mut buf = vec![0u8; 256 << 10];
+    let mut sent = std::collections::VecDeque::with_capacity(depth);
+    let mut partial = 0usize;
+    let t0 = Instant::now();
+    let (mut warm_ops, mut ops) = (0u64, 0u64);
+    let mut measuring = false;
+    let mut start = t0;
+    loop {
+        if !measuring && t0.elapsed() >= warm {
+            measuring = true;
+            start = Instant::now();
+        }
+        let sending = !measuring || start.elapsed() < dur;
+        if sending && sent.len() < depth {
+            let n = depth - sent.len();
+            let now = Instant::now();
+            c.write_all(&requests[..n * req])?;
+            sent.extend(std::iter::repeat_n((now, measuring), n));
+        }
+        if sent.is_empty() {
+            break;
+        }
+        let n = c.read(&mut buf)?;
+        if n == 0 {
+            return Err(io::Error::other("the peer closed early"));
+        }
+        let done = (partial + n) / resp;
+        partial = (partial + n) % resp;
+        let now = Instant::now();
+        for _ in 0..done {
+            let (t, measured) = sent
+                .pop_front()
+                .ok_or_else(|| io::Error::other("extra reply"))?;
+            if measured {
+                ops += 1;
+                if lat.len() < lat.capacity() {
+                    lat.push((now - t).as_nanos().min(u32::MAX as u128) as u32);
+                }
+            } else {
+                warm_ops += 1;
+            }
+        }
+    }
+    let elapsed = start.elapsed();
+    drop(c);
+    let cpu = peer
+        .join()
+        .map_err(|_| io::Error::other("answering thread panicked"))??;
+    Ok(RawResult {
+        ops,
+        bytes: ops * req as u64,
+        elapsed,
+        peer_cpu_ns: cpu * ops / (warm_ops + ops).max(1),
+    })
+}
