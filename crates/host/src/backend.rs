@@ -596,6 +596,7 @@ impl Backend for UsbfsBackend {
 
     fn release(&mut self) {
         self.drain();
+        self.dev.unregister();
         if !self.gone {
             // Back to what a new importer expects: the kernel's stub
             // resets the device when its importer goes away.

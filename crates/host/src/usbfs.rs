@@ -375,6 +375,13 @@ impl Usbfs {
         }
     }
 
+    /// Leaves the runtime whose reactor watches the descriptor. Each import
+    /// is served on one of the server's worker runtimes, and the next
+    /// import may be on another: it registers again on its first poll.
+    pub fn unregister(&mut self) {
+        self.afd = None;
+    }
+
     pub fn inflight_ids(&self) -> Vec<u64> {
         self.inflight.keys().copied().collect()
     }
