@@ -29,6 +29,36 @@ fn setup(s: &TcpStream) -> io::Result<()> {
     Ok(())
 }
 
+/// The peer thread: what its work returned and the CPU time it took (ns).
+type Peer<T> = thread::JoinHandle<io::Result<(T, u64)>>;
+
+/// A connected client socket, and a thread that accepts the other end and
+/// runs `serve` on it, pinned to `peer_cpu`; the thread gives back what
+/// `serve` returns and the CPU time it took (ns).
+fn spawn_peer<T: Send + 'static>(
+    peer_cpu: Option<usize>,
+    serve: impl FnOnce(&mut TcpStream) -> io::Result<T> + Send + 'static,
+) -> io::Result<(TcpStream, Peer<T>)> {
+    let (c, l) = pair()?;
+    setup(&c)?;
+    let peer = thread::spawn(move || {
+        if let Some(cpu) = peer_cpu {
+            sys::pin_thread(0, cpu)?;
+        }
+        let (mut s, _) = l.accept()?;
+        setup(&s)?;
+        let cpu0 = sys::thread_cpu_ns();
+        let r = serve(&mut s)?;
+        Ok((r, sys::thread_cpu_ns() - cpu0))
+    });
+    Ok((c, peer))
+}
+
+fn join_peer<T>(peer: Peer<T>) -> io::Result<(T, u64)> {
+    peer.join()
+        .map_err(|_| io::Error::other("the peer thread panicked"))?
+}
+
 /// A one-way stream in `write_size` writes: `warm` unmeasured, then `dur`
 /// measured, on the same connection; the receiver reads into a 256 KiB
 /// buffer. The peer's CPU time is averaged over every write.
@@ -38,27 +68,18 @@ pub fn stream(
     dur: Duration,
     peer_cpu: Option<usize>,
 ) -> io::Result<RawResult> {
-    let (mut c, l) = pair()?;
-    setup(&c)?;
-    let peer = thread::spawn(move || -> io::Result<(u64, u64)> {
-        if let Some(cpu) = peer_cpu {
-            sys::pin_thread(0, cpu)?;
-        }
-        let (mut s, _) = l.accept()?;
-        setup(&s)?;
-        let cpu0 = sys::thread_cpu_ns();
+    let (mut c, peer) = spawn_peer(peer_cpu, |s| {
         // As large as usbipd's read chunk (256 KiB).
         let mut buf = vec![0u8; 256 << 10];
         let mut total = 0u64;
         loop {
             let n = s.read(&mut buf)?;
             if n == 0 {
-                break;
+                return Ok(total);
             }
             total += n as u64;
         }
-        Ok((total, sys::thread_cpu_ns() - cpu0))
-    });
+    })?;
     let buf = vec![0x5au8; write_size];
     let t0 = Instant::now();
     let mut warm_ops = 0u64;
@@ -73,9 +94,7 @@ pub fn stream(
         ops += 1;
     }
     c.shutdown(std::net::Shutdown::Write)?;
-    let (total, cpu) = peer
-        .join()
-        .map_err(|_| io::Error::other("receiver panicked"))??;
+    let (total, cpu) = join_peer(peer)?;
     // Measured until the receiver has read the last byte.
     let elapsed = start.elapsed();
     if total != (warm_ops + ops) * write_size as u64 {
@@ -98,22 +117,14 @@ pub fn pingpong(
     lat: &mut Vec<u32>,
 ) -> io::Result<RawResult> {
     lat.clear();
-    let (mut c, l) = pair()?;
-    setup(&c)?;
-    let peer = thread::spawn(move || -> io::Result<u64> {
-        if let Some(cpu) = peer_cpu {
-            sys::pin_thread(0, cpu)?;
-        }
-        let (mut s, _) = l.accept()?;
-        setup(&s)?;
-        let cpu0 = sys::thread_cpu_ns();
+    let (mut c, peer) = spawn_peer(peer_cpu, |s| {
         let mut buf = [0u8; 64];
         // Ends when the client closes.
         while s.read_exact(&mut buf).is_ok() {
             s.write_all(&buf)?;
         }
-        Ok(sys::thread_cpu_ns() - cpu0)
-    });
+        Ok(())
+    })?;
     let mut buf = [0x5au8; 64];
     let t0 = Instant::now();
     let mut warm_ops = 0u64;
@@ -135,9 +146,7 @@ pub fn pingpong(
     }
     let elapsed = start.elapsed();
     drop(c);
-    let cpu = peer
-        .join()
-        .map_err(|_| io::Error::other("echo thread panicked"))??;
+    let ((), cpu) = join_peer(peer)?;
     Ok(RawResult {
         ops,
         bytes: ops * 64,
@@ -162,22 +171,14 @@ pub fn pipelined(
     lat: &mut Vec<u32>,
 ) -> io::Result<RawResult> {
     lat.clear();
-    let (mut c, l) = pair()?;
-    setup(&c)?;
-    let peer = thread::spawn(move || -> io::Result<u64> {
-        if let Some(cpu) = peer_cpu {
-            sys::pin_thread(0, cpu)?;
-        }
-        let (mut s, _) = l.accept()?;
-        setup(&s)?;
-        let cpu0 = sys::thread_cpu_ns();
+    let (mut c, peer) = spawn_peer(peer_cpu, move |s| {
         let mut buf = vec![0u8; 256 << 10];
         let replies = vec![0u8; resp * depth];
         let mut partial = 0usize;
         loop {
             let n = s.read(&mut buf)?;
             if n == 0 {
-                break;
+                return Ok(());
             }
             let done = (partial + n) / req;
             partial = (partial + n) % req;
@@ -185,8 +186,7 @@ pub fn pipelined(
                 s.write_all(&replies[..done * resp])?;
             }
         }
-        Ok(sys::thread_cpu_ns() - cpu0)
-    });
+    })?;
     let requests = vec![0x5au8; req * depth];
     let mut buf = vec![0u8; 256 << 10];
     let mut sent = std::collections::VecDeque::with_capacity(depth);
@@ -233,9 +233,7 @@ pub fn pipelined(
     }
     let elapsed = start.elapsed();
     drop(c);
-    let cpu = peer
-        .join()
-        .map_err(|_| io::Error::other("answering thread panicked"))??;
+    let ((), cpu) = join_peer(peer)?;
     Ok(RawResult {
         ops,
         bytes: ops * req as u64,
