@@ -473,8 +473,11 @@ impl Session {
         Ok(false)
     }
 
+    /// The most recently returned buffer that fits: it is the one most
+    /// likely still in the CPU's cache, where taking the oldest would cycle
+    /// through every buffer the pool holds.
     fn take_buf(&mut self, len: usize) -> Vec<u8> {
-        match self.pool.iter().position(|b| b.capacity() >= len) {
+        match self.pool.iter().rposition(|b| b.capacity() >= len) {
             Some(i) => {
                 let mut b = self.pool.swap_remove(i);
                 if b.len() < len {
