@@ -273,71 +273,82 @@ echo DONE
             .unwrap()
     };
     // A runtime per phase: dropping it closes the import's connection.
-    let bulk_report = rt().block_on(async {
-        let dev = usbwire_client::import(format!("127.0.0.1:{port}"), &ss)
-            .await
-            .expect("import the SourceSink gadget");
-        let cfg = dev.config_descriptor().await.expect("config descriptor");
-        let (ep_in, ep_out) = bulk_endpoints(&cfg);
-        assert!(
-            ep_in & 0x80 != 0 && ep_out != 0,
-            "bulk endpoints in {cfg:?}"
-        );
-        // SET_CONFIGURATION 1 (the active one) goes through harmlessly.
-        dev.set_configuration(1).await.expect("set configuration");
-        let t = Instant::now();
-        // Several URBs in flight on each endpoint; unlink one pending IN.
-        const N: usize = 24;
-        const LEN: u32 = 1024 * 1024;
-        let mut ins: Vec<_> = (0..N)
-            .map(|_| dev.submit(TransferRequest::bulk_in(ep_in, LEN)))
-            .collect();
-        let outs: Vec<_> = (0..4)
-            .map(|k| dev.submit(TransferRequest::bulk_out(ep_out, vec![0u8; 64 * 1024 + k])))
-            .collect();
-        ins[N - 2].cancel().await;
-        let mut ok = 0;
-        let mut cancelled = 0;
-        let mut bytes = 0usize;
-        for (k, tr) in ins.into_iter().enumerate() {
-            let c = tr.await;
-            match c.status {
-                Ok(()) => {
-                    ok += 1;
-                    bytes += c.data.len();
-                    assert_eq!(c.data.len(), LEN as usize, "URB {k} short");
+    // Caught so that a failure shows the guest's side too.
+    let bulk_report = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        rt().block_on(async {
+            let dev = usbwire_client::import(format!("127.0.0.1:{port}"), &ss)
+                .await
+                .expect("import the SourceSink gadget");
+            let cfg = dev.config_descriptor().await.expect("config descriptor");
+            let (ep_in, ep_out) = bulk_endpoints(&cfg);
+            assert!(
+                ep_in & 0x80 != 0 && ep_out != 0,
+                "bulk endpoints in {cfg:?}"
+            );
+            // SET_CONFIGURATION 1 (the active one) goes through harmlessly.
+            dev.set_configuration(1).await.expect("set configuration");
+            let t = Instant::now();
+            // Several URBs in flight on each endpoint; unlink one pending IN.
+            const N: usize = 24;
+            const LEN: u32 = 1024 * 1024;
+            let mut ins: Vec<_> = (0..N)
+                .map(|_| dev.submit(TransferRequest::bulk_in(ep_in, LEN)))
+                .collect();
+            let outs: Vec<_> = (0..4)
+                .map(|k| dev.submit(TransferRequest::bulk_out(ep_out, vec![0u8; 64 * 1024 + k])))
+                .collect();
+            ins[N - 2].cancel().await;
+            let mut ok = 0;
+            let mut cancelled = 0;
+            let mut bytes = 0usize;
+            for (k, tr) in ins.into_iter().enumerate() {
+                let c = tr.await;
+                match c.status {
+                    Ok(()) => {
+                        ok += 1;
+                        bytes += c.data.len();
+                        assert_eq!(c.data.len(), LEN as usize, "URB {k} short");
+                    }
+                    Err(TransferError::Cancelled) if k == N - 2 => cancelled += 1,
+                    Err(e) => panic!("IN URB {k}: {e:?}"),
                 }
-                Err(TransferError::Cancelled) if k == N - 2 => cancelled += 1,
-                Err(e) => panic!("IN URB {k}: {e:?}"),
             }
-        }
-        for (k, tr) in outs.into_iter().enumerate() {
-            let c = tr.await;
-            assert!(c.status.is_ok(), "OUT URB {k}: {:?}", c.status);
-            assert_eq!(c.actual_length as usize, 64 * 1024 + k);
-        }
-        let elapsed = t.elapsed();
-        // The endpoint still works after the unlink.
-        let again = dev
-            .bulk_in(ep_in, 4096)
-            .await
-            .expect("bulk IN after the unlink");
-        assert_eq!(again.len(), 4096);
-        // A request the device stalls comes back as -EPIPE, not a hang.
-        let bogus = dev
-            .control_in(SetupPacket {
-                request_type: 0xc0,
-                request: 0x7f,
-                value: 0,
-                index: 0,
-                length: 4,
-            })
-            .await;
-        format!(
+            for (k, tr) in outs.into_iter().enumerate() {
+                let c = tr.await;
+                assert!(c.status.is_ok(), "OUT URB {k}: {:?}", c.status);
+                assert_eq!(c.actual_length as usize, 64 * 1024 + k);
+            }
+            let elapsed = t.elapsed();
+            // The endpoint still works after the unlink.
+            let again = dev
+                .bulk_in(ep_in, 4096)
+                .await
+                .expect("bulk IN after the unlink");
+            assert_eq!(again.len(), 4096);
+            // A request the device stalls comes back as -EPIPE, not a hang.
+            let bogus = dev
+                .control_in(SetupPacket {
+                    request_type: 0xc0,
+                    request: 0x7f,
+                    value: 0,
+                    index: 0,
+                    length: 4,
+                })
+                .await;
+            format!(
             "in ok={ok} cancelled={cancelled} bytes={bytes} in {:.2}s; vendor request -> {bogus:?}",
             elapsed.as_secs_f64()
         )
-    });
+        })
+    }));
+    if bulk_report.is_err() {
+        println!(
+            "--- guest output ---\n{}\n--- guest console ---\n{}",
+            g.output(),
+            g.console()
+        );
+    }
+    let bulk_report = bulk_report.unwrap_or_else(|e| std::panic::resume_unwind(e));
     println!("bulk: {bulk_report}");
     g.signal(SIG, "go", Duration::from_secs(30))
         .expect("signal the guest");
