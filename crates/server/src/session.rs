@@ -489,8 +489,12 @@ impl Session {
         }
     }
 
+    /// Keeps `b` for reuse. Frames without a payload carry an empty Vec:
+    /// those are not kept, or they would fill the pool in place of real
+    /// buffers.
     fn give_buf(&mut self, b: Vec<u8>) {
         if self.pool.len() < POOL_SIZE
+            && b.capacity() > 0
             && b.capacity() <= self.shared.config.limits.max_transfer_length as usize
         {
             self.pool.push(b);
@@ -775,6 +779,16 @@ impl Session {
             // Cancelled in time: only the unlink is answered, as if the URB
             // had never been submitted.
             self.give_buf(urb.buf);
+        } else if payload_len == 0 {
+            // Nothing of the buffer goes out (OUT, or IN with no data): back
+            // to the pool now, still warm, for the next URB's payload.
+            self.give_buf(urb.buf);
+            self.push_out(OutFrame {
+                header,
+                payload: Vec::new(),
+                payload_len,
+                iso,
+            });
         } else {
             self.push_out(OutFrame {
                 header,
