@@ -29,6 +29,15 @@ const READ_MAX: usize = 256 << 10;
 const COMPACT_AT: usize = 512 << 10;
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Adds one latency sample (ns, saturating) to a Vec allocated before the
+/// run: samples beyond its capacity are dropped rather than reallocating in
+/// the middle of a measurement.
+pub fn record_latency(lat: &mut Vec<u32>, d: Duration) {
+    if lat.len() < lat.capacity() {
+        lat.push(d.as_nanos().min(u32::MAX as u128) as u32);
+    }
+}
+
 fn invalid(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
@@ -291,10 +300,7 @@ impl Conn {
                         self.lo += used;
                         let slot = &mut self.slots[ret.seqnum as usize % RING];
                         let at = slot.at.take().expect("checked by decode");
-                        if lat.len() < lat.capacity() {
-                            let ns = now.saturating_duration_since(at).as_nanos();
-                            lat.push(ns.min(u32::MAX as u128) as u32);
-                        }
+                        record_latency(lat, now.saturating_duration_since(at));
                         inflight -= 1;
                         st.urbs += 1;
                         st.bytes += u64::from(ret.actual_length);

@@ -188,10 +188,7 @@ pub async fn read_loop(
                 .get_or_insert_with(|| format!("command at LBA {lba} timed out"));
             break;
         };
-        if r.lat.len() < r.lat.capacity() {
-            r.lat
-                .push(at.elapsed().as_nanos().min(u32::MAX as u128) as u32);
-        }
+        crate::load::record_latency(&mut r.lat, at.elapsed());
         r.commands += 1;
         r.bytes += u64::from(d.actual_length);
         let outcome = (|| -> Result<(), String> {

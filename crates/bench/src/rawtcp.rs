@@ -5,6 +5,7 @@ use std::net::{TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::load::record_latency;
 use crate::sys;
 
 pub struct RawResult {
@@ -139,9 +140,7 @@ pub fn pingpong(
         let t = Instant::now();
         c.write_all(&buf)?;
         c.read_exact(&mut buf)?;
-        if lat.len() < lat.capacity() {
-            lat.push(t.elapsed().as_nanos().min(u32::MAX as u128) as u32);
-        }
+        record_latency(lat, t.elapsed());
         ops += 1;
     }
     let elapsed = start.elapsed();
@@ -223,9 +222,7 @@ pub fn pipelined(
                 .ok_or_else(|| io::Error::other("extra reply"))?;
             if measured {
                 ops += 1;
-                if lat.len() < lat.capacity() {
-                    lat.push((now - t).as_nanos().min(u32::MAX as u128) as u32);
-                }
+                record_latency(lat, now - t);
             } else {
                 warm_ops += 1;
             }
