@@ -756,6 +756,7 @@ fn real_main(args: Args) -> Result<bool, String> {
     let quiet = args.json_only;
     let machine = sys::machine();
     let load_start = sys::loadavg();
+    let steal_start = sys::steal_ms();
     if !quiet {
         eprintln!(
             "usbwire-bench on {machine} (load average {load_start:.2}): \
@@ -933,7 +934,13 @@ fn real_main(args: Args) -> Result<bool, String> {
         print_tables(&ctx, &scale_results);
     }
     let t = targets(&ctx, &scale_results);
+    let steal = sys::steal_ms() - steal_start;
     if !quiet {
+        println!();
+        println!(
+            "steal time during the run: {steal:.0} ms (the hypervisor running other guests \
+             while this one had work; /proc/stat)"
+        );
         println!();
         println!("targets (informational; the smoke test never checks timings):");
         for v in &t {
@@ -992,6 +999,7 @@ fn real_main(args: Args) -> Result<bool, String> {
         "machine": machine,
         "loadavg_start": load_start,
         "loadavg_end": sys::loadavg(),
+        "steal_ms": steal,
         "mode": if ctx.args.smoke { "smoke" } else { "full" },
         "duration_s": dur.as_secs_f64(),
         "server_cpu": ctx.args.server_cpu,

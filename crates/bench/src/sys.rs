@@ -163,6 +163,25 @@ pub fn online_cpus() -> usize {
     }
 }
 
+/// Steal time of all CPUs so far, in ms: time the hypervisor ran something
+/// else while this VM had work. A latency maximum of several ms in a run
+/// with steal time is the host's doing, not the server's.
+pub fn steal_ms() -> f64 {
+    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+    // "cpu  user nice system idle iowait irq softirq steal ..."
+    let steal = stat
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(8))
+        .and_then(|v| v.parse::<f64>().ok());
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    match steal {
+        Some(t) if hz > 0 => t * 1000.0 / hz as f64,
+        _ => f64::NAN,
+    }
+}
+
 /// The 1-minute load average: other work on the machine skews everything.
 pub fn loadavg() -> f64 {
     fs::read_to_string("/proc/loadavg")
