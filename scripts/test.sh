@@ -22,4 +22,4 @@ bash fuzz/build.sh --no-asan
 cargo test --workspace
 # The benchmark must keep working; a short smoke run checks that its
 # results are sane (no timing assertions).
-cargo run -q -p usbwire-bench -- --smoke --json-only > /dev/null
+cargo run -q -p usbwire-bench -- --smoke --json-only --hiccup-meter > /dev/null

@@ -12,7 +12,7 @@ use std::process::Command;
 #[ignore = "builds and runs usbipd; run with --ignored"]
 fn smoke_mode_runs_clean() {
     let out = Command::new(env!("CARGO_BIN_EXE_usbwire-bench"))
-        .args(["--smoke", "--json-only"])
+        .args(["--smoke", "--json-only", "--hiccup-meter"])
         .output()
         .expect("run usbwire-bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -30,5 +30,9 @@ fn smoke_mode_runs_clean() {
     for r in results {
         assert!(r["ops"].as_u64().unwrap_or(0) > 0, "{r}");
         assert_eq!(r["errors"].as_u64(), Some(0), "{r}");
+        assert!(
+            r["machine_stall_max_us"].as_f64().unwrap_or(-1.0) >= 0.0,
+            "{r}"
+        );
     }
 }
