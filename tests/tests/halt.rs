@@ -160,8 +160,8 @@ mod given_back {
     use usbwire_client::{TransferError, TransferRequest};
     use usbwire_devices::TransferType;
     use usbwire_proto::urb::flags::URB_SHORT_NOT_OK;
-    use usbwire_proto::{DeviceInfo, Errno, Speed};
-    use usbwire_server::{Backend, ServerConfig, Urb, NOT_STARTED};
+    use usbwire_proto::{DeviceInfo, Speed};
+    use usbwire_server::{Backend, Completion, ServerConfig, Urb};
     use usbwire_tests::support::TestServer;
 
     struct HostController {
@@ -197,13 +197,13 @@ mod given_back {
         fn max_active(&self, _ep: u8) -> usize {
             8
         }
-        fn poll_urb(&mut self, urb: &mut Urb, cx: &mut Context<'_>) -> Poll<Result<usize, Errno>> {
+        fn poll_urb(&mut self, urb: &mut Urb, cx: &mut Context<'_>) -> Poll<Completion> {
             if urb.ep == 0 {
-                return Poll::Ready(Ok(0));
+                return Poll::Ready(Ok(0).into());
             }
             if self.cancelled.remove(&urb.seqnum) {
                 self.started.retain(|s| *s != urb.seqnum);
-                return Poll::Ready(Err(NOT_STARTED));
+                return Poll::Ready(Completion::NotStarted);
             }
             if !self.started.contains(&urb.seqnum) {
                 self.started.push(urb.seqnum);
@@ -226,7 +226,7 @@ mod given_back {
                     // continuation URBs queued behind it before they run.
                     self.cancelled.extend(self.started.iter().copied());
                 }
-                return Poll::Ready(Ok(m.len()));
+                return Poll::Ready(Ok(m.len()).into());
             }
             self.waker = Some(cx.waker().clone());
             Poll::Pending

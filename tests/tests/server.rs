@@ -291,7 +291,7 @@ mod async_cancel {
 
     use usbwire_devices::TransferType;
     use usbwire_proto::{DeviceInfo, Direction, Errno, Speed};
-    use usbwire_server::{Backend, ServerConfig, Urb};
+    use usbwire_server::{Backend, Completion, ServerConfig, Urb};
     use usbwire_tests::support::*;
 
     #[derive(Default)]
@@ -301,9 +301,10 @@ mod async_cancel {
     }
 
     /// Bulk IN 0x81 stays pending until cancelled; then it completes with
-    /// `outcome`: its data (it finished first) or -ECONNRESET.
+    /// `outcome`: its data (it finished first), an error after some data,
+    /// or -ECONNRESET.
     struct InFlightElsewhere {
-        outcome: Result<usize, Errno>,
+        outcome: Completion,
         state: Arc<Mutex<State>>,
     }
 
@@ -330,14 +331,14 @@ mod async_cancel {
         fn transfer_type(&self, ep: u8) -> Option<TransferType> {
             (ep == 0x81).then_some(TransferType::Bulk)
         }
-        fn poll_urb(&mut self, urb: &mut Urb, cx: &mut Context<'_>) -> Poll<Result<usize, Errno>> {
+        fn poll_urb(&mut self, urb: &mut Urb, cx: &mut Context<'_>) -> Poll<Completion> {
             if urb.ep == 0 {
-                return Poll::Ready(Ok(0));
+                return Poll::Ready(Ok(0).into());
             }
             let mut st = self.state.lock().unwrap();
             if st.cancel_requested {
-                if let Ok(n) = self.outcome {
-                    urb.buf[..n].fill(0x5a);
+                if let Completion::Ran { actual, .. } = self.outcome {
+                    urb.buf[..actual].fill(0x5a);
                 }
                 return Poll::Ready(self.outcome);
             }
@@ -359,7 +360,7 @@ mod async_cancel {
         }
     }
 
-    async fn scenario(outcome: Result<usize, Errno>) -> Vec<Reply> {
+    async fn scenario(outcome: Completion) -> Vec<Reply> {
         let backend = InFlightElsewhere {
             outcome,
             state: Default::default(),
@@ -382,7 +383,7 @@ mod async_cancel {
 
     #[tokio::test]
     async fn completed_before_cancel_gets_ret_submit_then_ret_unlink_zero() {
-        let r = scenario(Ok(64)).await;
+        let r = scenario(Ok(64).into()).await;
         match &r[..] {
             [Reply::Submit(ret, data), Reply::Unlink(u)] => {
                 assert_eq!((ret.seqnum, ret.status, data.len()), (1, 0, 64));
@@ -394,12 +395,34 @@ mod async_cancel {
 
     #[tokio::test]
     async fn cancelled_in_time_gets_only_ret_unlink_econnreset() {
-        let r = scenario(Err(Errno::ECONNRESET)).await;
+        let r = scenario(Completion::failed(Errno::ECONNRESET)).await;
         match &r[..] {
             [Reply::Unlink(u)] => {
                 assert_eq!((u.seqnum, u.status), (2, Errno::ECONNRESET.to_status()))
             }
             other => panic!("wrong replies: {other:?}"),
+        }
+    }
+
+    /// A device that stalls halfway through a transfer: the bytes that
+    /// came go to the importer with the error, as usbip-host sends them.
+    #[tokio::test]
+    async fn failed_after_some_data_gets_the_data_with_the_error() {
+        let r = scenario(Completion::Ran {
+            actual: 20,
+            error: Some(Errno::EPIPE),
+        })
+        .await;
+        match &r[..] {
+            [Reply::Submit(ret, data), Reply::Unlink(u)] => {
+                assert_eq!(
+                    (ret.seqnum, ret.status, ret.actual_length),
+                    (1, Errno::EPIPE.to_status(), 20)
+                );
+                assert_eq!(&data[..], &[0x5a; 20][..]);
+                assert_eq!((u.seqnum, u.status), (2, 0));
+            }
+            other => panic!("wrong replies or order: {other:?}"),
         }
     }
 }

@@ -17,7 +17,7 @@ use usbwire_devices::TransferType;
 use usbwire_proto::urb::flags as lf;
 use usbwire_proto::{DeviceInfo, Direction, Errno};
 use usbwire_server::backend::is_reset_request;
-use usbwire_server::{Backend, Urb, NOT_STARTED};
+use usbwire_server::{Backend, Completion, Urb};
 
 use crate::sysfs::{Descriptors, Roots, SysDevice};
 use crate::usbfs::{self, Transfer, Usbfs};
@@ -298,15 +298,15 @@ impl UsbfsBackend {
     }
 
     /// Builds and submits an URB. `Some` when it finished at once.
-    fn submit(&mut self, urb: &mut Urb) -> Option<Result<usize, Errno>> {
+    fn submit(&mut self, urb: &mut Urb) -> Option<Completion> {
         if self.gone {
-            return Some(Err(Errno::ENODEV));
+            return Some(Completion::failed(Errno::ENODEV));
         }
         let len = urb.length.min(urb.buf.len());
         let ep = urb.ep_address();
         let (t, kind) = if urb.ep == 0 {
             if let Some(r) = self.special_control(urb) {
-                return Some(r);
+                return Some(r.into());
             }
             let in_dir = urb.setup.direction() == Direction::In;
             let wlen = (urb.setup.length as usize).min(len);
@@ -328,7 +328,7 @@ impl UsbfsBackend {
             )
         } else {
             let Some(tt) = self.transfer_type(ep) else {
-                return Some(Err(Errno::EPIPE));
+                return Some(Completion::failed(Errno::EPIPE));
             };
             match tt {
                 TransferType::Isochronous => {
@@ -341,7 +341,7 @@ impl UsbfsBackend {
                         for p in &urb.iso {
                             let (o, l) = (p.offset as usize, p.length as usize);
                             if o + l > len {
-                                return Some(Err(Errno::EINVAL));
+                                return Some(Completion::failed(Errno::EINVAL));
                             }
                             b[at..at + l].copy_from_slice(&urb.buf[o..o + l]);
                             at += l;
@@ -367,7 +367,7 @@ impl UsbfsBackend {
                     let b = std::mem::take(&mut urb.buf);
                     (Transfer::new(typ, ep, f, b, len, &[], 0), Kind::Plain)
                 }
-                TransferType::Control => return Some(Err(Errno::EPIPE)),
+                TransferType::Control => return Some(Completion::failed(Errno::EPIPE)),
             }
         };
         let id = self.next_id;
@@ -406,14 +406,16 @@ impl UsbfsBackend {
                     if urb.buf.len() < urb.length {
                         urb.buf.resize(urb.length, 0);
                     }
-                    return Some(Err(NOT_STARTED));
+                    return Some(Completion::NotStarted);
                 }
-                Some(Err(errno_of(&e)))
+                Some(Completion::failed(errno_of(&e)))
             }
         }
     }
 
-    fn finish(&mut self, urb: &mut Urb, sub: Submitted, t: Transfer) -> Result<usize, Errno> {
+    /// What the kernel gave back, with whatever data moved before an
+    /// error, as usbip-host forwards it.
+    fn finish(&mut self, urb: &mut Urb, sub: Submitted, t: Transfer) -> Completion {
         let status = t.status();
         let actual = t.actual_length();
         let kind = sub.kind;
@@ -424,7 +426,7 @@ impl UsbfsBackend {
             if urb.buf.len() < urb.length {
                 urb.buf.resize(urb.length, 0);
             }
-            return Err(NOT_STARTED);
+            return Completion::NotStarted;
         }
         match kind {
             Kind::Plain => {
@@ -460,23 +462,18 @@ impl UsbfsBackend {
                     src += *l as usize;
                 }
                 urb.start_frame = t.start_frame();
-                return if status == 0 || status == -libc::EXDEV {
-                    Ok(actual)
-                } else {
-                    Err(status_errno(status))
-                };
+                // -EXDEV: some packets failed, each with its own status.
+                let error = (status != 0 && status != -libc::EXDEV).then(|| status_errno(status));
+                return Completion::Ran { actual, error };
             }
         }
-        if status == 0 || status == -libc::EREMOTEIO {
-            // A short IN with URB_SHORT_NOT_OK: the session reports
-            // -EREMOTEIO itself, with the data that did arrive.
-            Ok(actual)
-        } else {
-            if status == -libc::ENODEV || status == -libc::ESHUTDOWN {
-                self.gone = true;
-            }
-            Err(status_errno(status))
+        // A short IN with URB_SHORT_NOT_OK: the session reports -EREMOTEIO
+        // itself.
+        let error = (status != 0 && status != -libc::EREMOTEIO).then(|| status_errno(status));
+        if status == -libc::ENODEV || status == -libc::ESHUTDOWN {
+            self.gone = true;
         }
+        Completion::Ran { actual, error }
     }
 
     /// Discards every URB in flight and waits (bounded) until the kernel
@@ -521,7 +518,7 @@ impl Backend for UsbfsBackend {
         self.desc.endpoint_type(self.config, &self.alts, ep_address)
     }
 
-    fn poll_urb(&mut self, urb: &mut Urb, cx: &mut Context<'_>) -> Poll<Result<usize, Errno>> {
+    fn poll_urb(&mut self, urb: &mut Urb, cx: &mut Context<'_>) -> Poll<Completion> {
         if !self.by_seq.contains_key(&urb.seqnum) {
             if let Some(r) = self.submit(urb) {
                 return Poll::Ready(r);
@@ -541,7 +538,7 @@ impl Backend for UsbfsBackend {
             if self.gone {
                 // Nothing left to reap and ours did not come back.
                 self.by_seq.remove(&urb.seqnum);
-                return Poll::Ready(Err(Errno::ENODEV));
+                return Poll::Ready(Completion::failed(Errno::ENODEV));
             }
             // Readiness is cleared before the next reap: a completion
             // that lands after it is signalled again.

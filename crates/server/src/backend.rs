@@ -53,8 +53,7 @@ pub trait Backend: Send + 'static {
     /// `None` for an endpoint the device does not have.
     fn transfer_type(&self, ep_address: u8) -> Option<TransferType>;
 
-    /// Returns the number of bytes transferred or the URB's error.
-    fn poll_urb(&mut self, urb: &mut Urb, cx: &mut Context<'_>) -> Poll<Result<usize, Errno>>;
+    fn poll_urb(&mut self, urb: &mut Urb, cx: &mut Context<'_>) -> Poll<Completion>;
 
     /// How many URBs of one endpoint may be started at once. A device that
     /// completes transfers itself runs one at a time; a real device keeps
@@ -90,12 +89,43 @@ pub trait Backend: Send + 'static {
     fn flush(&mut self) -> io::Result<()>;
 }
 
-/// What `poll_urb` returns for an URB the backend gives back without having
-/// run it: a real host controller cancelled it because an earlier URB of
-/// its endpoint failed (usbfs bulk continuation). The session puts it back
-/// at the front of the endpoint's waiting queue, where the error hold
-/// decides when, or whether, it runs. No data may have moved for it.
-pub const NOT_STARTED: Errno = Errno::EINPROGRESS;
+/// How an URB given to `poll_urb` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    /// It ran and moved `actual` bytes, and failed if `error` says so. A
+    /// transfer can fail after moving data (a device that stalls halfway
+    /// through a bulk IN): the importer gets both, as usbip-host sends
+    /// them, so that its class driver can account for the data that came.
+    Ran { actual: usize, error: Option<Errno> },
+    /// Given back without having run: a real host controller cancelled it
+    /// because an earlier URB of its endpoint failed (usbfs bulk
+    /// continuation). The session puts it back at the front of the
+    /// endpoint's waiting queue, where the error hold decides when, or
+    /// whether, it runs. No data may have moved for it.
+    NotStarted,
+}
+
+impl Completion {
+    pub fn failed(e: Errno) -> Completion {
+        Completion::Ran {
+            actual: 0,
+            error: Some(e),
+        }
+    }
+}
+
+/// Emulated devices either move data or fail before any moved.
+impl From<Result<usize, Errno>> for Completion {
+    fn from(r: Result<usize, Errno>) -> Completion {
+        match r {
+            Ok(actual) => Completion::Ran {
+                actual,
+                error: None,
+            },
+            Err(e) => Completion::failed(e),
+        }
+    }
+}
 
 /// `SET_FEATURE(PORT_RESET)` to a hub port, which is how the kernel's stub
 /// recognises a device reset request (`is_reset_device_cmd` in stub_rx.c).
@@ -144,24 +174,25 @@ impl Backend for EmulatedBackend {
         self.dev.endpoint_type(ep_address)
     }
 
-    fn poll_urb(&mut self, urb: &mut Urb, cx: &mut Context<'_>) -> Poll<Result<usize, Errno>> {
+    fn poll_urb(&mut self, urb: &mut Urb, cx: &mut Context<'_>) -> Poll<Completion> {
         let len = urb.length.min(urb.buf.len());
         if urb.ep == 0 {
             if is_reset_request(&urb.setup) {
                 self.dev.reset();
-                return Poll::Ready(Ok(0));
+                return Poll::Ready(Ok(0).into());
             }
             let r = match urb.setup.direction() {
                 Direction::In => self.dev.control(&urb.setup, &[], &mut urb.buf[..len]),
                 Direction::Out => self.dev.control(&urb.setup, &urb.buf[..len], &mut []),
             };
-            return Poll::Ready(r);
+            return Poll::Ready(r.into());
         }
         let ep = urb.ep_address();
         match urb.direction {
             Direction::In => self.dev.poll_in(ep, &mut urb.buf[..len], cx),
             Direction::Out => self.dev.poll_out(ep, &urb.buf[..len], cx),
         }
+        .map(Completion::from)
     }
 
     fn reset(&mut self) {

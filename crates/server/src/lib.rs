@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 use usbwire_proto::{DecodeError, Limits};
 
-pub use backend::{Backend, EmulatedBackend, Urb, NOT_STARTED};
+pub use backend::{Backend, Completion, EmulatedBackend, Urb};
 pub use registry::{Registry, RegistryError, Reservation};
 
 /// Bounds and policies of a server. [`ServerConfig::validate`] refuses

@@ -25,7 +25,7 @@ use usbwire_proto::{
     OpStatus, RetSubmit, RetUnlink, UrbCommand, USBIP_VERSION,
 };
 
-use crate::backend::{is_reset_request, Backend, Urb, NOT_STARTED};
+use crate::backend::{is_reset_request, Backend, Completion, Urb};
 use crate::queue::EndpointQueue;
 use crate::{SessionError, Shared};
 
@@ -342,7 +342,7 @@ impl Session {
     fn fail_all_gone(&mut self) -> bool {
         for q in 0..self.queues.len() {
             while let Some(urb) = self.queues[q].waiting.pop_front() {
-                self.complete(urb, Err(Errno::ENODEV));
+                self.complete(urb, 0, Some(Errno::ENODEV));
             }
         }
         self.poll_all();
@@ -551,13 +551,13 @@ impl Session {
         self.inflight += 1;
         self.inflight_bytes += length;
         if cmd.ep > 15 {
-            self.complete(urb, Err(Errno::EPIPE));
+            self.complete(urb, 0, Some(Errno::EPIPE));
             return;
         }
         let ep_addr = urb.ep_address();
         if urb.ep != 0 && self.backend().transfer_type(ep_addr).is_none() {
             debug!(ep = ep_addr, "URB for an endpoint the device does not have");
-            self.complete(urb, Err(Errno::EPIPE));
+            self.complete(urb, 0, Some(Errno::EPIPE));
             return;
         }
         let q = ep_index(urb.ep, urb.direction);
@@ -676,12 +676,12 @@ impl Session {
                         self.queues[q].active.insert(i, urb);
                         i += 1;
                     }
-                    Poll::Ready(Err(e)) if e == NOT_STARTED => {
+                    Poll::Ready(Completion::NotStarted) => {
                         urb.started = false;
                         given_back.push(urb);
                     }
-                    Poll::Ready(r) => {
-                        self.complete(urb, r);
+                    Poll::Ready(Completion::Ran { actual, error }) => {
+                        self.complete(urb, actual, error);
                         progressed = true;
                     }
                 }
@@ -708,20 +708,19 @@ impl Session {
         }
     }
 
-    fn complete(&mut self, urb: Urb, result: Result<usize, Errno>) {
-        let (status, actual) = match result {
-            Ok(n) => {
-                let n = n.min(urb.length);
-                if urb.direction == Direction::In
-                    && n < urb.length
-                    && urb.transfer_flags & flags::URB_SHORT_NOT_OK != 0
-                {
-                    (Errno::EREMOTEIO.to_status(), n)
-                } else {
-                    (0, n)
-                }
+    /// Answers an URB that moved `actual` bytes and failed if `error`
+    /// says so; the bytes go out with the error too.
+    fn complete(&mut self, urb: Urb, actual: usize, error: Option<Errno>) {
+        let actual = actual.min(urb.length).min(urb.buf.len());
+        let status = match error {
+            Some(e) => e.to_status(),
+            None if urb.direction == Direction::In
+                && actual < urb.length
+                && urb.transfer_flags & flags::URB_SHORT_NOT_OK != 0 =>
+            {
+                Errno::EREMOTEIO.to_status()
             }
-            Err(e) => (e.to_status(), 0),
+            None => 0,
         };
         if urb.ep == 0 && status == 0 {
             self.after_control(&urb);
