@@ -211,6 +211,8 @@ pub struct Completion {
     pub actual_length: u32,
     pub iso: Vec<IsoPacket>,
     pub start_frame: i32,
+    /// Isochronous packets that failed (each has its status in `iso`).
+    pub error_count: i32,
 }
 
 impl Completion {
@@ -226,6 +228,7 @@ impl Completion {
             actual_length: 0,
             iso: Vec::new(),
             start_frame: 0,
+            error_count: 0,
         }
     }
 }
@@ -519,6 +522,7 @@ async fn connection(
                                             actual_length: ret.actual_length,
                                             iso: IsoPacket::iter(&rbuf[base + iso.start..base + iso.end]).collect(),
                                             start_frame: ret.start_frame,
+                                            error_count: ret.error_count,
                                         };
                                         let _ = p.done.send(c);
                                     }

@@ -751,6 +751,8 @@ impl Session {
             } else {
                 urb.iso.len() as u32
             },
+            // As a host controller counts them for usbip-host to forward.
+            error_count: urb.iso.iter().filter(|p| p.status != 0).count() as i32,
             ..Default::default()
         }
         .write_header(&mut header);
