@@ -5,11 +5,15 @@
 //! its port. Before binding, these checks name what holds the device:
 //!
 //! * a block device of it (or a partition) that is mounted, or that is a
-//!   holder of a dm/md device (`/sys/block/*/holders`) — overridable with
-//!   `--force`;
+//!   holder of a dm/md device (`/sys/block/*/holders`);
 //! * a block device, tty, hidraw or input node of it that a process has
 //!   open (`/proc/*/fd`);
 //! * an interface claimed through usbfs by another program.
+//!
+//! `--force` overrides the first two, whose users the kernel tells that
+//! the device went away. It does not override the third: that program
+//! drives the device itself, and two drivers of one device corrupt each
+//! other's transfers.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -44,7 +48,7 @@ pub enum Holder {
 impl Holder {
     /// Whether `--force` may override it.
     pub fn forcible(&self) -> bool {
-        matches!(self, Holder::Mounted { .. } | Holder::HeldBy { .. })
+        !matches!(self, Holder::Usbfs { .. })
     }
 }
 
@@ -422,7 +426,7 @@ mod tests {
             comm: "minicom".into(),
         };
         assert!(h.contains(&open), "{h:?}");
-        assert!(!open.forcible());
+        assert!(open.forcible());
         assert_eq!(
             open.to_string(),
             "/dev/ttyACM0 is open by process 4242 (minicom)"

@@ -56,7 +56,9 @@ struct BindArgs {
     /// Bus id of the local device (see `usbip list -l`).
     #[arg(short = 'b', long = "busid")]
     busid: String,
-    /// Bind although a file system on the device is mounted or held by dm/md.
+    /// Bind although the device is busy: a file system on it mounted or
+    /// held by dm/md, or one of its disk, tty, hidraw or input nodes open.
+    /// Never over another program's usbfs claim.
     #[arg(short = 'f', long = "force")]
     force: bool,
     /// usbipd's control socket (default $USBWIRE_CONTROL_SOCKET or /run/usbwire/usbipd.sock).
