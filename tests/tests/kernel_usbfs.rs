@@ -696,3 +696,130 @@ echo DONE
         "{d}"
     );
 }
+
+/// The busy checks against real drivers: a serial port (cdc-acm's
+/// /dev/ttyACM*) and a keyboard (usbhid's /dev/hidraw* and
+/// /dev/input/event*) that a process holds open are refused, naming the
+/// node and the process; closed, they bind; `--force` takes one while it
+/// is open, and the holder loses its device.
+#[test]
+fn kernel_usbfs_open_tty_and_hidraw_refused_unless_forced() {
+    let Some(guest) = kernel::require() else {
+        return;
+    };
+    let t0 = Instant::now();
+    let script = PRELUDE.to_string()
+        + &format!(
+            r#"
+modprobe dummy_hcd num=2
+modprobe evdev
+{acm}
+acm=$(usbwire_udc_busid dummy_udc.0)
+{hid}
+hid=$(usbwire_udc_busid dummy_udc.1)
+echo "ACM=$acm HID=$hid"
+usbwire_wait_cmd 30 sh -c "ls /sys/bus/usb/devices/$acm:1.0/tty/ttyACM* >/dev/null 2>&1"
+tty=/dev/$(basename $(ls -d /sys/bus/usb/devices/$acm:1.0/tty/ttyACM*))
+usbwire_wait_cmd 30 sh -c "ls -d /sys/bus/usb/devices/$hid:1.0/*/hidraw/hidraw* >/dev/null 2>&1"
+hidraw=/dev/$(basename $(ls -d /sys/bus/usb/devices/$hid:1.0/*/hidraw/hidraw*))
+usbwire_wait_cmd 30 sh -c "ls -d /sys/bus/usb/devices/$hid:1.0/*/input/input*/event* >/dev/null 2>&1"
+event=/dev/input/$(basename $(ls -d /sys/bus/usb/devices/$hid:1.0/*/input/input*/event*))
+usbwire_wait_path "$tty" 10; usbwire_wait_path "$hidraw" 10; usbwire_wait_path "$event" 10
+echo "NODES=$tty $hidraw $event"
+start_daemon
+
+echo "== open tty"
+sleep 600 < "$tty" & TTYHOLD=$!
+usbwire_wait_cmd 10 sh -c "ls -l /proc/$TTYHOLD/fd/0 | grep -q $tty"
+if usbip-rs bind -b "$acm" 2>/tmp/acm.err; then echo "BOUND-WHILE-TTY-OPEN"; exit 11; fi
+echo "TTY-REFUSED: $(cat /tmp/acm.err | tr '\n' ' ')"
+kill $TTYHOLD; wait $TTYHOLD 2>/dev/null || true
+usbip-rs bind -b "$acm"
+echo "ACM-DRIVER-AFTER-BIND=$(basename $(readlink /sys/bus/usb/devices/$acm:1.0/driver))"
+usbip list -r 127.0.0.1 | grep -q "$acm"
+usbip-rs unbind -b "$acm"
+
+echo "== open hidraw and input event"
+sleep 600 < "$hidraw" & RAWHOLD=$!
+usbwire_wait_cmd 10 sh -c "ls -l /proc/$RAWHOLD/fd/0 | grep -q $hidraw"
+if usbip-rs bind -b "$hid" 2>/tmp/hid.err; then echo "BOUND-WHILE-HIDRAW-OPEN"; exit 12; fi
+echo "HIDRAW-REFUSED: $(cat /tmp/hid.err | tr '\n' ' ')"
+kill $RAWHOLD; wait $RAWHOLD 2>/dev/null || true
+sleep 600 < "$event" & EVHOLD=$!
+usbwire_wait_cmd 10 sh -c "ls -l /proc/$EVHOLD/fd/0 | grep -q $event"
+if usbip-rs bind -b "$hid" 2>/tmp/ev.err; then echo "BOUND-WHILE-EVENT-OPEN"; exit 13; fi
+echo "EVENT-REFUSED: $(cat /tmp/ev.err | tr '\n' ' ')"
+
+echo "== forced"
+usbip-rs bind --force -b "$hid"
+echo "HID-DRIVER-AFTER-FORCE=$(basename $(readlink /sys/bus/usb/devices/$hid:1.0/driver))"
+usbip list -r 127.0.0.1 | grep -q "$hid"
+[ -e "$event" ] && echo "EVENT-NODE-STILL-THERE" || echo "EVENT-NODE-GONE"
+usbip-rs unbind -b "$hid"
+usbwire_wait_cmd 30 sh -c "ls -d /sys/bus/usb/devices/$hid:1.0/*/hidraw/hidraw* >/dev/null 2>&1"
+echo "HID-DRIVER-AFTER-UNBIND=$(basename $(readlink /sys/bus/usb/devices/$hid:1.0/driver))"
+kill $EVHOLD; wait $EVHOLD 2>/dev/null || true
+kill $DAEMON; wait $DAEMON || true
+echo DONE
+"#,
+            acm = kernel::gadget_acm_sh("acm", "dummy_udc.0"),
+            hid = kernel::gadget_hid_sh("kbd", "dummy_udc.1"),
+        );
+    let out = with_our_tools(guest)
+        .script(&script)
+        .timeout(Duration::from_secs(240))
+        .run()
+        .expect("guest run");
+    let text = out.output.clone();
+    println!("{text}");
+    println!("guest run took {:.1}s", t0.elapsed().as_secs_f64());
+    out.assert_success();
+    assert!(text.contains("DONE"));
+    let line = |p: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(p))
+            .unwrap_or_else(|| panic!("no {p} line"))
+            .trim()
+            .to_string()
+    };
+    let nodes: Vec<String> = line("NODES=")
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    let (tty, hidraw, event) = (&nodes[0], &nodes[1], &nodes[2]);
+    let refused = line("TTY-REFUSED: ");
+    assert!(
+        refused.contains(&format!("{tty} is open by process")) && refused.contains("(sleep)"),
+        "{refused}"
+    );
+    assert!(refused.contains("EBUSY"), "{refused}");
+    assert!(refused.contains("--force overrides this"), "{refused}");
+    assert_eq!(line("ACM-DRIVER-AFTER-BIND="), "usbfs");
+    let refused = line("HIDRAW-REFUSED: ");
+    assert!(
+        refused.contains(&format!("{hidraw} is open by process")),
+        "{refused}"
+    );
+    let refused = line("EVENT-REFUSED: ");
+    assert!(
+        refused.contains(&format!("{event} is open by process")),
+        "{refused}"
+    );
+    assert!(
+        text.contains(&format!(
+            "warning: --force: binding {} although {event} is open by process",
+            line("ACM=")
+                .split_whitespace()
+                .nth(1)
+                .unwrap()
+                .trim_start_matches("HID=")
+        )),
+        "the forced bind says what it overrode"
+    );
+    assert_eq!(line("HID-DRIVER-AFTER-FORCE="), "usbfs");
+    assert!(
+        text.contains("EVENT-NODE-GONE"),
+        "usbhid let go of the device"
+    );
+    assert_eq!(line("HID-DRIVER-AFTER-UNBIND="), "usbhid");
+}

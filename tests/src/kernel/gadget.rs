@@ -21,6 +21,17 @@ pub const SOURCESINK_IDS: (u16, u16) = (0x0525, 0xa4a0);
 pub const MASS_STORAGE_IDS: (u16, u16) = (0x0525, 0xa4a5);
 /// Vendor/product of the ACM gadget (Linux's g_serial ids in CDC ACM mode).
 pub const ACM_IDS: (u16, u16) = (0x0525, 0xa4a7);
+/// Vendor/product of the HID gadget (Linux's g_hid ids).
+pub const HID_IDS: (u16, u16) = (0x0525, 0xa4ac);
+
+/// A boot keyboard's report descriptor (the HID 1.11 appendix example, as
+/// Linux's gadget HID documentation uses it): 8-byte input reports.
+const KEYBOARD_REPORT_DESC: [u8; 63] = [
+    0x05, 0x01, 0x09, 0x06, 0xa1, 0x01, 0x05, 0x07, 0x19, 0xe0, 0x29, 0xe7, 0x15, 0x00, 0x25, 0x01,
+    0x75, 0x01, 0x95, 0x08, 0x81, 0x02, 0x95, 0x01, 0x75, 0x08, 0x81, 0x03, 0x95, 0x05, 0x75, 0x01,
+    0x05, 0x08, 0x19, 0x01, 0x29, 0x05, 0x91, 0x02, 0x95, 0x01, 0x75, 0x03, 0x91, 0x03, 0x95, 0x06,
+    0x75, 0x08, 0x15, 0x00, 0x25, 0x65, 0x05, 0x07, 0x19, 0x00, 0x29, 0x65, 0x81, 0x00, 0xc0,
+];
 
 fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
@@ -112,6 +123,26 @@ pub fn gadget_acm_sh(name: &str, udc: &str) -> String {
     s
 }
 
+/// A HID boot keyboard gadget (`usb_f_hid`) named `name`; the host side
+/// (usbhid) gets a `/dev/hidraw*` node and an input device.
+pub fn gadget_hid_sh(name: &str, udc: &str) -> String {
+    let mut s = gadget_begin(name, HID_IDS, "Keyboard", None);
+    let f = "\"$G/functions/hid.usb0\"";
+    s.push_str(&format!("mkdir {f} || exit 90\n"));
+    s.push_str(&format!("echo 1 > {f}/protocol\n"));
+    s.push_str(&format!("echo 1 > {f}/subclass\n"));
+    s.push_str(&format!("echo 8 > {f}/report_length\n"));
+    // Octal escapes: the one binary notation every printf(1) has.
+    let desc: String = KEYBOARD_REPORT_DESC
+        .iter()
+        .map(|b| format!("\\{b:03o}"))
+        .collect();
+    s.push_str(&format!("printf '{desc}' > {f}/report_desc || exit 90\n"));
+    s.push_str(&gadget_link("hid.usb0"));
+    s.push_str(&gadget_bind(udc));
+    s
+}
+
 /// Unbind and remove gadget `name` (undoes the snippets above; best effort).
 pub fn gadget_remove_sh(name: &str) -> String {
     let g = format!("/sys/kernel/config/usb_gadget/{name}");
@@ -138,6 +169,11 @@ mod tests {
         assert!(ms.contains("lun.0/file"));
         assert!(ms.contains(r"'/tmp/it'\''s.img'"));
         assert!(gadget_acm_sh("a", DUMMY_UDC).contains("acm.GS0"));
+        let hid = gadget_hid_sh("h", DUMMY_UDC);
+        assert!(hid.contains("hid.usb0"));
+        // 0x05 0x01 ... 0xc0 in octal.
+        assert!(hid.contains(r"printf '\005\001\011\006"));
+        assert!(hid.contains(r"\300' >"));
         assert!(gadget_remove_sh("a").contains("UDC"));
     }
 }

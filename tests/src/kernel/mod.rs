@@ -30,8 +30,8 @@ pub mod gadget;
 
 pub use assets::{shared_libs, Assets, GUEST_MODULES};
 pub use gadget::{
-    gadget_acm_sh, gadget_mass_storage_sh, gadget_remove_sh, gadget_sourcesink_sh, ACM_IDS,
-    DUMMY_UDC, MASS_STORAGE_IDS, SOURCESINK_IDS,
+    gadget_acm_sh, gadget_hid_sh, gadget_mass_storage_sh, gadget_remove_sh, gadget_sourcesink_sh,
+    ACM_IDS, DUMMY_UDC, HID_IDS, MASS_STORAGE_IDS, SOURCESINK_IDS,
 };
 
 use std::collections::{BTreeMap, HashSet};
