@@ -14,7 +14,8 @@
 //!
 //! `<key>` is `<kernel package>-<16 hex digits of a hash>` over the kernel package
 //! version, the versions of the host packages copied into the guest and a hash of the
-//! harness' own build recipe, so any change rebuilds a fresh directory.
+//! harness' own build recipe, so any change rebuilds a fresh directory. After a
+//! build, complete directories of other keys are deleted but for the newest two.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
@@ -422,6 +423,48 @@ fn newest_ready_dir(root: &Path) -> Option<PathBuf> {
         .map(|(_, d)| d)
 }
 
+/// Complete guests of other recipes kept beside the current one, so that
+/// switching between a few branches does not rebuild each time.
+const KEEP_OTHER_GUESTS: usize = 2;
+
+/// Deletes the complete guest directories other than `keep` and the `others`
+/// newest besides it: each recipe change builds a new ~80 MB one. A directory
+/// whose lock another process holds is left alone.
+fn prune(root: &Path, keep: &Path, others: usize) {
+    let Ok(rd) = fs::read_dir(root) else {
+        return;
+    };
+    let mut ready: Vec<(std::time::SystemTime, PathBuf)> = rd
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|d| d != keep && d.join("READY").is_file())
+        .filter_map(|d| {
+            let t = fs::metadata(d.join("READY"))
+                .and_then(|m| m.modified())
+                .ok()?;
+            Some((t, d))
+        })
+        .collect();
+    ready.sort_by_key(|b| std::cmp::Reverse(b.0));
+    for (_, d) in ready.into_iter().skip(others) {
+        let Some(name) = d.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+            continue;
+        };
+        let lock_path = root.join(format!("{name}.lock"));
+        let Ok(lock) = FileLock::acquire(&lock_path, Duration::ZERO) else {
+            continue;
+        };
+        if fs::remove_dir_all(&d).is_ok() {
+            eprintln!(
+                "usbwire kernel harness: removed the old guest {}",
+                d.display()
+            );
+        }
+        drop(lock);
+        let _ = fs::remove_file(&lock_path);
+    }
+}
+
 /// An exclusive flock(2) on a file; released on drop. Acquisition is bounded in time.
 pub(crate) struct FileLock {
     _file: fs::File,
@@ -732,6 +775,7 @@ fn build(
             "usbwire kernel harness: guest assets built in {:.1}s",
             t0.elapsed().as_secs_f64()
         );
+        prune(root, dir, KEEP_OTHER_GUESTS);
     }
     let _ = fs::remove_dir_all(&work);
     result
@@ -880,6 +924,52 @@ fn build_in(work: &Path, desc: &str, ks: &KernelSource) -> Result<(), HarnessErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prune_keeps_the_current_guest_the_newest_others_and_locked_ones() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        let base = std::time::SystemTime::now() - Duration::from_secs(3600);
+        let mk = |name: &str, age_min: u64| {
+            let d = r.join(name);
+            fs::create_dir_all(&d).unwrap();
+            fs::write(d.join("vmlinux"), b"x").unwrap();
+            let f = fs::File::create(d.join("READY")).unwrap();
+            f.set_modified(base - Duration::from_secs(60 * age_min))
+                .unwrap();
+            fs::write(r.join(format!("{name}.lock")), b"").unwrap();
+            d
+        };
+        let current = mk("k-current", 50);
+        mk("k-new", 1);
+        mk("k-newer", 0);
+        mk("k-old", 10);
+        mk("k-older", 20);
+        mk("k-busy", 30);
+        fs::create_dir_all(r.join("k-incomplete")).unwrap();
+        let busy = FileLock::acquire(&r.join("k-busy.lock"), Duration::ZERO).unwrap();
+        prune(r, &current, 2);
+        drop(busy);
+        let mut left: Vec<String> = fs::read_dir(r)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "k-busy",
+                "k-busy.lock",
+                "k-current",
+                "k-current.lock",
+                "k-incomplete",
+                "k-new",
+                "k-new.lock",
+                "k-newer",
+                "k-newer.lock"
+            ]
+        );
+    }
 
     #[test]
     fn parses_control_fields() {
