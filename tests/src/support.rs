@@ -11,8 +11,8 @@ use tokio::task::JoinHandle;
 use usbwire_devices::EmulatedDevice;
 use usbwire_proto::urb::{InFlight, URB_HEADER_LEN};
 use usbwire_proto::{
-    CmdSubmit, CmdUnlink, Decoded, Direction, Limits, OpReply, OpRequest, OpStatus, RetSubmit,
-    RetUnlink, SetupPacket, UrbReply, USBIP_VERSION,
+    CmdSubmit, CmdUnlink, Decoded, DeviceInfo, Direction, Limits, OpReply, OpRequest, OpStatus,
+    RetSubmit, RetUnlink, SetupPacket, Speed, UrbReply, USBIP_VERSION,
 };
 use usbwire_server::{EmulatedBackend, Registry, Server, ServerConfig};
 
@@ -243,6 +243,28 @@ impl RawPeer {
             }
         }
         false
+    }
+}
+
+/// The device record of a hand-written test backend: vendor 1, product
+/// `product`, high speed, vendor-specific, configured, no interfaces listed.
+pub fn test_device_info(busid: &str, busnum: u32, devnum: u32, product: u16) -> DeviceInfo {
+    DeviceInfo {
+        path: String::new(),
+        busid: busid.into(),
+        busnum,
+        devnum,
+        speed: Speed::High,
+        id_vendor: 1,
+        id_product: product,
+        bcd_device: 0,
+        device_class: 0xff,
+        device_subclass: 0,
+        device_protocol: 0,
+        configuration_value: 1,
+        num_configurations: 1,
+        num_interfaces: 0,
+        interfaces: vec![],
     }
 }
 

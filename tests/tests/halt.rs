@@ -160,9 +160,9 @@ mod given_back {
     use usbwire_client::{TransferError, TransferRequest};
     use usbwire_devices::TransferType;
     use usbwire_proto::urb::flags::URB_SHORT_NOT_OK;
-    use usbwire_proto::{DeviceInfo, Speed};
+    use usbwire_proto::DeviceInfo;
     use usbwire_server::{Backend, Completion, ServerConfig, Urb};
-    use usbwire_tests::support::TestServer;
+    use usbwire_tests::support::{test_device_info, TestServer};
 
     struct HostController {
         messages: VecDeque<Vec<u8>>,
@@ -173,23 +173,7 @@ mod given_back {
 
     impl Backend for HostController {
         fn device_info(&self, busid: &str, busnum: u32, devnum: u32) -> DeviceInfo {
-            DeviceInfo {
-                path: String::new(),
-                busid: busid.into(),
-                busnum,
-                devnum,
-                speed: Speed::High,
-                id_vendor: 1,
-                id_product: 3,
-                bcd_device: 0,
-                device_class: 0xff,
-                device_subclass: 0,
-                device_protocol: 0,
-                configuration_value: 1,
-                num_configurations: 1,
-                num_interfaces: 0,
-                interfaces: vec![],
-            }
+            test_device_info(busid, busnum, devnum, 3)
         }
         fn transfer_type(&self, ep: u8) -> Option<TransferType> {
             (ep == 0x81).then_some(TransferType::Bulk)

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use usbwire_client::{SetupPacket, TransferError, TransferRequest};
 use usbwire_tests::kernel::{self, DUMMY_UDC};
-use usbwire_tests::support::bulk_endpoints;
+use usbwire_tests::support::{bulk_endpoints, output_value};
 
 fn run(c: &mut Command) -> String {
     let o = c.output().expect("run");
@@ -151,13 +151,7 @@ echo DONE
         dir.path().join("content/known.bin").display()
     )));
     assert_eq!(known.len(), 200_000);
-    let line = |p: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(p))
-            .unwrap_or_else(|| panic!("no {p} line"))
-            .trim()
-            .to_string()
-    };
+    let line = |key: &str| output_value(&text, key).to_string();
     assert!(line("REFUSED: ").contains("/mnt/usb"));
     assert!(line("HUB-REFUSED: ").contains("hub"));
     assert_eq!(line("DRIVER-AFTER-BIND="), "usbfs");
@@ -775,13 +769,7 @@ echo DONE
     println!("guest run took {:.1}s", t0.elapsed().as_secs_f64());
     out.assert_success();
     assert!(text.contains("DONE"));
-    let line = |p: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(p))
-            .unwrap_or_else(|| panic!("no {p} line"))
-            .trim()
-            .to_string()
-    };
+    let line = |key: &str| output_value(&text, key).to_string();
     let nodes: Vec<String> = line("NODES=")
         .split_whitespace()
         .map(String::from)

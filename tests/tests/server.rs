@@ -290,7 +290,7 @@ mod async_cancel {
     use std::task::{Context, Poll, Waker};
 
     use usbwire_devices::TransferType;
-    use usbwire_proto::{DeviceInfo, Direction, Errno, Speed};
+    use usbwire_proto::{DeviceInfo, Direction, Errno};
     use usbwire_server::{Backend, Completion, ServerConfig, Urb};
     use usbwire_tests::support::*;
 
@@ -310,23 +310,7 @@ mod async_cancel {
 
     impl Backend for InFlightElsewhere {
         fn device_info(&self, busid: &str, busnum: u32, devnum: u32) -> DeviceInfo {
-            DeviceInfo {
-                path: String::new(),
-                busid: busid.into(),
-                busnum,
-                devnum,
-                speed: Speed::High,
-                id_vendor: 1,
-                id_product: 2,
-                bcd_device: 0,
-                device_class: 0xff,
-                device_subclass: 0,
-                device_protocol: 0,
-                configuration_value: 1,
-                num_configurations: 1,
-                num_interfaces: 0,
-                interfaces: vec![],
-            }
+            test_device_info(busid, busnum, devnum, 2)
         }
         fn transfer_type(&self, ep: u8) -> Option<TransferType> {
             (ep == 0x81).then_some(TransferType::Bulk)
@@ -437,9 +421,9 @@ mod iso {
 
     use usbwire_client::TransferRequest;
     use usbwire_devices::TransferType;
-    use usbwire_proto::{DeviceInfo, Errno, IsoPacket, Speed};
+    use usbwire_proto::{DeviceInfo, Errno, IsoPacket};
     use usbwire_server::{Backend, Completion, ServerConfig, Urb};
-    use usbwire_tests::support::TestServer;
+    use usbwire_tests::support::{test_device_info, TestServer};
 
     /// ISO IN 0x83: packet i moves its length minus 40 × i bytes of value
     /// i + 1, and packet 1 fails with -EPROTO (a CRC error on the bus).
@@ -447,23 +431,7 @@ mod iso {
 
     impl Backend for IsoSource {
         fn device_info(&self, busid: &str, busnum: u32, devnum: u32) -> DeviceInfo {
-            DeviceInfo {
-                path: String::new(),
-                busid: busid.into(),
-                busnum,
-                devnum,
-                speed: Speed::High,
-                id_vendor: 1,
-                id_product: 4,
-                bcd_device: 0,
-                device_class: 0xff,
-                device_subclass: 0,
-                device_protocol: 0,
-                configuration_value: 1,
-                num_configurations: 1,
-                num_interfaces: 0,
-                interfaces: vec![],
-            }
+            test_device_info(busid, busnum, devnum, 4)
         }
         fn transfer_type(&self, ep: u8) -> Option<TransferType> {
             (ep == 0x83).then_some(TransferType::Isochronous)
