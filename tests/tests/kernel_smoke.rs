@@ -322,24 +322,3 @@ fn kernel_host_binary() {
     out.assert_success();
     out.assert_output_contains("socat version");
 }
-
-/// The workspace's own binaries (package usbwire-cli) start in the guest. Ignored by
-/// default: it builds them with cargo first. Run with `-- --ignored`.
-#[test]
-#[ignore]
-fn kernel_usbwire_binaries() {
-    let Some(guest) = kernel::require() else {
-        return;
-    };
-    let usbipd = kernel::cargo_bin_in(Some("usbwire-cli"), "usbipd");
-    let usbip = kernel::cargo_bin_in(Some("usbwire-cli"), "usbip");
-    let out = guest
-        .host_binary(&usbipd, "/opt/usbwire/usbipd")
-        .host_binary(&usbip, "/opt/usbwire/usbip")
-        .script("/opt/usbwire/usbipd --help | head -n 3 && /opt/usbwire/usbip --help | head -n 3")
-        .timeout(Duration::from_secs(120))
-        .run()
-        .expect("guest run");
-    println!("{}", out.output);
-    out.assert_success();
-}

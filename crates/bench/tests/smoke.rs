@@ -1,10 +1,11 @@
 //! The benchmark's smoke mode as a test: every workload runs briefly and
 //! must move data without errors. No timing is checked.
 //!
-//! Ignored by default because it needs `usbipd` (it builds it through cargo
-//! when missing) and takes a while: run it with
-//! `cargo test -p usbwire-bench -- --ignored`, or directly with
-//! `cargo run --release -p usbwire-bench -- --smoke`.
+//! Ignored in a plain `cargo test` because it needs `usbipd` (it builds it
+//! through cargo when missing) and takes a while; `scripts/test.sh`, and so
+//! CI, runs it with `cargo test -p usbwire-bench --test smoke -- --ignored`.
+//! `cargo run --release -p usbwire-bench -- --smoke` shows the same run as
+//! a table.
 
 use std::process::Command;
 
