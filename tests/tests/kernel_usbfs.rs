@@ -46,6 +46,17 @@ fn with_our_tools(g: kernel::Guest) -> kernel::Guest {
         .memory_mib(768)
 }
 
+/// The output of a guest run that must have succeeded and reached its
+/// final `echo DONE`; printed, with the time it took, for the test log.
+fn finished(out: kernel::GuestOutput, t0: Instant) -> String {
+    let text = out.output.clone();
+    println!("{text}");
+    println!("guest run took {:.1}s", t0.elapsed().as_secs_f64());
+    out.assert_success();
+    assert!(text.contains("DONE"));
+    text
+}
+
 const PRELUDE: &str = r#"set -e
 modprobe vhci-hcd
 modprobe usb-storage
@@ -140,11 +151,7 @@ echo DONE
         .timeout(Duration::from_secs(300))
         .run()
         .expect("guest run");
-    let text = out.output.clone();
-    println!("{text}");
-    println!("guest run took {:.1}s", t0.elapsed().as_secs_f64());
-    out.assert_success();
-    assert!(text.contains("DONE"));
+    let text = finished(out, t0);
     let known: Vec<u8> = (0..200_000usize).map(|k| (k * 7 + 3) as u8).collect();
     let known_sum = run(Command::new("sh").arg("-c").arg(format!(
         "printf '' | cat {} | sha256sum",
@@ -548,13 +555,7 @@ echo DONE
     g.wait_for_output("READY\n", Duration::from_secs(200))
         .unwrap_or_else(|e| panic!("{e}"));
     let t_ready = t0.elapsed();
-    let line = |text: &str, p: &str| -> String {
-        text.lines()
-            .find_map(|l| l.strip_prefix(p))
-            .unwrap_or_else(|| panic!("no {p} line in\n{text}"))
-            .trim()
-            .to_string()
-    };
+    let line = |text: &str, key: &str| output_value(text, key).to_string();
     let out = g.output();
     let lb = line(&out, "LB=");
     let port = g.host_port(3240);
@@ -764,11 +765,7 @@ echo DONE
         .timeout(Duration::from_secs(240))
         .run()
         .expect("guest run");
-    let text = out.output.clone();
-    println!("{text}");
-    println!("guest run took {:.1}s", t0.elapsed().as_secs_f64());
-    out.assert_success();
-    assert!(text.contains("DONE"));
+    let text = finished(out, t0);
     let line = |key: &str| output_value(&text, key).to_string();
     let nodes: Vec<String> = line("NODES=")
         .split_whitespace()
