@@ -60,6 +60,12 @@ fn join_peer<T>(peer: Peer<T>) -> io::Result<(T, u64)> {
         .map_err(|_| io::Error::other("the peer thread panicked"))?
 }
 
+/// The peer's CPU time over the measured operations: it was sampled over
+/// the warm-up too, so the measured ones get their share of it.
+fn measured_share(cpu_ns: u64, ops: u64, warm_ops: u64) -> u64 {
+    cpu_ns * ops / (warm_ops + ops).max(1)
+}
+
 /// A one-way stream in `write_size` writes: `warm` unmeasured, then `dur`
 /// measured, on the same connection; the receiver reads into a 256 KiB
 /// buffer. The peer's CPU time is averaged over every write.
@@ -105,7 +111,7 @@ pub fn stream(
         ops,
         bytes: ops * write_size as u64,
         elapsed,
-        peer_cpu_ns: cpu * ops / (warm_ops + ops).max(1),
+        peer_cpu_ns: measured_share(cpu, ops, warm_ops),
     })
 }
 
@@ -150,7 +156,7 @@ pub fn pingpong(
         ops,
         bytes: ops * 64,
         elapsed,
-        peer_cpu_ns: cpu * ops / (warm_ops + ops).max(1),
+        peer_cpu_ns: measured_share(cpu, ops, warm_ops),
     })
 }
 
@@ -235,6 +241,6 @@ pub fn pipelined(
         ops,
         bytes: ops * req as u64,
         elapsed,
-        peer_cpu_ns: cpu * ops / (warm_ops + ops).max(1),
+        peer_cpu_ns: measured_share(cpu, ops, warm_ops),
     })
 }
