@@ -981,6 +981,7 @@ async fn devlist_is_version_0111_and_frames_as_win2_reads_it() {
 async fn import_is_version_0111_and_echoes_the_busid() {
     let d = demo().await;
     let addr = d.server.addr;
+    let mut imported = Vec::new();
     for busid in [DISK, KEYBOARD, SERIAL, TEST] {
         let dev = import(addr, busid).await;
         assert_eq!(dev.udev.busid(), busid);
@@ -995,16 +996,17 @@ async fn import_is_version_0111_and_echoes_the_busid() {
             dev.udev.busnum << 16 | dev.udev.devnum,
             "devid as make_devid builds it"
         );
+        imported.push(dev);
     }
     // Refusals come with the same version, so the driver reads the status
     // instead of failing with USBIP_ERROR_VERSION.
     assert_eq!(win2::import(addr, "9-9").await.err(), Some(win2::ST_NODEV));
-    let held = import(addr, TEST).await;
+    // All four are still imported.
     assert_eq!(
         win2::import(addr, TEST).await.err(),
         Some(win2::ST_DEV_BUSY)
     );
-    drop(held);
+    drop(imported);
 }
 
 /// Everything the driver sends on the non-isochronous endpoints carries
