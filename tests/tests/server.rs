@@ -642,9 +642,12 @@ mod gadget_zero {
         let s = super::test_server(1).await;
         let dev = configured(s.addr).await;
         let data: Vec<u8> = (0..4096u32).map(|j| (j * 7) as u8).collect();
-        dev.control_out(setup(0x40, vendor::CONTROL_WRITE, 0, 0, 4096), &data)
-            .await
-            .unwrap();
+        let write =
+            TransferRequest::control(setup(0x40, vendor::CONTROL_WRITE, 0, 0, 4096), data.clone());
+        let c = tokio::time::timeout(WAIT, dev.submit(write)).await.unwrap();
+        // The data stage's length, which usb_control_msg returns and
+        // usbtest's control write test compares with what it sent.
+        assert_eq!((c.status, c.actual_length), (Ok(()), 4096));
         let back = dev
             .control_in(setup(0xc0, vendor::CONTROL_READ, 0, 0, 4096))
             .await
