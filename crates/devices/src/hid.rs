@@ -631,6 +631,13 @@ mod tests {
         );
         assert_eq!(&cfg[27..34], &[7, 5, 0x81, 3, 8, 0, 10]);
         assert_eq!(dev.descriptors().speed, Speed::Full);
+        // Full speed only: no qualifier and no other-speed configuration.
+        for ty in [6u16, 7] {
+            assert_eq!(
+                dev.control(&setup(0x80, 6, ty << 8, 0, 255), &[], &mut buf),
+                Err(Errno::EPIPE)
+            );
+        }
 
         // Interface-recipient GET_DESCRIPTOR reaches the function.
         let n = dev
@@ -776,7 +783,7 @@ mod tests {
 
         // LEDs: Caps Lock on.
         let set_leds = setup(0x21, request::SET_REPORT, 0x0200, 0, 1);
-        assert_eq!(dev.control(&set_leds, &[0x02], &mut []), Ok(0));
+        assert_eq!(dev.control(&set_leds, &[0x02], &mut []), Ok(1));
         assert_eq!(h.leds(), 0x02);
         assert_eq!(
             dev.control(
