@@ -1731,8 +1731,6 @@ async fn iso_ret_submit_has_the_submitted_count_and_lengths_summing_to_actual_le
 /// The same against the demo test device's isochronous setting
 /// (f_sourcesink's altsetting 1), found in its descriptors.
 #[tokio::test]
-#[ignore = "needs the test device's isochronous altsetting (issue 12 item 1, branch gadget): \
-            remove this once it is merged"]
 async fn iso_rules_on_the_test_device() {
     let d = demo().await;
     let mut dev = import(d.server.addr, TEST).await;
