@@ -19,6 +19,7 @@
 //!
 //! [[device]]
 //! kind = "test"
+//! pattern = 0               # source/sink data: 0 zeros, 1 mod63, 2 none
 //! ```
 
 use std::net::SocketAddr;
@@ -26,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use usbwire_devices::testdev::Pattern;
 use usbwire_server::ServerConfig;
 
 #[derive(Debug, Default, Deserialize)]
@@ -114,7 +116,20 @@ pub enum DeviceConfig {
     },
     Test {
         busid: Option<String>,
+        /// What the source sends and the sink checks, as f_sourcesink's
+        /// `pattern`: 0 zeros (the default), 1 `(i % 512) % 63`, 2 none.
+        #[serde(default, deserialize_with = "test_pattern")]
+        pattern: Pattern,
     },
+}
+
+fn test_pattern<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Pattern, D::Error> {
+    let v = u8::deserialize(d)?;
+    Pattern::from_attribute(v).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "pattern = {v}: use 0 (zeros), 1 (mod63) or 2 (none), as f_sourcesink's pattern"
+        ))
+    })
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -132,7 +147,7 @@ impl DeviceConfig {
             DeviceConfig::MassStorage { busid, .. }
             | DeviceConfig::Keyboard { busid, .. }
             | DeviceConfig::Serial { busid, .. }
-            | DeviceConfig::Test { busid } => busid.as_deref(),
+            | DeviceConfig::Test { busid, .. } => busid.as_deref(),
         }
     }
 }
@@ -200,12 +215,20 @@ mod tests {
             [[device]]
             kind = "test"
             busid = "2-1"
+            pattern = 1
             "#,
         )
         .unwrap();
         assert_eq!(c.server.tcp_port, Some(3241));
         assert_eq!(c.devices.len(), 4);
         assert_eq!(c.devices[3].busid(), Some("2-1"));
+        assert!(matches!(
+            c.devices[3],
+            DeviceConfig::Test {
+                pattern: Pattern::Mod63,
+                ..
+            }
+        ));
         assert!(matches!(
             c.devices[2],
             DeviceConfig::Serial {
@@ -216,6 +239,22 @@ mod tests {
         let mut sc = ServerConfig::default();
         c.server.apply(&mut sc);
         assert!(!sc.hold_on_error);
+    }
+
+    #[test]
+    fn test_pattern_defaults_to_zeros_and_is_checked() {
+        let c: Config = toml::from_str("[[device]]\nkind = \"test\"\n").unwrap();
+        assert!(matches!(
+            c.devices[0],
+            DeviceConfig::Test {
+                pattern: Pattern::Zeros,
+                ..
+            }
+        ));
+        let e = toml::from_str::<Config>("[[device]]\nkind = \"test\"\npattern = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("use 0 (zeros), 1 (mod63) or 2 (none)"), "{e}");
     }
 
     #[test]

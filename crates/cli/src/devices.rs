@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use usbwire_devices::acm::{AcmBackend, AcmConfig, CdcAcm};
 use usbwire_devices::hid::{self, HidKeyboard};
 use usbwire_devices::msc::{MassStorage, MscConfig};
-use usbwire_devices::testdev::TestDevice;
+use usbwire_devices::testdev::{Pattern, TestDevice};
 use usbwire_devices::EmulatedDevice;
 use usbwire_server::{Backend, EmulatedBackend, Registry};
 
@@ -85,7 +85,10 @@ pub fn demo_set() -> Result<(Vec<DeviceConfig>, tempfile::TempPath), ExportError
             listen: None,
             link: None,
         },
-        DeviceConfig::Test { busid: None },
+        DeviceConfig::Test {
+            busid: None,
+            pattern: Pattern::default(),
+        },
     ];
     Ok((devices, path))
 }
@@ -191,9 +194,12 @@ pub fn export(
             };
             (EmulatedDevice::new(acm), desc)
         }
-        DeviceConfig::Test { .. } => (
-            EmulatedDevice::new(TestDevice::new()),
-            "test device (source/sink/loopback)".into(),
+        DeviceConfig::Test { pattern, .. } => (
+            EmulatedDevice::new(TestDevice::with_pattern(*pattern)),
+            format!(
+                "test device (Gadget Zero source/sink, pattern {}; loopback)",
+                pattern.attribute()
+            ),
         ),
     };
     let busnum = busid

@@ -796,6 +796,18 @@ mod tests {
             .map(|d| (d[2], d[3]))
             .collect();
         assert_eq!(eps, vec![(0x83, 3), (0x81, 2), (0x02, 2)]);
+        // At full speed: f_acm's 32 ms notifications and 64-byte bulk packets.
+        let mut other = [0u8; 512];
+        let m = dev
+            .control(&setup(0x80, 6, 0x0700, 0, 512), &[], &mut other)
+            .unwrap();
+        assert_eq!((m, other[1]), (n, 7));
+        let eps: Vec<_> = walk(&other[..m])
+            .iter()
+            .filter(|d| d[1] == 5)
+            .map(|d| (d[2], u16::from_le_bytes([d[4], d[5]]), d[6]))
+            .collect();
+        assert_eq!(eps, vec![(0x83, 10, 32), (0x81, 64, 0), (0x02, 64, 0)]);
         // The product string.
         let n = dev
             .control(&setup(0x80, 6, 0x0302, 0x0409, 255), &[], &mut buf)

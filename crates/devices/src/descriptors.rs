@@ -85,8 +85,14 @@ pub struct Descriptors {
     /// String table; index 1 is `strings[0]`. Index 0 (language IDs) is implied.
     pub strings: Vec<String>,
     device_bytes: [u8; 18],
+    /// The configuration as it would be at full speed, for
+    /// GET_DESCRIPTOR(OTHER_SPEED_CONFIGURATION); only a high-speed device
+    /// has one (it can also run at full speed).
+    other_speed: Option<Vec<u8>>,
     endpoints: Vec<EndpointInfo>,
     interfaces: Vec<InterfaceInfo>,
+    /// Every (interface, alternate setting) the configuration describes.
+    alt_settings: Vec<(u8, u8)>,
     config_value: u8,
 }
 
@@ -154,14 +160,21 @@ impl Descriptors {
             1,
         ];
         let endpoints = parse_endpoints(&configuration);
+        let alt_settings = walk(&configuration)
+            .filter(|d| d[1] == DT_INTERFACE && d.len() >= 9)
+            .map(|d| (d[2], d[3]))
+            .collect();
+        let other_speed = (speed == Speed::High).then(|| full_speed_configuration(&configuration));
         Descriptors {
             speed,
             device,
             configuration,
             strings,
             device_bytes,
+            other_speed,
             endpoints,
             interfaces,
+            alt_settings,
             config_value: 1,
         }
     }
@@ -182,6 +195,18 @@ impl Descriptors {
 
     pub fn config_value(&self) -> u8 {
         self.config_value
+    }
+
+    /// Whether the configuration describes alternate setting `alt` of
+    /// interface `interface` (with or without endpoints).
+    pub fn has_alt_setting(&self, interface: u8, alt: u8) -> bool {
+        self.alt_settings.contains(&(interface, alt))
+    }
+
+    /// The other-speed configuration descriptor (USB 2.0 9.6.4): present
+    /// exactly when [`Descriptors::device_qualifier`] is.
+    pub fn other_speed_configuration(&self) -> Option<&[u8]> {
+        self.other_speed.as_deref()
     }
 
     /// The endpoint with this address in the given alternate settings.
@@ -207,7 +232,9 @@ impl Descriptors {
         Some(out)
     }
 
-    /// The device qualifier a high-speed capable device must return.
+    /// The device qualifier a high-speed capable device must return (USB
+    /// 2.0 9.6.2). A full- or low-speed only device has none, and neither
+    /// does a SuperSpeed one (USB 3.2 9.6.2): both STALL the request.
     pub fn device_qualifier(&self) -> Option<[u8; 10]> {
         if self.speed != Speed::High {
             return None;
@@ -242,6 +269,46 @@ fn walk(desc: &[u8]) -> impl Iterator<Item = &[u8]> {
         at += len;
         Some(d)
     })
+}
+
+/// A high-speed configuration re-described for full speed (USB 2.0 9.6.4):
+/// bDescriptorType OTHER_SPEED_CONFIGURATION, and each endpoint with the
+/// largest packet and the polling period that speed allows. Everything else
+/// (interfaces, class descriptors) is the same at both speeds.
+fn full_speed_configuration(configuration: &[u8]) -> Vec<u8> {
+    let mut out = configuration.to_vec();
+    let mut at = 0;
+    while at + 2 <= out.len() {
+        let len = out[at] as usize;
+        if len < 2 || at + len > out.len() {
+            break;
+        }
+        let d = &mut out[at..at + len];
+        match d[1] {
+            DT_CONFIG if at == 0 => d[1] = DT_OTHER_SPEED_CONFIG,
+            DT_ENDPOINT if len >= 7 => {
+                let ty = TransferType::from_attributes(d[3]);
+                // Bits 11..12 are high-bandwidth transactions per microframe,
+                // which full speed does not have.
+                let mps = u16::from_le_bytes([d[4], d[5]]) & 0x7ff;
+                let (mps, interval) = match ty {
+                    TransferType::Bulk | TransferType::Control => (mps.min(64), 0),
+                    // 2^(b-1) microframes become that many eighths of a frame.
+                    TransferType::Interrupt => {
+                        let micro = 1u32 << (d[6].clamp(1, 16) - 1);
+                        (mps.min(64), (micro / 8).clamp(1, 255) as u8)
+                    }
+                    // Both speeds count 2^(b-1) of their own (micro)frames.
+                    TransferType::Isochronous => (mps.min(1023), d[6].clamp(4, 16) - 3),
+                };
+                d[4..6].copy_from_slice(&mps.to_le_bytes());
+                d[6] = interval;
+            }
+            _ => {}
+        }
+        at += len;
+    }
+    out
 }
 
 fn parse_interfaces(body: &[u8]) -> Vec<InterfaceInfo> {

@@ -631,6 +631,13 @@ mod tests {
         );
         assert_eq!(&cfg[27..34], &[7, 5, 0x81, 3, 8, 0, 10]);
         assert_eq!(dev.descriptors().speed, Speed::Full);
+        // Full speed only: no qualifier and no other-speed configuration.
+        for ty in [6u16, 7] {
+            assert_eq!(
+                dev.control(&setup(0x80, 6, ty << 8, 0, 255), &[], &mut buf),
+                Err(Errno::EPIPE)
+            );
+        }
 
         // Interface-recipient GET_DESCRIPTOR reaches the function.
         let n = dev

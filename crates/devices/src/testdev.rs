@@ -1,31 +1,53 @@
-//! A Gadget Zero-like device for correctness tests and benchmarks.
+//! A Gadget Zero for correctness tests and benchmarks.
 //!
-//! Its endpoints behave predictably (a source with a known pattern, a sink,
-//! a message-preserving loopback, an interrupt endpoint fed on request), and
-//! faults can be scripted for a chosen transfer, so that a test can check
-//! what the whole stack does with a STALL, an error or a short packet at an
-//! exact point rather than whenever a real device happens to misbehave.
+//! Interface 0 is the kernel's SourceSink function (f_sourcesink.c) as
+//! Linux's `usbtest` driver expects it at VID:PID 0525:a4a0: alternate
+//! setting 0 has a bulk IN source and a bulk OUT sink, alternate setting 1
+//! adds an isochronous source and sink, and the vendor requests 0x5b/0x5c
+//! write and read back a control buffer. The source sends the configured
+//! [`Pattern`] and the sink checks it, halting on data that breaks it.
+//!
+//! Interface 1 is this project's own: a message-preserving loopback and an
+//! interrupt endpoint fed on request. Faults can be scripted for a chosen
+//! transfer on any of the bulk and interrupt endpoints, so that a test can
+//! check what the whole stack does with a STALL, an error or a short packet
+//! at an exact point rather than whenever a real device happens to
+//! misbehave. usbtest binds interface 1 too (it matches the whole device)
+//! but only ever tests interface 0, and nothing it does reaches interface 1.
 
 use std::collections::VecDeque;
 use std::task::{Context, Poll, Waker};
 
-use usbwire_proto::{Errno, SetupPacket, Speed};
+use usbwire_proto::{Errno, IsoPacket, SetupPacket, Speed};
 
 use crate::core::Function;
 use crate::descriptors::{self, Descriptors, DeviceDescriptor, TransferType};
 
-/// Bulk IN source: the pattern, always a full buffer.
+/// Bulk IN source (interface 0): the pattern, always a full buffer.
 pub const EP_SOURCE: u8 = 0x81;
-/// Bulk OUT sink: everything accepted and counted.
+/// Bulk OUT sink (interface 0): everything accepted, counted and checked.
 pub const EP_SINK: u8 = 0x02;
-/// Bulk IN side of the loopback.
+/// Isochronous IN source (interface 0, alternate setting 1).
+pub const EP_ISO_IN: u8 = 0x86;
+/// Isochronous OUT sink (interface 0, alternate setting 1).
+pub const EP_ISO_OUT: u8 = 0x06;
+/// Bulk IN side of the loopback (interface 1).
 pub const EP_LOOP_IN: u8 = 0x83;
-/// Bulk OUT side of the loopback: one transfer, one message.
+/// Bulk OUT side of the loopback (interface 1): one transfer, one message.
 pub const EP_LOOP_OUT: u8 = 0x04;
-/// Interrupt IN, fed by [`vendor::INTERRUPT_DATA`].
+/// Interrupt IN (interface 1), fed by [`vendor::INTERRUPT_DATA`].
 pub const EP_INTERRUPT: u8 = 0x85;
 
-/// Vendor requests, device recipient.
+/// Interface 0, f_sourcesink's.
+pub const INTERFACE_SOURCE_SINK: u8 = 0;
+/// Interface 1: loopback and interrupt.
+pub const INTERFACE_LOOPBACK: u8 = 1;
+/// The alternate setting of interface 0 with the isochronous endpoints.
+pub const ALT_ISO: u8 = 1;
+
+/// Vendor requests, device recipient. Gadget Zero's are 0x5b and 0x5c
+/// (the only vendor requests usbtest sends); this project's own stay
+/// below them.
 pub mod vendor {
     /// OUT, 8 bytes: wValue endpoint, wIndex n, data `[kind, 0, 0, 0, param u32 LE]`.
     pub const FAULT: u8 = 0x01;
@@ -35,12 +57,21 @@ pub mod vendor {
     pub const INTERRUPT_DATA: u8 = 0x03;
     /// IN: [`super::Stats`] as [`super::Stats::LEN`] little-endian bytes.
     pub const STATS: u8 = 0x04;
+    /// Gadget Zero's control write test: OUT, wValue and wIndex 0, up to
+    /// [`super::CONTROL_BUF_LEN`] bytes, kept in the control buffer.
+    pub const CONTROL_WRITE: u8 = 0x5b;
+    /// Gadget Zero's control read test: IN, wValue and wIndex 0, wLength
+    /// bytes of the control buffer, whatever was last written there.
+    pub const CONTROL_READ: u8 = 0x5c;
 
     pub const FAULT_STALL: u8 = 1;
     pub const FAULT_ERROR: u8 = 2;
     pub const FAULT_SHORT: u8 = 3;
 }
 
+/// The control buffer of CONTROL_WRITE/CONTROL_READ: the size of a gadget's
+/// ep0 buffer (USB_COMP_EP0_BUFSIZ); longer requests STALL.
+pub const CONTROL_BUF_LEN: usize = 4096;
 /// Largest interrupt report (the endpoint's max packet).
 pub const INTERRUPT_MAX: usize = 64;
 /// Loopback bounds: messages and bytes held before OUT waits.
@@ -51,11 +82,155 @@ pub const INTERRUPT_MAX_QUEUED: usize = 64;
 /// Faults scheduled at once.
 pub const MAX_FAULTS: usize = 64;
 
-/// The data endpoints, in the order of the per-endpoint tables.
+/// Linux's EMSGSIZE, what usbcore answers for an isochronous packet larger
+/// than the endpoint can carry in one interval.
+const EMSGSIZE: Errno = Errno(90);
+
+/// The endpoints faults can target, in the order of the per-endpoint tables.
 const ENDPOINTS: [u8; 5] = [EP_SOURCE, EP_SINK, EP_LOOP_IN, EP_LOOP_OUT, EP_INTERRUPT];
 
 fn slot(ep: u8) -> Option<usize> {
     ENDPOINTS.iter().position(|&e| e == ep)
+}
+
+/// The data the source sends and the sink expects: f_sourcesink's `pattern`
+/// attribute, and usbtest's module parameter of the same name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Pattern {
+    /// 0: all zeros, what both sides use unless told otherwise.
+    #[default]
+    Zeros,
+    /// 1: byte `i` of each transfer is `(i % wMaxPacketSize) % 63`, so it
+    /// restarts at every packet; a lost, repeated or shifted packet shows.
+    Mod63,
+    /// 2: none. The source sends its buffer as the server handed it over
+    /// (zeros, or this connection's own earlier data) and the sink checks
+    /// nothing: only the transport is measured.
+    None,
+}
+
+impl Pattern {
+    /// The value of f_sourcesink's `pattern` attribute: 0, 1 or 2.
+    pub fn from_attribute(v: u8) -> Option<Pattern> {
+        match v {
+            0 => Some(Pattern::Zeros),
+            1 => Some(Pattern::Mod63),
+            2 => Some(Pattern::None),
+            _ => None,
+        }
+    }
+
+    pub fn attribute(self) -> u8 {
+        match self {
+            Pattern::Zeros => 0,
+            Pattern::Mod63 => 1,
+            Pattern::None => 2,
+        }
+    }
+
+    fn table(self) -> Option<&'static [u8; TABLE_LEN]> {
+        match self {
+            Pattern::Zeros => Some(&ZEROS),
+            Pattern::Mod63 => Some(&MOD63),
+            Pattern::None => None,
+        }
+    }
+
+    /// Fills `buf`, one transfer's data from its first byte, for an
+    /// endpoint whose packets are `max_packet` bytes.
+    pub fn fill(self, buf: &mut [u8], max_packet: usize) {
+        match self {
+            Pattern::Zeros => buf.fill(0),
+            Pattern::Mod63 => {
+                for packet in buf.chunks_mut(max_packet.max(1)) {
+                    for c in packet.chunks_mut(TABLE_LEN) {
+                        c.copy_from_slice(&MOD63[..c.len()]);
+                    }
+                }
+            }
+            Pattern::None => {}
+        }
+    }
+
+    /// Checks one transfer's data; `Err` has the offset of the first byte
+    /// that breaks the pattern.
+    pub fn check(self, data: &[u8], max_packet: usize) -> Result<(), usize> {
+        let Some(table) = self.table() else {
+            return Ok(());
+        };
+        let mut at = 0;
+        for packet in data.chunks(max_packet.max(1)) {
+            for c in packet.chunks(TABLE_LEN) {
+                if c != &table[..c.len()] {
+                    let i = c.iter().zip(table).position(|(a, b)| a != b);
+                    return Err(at + i.unwrap_or(0));
+                }
+                at += c.len();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A whole number of 63-byte periods, so that copying it back to back
+/// continues the pattern: filling a packet is a few memcpys.
+const TABLE_LEN: usize = 63 * 16;
+static MOD63: [u8; TABLE_LEN] = {
+    let mut t = [0u8; TABLE_LEN];
+    let mut i = 0;
+    while i < TABLE_LEN {
+        t[i] = (i % 63) as u8;
+        i += 1;
+    }
+    t
+};
+static ZEROS: [u8; TABLE_LEN] = [0; TABLE_LEN];
+
+/// How the device is built. The defaults are f_sourcesink's, so that a host
+/// sees what a configfs SourceSink gadget with default attributes shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TestConfig {
+    pub pattern: Pattern,
+    /// bInterval of the isochronous endpoints: every 2^(n-1) microframes,
+    /// 1..=16 (f_sourcesink's `isoc_interval`, default 4).
+    pub isoc_interval: u8,
+    /// Bytes per transaction of the isochronous endpoints, up to 1024
+    /// (`isoc_maxpacket`, default 1024).
+    pub isoc_maxpacket: u16,
+    /// Extra transactions per microframe, 0..=2 (`isoc_mult`, default 0).
+    pub isoc_mult: u8,
+}
+
+impl Default for TestConfig {
+    fn default() -> Self {
+        TestConfig {
+            pattern: Pattern::Zeros,
+            isoc_interval: 4,
+            isoc_maxpacket: 1024,
+            isoc_mult: 0,
+        }
+    }
+}
+
+impl TestConfig {
+    /// Out-of-range values brought into range, as f_sourcesink's bind does.
+    fn clamped(mut self) -> Self {
+        self.isoc_interval = self.isoc_interval.clamp(1, 16);
+        self.isoc_maxpacket = self.isoc_maxpacket.min(1024);
+        self.isoc_mult = self.isoc_mult.min(2);
+        self
+    }
+
+    /// wMaxPacketSize of the isochronous endpoints, transactions in bits 11..12.
+    fn iso_w_max_packet_size(&self) -> u16 {
+        self.isoc_maxpacket | u16::from(self.isoc_mult) << 11
+    }
+
+    /// What the isochronous source sends, and the sink takes at most, in
+    /// one interval: one packet of a URB.
+    fn iso_bytes_per_interval(&self) -> usize {
+        usize::from(self.isoc_maxpacket) * (usize::from(self.isoc_mult) + 1)
+    }
 }
 
 /// What happens to a scripted transfer.
@@ -71,7 +246,6 @@ pub enum Fault {
     /// accepts only that much.
     Short(u32),
 }
-
 impl Fault {
     /// The 8-byte data stage of a FAULT request.
     pub fn to_bytes(self) -> [u8; 8] {
@@ -123,10 +297,12 @@ pub struct Stats {
     pub loopback_bytes_out: u64,
     pub interrupt_reports: u64,
     pub faults_fired: u64,
+    pub iso_bytes_sourced: u64,
+    pub iso_bytes_sunk: u64,
 }
 
 impl Stats {
-    pub const LEN: usize = 48;
+    pub const LEN: usize = 64;
 
     pub fn to_bytes(&self) -> [u8; Self::LEN] {
         let mut out = [0u8; Self::LEN];
@@ -137,6 +313,8 @@ impl Stats {
             self.loopback_bytes_out,
             self.interrupt_reports,
             self.faults_fired,
+            self.iso_bytes_sourced,
+            self.iso_bytes_sunk,
         ];
         for (chunk, x) in out.chunks_exact_mut(8).zip(v) {
             chunk.copy_from_slice(&x.to_le_bytes());
@@ -160,37 +338,10 @@ impl Stats {
             loopback_bytes_out: u(3),
             interrupt_reports: u(4),
             faults_fired: u(5),
+            iso_bytes_sourced: u(6),
+            iso_bytes_sunk: u(7),
         })
     }
-}
-
-/// Period of the source pattern (g_zero's pattern 1: `i % 63`), chosen
-/// prime-ish to the packet sizes so that a lost or repeated packet shows.
-const PERIOD: usize = 63;
-const PATTERN_LEN: usize = PERIOD * 256;
-/// A whole number of periods, so copying it back to back continues the
-/// pattern exactly: filling a buffer is a few memcpys.
-static PATTERN: [u8; PATTERN_LEN] = {
-    let mut t = [0u8; PATTERN_LEN];
-    let mut i = 0;
-    while i < PATTERN_LEN {
-        t[i] = (i % PERIOD) as u8;
-        i += 1;
-    }
-    t
-};
-
-/// Fills `buf` with the pattern from stream offset 0.
-pub fn fill_pattern(buf: &mut [u8]) {
-    for chunk in buf.chunks_mut(PATTERN_LEN) {
-        chunk.copy_from_slice(&PATTERN[..chunk.len()]);
-    }
-}
-
-/// Whether `buf` holds the pattern from offset 0; what a reader of the
-/// source checks.
-pub fn check_pattern(buf: &[u8]) -> bool {
-    buf.chunks(PATTERN_LEN).all(|c| c == &PATTERN[..c.len()])
 }
 
 struct Scheduled {
@@ -203,6 +354,15 @@ struct Scheduled {
 /// The test device function.
 pub struct TestDevice {
     descriptors: Descriptors,
+    config: TestConfig,
+    /// Whether a configuration is set: Gadget Zero answers its vendor
+    /// requests only then (the composite framework has no function before).
+    configured: bool,
+    /// CONTROL_WRITE's data, for CONTROL_READ.
+    control_buf: Vec<u8>,
+    /// The sink saw data that breaks the pattern: the sink halts after the
+    /// transfer that brought it.
+    sink_broken: bool,
     stats: Stats,
     faults: Vec<Scheduled>,
     /// Transfers completed per endpoint (by the function; ones the core
@@ -238,9 +398,27 @@ impl Default for TestDevice {
 }
 
 impl TestDevice {
+    /// f_sourcesink's defaults: zeros, isochronous 1024 bytes every 8
+    /// microframes.
     pub fn new() -> Self {
+        Self::with_config(TestConfig::default())
+    }
+
+    pub fn with_pattern(pattern: Pattern) -> Self {
+        Self::with_config(TestConfig {
+            pattern,
+            ..TestConfig::default()
+        })
+    }
+
+    pub fn with_config(config: TestConfig) -> Self {
+        let config = config.clamped();
         TestDevice {
-            descriptors: build_descriptors(),
+            descriptors: build_descriptors(&config),
+            config,
+            configured: false,
+            control_buf: vec![0; CONTROL_BUF_LEN],
+            sink_broken: false,
             stats: Stats::default(),
             faults: Vec::new(),
             transfers: [0; ENDPOINTS.len()],
@@ -256,6 +434,10 @@ impl TestDevice {
 
     pub fn stats(&self) -> Stats {
         self.stats
+    }
+
+    pub fn config(&self) -> TestConfig {
+        self.config
     }
 
     /// Makes the `nth` upcoming transfer on `ep` (0 = the next one) fail or
@@ -432,17 +614,76 @@ impl TestDevice {
                 Ok(())
             }
             vendor::INTERRUPT_DATA => self.inject_interrupt(data),
+            vendor::CONTROL_WRITE => {
+                self.control_check(s)?;
+                let n = data.len().min(usize::from(s.length));
+                self.control_buf[..n].copy_from_slice(&data[..n]);
+                Ok(())
+            }
             _ => Err(Errno::EPIPE),
         }
     }
+
+    /// What f_sourcesink's setup handler refuses for 0x5b/0x5c: any wValue
+    /// or wIndex, more than its ep0 buffer, or no configuration yet.
+    fn control_check(&self, s: &SetupPacket) -> Result<(), Errno> {
+        if !self.configured || s.value != 0 || s.index != 0 || s.length as usize > CONTROL_BUF_LEN {
+            return Err(Errno::EPIPE);
+        }
+        Ok(())
+    }
+
+    /// The sink: counted, and checked against the pattern.
+    fn sink(&mut self, data: &[u8]) -> Poll<Result<usize, Errno>> {
+        self.stats.bytes_sunk += data.len() as u64;
+        let max_packet = usize::from(descriptors::bulk_max_packet(self.descriptors.speed));
+        if let Err(at) = self.config.pattern.check(data, max_packet) {
+            tracing::warn!(
+                offset = at,
+                byte = data[at],
+                pattern = self.config.pattern.attribute(),
+                "test device: bad OUT byte on the sink, halting it"
+            );
+            self.sink_broken = true;
+        }
+        Poll::Ready(Ok(data.len()))
+    }
 }
 
-fn build_descriptors() -> Descriptors {
+fn build_descriptors(config: &TestConfig) -> Descriptors {
     let speed = Speed::High;
     let bulk = descriptors::bulk_max_packet(speed);
-    let mut body = Vec::with_capacity(9 + 5 * 7);
-    body.extend_from_slice(&descriptors::interface(0, 0, 5, 0xff, 0, 0, 0));
-    for ep in [EP_SOURCE, EP_SINK, EP_LOOP_IN, EP_LOOP_OUT] {
+    let iso = |ep| {
+        descriptors::endpoint(
+            ep,
+            TransferType::Isochronous,
+            config.iso_w_max_packet_size(),
+            config.isoc_interval,
+        )
+    };
+    let mut body = Vec::with_capacity(3 * 9 + 9 * 7);
+    // Interface 0 as f_sourcesink describes it, string 4.
+    body.extend_from_slice(&descriptors::interface(0, 0, 2, 0xff, 0, 0, 4));
+    body.extend_from_slice(&descriptors::endpoint(
+        EP_SOURCE,
+        TransferType::Bulk,
+        bulk,
+        0,
+    ));
+    body.extend_from_slice(&descriptors::endpoint(EP_SINK, TransferType::Bulk, bulk, 0));
+    body.extend_from_slice(&descriptors::interface(0, ALT_ISO, 4, 0xff, 0, 0, 4));
+    body.extend_from_slice(&descriptors::endpoint(
+        EP_SOURCE,
+        TransferType::Bulk,
+        bulk,
+        0,
+    ));
+    body.extend_from_slice(&descriptors::endpoint(EP_SINK, TransferType::Bulk, bulk, 0));
+    body.extend_from_slice(&iso(EP_ISO_IN));
+    body.extend_from_slice(&iso(EP_ISO_OUT));
+    // Interface 1, this project's, string 5.
+    body.extend_from_slice(&descriptors::interface(1, 0, 3, 0xff, 0, 0, 5));
+    for ep in [EP_LOOP_IN, EP_LOOP_OUT] {
         body.extend_from_slice(&descriptors::endpoint(ep, TransferType::Bulk, bulk, 0));
     }
     body.extend_from_slice(&descriptors::endpoint(
@@ -469,7 +710,7 @@ fn build_descriptors() -> Descriptors {
         0,
         100,
         &body,
-        &[],
+        &["source and sink data", "loopback and interrupt"],
     )
 }
 
@@ -492,6 +733,10 @@ impl Function for TestDevice {
                 let n = crate::core::reply(&b, buf);
                 Some(Ok(n))
             }
+            vendor::CONTROL_READ => Some(self.control_check(s).map(|()| {
+                let n = buf.len().min(usize::from(s.length));
+                crate::core::reply(&self.control_buf[..n], buf)
+            })),
             _ => None,
         }
     }
@@ -501,9 +746,10 @@ impl Function for TestDevice {
             return None;
         }
         match s.request {
-            vendor::FAULT | vendor::CLEAR_FAULTS | vendor::INTERRUPT_DATA => {
-                Some(self.vendor_out(s, data))
-            }
+            vendor::FAULT
+            | vendor::CLEAR_FAULTS
+            | vendor::INTERRUPT_DATA
+            | vendor::CONTROL_WRITE => Some(self.vendor_out(s, data)),
             _ => None,
         }
     }
@@ -524,7 +770,8 @@ impl Function for TestDevice {
         let r = match ep {
             EP_SOURCE => {
                 let n = buf.len().min(limit);
-                fill_pattern(&mut buf[..n]);
+                let max_packet = usize::from(descriptors::bulk_max_packet(self.descriptors.speed));
+                self.config.pattern.fill(&mut buf[..n], max_packet);
                 self.stats.bytes_sourced += n as u64;
                 Poll::Ready(Ok(n))
             }
@@ -549,18 +796,71 @@ impl Function for TestDevice {
             Err(e) => return Poll::Ready(Err(e)),
         };
         let r = if ep == EP_SINK {
-            self.stats.bytes_sunk += data.len() as u64;
-            Poll::Ready(Ok(data.len()))
+            self.sink(data)
         } else {
             self.loop_out(data, cx)
         };
         self.finish(slot, r)
     }
 
+    fn iso_in(&mut self, ep: u8, packets: &mut [IsoPacket], buf: &mut [u8]) -> Result<(), Errno> {
+        if ep != EP_ISO_IN {
+            return Err(Errno::EPIPE);
+        }
+        // f_sourcesink queues requests of one interval's worth, each filled
+        // from its start against the raw wMaxPacketSize.
+        let n = self.config.iso_bytes_per_interval();
+        let period = usize::from(self.config.iso_w_max_packet_size());
+        for p in packets {
+            if (p.length as usize) < n {
+                // The device sends its whole packet whatever the host has
+                // room for: babble, and the packet's data is lost.
+                p.actual_length = 0;
+                p.status = Errno::EOVERFLOW.to_status();
+                continue;
+            }
+            let at = p.offset as usize;
+            self.config.pattern.fill(&mut buf[at..at + n], period);
+            p.actual_length = n as u32;
+            p.status = 0;
+            self.stats.iso_bytes_sourced += n as u64;
+        }
+        Ok(())
+    }
+
+    fn iso_out(&mut self, ep: u8, packets: &mut [IsoPacket], _buf: &[u8]) -> Result<(), Errno> {
+        if ep != EP_ISO_OUT {
+            return Err(Errno::EPIPE);
+        }
+        // Like f_sourcesink's isochronous sink: taken, not checked.
+        let n = self.config.iso_bytes_per_interval();
+        for p in packets {
+            if p.length as usize > n {
+                p.actual_length = 0;
+                p.status = EMSGSIZE.to_status();
+            } else {
+                p.actual_length = p.length;
+                p.status = 0;
+                self.stats.iso_bytes_sunk += u64::from(p.length);
+            }
+        }
+        Ok(())
+    }
+
+    fn halt_after(&mut self, ep: u8) -> bool {
+        ep == EP_SINK && std::mem::take(&mut self.sink_broken)
+    }
+
+    fn set_configuration(&mut self, config: u8) {
+        self.configured = config != 0;
+    }
+
     fn reset(&mut self) {
         // Queued data is dropped; scheduled faults and transfer counts are
         // kept, because a test schedules them before import and enumeration
         // resets the device.
+        self.configured = false;
+        self.sink_broken = false;
         self.loop_msgs.clear();
         self.loop_head_off = 0;
         self.loop_bytes = 0;
@@ -578,9 +878,17 @@ mod tests {
     use std::sync::Arc;
 
     fn configured() -> EmulatedDevice {
-        let mut dev = EmulatedDevice::new(TestDevice::new());
+        configured_with(Pattern::Zeros)
+    }
+
+    fn configured_with(pattern: Pattern) -> EmulatedDevice {
+        let mut dev = EmulatedDevice::new(TestDevice::with_pattern(pattern));
         dev.control(&setup(0, 9, 1, 0, 0), &[], &mut []).unwrap();
         dev
+    }
+
+    fn mod63(len: usize) -> Vec<u8> {
+        (0..len).map(|i| ((i % 512) % 63) as u8).collect()
     }
 
     fn noop_cx() -> Context<'static> {
@@ -602,65 +910,340 @@ mod tests {
     }
 
     #[test]
-    fn descriptors() {
+    fn descriptors_are_gadget_zero_plus_the_loopback_interface() {
         let dev = configured();
         let d = dev.descriptors();
         assert_eq!(d.speed, Speed::High);
-        assert_eq!(d.device_bytes()[8..12], [0x25, 0x05, 0xa0, 0xa4]);
-        let eps: Vec<_> = d
-            .endpoints()
-            .iter()
-            .map(|e| (e.address, e.transfer_type, e.max_packet_size))
-            .collect();
+        let dd = d.device_bytes();
+        assert_eq!(dd[2..4], [0x00, 0x02], "bcdUSB 2.00");
+        assert_eq!(dd[8..12], [0x25, 0x05, 0xa0, 0xa4]);
+        let c = &d.configuration;
+        assert_eq!(c.len(), 9 + 9 + 2 * 7 + 9 + 4 * 7 + 9 + 3 * 7);
         assert_eq!(
-            eps,
-            vec![
-                (0x81, TransferType::Bulk, 512),
-                (0x02, TransferType::Bulk, 512),
-                (0x83, TransferType::Bulk, 512),
-                (0x04, TransferType::Bulk, 512),
-                (0x85, TransferType::Interrupt, 64),
-            ]
+            c[2..5],
+            [c.len() as u8, 0, 2],
+            "wTotalLength, two interfaces"
         );
-        assert_eq!(d.interfaces()[0].class, 0xff);
+        // Interface 0 alt 0: f_sourcesink's, bulk source then sink.
+        let mut at = 9;
+        assert_eq!(c[at..at + 9], [9, 4, 0, 0, 2, 0xff, 0, 0, 4]);
+        at += 9;
+        assert_eq!(c[at..at + 7], [7, 5, 0x81, 2, 0x00, 0x02, 0]);
+        assert_eq!(c[at + 7..at + 14], [7, 5, 0x02, 2, 0x00, 0x02, 0]);
+        at += 14;
+        // Alt 1: the same plus isochronous source and sink, 1024 bytes
+        // every 2^(4-1) microframes (isoc_maxpacket, isoc_interval).
+        assert_eq!(c[at..at + 9], [9, 4, 0, 1, 4, 0xff, 0, 0, 4]);
+        at += 9;
+        assert_eq!(c[at..at + 7], [7, 5, 0x81, 2, 0x00, 0x02, 0]);
+        assert_eq!(c[at + 7..at + 14], [7, 5, 0x02, 2, 0x00, 0x02, 0]);
+        assert_eq!(c[at + 14..at + 21], [7, 5, 0x86, 1, 0x00, 0x04, 4]);
+        assert_eq!(c[at + 21..at + 28], [7, 5, 0x06, 1, 0x00, 0x04, 4]);
+        at += 28;
+        // Interface 1: loopback and interrupt.
+        assert_eq!(c[at..at + 9], [9, 4, 1, 0, 3, 0xff, 0, 0, 5]);
+        at += 9;
+        assert_eq!(c[at..at + 7], [7, 5, 0x83, 2, 0x00, 0x02, 0]);
+        assert_eq!(c[at + 7..at + 14], [7, 5, 0x04, 2, 0x00, 0x02, 0]);
+        assert_eq!(c[at + 14..at + 21], [7, 5, 0x85, 3, 64, 0, 1]);
+        assert_eq!(d.string(4).unwrap()[2..6], [b's', 0, b'o', 0]);
+        assert_eq!(d.string(5).unwrap()[2..6], [b'l', 0, b'o', 0]);
+        // In alt 0 the isochronous endpoints do not exist.
+        assert_eq!(dev.endpoint_type(EP_ISO_IN), None);
+        assert_eq!(dev.endpoint_type(EP_LOOP_IN), Some(TransferType::Bulk));
     }
 
     #[test]
-    fn source_pattern_and_sink_counting() {
+    fn other_speed_configuration_has_full_speed_packets() {
         let mut dev = configured();
+        let mut o = vec![0u8; 255];
+        let n = dev
+            .control(&setup(0x80, 6, 0x0700, 0, 255), &[], &mut o)
+            .unwrap();
+        o.truncate(n);
+        assert_eq!(n, dev.descriptors().configuration.len());
+        assert_eq!(o[..2], [9, 7]);
+        // Bulk 64, isochronous 1023 every 2^(1-1) frames, interrupt 64 every frame.
+        let eps: Vec<&[u8]> = o.windows(7).filter(|w| w[..2] == [7, 5]).collect();
+        let got: Vec<(u8, u16, u8)> = eps
+            .iter()
+            .map(|e| (e[2], u16::from_le_bytes([e[4], e[5]]), e[6]))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0x81, 64, 0),
+                (0x02, 64, 0),
+                (0x81, 64, 0),
+                (0x02, 64, 0),
+                (0x86, 1023, 1),
+                (0x06, 1023, 1),
+                (0x83, 64, 0),
+                (0x04, 64, 0),
+                (0x85, 64, 1),
+            ]
+        );
+    }
+
+    #[test]
+    fn iso_settings_follow_f_sourcesink_attributes() {
+        let t = TestDevice::with_config(TestConfig {
+            pattern: Pattern::Zeros,
+            isoc_interval: 40,
+            isoc_maxpacket: 2000,
+            isoc_mult: 7,
+        });
+        // Clamped as f_sourcesink's bind does: 16, 1024, 2.
+        let e = t
+            .descriptors()
+            .endpoints()
+            .iter()
+            .find(|e| e.address == EP_ISO_IN)
+            .copied()
+            .unwrap();
+        assert_eq!((e.max_packet_size, e.interval), (1024 | 2 << 11, 16));
+        assert_eq!(t.config().iso_bytes_per_interval(), 3072);
+    }
+
+    #[test]
+    fn source_sends_the_pattern_of_each_transfer() {
         let mut cx = noop_cx();
-        for len in [1usize, 62, 63, 64, 512, 100_000] {
+        // Zeros, the default.
+        let mut dev = configured();
+        for len in [1usize, 511, 512, 513, 100_000] {
             let mut buf = vec![0xee; len];
             assert_eq!(
                 dev.poll_in(EP_SOURCE, &mut buf, &mut cx),
                 Poll::Ready(Ok(len))
             );
-            assert!(
-                buf.iter().enumerate().all(|(i, &b)| b == (i % 63) as u8),
-                "len {len}"
-            );
-            assert!(check_pattern(&buf));
+            assert!(buf.iter().all(|&b| b == 0), "len {len}");
         }
-        let mut bad = vec![0u8; 200];
-        fill_pattern(&mut bad);
-        bad[130] ^= 1;
-        assert!(!check_pattern(&bad));
+        // mod63, restarting at every 512-byte packet and every transfer.
+        let mut dev = configured_with(Pattern::Mod63);
+        for len in [1usize, 62, 63, 64, 512, 1000, 100_000] {
+            let mut buf = vec![0xee; len];
+            assert_eq!(
+                dev.poll_in(EP_SOURCE, &mut buf, &mut cx),
+                Poll::Ready(Ok(len))
+            );
+            let bad = buf
+                .iter()
+                .enumerate()
+                .position(|(i, &b)| b != ((i % 512) % 63) as u8);
+            assert_eq!(bad, None, "len {len}");
+        }
+        let mut buf = [0xee; 514];
         assert_eq!(
-            dev.poll_out(EP_SINK, &[7; 1000], &mut cx),
-            Poll::Ready(Ok(1000))
+            dev.poll_in(EP_SOURCE, &mut buf, &mut cx),
+            Poll::Ready(Ok(514))
         );
-        assert_eq!(dev.poll_out(EP_SINK, &[], &mut cx), Poll::Ready(Ok(0)));
+        assert_eq!(buf[510..514], [6, 7, 0, 1]);
+        // None: the buffer as the server handed it over.
+        let mut dev = configured_with(Pattern::None);
+        let mut buf = [0xee; 64];
+        assert_eq!(
+            dev.poll_in(EP_SOURCE, &mut buf, &mut cx),
+            Poll::Ready(Ok(64))
+        );
+        assert_eq!(buf, [0xee; 64]);
+        assert_eq!(stats(&mut dev).bytes_sourced, 64);
+    }
+
+    #[test]
+    fn pattern_check_finds_the_first_bad_byte() {
+        let mut buf = vec![0u8; 3000];
+        Pattern::Mod63.fill(&mut buf, 512);
+        assert_eq!(Pattern::Mod63.check(&buf, 512), Ok(()));
+        assert_eq!(Pattern::Zeros.check(&buf, 512), Err(1));
+        // Continuing across the packet boundary is not the pattern.
+        assert_eq!(Pattern::Mod63.check(&buf, 1024), Err(512));
+        buf[2000] ^= 1;
+        assert_eq!(Pattern::Mod63.check(&buf, 512), Err(2000));
+        assert_eq!(Pattern::None.check(&buf, 512), Ok(()));
+        assert_eq!(Pattern::Zeros.check(&[0; 5000], 512), Ok(()));
+        assert_eq!(Pattern::Zeros.check(&[], 512), Ok(()));
+        for v in 0..=2 {
+            assert_eq!(Pattern::from_attribute(v).unwrap().attribute(), v);
+        }
+        assert_eq!(Pattern::from_attribute(3), None);
+    }
+
+    #[test]
+    fn sink_takes_bad_data_then_halts_like_f_sourcesink() {
+        let mut cx = noop_cx();
+        for (pattern, good, bad) in [
+            (Pattern::Zeros, vec![0u8; 1000], vec![7u8; 1000]),
+            (Pattern::Mod63, mod63(1000), vec![0u8; 1000]),
+        ] {
+            let mut dev = configured_with(pattern);
+            for _ in 0..3 {
+                assert_eq!(dev.poll_out(EP_SINK, &good, &mut cx), Poll::Ready(Ok(1000)));
+            }
+            assert!(!dev.is_halted(EP_SINK));
+            // The transfer that brings bad data succeeds, the next one stalls.
+            assert_eq!(dev.poll_out(EP_SINK, &bad, &mut cx), Poll::Ready(Ok(1000)));
+            assert!(dev.is_halted(EP_SINK), "{pattern:?}");
+            assert_eq!(
+                dev.poll_out(EP_SINK, &good, &mut cx),
+                Poll::Ready(Err(Errno::EPIPE))
+            );
+            dev.control(&setup(0x02, 1, 0, u16::from(EP_SINK), 0), &[], &mut [])
+                .unwrap();
+            assert_eq!(dev.poll_out(EP_SINK, &good, &mut cx), Poll::Ready(Ok(1000)));
+            assert!(!dev.is_halted(EP_SINK));
+            assert_eq!(stats(&mut dev).bytes_sunk, 5000);
+        }
+        // None checks nothing; a zero-length transfer breaks no pattern.
+        let mut dev = configured_with(Pattern::None);
         assert_eq!(
             dev.poll_out(EP_SINK, &[7; 24], &mut cx),
             Poll::Ready(Ok(24))
         );
-        let s = stats(&mut dev);
-        assert_eq!(s.bytes_sourced, 1 + 62 + 63 + 64 + 512 + 100_000);
-        assert_eq!(s.bytes_sunk, 1024);
+        assert_eq!(dev.poll_out(EP_SINK, &[], &mut cx), Poll::Ready(Ok(0)));
+        assert!(!dev.is_halted(EP_SINK));
         // Wrong direction or unknown endpoint: the core refuses.
         assert_eq!(
             dev.poll_in(0x82, &mut [0; 4], &mut cx),
             Poll::Ready(Err(Errno::EPIPE))
+        );
+    }
+
+    #[test]
+    fn control_write_then_read_back_as_gadget_zero() {
+        let mut dev = configured();
+        let write = |n: u16| setup(0x40, vendor::CONTROL_WRITE, 0, 0, n);
+        let read = |n: u16| setup(0xc0, vendor::CONTROL_READ, 0, 0, n);
+        for len in [1usize, 64, 65, 1000, CONTROL_BUF_LEN] {
+            let data: Vec<u8> = (0..len).map(|j| (j + len) as u8).collect();
+            assert_eq!(dev.control(&write(len as u16), &data, &mut []), Ok(0));
+            let mut back = vec![0u8; len];
+            assert_eq!(dev.control(&read(len as u16), &[], &mut back), Ok(len));
+            assert_eq!(back, data, "len {len}");
+        }
+        // A read answers wLength bytes, whatever the last write left there.
+        assert_eq!(dev.control(&write(2), &[0xaa, 0xbb], &mut []), Ok(0));
+        let mut back = [0u8; 4];
+        assert_eq!(dev.control(&read(4), &[], &mut back), Ok(4));
+        assert_eq!(back, [0xaa, 0xbb, 2, 3]);
+        // Too long, non-zero wValue or wIndex, the wrong recipient: STALL.
+        let big = vec![0u8; CONTROL_BUF_LEN + 1];
+        let n = CONTROL_BUF_LEN as u16 + 1;
+        assert_eq!(dev.control(&write(n), &big, &mut []), Err(Errno::EPIPE));
+        assert_eq!(
+            dev.control(&read(n), &[], &mut vec![0; n.into()]),
+            Err(Errno::EPIPE)
+        );
+        for s in [
+            setup(0x40, vendor::CONTROL_WRITE, 1, 0, 1),
+            setup(0x40, vendor::CONTROL_WRITE, 0, 1, 1),
+            setup(0x41, vendor::CONTROL_WRITE, 0, 0, 1),
+        ] {
+            assert_eq!(dev.control(&s, &[1], &mut []), Err(Errno::EPIPE), "{s:?}");
+        }
+        for s in [
+            setup(0xc0, vendor::CONTROL_READ, 1, 0, 1),
+            setup(0xc0, vendor::CONTROL_READ, 0, 1, 1),
+            setup(0xc1, vendor::CONTROL_READ, 0, 0, 1),
+            // 0x5b is an OUT request, 0x5c an IN one.
+            setup(0xc0, vendor::CONTROL_WRITE, 0, 0, 1),
+        ] {
+            assert_eq!(dev.control(&s, &[], &mut [0]), Err(Errno::EPIPE), "{s:?}");
+        }
+        assert_eq!(
+            dev.control(&setup(0x40, vendor::CONTROL_READ, 0, 0, 1), &[1], &mut []),
+            Err(Errno::EPIPE)
+        );
+        // The refused write changed nothing.
+        assert_eq!(dev.control(&read(2), &[], &mut back[..2]), Ok(2));
+        assert_eq!(back[..2], [0xaa, 0xbb]);
+        // Gadget Zero has no function to answer before SET_CONFIGURATION.
+        dev.reset();
+        assert_eq!(dev.control(&write(1), &[1], &mut []), Err(Errno::EPIPE));
+        assert_eq!(dev.control(&read(1), &[], &mut [0]), Err(Errno::EPIPE));
+    }
+
+    fn iso_packets(lengths: &[u32]) -> Vec<IsoPacket> {
+        let mut offset = 0;
+        lengths
+            .iter()
+            .map(|&length| {
+                let p = IsoPacket {
+                    offset,
+                    length,
+                    actual_length: 0xdead,
+                    status: 0x7777,
+                };
+                offset += length;
+                p
+            })
+            .collect()
+    }
+
+    #[test]
+    fn iso_source_fills_each_packet_and_babbles_into_short_ones() {
+        let mut dev = configured_with(Pattern::Mod63);
+        let mut packets = iso_packets(&[1024, 1024]);
+        let mut buf = vec![0xa5u8; 2048];
+        // Only in alternate setting 1.
+        assert_eq!(
+            dev.iso_in(EP_ISO_IN, &mut packets, &mut buf),
+            Err(Errno::EPIPE)
+        );
+        dev.control(&setup(0x01, 11, u16::from(ALT_ISO), 0, 0), &[], &mut [])
+            .unwrap();
+        assert_eq!(dev.iso_in(EP_ISO_IN, &mut packets, &mut buf), Ok(()));
+        for p in &packets {
+            assert_eq!((p.actual_length, p.status), (1024, 0));
+        }
+        // Each packet is one f_sourcesink request, its pattern from its start.
+        let want: Vec<u8> = (0..2048).map(|i| ((i % 1024) % 63) as u8).collect();
+        assert_eq!(buf, want);
+        // A packet smaller than what the device sends per interval is
+        // babble; a larger one is short. Neither fails the URB.
+        let mut packets = iso_packets(&[1024, 100, 3000]);
+        let mut buf = vec![0xa5u8; 4124];
+        assert_eq!(dev.iso_in(EP_ISO_IN, &mut packets, &mut buf), Ok(()));
+        let got: Vec<(u32, i32)> = packets
+            .iter()
+            .map(|p| (p.actual_length, p.status))
+            .collect();
+        assert_eq!(got, vec![(1024, 0), (0, -Errno::EOVERFLOW.0), (1024, 0)]);
+        assert_eq!(
+            buf[1024..1124],
+            [0xa5; 100],
+            "the babbled packet got nothing"
+        );
+        assert_eq!(buf[1124..1127], [0, 1, 2]);
+        assert_eq!(stats(&mut dev).iso_bytes_sourced, 4 * 1024);
+    }
+
+    #[test]
+    fn iso_sink_takes_packets_up_to_one_interval() {
+        let mut dev = configured();
+        dev.control(&setup(0x01, 11, u16::from(ALT_ISO), 0, 0), &[], &mut [])
+            .unwrap();
+        let mut packets = iso_packets(&[1024, 0, 512, 1025]);
+        let buf = vec![0x5au8; 2561];
+        assert_eq!(dev.iso_out(EP_ISO_OUT, &mut packets, &buf), Ok(()));
+        let got: Vec<(u32, i32)> = packets
+            .iter()
+            .map(|p| (p.actual_length, p.status))
+            .collect();
+        assert_eq!(got, vec![(1024, 0), (0, 0), (512, 0), (0, -90)]);
+        // Not checked against the pattern, as f_sourcesink's: no halt.
+        assert!(!dev.is_halted(EP_ISO_OUT));
+        assert_eq!(stats(&mut dev).iso_bytes_sunk, 1536);
+        // The isochronous endpoints are not the bulk ones.
+        assert_eq!(
+            dev.iso_out(EP_SINK, &mut iso_packets(&[10]), &buf),
+            Err(Errno::EPIPE)
+        );
+        // Back in alt 0 they are gone.
+        dev.control(&setup(0x01, 11, 0, 0, 0), &[], &mut [])
+            .unwrap();
+        assert_eq!(
+            dev.iso_out(EP_ISO_OUT, &mut iso_packets(&[10]), &buf),
+            Err(Errno::EPIPE)
         );
     }
 
@@ -905,7 +1488,7 @@ mod tests {
             Ok(0)
         );
         for _ in 0..3 {
-            assert_eq!(dev.poll_out(EP_SINK, &[1], &mut cx), Poll::Ready(Ok(1)));
+            assert_eq!(dev.poll_out(EP_SINK, &[0], &mut cx), Poll::Ready(Ok(1)));
         }
     }
 
@@ -1013,9 +1596,11 @@ mod tests {
             loopback_bytes_out: 4,
             interrupt_reports: 5,
             faults_fired: u64::MAX,
+            iso_bytes_sourced: 7,
+            iso_bytes_sunk: 8,
         };
         assert_eq!(Stats::from_bytes(&s.to_bytes()), Some(s));
-        assert_eq!(Stats::from_bytes(&[0; 47]), None);
+        assert_eq!(Stats::from_bytes(&[0; Stats::LEN - 1]), None);
         for f in [Fault::Stall, Fault::Error(Errno::EPROTO), Fault::Short(7)] {
             assert_eq!(Fault::from_bytes(&f.to_bytes()), Some(f));
         }
