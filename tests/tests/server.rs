@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use usbwire_devices::testdev::TestDevice;
+use usbwire_devices::testdev::{Pattern, TestDevice};
 use usbwire_devices::EmulatedDevice;
 use usbwire_proto::{Direction, Errno, OpReply, OpRequest, OpStatus, USBIP_VERSION};
 use usbwire_server::ServerConfig;
@@ -15,8 +15,12 @@ const SINK_OUT: u32 = 2; // 0x02
 const INTR_IN: u32 = 5; // 0x85
 
 async fn test_server(n: usize) -> TestServer {
+    test_server_with(n, Pattern::Zeros).await
+}
+
+async fn test_server_with(n: usize, pattern: Pattern) -> TestServer {
     let devices = (0..n)
-        .map(|_| EmulatedDevice::new(TestDevice::new()))
+        .map(|_| EmulatedDevice::new(TestDevice::with_pattern(pattern)))
         .collect();
     TestServer::start(devices, ServerConfig::default()).await
 }
@@ -181,7 +185,7 @@ async fn unlink_of_a_completed_urb_is_status_zero_after_its_ret_submit() {
 
 #[tokio::test]
 async fn many_urbs_in_flight_complete_in_order_per_endpoint() {
-    let s = test_server(1).await;
+    let s = test_server_with(1, Pattern::Mod63).await;
     let mut p = configured(s.addr).await;
     for i in 0..100u32 {
         p.submit(submit(10 + i, SOURCE_IN, Direction::In, 1000 + i), &[])
@@ -192,8 +196,12 @@ async fn many_urbs_in_flight_complete_in_order_per_endpoint() {
             Reply::Submit(r, data) => {
                 assert_eq!(r.seqnum, 10 + i);
                 assert_eq!(data.len() as u32, 1000 + i);
-                // The source pattern restarts at every transfer.
-                assert!(data.iter().enumerate().all(|(k, b)| *b == (k % 63) as u8));
+                // The source pattern restarts at every transfer and packet.
+                let bad = data
+                    .iter()
+                    .enumerate()
+                    .position(|(k, b)| *b != ((k % 512) % 63) as u8);
+                assert_eq!(bad, None, "seqnum {}", 10 + i);
             }
             other => panic!("{other:?}"),
         }
@@ -270,8 +278,9 @@ async fn devlist_lists_every_device_with_interfaces() {
             let ids: Vec<_> = devices.iter().map(|d| d.busid.as_str()).collect();
             assert_eq!(ids, ["1-1", "1-2", "1-3"]);
             assert_eq!(devices[0].id_vendor, 0x0525);
-            assert_eq!(devices[0].interfaces.len(), 1);
-            assert_eq!(devices[0].interfaces[0].class, 0xff);
+            // Gadget Zero's source/sink, then the loopback interface.
+            assert_eq!(devices[0].interfaces.len(), 2);
+            assert!(devices[0].interfaces.iter().all(|i| i.class == 0xff));
         }
         other => panic!("{other:?}"),
     }
@@ -508,5 +517,144 @@ mod iso {
             c.data, want,
             "IN data packed back to back, as the stub sends it"
         );
+    }
+}
+
+mod gadget_zero {
+    //! The test device as usbtest sees it, over TCP: its isochronous
+    //! alternate setting, Gadget Zero's control write/read requests and the
+    //! other-speed configuration, through the server and the client library.
+
+    use std::time::Duration;
+
+    use usbwire_client::{RemoteDevice, TransferRequest};
+    use usbwire_devices::testdev::{vendor, ALT_ISO, EP_ISO_IN, EP_ISO_OUT};
+    use usbwire_proto::{Errno, IsoPacket, SetupPacket};
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    async fn configured(addr: std::net::SocketAddr) -> RemoteDevice {
+        let dev = usbwire_client::import(addr, "1-1").await.unwrap();
+        dev.set_configuration(1).await.unwrap();
+        dev
+    }
+
+    fn setup(request_type: u8, request: u8, value: u16, index: u16, length: u16) -> SetupPacket {
+        SetupPacket {
+            request_type,
+            request,
+            value,
+            index,
+            length,
+        }
+    }
+
+    fn packets(lengths: &[u32]) -> Vec<IsoPacket> {
+        let mut offset = 0;
+        lengths
+            .iter()
+            .map(|&length| {
+                let p = IsoPacket {
+                    offset,
+                    length,
+                    actual_length: 0,
+                    status: 0,
+                };
+                offset += length;
+                p
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn iso_in_packets_come_back_packed_with_their_results() {
+        let s = super::test_server_with(1, super::Pattern::Mod63).await;
+        let dev = configured(s.addr).await;
+        dev.control_out(setup(0x01, 11, u16::from(ALT_ISO), 0, 0), &[])
+            .await
+            .unwrap();
+        // The middle packet is smaller than the 1024 bytes the source sends
+        // per interval: babble, as a host controller reports it.
+        let iso = packets(&[1024, 100, 1024]);
+        let req = TransferRequest {
+            endpoint: EP_ISO_IN,
+            length: 2148,
+            iso,
+            interval: 8,
+            ..Default::default()
+        };
+        let c = tokio::time::timeout(WAIT, dev.submit(req)).await.unwrap();
+        assert_eq!(c.status, Ok(()));
+        assert_eq!(c.actual_length, 2048);
+        let got: Vec<(u32, u32, i32)> = c
+            .iso
+            .iter()
+            .map(|p| (p.offset, p.actual_length, p.status))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (0, 1024, 0),
+                (1024, 0, Errno::EOVERFLOW.to_status()),
+                (1124, 1024, 0)
+            ]
+        );
+        assert_eq!(c.error_count, 1);
+        // Packed back to back; each packet's pattern from its own start.
+        let one: Vec<u8> = (0..1024).map(|i| (i % 63) as u8).collect();
+        assert_eq!(c.data.len(), 2048);
+        assert!(c.data[..1024] == one[..] && c.data[1024..] == one[..]);
+    }
+
+    #[tokio::test]
+    async fn iso_out_packets_are_taken_and_counted() {
+        let s = super::test_server(1).await;
+        let dev = configured(s.addr).await;
+        let req = |lengths: &[u32]| TransferRequest {
+            endpoint: EP_ISO_OUT,
+            data: vec![0x3c; lengths.iter().sum::<u32>() as usize],
+            iso: packets(lengths),
+            interval: 8,
+            ..Default::default()
+        };
+        dev.control_out(setup(0x01, 11, u16::from(ALT_ISO), 0, 0), &[])
+            .await
+            .unwrap();
+        let c = tokio::time::timeout(WAIT, dev.submit(req(&[1024, 512, 1024])))
+            .await
+            .unwrap();
+        assert_eq!(
+            (c.status, c.actual_length, c.error_count),
+            (Ok(()), 2560, 0)
+        );
+        let got: Vec<u32> = c.iso.iter().map(|p| p.actual_length).collect();
+        assert_eq!(got, [1024, 512, 1024]);
+        let stats = dev
+            .control_in(setup(0xc0, vendor::STATS, 0, 0, 64))
+            .await
+            .unwrap();
+        let stats = usbwire_devices::testdev::Stats::from_bytes(&stats).unwrap();
+        assert_eq!(stats.iso_bytes_sunk, 2560);
+    }
+
+    #[tokio::test]
+    async fn control_write_read_and_other_speed_over_the_wire() {
+        let s = super::test_server(1).await;
+        let dev = configured(s.addr).await;
+        let data: Vec<u8> = (0..4096u32).map(|j| (j * 7) as u8).collect();
+        let write =
+            TransferRequest::control(setup(0x40, vendor::CONTROL_WRITE, 0, 0, 4096), data.clone());
+        let c = tokio::time::timeout(WAIT, dev.submit(write)).await.unwrap();
+        // The data stage's length, which usb_control_msg returns and
+        // usbtest's control write test compares with what it sent.
+        assert_eq!((c.status, c.actual_length), (Ok(()), 4096));
+        let back = dev
+            .control_in(setup(0xc0, vendor::CONTROL_READ, 0, 0, 4096))
+            .await
+            .unwrap();
+        assert!(back == data, "read back differs");
+        let other = dev.get_descriptor(7, 0, 255).await.unwrap();
+        let config = dev.config_descriptor().await.unwrap();
+        assert_eq!((other.len(), other[1]), (config.len(), 7));
     }
 }

@@ -216,7 +216,9 @@ impl Conn {
         assert!(spec.depth >= 1 && spec.depth < RING / 2);
         lat.clear();
         let payload = if spec.dir == Direction::Out {
-            vec![0xa5u8; spec.len as usize]
+            // Zeros: usbwire's test device checks Gadget Zero's default
+            // pattern on its sink, and halts it on anything else.
+            vec![0u8; spec.len as usize]
         } else {
             Vec::new()
         };

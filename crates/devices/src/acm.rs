@@ -835,7 +835,7 @@ mod tests {
             data_bits: 7,
         };
         let set = setup(0x21, request::SET_LINE_CODING, 0, 0, 7);
-        assert_eq!(dev.control(&set, &lc.to_bytes(), &mut []), Ok(0));
+        assert_eq!(dev.control(&set, &lc.to_bytes(), &mut []), Ok(7));
         assert_eq!(dev.control(&get, &[], &mut buf), Ok(7));
         assert_eq!(LineCoding::from_bytes(&buf), Some(lc));
         // A short data stage is refused and changes nothing.

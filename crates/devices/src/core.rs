@@ -214,7 +214,10 @@ impl EmulatedDevice {
 
     /// Runs a control transfer on endpoint 0. `out` is the OUT data stage;
     /// for IN, `buf` receives the data stage and its length is wLength
-    /// (or less). Control transfers complete at once.
+    /// (or less). Returns the data stage's length, as a host controller
+    /// reports it in actual_length: bytes sent for IN, bytes taken for OUT
+    /// (usb_control_msg returns it, and usbtest's control write test checks
+    /// it). Control transfers complete at once.
     pub fn control(
         &mut self,
         setup: &SetupPacket,
@@ -230,7 +233,10 @@ impl EmulatedDevice {
             let n = buf.len().min(setup.length as usize);
             self.function.control_in(setup, &mut buf[..n])
         } else {
-            self.function.control_out(setup, out).map(|r| r.map(|()| 0))
+            let data = &out[..out.len().min(usize::from(setup.length))];
+            self.function
+                .control_out(setup, data)
+                .map(|r| r.map(|()| data.len()))
         };
         r.unwrap_or(Err(Errno::EPIPE))
     }

@@ -783,7 +783,7 @@ mod tests {
 
         // LEDs: Caps Lock on.
         let set_leds = setup(0x21, request::SET_REPORT, 0x0200, 0, 1);
-        assert_eq!(dev.control(&set_leds, &[0x02], &mut []), Ok(0));
+        assert_eq!(dev.control(&set_leds, &[0x02], &mut []), Ok(1));
         assert_eq!(h.leds(), 0x02);
         assert_eq!(
             dev.control(
