@@ -92,11 +92,13 @@ echo "== usbtest: SourceSink gadget on dummy_hcd"
     );
     s.push_str(&gadget_sourcesink_sh("zero", DUMMY_UDC));
     s.push_str(&format!(
-        r#"suite direct "$(usbwire_udc_busid {DUMMY_UDC} 30)"
+        r#"direct=$(usbwire_udc_busid {DUMMY_UDC} 30)
+suite direct "$direct"
 
 echo "== usbtest: usbwire test device through vhci"
 usbip attach -r $server -b {TEST_DEVICE_BUSID}
-suite usbwire "$(vhci_busid)"
+vhci=$(vhci_busid)
+suite usbwire "$vhci"
 detach_all
 "#
     ));
