@@ -27,6 +27,7 @@
 pub mod assets;
 pub mod cpio;
 pub mod gadget;
+pub mod usbtest;
 
 pub use assets::{shared_libs, Assets, GUEST_MODULES};
 pub use gadget::{
@@ -176,8 +177,14 @@ pub fn on_ci() -> bool {
 /// `None` (the test should return early = skip), or panics when `CI=true`.
 /// Harness bugs (anything but a missing prerequisite) always panic.
 pub fn require() -> Option<Guest> {
-    match Guest::new() {
-        Ok(g) => Some(g),
+    or_skip(Guest::new())
+}
+
+/// `Some` on success. A missing prerequisite prints why and gives `None` (the test
+/// should return early = skip), or panics when `CI=true`; any other error panics.
+pub fn or_skip<T>(result: Result<T, HarnessError>) -> Option<T> {
+    match result {
+        Ok(t) => Some(t),
         Err(HarnessError::Skipped) => {
             eprintln!("SKIPPED kernel test: USBWIRE_SKIP_KERNEL_TESTS is set");
             None
@@ -190,7 +197,7 @@ pub fn require() -> Option<Guest> {
             "kernel test prerequisites missing on CI (CI=true): {e}\n\
              run .ci/install-kernel-deps as root, or set USBWIRE_SKIP_KERNEL_TESTS=1"
         ),
-        Err(e) => panic!("kernel harness failed to prepare the guest: {e}"),
+        Err(e) => panic!("kernel harness failed: {e}"),
     }
 }
 
