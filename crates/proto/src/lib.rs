@@ -100,6 +100,8 @@ pub enum DecodeError {
         length: u32,
         buffer: u32,
     },
+    #[error("isochronous packets' lengths add up to {sum} bytes, more than the {buffer}-byte buffer they share")]
+    IsoLengthsExceedBuffer { sum: u64, buffer: u32 },
     #[error("isochronous packets' actual lengths add up to {sum}, but actual_length is {actual}")]
     IsoActualMismatch { sum: u64, actual: u32 },
     #[error("RET for seqnum {0}, which has no URB in flight")]
