@@ -507,7 +507,7 @@ impl Backend for UsbfsBackend {
 
     fn device_info(&self, busid: &str, _busnum: u32, _devnum: u32) -> DeviceInfo {
         let mut i = self.sys.device_info();
-        i.busid = busid.to_string();
+        i.busid = busid.into();
         i
     }
 

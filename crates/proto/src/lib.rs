@@ -13,11 +13,13 @@
 #![forbid(unsafe_code)]
 
 pub mod errno;
+mod field;
 pub mod op;
 pub mod urb;
 mod wire;
 
 pub use errno::Errno;
+pub use field::{BusId, DevicePath, WireString};
 pub use op::{
     DeviceInfo, InterfaceInfo, OpReply, OpRequest, OpStatus, Speed, OP_REP_DEVLIST, OP_REP_IMPORT,
     OP_REQ_DEVLIST, OP_REQ_IMPORT, USBIP_VERSION,

@@ -152,8 +152,8 @@ impl Backend for EmulatedBackend {
     fn device_info(&self, busid: &str, busnum: u32, devnum: u32) -> DeviceInfo {
         let d = self.dev.descriptors();
         DeviceInfo {
-            path: format!("/sys/devices/platform/usbwire/usb{busnum}/{busid}"),
-            busid: busid.to_string(),
+            path: format!("/sys/devices/platform/usbwire/usb{busnum}/{busid}").into(),
+            busid: busid.into(),
             busnum,
             devnum,
             speed: d.speed,

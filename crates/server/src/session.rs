@@ -90,6 +90,8 @@ pub(crate) async fn serve(
                     return Ok(());
                 }
             };
+            // It named an exported device: from here on, that device's name.
+            let busid = busid.to_string();
             let mut out = Vec::new();
             OpReply::Import {
                 version: USBIP_VERSION,
