@@ -10,6 +10,7 @@
 # Then run a target with e.g.:
 #   RUSTC_BOOTSTRAP=1 cargo fuzz run urb_command -- -max_total_time=60
 # (from fuzz/ or the workspace root; add `-s none` for a --no-asan build).
+# scripts/test.sh (CI) runs every target for 30 s this way, `-s none`.
 set -eu
 
 cd "$(dirname "$0")"

@@ -19,21 +19,14 @@ fuzz_target!(|data: &[u8]| {
     );
 
     // Re-encode: the frame has the same length and decodes to the same
-    // request (strings as a C field would carry them).
+    // request. The busid is kept as the bytes that were sent, so it goes
+    // out exactly as it came.
     let mut e1 = Vec::new();
     m1.encode(&mut e1);
     assert_eq!(e1.len(), n1, "re-encoded request changed length");
-    let m2 = match OpRequest::decode(&e1) {
-        Ok(Decoded::Message(m2, n2)) => {
-            assert_eq!(n2, e1.len());
-            m2
-        }
-        other => panic!("re-encoded {m1:?} decodes to {other:?}"),
-    };
-    assert_eq!(m2, common::normalize_request(&m1));
-
-    // One more trip changes nothing.
-    let mut e2 = Vec::new();
-    m2.encode(&mut e2);
-    assert_eq!(OpRequest::decode(&e2), Ok(Decoded::Message(m2, e2.len())));
+    assert_eq!(e1[..4], data[..4], "version or code changed");
+    if let OpRequest::Import { .. } = &m1 {
+        assert_eq!(e1[8..40], common::canonical_field(&data[8..40]));
+    }
+    assert_eq!(OpRequest::decode(&e1), Ok(Decoded::Message(m1, n1)));
 });

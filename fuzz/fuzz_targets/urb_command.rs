@@ -56,6 +56,9 @@ fuzz_target!(|input: &[u8]| {
                         <= u64::from(cmd.transfer_buffer_length)
                 );
             }
+            // No backend may be made to allocate more than the buffer.
+            let sum: u64 = packets.iter().map(|p| u64::from(p.length)).sum();
+            assert!(sum <= u64::from(cmd.transfer_buffer_length));
 
             cmd.encode(&data[d.clone()], &packets, &mut e1);
             assert_eq!(e1.len(), n1);

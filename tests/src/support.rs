@@ -250,7 +250,7 @@ impl RawPeer {
 /// `product`, high speed, vendor-specific, configured, no interfaces listed.
 pub fn test_device_info(busid: &str, busnum: u32, devnum: u32, product: u16) -> DeviceInfo {
     DeviceInfo {
-        path: String::new(),
+        path: Default::default(),
         busid: busid.into(),
         busnum,
         devnum,

@@ -4,13 +4,15 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
+use usbwire_client::TransferRequest;
 use usbwire_devices::testdev::TestDevice;
-use usbwire_devices::EmulatedDevice;
-use usbwire_proto::{Direction, OpReply, OpRequest};
-use usbwire_server::ServerConfig;
+use usbwire_devices::{EmulatedDevice, TransferType};
+use usbwire_proto::{DeviceInfo, Direction, IsoPacket, OpReply, OpRequest};
+use usbwire_server::{Backend, Completion, ServerConfig, Urb};
 use usbwire_tests::support::*;
 
 /// Records the largest single allocation made by anything in this process.
@@ -72,7 +74,7 @@ async fn hostile_input_is_survived_and_bounded() {
             EmulatedDevice::new(TestDevice::new()),
             EmulatedDevice::new(TestDevice::new()),
         ],
-        config,
+        config.clone(),
     )
     .await;
     // Everything the runtime and server set up for themselves is done by now.
@@ -221,11 +223,100 @@ async fn hostile_input_is_survived_and_bounded() {
     }
     still_serving(s.addr).await;
 
+    iso_lengths_beyond_the_buffer_are_refused(config).await;
+
     let largest = LARGEST.load(Ordering::Relaxed);
     assert!(
         largest <= 2 * MAX_TRANSFER as usize,
         "a single allocation of {largest} bytes exceeds the configured maximum transfer ({MAX_TRANSFER})"
     );
+    s.stop().await;
+}
+
+/// An isochronous IN endpoint 0x83 run the way the usbfs backend runs one:
+/// the packets are gathered into one buffer of their summed lengths.
+struct IsoGatherer;
+
+impl Backend for IsoGatherer {
+    fn device_info(&self, busid: &str, busnum: u32, devnum: u32) -> DeviceInfo {
+        test_device_info(busid, busnum, devnum, 5)
+    }
+    fn transfer_type(&self, ep: u8) -> Option<TransferType> {
+        (ep == 0x83).then_some(TransferType::Isochronous)
+    }
+    fn poll_urb(&mut self, urb: &mut Urb, _cx: &mut Context<'_>) -> Poll<Completion> {
+        if urb.ep == 0 {
+            return Poll::Ready(Ok(0).into());
+        }
+        let total: usize = urb.iso.iter().map(|p| p.length as usize).sum();
+        std::hint::black_box(vec![0u8; total]);
+        for p in &mut urb.iso {
+            p.actual_length = 0;
+        }
+        Poll::Ready(Ok(0).into())
+    }
+    fn reset(&mut self) {}
+    fn release(&mut self) {}
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Descriptors that each lie inside the buffer but overlap, adding up to
+/// 1024 buffers: the connection is closed before any backend sees them,
+/// and the device is served again afterwards.
+async fn iso_lengths_beyond_the_buffer_are_refused(config: ServerConfig) {
+    let s = TestServer::start_backends(vec![Box::new(IsoGatherer)], config).await;
+    let mut p = RawPeer::import(s.addr, "1-1").await;
+    let mut frame = header(1, 5, 1, 3, MAX_TRANSFER, 1024);
+    for _ in 0..1024 {
+        IsoPacket {
+            offset: 0,
+            length: MAX_TRANSFER,
+            ..Default::default()
+        }
+        .encode(&mut frame);
+    }
+    p.send(&frame).await;
+    assert!(
+        p.closed().await,
+        "ISO lengths adding up to 1 GiB: the connection was not closed"
+    );
+    drop(p);
+    let mut released = false;
+    for _ in 0..200 {
+        if usbwire_client::list(s.addr)
+            .await
+            .map(|l| l.len() == 1)
+            .unwrap_or(false)
+        {
+            released = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(released, "the ISO device was not released");
+    // Packets laid out as hosts lay them are served as before.
+    let dev = usbwire_client::import(s.addr, "1-1").await.unwrap();
+    let req = TransferRequest {
+        endpoint: 0x83,
+        length: 300,
+        iso: (0..3)
+            .map(|i| IsoPacket {
+                offset: 100 * i,
+                length: 100,
+                ..Default::default()
+            })
+            .collect(),
+        interval: 1,
+        ..Default::default()
+    };
+    let c = tokio::time::timeout(TIMEOUT, dev.submit(req))
+        .await
+        .expect("ISO URB answered in time");
+    assert_eq!(c.status, Ok(()));
+    assert_eq!(c.iso.len(), 3);
+    drop(dev);
     s.stop().await;
 }
 

@@ -161,13 +161,13 @@ mod given_back {
     use usbwire_devices::TransferType;
     use usbwire_proto::urb::flags::URB_SHORT_NOT_OK;
     use usbwire_proto::DeviceInfo;
-    use usbwire_server::{Backend, Completion, ServerConfig, Urb};
+    use usbwire_server::{Backend, Completion, ServerConfig, Urb, UrbId};
     use usbwire_tests::support::{test_device_info, TestServer};
 
     struct HostController {
         messages: VecDeque<Vec<u8>>,
-        started: Vec<u32>,
-        cancelled: HashSet<u32>,
+        started: Vec<UrbId>,
+        cancelled: HashSet<UrbId>,
         waker: Option<Waker>,
     }
 
@@ -185,18 +185,18 @@ mod given_back {
             if urb.ep == 0 {
                 return Poll::Ready(Ok(0).into());
             }
-            if self.cancelled.remove(&urb.seqnum) {
-                self.started.retain(|s| *s != urb.seqnum);
+            if self.cancelled.remove(&urb.id) {
+                self.started.retain(|s| *s != urb.id);
                 return Poll::Ready(Completion::NotStarted);
             }
-            if !self.started.contains(&urb.seqnum) {
-                self.started.push(urb.seqnum);
+            if !self.started.contains(&urb.id) {
+                self.started.push(urb.id);
                 if let Some(w) = self.waker.take() {
                     w.wake();
                 }
             }
             // The first URB completes only once three are in the controller.
-            if self.started.first() == Some(&urb.seqnum)
+            if self.started.first() == Some(&urb.id)
                 && (self.started.len() >= 3 || self.messages.len() < 2)
             {
                 let Some(m) = self.messages.pop_front() else {

@@ -275,7 +275,7 @@ async fn devlist_lists_every_device_with_interfaces() {
     p.send(&out).await;
     match p.read_op().await {
         OpReply::Devlist { devices, .. } => {
-            let ids: Vec<_> = devices.iter().map(|d| d.busid.as_str()).collect();
+            let ids: Vec<_> = devices.iter().map(|d| d.busid.to_string()).collect();
             assert_eq!(ids, ["1-1", "1-2", "1-3"]);
             assert_eq!(devices[0].id_vendor, 0x0525);
             // Gadget Zero's source/sink, then the loopback interface.

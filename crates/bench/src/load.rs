@@ -146,7 +146,7 @@ impl Conn {
             &mut stream,
             &OpRequest::Import {
                 version: USBIP_VERSION,
-                busid: busid.to_string(),
+                busid: busid.into(),
             },
         )?;
         let info = match reply {

@@ -204,8 +204,8 @@ impl LocalDevice {
     /// The device record a server would send for it.
     pub fn device_info(&self) -> DeviceInfo {
         DeviceInfo {
-            path: self.sysfs_path(),
-            busid: self.busid.clone(),
+            path: self.sysfs_path().into(),
+            busid: self.busid.as_str().into(),
             busnum: self.busnum,
             devnum: self.devnum,
             speed: self.speed,

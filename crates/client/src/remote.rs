@@ -109,7 +109,7 @@ pub async fn import_stream(
     let mut out = Vec::new();
     OpRequest::Import {
         version: USBIP_VERSION,
-        busid: busid.to_string(),
+        busid: busid.into(),
     }
     .encode(&mut out);
     stream

@@ -667,7 +667,7 @@ impl Vhci {
         if device.busid != busid {
             return Err(AttachError::WrongDevice {
                 asked: busid.to_string(),
-                got: device.busid,
+                got: device.busid.to_string(),
             });
         }
         let port = self.attach_with(writer, stream.as_raw_fd(), device.devid(), device.speed)?;
@@ -747,7 +747,7 @@ pub fn import_blocking(
     let mut out = Vec::new();
     OpRequest::Import {
         version: USBIP_VERSION,
-        busid: busid.to_string(),
+        busid: busid.into(),
     }
     .encode(&mut out);
     stream.write_all(&out).map_err(io_err)?;

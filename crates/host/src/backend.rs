@@ -17,7 +17,7 @@ use usbwire_devices::TransferType;
 use usbwire_proto::urb::flags as lf;
 use usbwire_proto::{DeviceInfo, Direction, Errno};
 use usbwire_server::backend::is_reset_request;
-use usbwire_server::{Backend, Completion, Urb};
+use usbwire_server::{Backend, Completion, Urb, UrbId};
 
 use crate::sysfs::{Descriptors, Roots, SysDevice};
 use crate::usbfs::{self, Transfer, Usbfs};
@@ -131,7 +131,9 @@ pub struct UsbfsBackend {
     /// Interfaces we claimed, with the driver each had before.
     claimed: Vec<(u8, Option<String>)>,
     next_id: u64,
-    by_seq: HashMap<u32, Submitted>,
+    /// URBs submitted to usbfs, by the server's id for them (the client's
+    /// seqnums may repeat).
+    in_flight: HashMap<UrbId, Submitted>,
     done: HashMap<u64, Transfer>,
     gone: bool,
     /// Put the original drivers back when dropped.
@@ -153,7 +155,7 @@ impl UsbfsBackend {
             sys,
             desc,
             next_id: 1,
-            by_seq: HashMap::new(),
+            in_flight: HashMap::new(),
             done: HashMap::new(),
             gone: false,
             reattach: true,
@@ -355,7 +357,7 @@ impl UsbfsBackend {
                 }
                 TransferType::Bulk | TransferType::Interrupt => {
                     let continuation =
-                        tt == TransferType::Bulk && self.by_seq.values().any(|s| s.ep == ep);
+                        tt == TransferType::Bulk && self.in_flight.values().any(|s| s.ep == ep);
                     let f = usbfs_flags(urb.transfer_flags, tt, urb.direction, continuation);
                     let typ = if tt == TransferType::Bulk {
                         usbfs::TYPE_BULK
@@ -376,9 +378,9 @@ impl UsbfsBackend {
             Ok(()) => {
                 let continuation = matches!(kind, Kind::Plain)
                     && self.transfer_type(ep) == Some(TransferType::Bulk)
-                    && self.by_seq.values().any(|s| s.ep == ep);
-                self.by_seq.insert(
-                    urb.seqnum,
+                    && self.in_flight.values().any(|s| s.ep == ep);
+                self.in_flight.insert(
+                    urb.id,
                     Submitted {
                         id,
                         kind,
@@ -399,7 +401,7 @@ impl UsbfsBackend {
                 }
                 let continuation = matches!(kind, Kind::Plain)
                     && self.transfer_type(ep) == Some(TransferType::Bulk)
-                    && self.by_seq.values().any(|s| s.ep == ep);
+                    && self.in_flight.values().any(|s| s.ep == ep);
                 if continuation && e.raw_os_error() == Some(libc::EREMOTEIO) {
                     // usbfs refuses continuations after an earlier failure
                     // on the endpoint until a new transfer starts: not run.
@@ -491,7 +493,7 @@ impl UsbfsBackend {
             std::thread::sleep(Duration::from_millis(2));
         }
         self.done.clear();
-        self.by_seq.clear();
+        self.in_flight.clear();
     }
 
     /// Do not put the kernel drivers back when dropped (the device is gone).
@@ -507,7 +509,7 @@ impl Backend for UsbfsBackend {
 
     fn device_info(&self, busid: &str, _busnum: u32, _devnum: u32) -> DeviceInfo {
         let mut i = self.sys.device_info();
-        i.busid = busid.to_string();
+        i.busid = busid.into();
         i
     }
 
@@ -519,25 +521,25 @@ impl Backend for UsbfsBackend {
     }
 
     fn poll_urb(&mut self, urb: &mut Urb, cx: &mut Context<'_>) -> Poll<Completion> {
-        if !self.by_seq.contains_key(&urb.seqnum) {
+        if !self.in_flight.contains_key(&urb.id) {
             if let Some(r) = self.submit(urb) {
                 return Poll::Ready(r);
             }
         }
-        let id = self.by_seq[&urb.seqnum].id;
+        let id = self.in_flight[&urb.id].id;
         loop {
             if let Some(t) = self.done.remove(&id) {
-                let s = self.by_seq.remove(&urb.seqnum).expect("present");
+                let s = self.in_flight.remove(&urb.id).expect("present");
                 return Poll::Ready(self.finish(urb, s, t));
             }
             self.reap_all();
             if let Some(t) = self.done.remove(&id) {
-                let s = self.by_seq.remove(&urb.seqnum).expect("present");
+                let s = self.in_flight.remove(&urb.id).expect("present");
                 return Poll::Ready(self.finish(urb, s, t));
             }
             if self.gone {
                 // Nothing left to reap and ours did not come back.
-                self.by_seq.remove(&urb.seqnum);
+                self.in_flight.remove(&urb.id);
                 return Poll::Ready(Completion::failed(Errno::ENODEV));
             }
             // Readiness is cleared before the next reap: a completion
@@ -568,7 +570,7 @@ impl Backend for UsbfsBackend {
     }
 
     fn cancel(&mut self, urb: &mut Urb) -> bool {
-        let Some(s) = self.by_seq.get_mut(&urb.seqnum) else {
+        let Some(s) = self.in_flight.get_mut(&urb.id) else {
             return true;
         };
         s.cancelled = true;

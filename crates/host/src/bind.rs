@@ -259,7 +259,7 @@ impl Manager {
             drivers: backend.original_drivers().to_vec(),
         };
         let mut info = sys.device_info();
-        info.busid = busid.to_string();
+        info.busid = busid.into();
         reservation.commit(info, Box::new(backend));
         inner
             .exported

@@ -171,8 +171,8 @@ impl SysDevice {
 
     pub fn device_info(&self) -> DeviceInfo {
         DeviceInfo {
-            path: self.path.to_string_lossy().into_owned(),
-            busid: self.busid.clone(),
+            path: self.path.to_string_lossy().as_ref().into(),
+            busid: self.busid.as_str().into(),
             busnum: self.busnum,
             devnum: self.devnum,
             speed: self.speed,

@@ -13,11 +13,13 @@
 #![forbid(unsafe_code)]
 
 pub mod errno;
+mod field;
 pub mod op;
 pub mod urb;
 mod wire;
 
 pub use errno::Errno;
+pub use field::{BusId, DevicePath, WireString};
 pub use op::{
     DeviceInfo, InterfaceInfo, OpReply, OpRequest, OpStatus, Speed, OP_REP_DEVLIST, OP_REP_IMPORT,
     OP_REQ_DEVLIST, OP_REQ_IMPORT, USBIP_VERSION,
@@ -100,6 +102,8 @@ pub enum DecodeError {
         length: u32,
         buffer: u32,
     },
+    #[error("isochronous packets' lengths add up to {sum} bytes, more than the {buffer}-byte buffer they share")]
+    IsoLengthsExceedBuffer { sum: u64, buffer: u32 },
     #[error("isochronous packets' actual lengths add up to {sum}, but actual_length is {actual}")]
     IsoActualMismatch { sum: u64, actual: u32 },
     #[error("RET for seqnum {0}, which has no URB in flight")]

@@ -5,7 +5,7 @@
 //! set (`0x8005`), replies have it clear (`0x0005`).
 
 use crate::wire::*;
-use crate::{DecodeError, Decoded, Limits};
+use crate::{BusId, DecodeError, Decoded, DevicePath, Limits};
 
 /// The protocol version Linux sends: BCD 1.1.1.
 pub const USBIP_VERSION: u16 = 0x0111;
@@ -189,9 +189,9 @@ pub struct InterfaceInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceInfo {
     /// The sysfs path on the server; informational.
-    pub path: String,
+    pub path: DevicePath,
     /// The bus id that an import names, e.g. `1-1`.
-    pub busid: String,
+    pub busid: BusId,
     pub busnum: u32,
     pub devnum: u32,
     pub speed: Speed,
@@ -218,8 +218,8 @@ impl DeviceInfo {
     fn decode_fixed(b: &[u8]) -> DeviceInfo {
         debug_assert!(b.len() >= DEVICE_INFO_LEN);
         DeviceInfo {
-            path: cstr_field(&b[0..PATH_LEN]),
-            busid: cstr_field(&b[256..256 + BUSID_LEN]),
+            path: DevicePath::from_field(&b[0..PATH_LEN]),
+            busid: BusId::from_field(&b[256..256 + BUSID_LEN]),
             busnum: u32_at(b, 288),
             devnum: u32_at(b, 292),
             speed: Speed::from_u32(u32_at(b, 296)),
@@ -240,8 +240,8 @@ impl DeviceInfo {
         let start = out.len();
         out.resize(start + DEVICE_INFO_LEN, 0);
         let b = &mut out[start..];
-        put_cstr_field(&mut b[0..PATH_LEN], &self.path);
-        put_cstr_field(&mut b[256..256 + BUSID_LEN], &self.busid);
+        self.path.encode_field(&mut b[0..PATH_LEN]);
+        self.busid.encode_field(&mut b[256..256 + BUSID_LEN]);
         put_u32(b, 288, self.busnum);
         put_u32(b, 292, self.devnum);
         put_u32(b, 296, self.speed.to_u32());
@@ -270,7 +270,7 @@ pub enum OpRequest {
     /// checked, because peers vary and the layout does not.
     Devlist { version: u16 },
     /// `OP_REQ_IMPORT` with the bus id to import.
-    Import { version: u16, busid: String },
+    Import { version: u16, busid: BusId },
 }
 
 impl OpRequest {
@@ -291,7 +291,7 @@ impl OpRequest {
                 if b.len() < need {
                     return Ok(Decoded::NeedMore(need));
                 }
-                let busid = cstr_field(&b[OP_HEADER_LEN..need]);
+                let busid = BusId::from_field(&b[OP_HEADER_LEN..need]);
                 Ok(Decoded::Message(OpRequest::Import { version, busid }, need))
             }
             code => Err(DecodeError::UnknownOpCode(code)),
@@ -305,7 +305,7 @@ impl OpRequest {
                 encode_header(out, *version, OP_REQ_IMPORT, 0);
                 let start = out.len();
                 out.resize(start + BUSID_LEN, 0);
-                put_cstr_field(&mut out[start..], busid);
+                busid.encode_field(&mut out[start..]);
             }
         }
     }

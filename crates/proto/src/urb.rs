@@ -390,10 +390,10 @@ impl UrbCommand {
                 if b.len() < iso.end {
                     return Ok(Decoded::NeedMore(iso.end));
                 }
+                let buffer = u64::from(cmd.transfer_buffer_length);
+                let mut sum = 0u64;
                 for (index, p) in IsoPacket::iter(&b[iso.clone()]).enumerate() {
-                    if u64::from(p.offset) + u64::from(p.length)
-                        > u64::from(cmd.transfer_buffer_length)
-                    {
+                    if u64::from(p.offset) + u64::from(p.length) > buffer {
                         return Err(DecodeError::IsoOutOfBounds {
                             index: index as u32,
                             offset: p.offset,
@@ -401,6 +401,20 @@ impl UrbCommand {
                             buffer: cmd.transfer_buffer_length,
                         });
                     }
+                    sum += u64::from(p.length);
+                }
+                // Packets inside the buffer may still overlap, and a backend
+                // that gathers them (usbfs packs them back to back) would
+                // allocate their sum: 1024 packets over one 8 MiB buffer are
+                // 8 GiB. Real hosts lay packets out without overlap, so the
+                // sum never exceeds the buffer (the kernel's hardened
+                // usbip_recv_iso likewise refuses descriptors that claim
+                // more than the buffer).
+                if sum > buffer {
+                    return Err(DecodeError::IsoLengthsExceedBuffer {
+                        sum,
+                        buffer: cmd.transfer_buffer_length,
+                    });
                 }
                 let end = iso.end;
                 Ok(Decoded::Message(UrbCommand::Submit { cmd, data, iso }, end))
@@ -421,7 +435,7 @@ impl UrbCommand {
 
     /// Decodes a CMD_SUBMIT's header without waiting for what follows it,
     /// with the same checks as [`UrbCommand::decode`] (the descriptors'
-    /// bounds aside, which need the descriptors). `None` if `b` holds less
+    /// bounds and sum aside, which need the descriptors). `None` if `b` holds less
     /// than a header or another command. This is what lets a server read a
     /// large OUT payload straight into the URB's own buffer instead of
     /// copying it out of its read buffer.

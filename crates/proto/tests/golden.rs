@@ -283,7 +283,7 @@ const DEVICE_RECORD: [u8; DEVICE_INFO_LEN] = cat(&[
 
 fn device(interfaces: Vec<InterfaceInfo>) -> DeviceInfo {
     DeviceInfo {
-        path: String::from_utf8(PATH.to_vec()).unwrap(),
+        path: usbwire_proto::DevicePath::from_field(PATH),
         busid: "3-2".into(),
         busnum: 3,
         devnum: 2,

@@ -17,8 +17,9 @@ use usbwire_proto::urb::{
     USBIP_RET_UNLINK,
 };
 use usbwire_proto::{
-    DecodeError, Decoded, Direction, Limits, OpReply, OpRequest, OpStatus, Speed, UrbCommand,
-    UrbReply, OP_REP_DEVLIST, OP_REP_IMPORT, OP_REQ_DEVLIST, OP_REQ_IMPORT, URB_HEADER_LEN,
+    BusId, DecodeError, Decoded, Direction, Limits, OpReply, OpRequest, OpStatus, Speed,
+    UrbCommand, UrbReply, OP_REP_DEVLIST, OP_REP_IMPORT, OP_REQ_DEVLIST, OP_REQ_IMPORT,
+    URB_HEADER_LEN,
 };
 
 // ---------------------------------------------------------------------------
@@ -402,6 +403,51 @@ fn iso_descriptor_outside_buffer() {
 }
 
 #[test]
+fn iso_lengths_adding_up_beyond_the_buffer() {
+    // Every packet lies inside the 1 MiB buffer, but 1024 of them over the
+    // same bytes add up to 1 GiB, which a backend that gathers the packets
+    // would allocate. Refused from the descriptors, before anything is
+    // allocated for them.
+    let tbl = 1 << 20;
+    let mut b = cmd_submit(1, 3, tbl, 1024);
+    for _ in 0..1024 {
+        b.extend(iso_desc(0, tbl, 0, 0));
+    }
+    assert_rejected_without_alloc(
+        || UrbCommand::decode(&b, &limits(), always_iso),
+        DecodeError::IsoLengthsExceedBuffer {
+            sum: 1 << 30,
+            buffer: tbl,
+        },
+    );
+    // OUT too, and one byte over is already too many.
+    let mut b = cmd_submit(0, 3, 8, 2);
+    b.extend_from_slice(&[0; 8]);
+    b.extend(iso_desc(0, 5, 0, 0));
+    b.extend(iso_desc(4, 4, 0, 0));
+    assert_eq!(
+        UrbCommand::decode(&b, &limits(), always_iso).unwrap_err(),
+        DecodeError::IsoLengthsExceedBuffer { sum: 9, buffer: 8 }
+    );
+    // Overlapping packets whose lengths fit the buffer are left alone (no
+    // known host sends them, but nothing in them is unbounded), and so are
+    // packets that fill it exactly.
+    for (first, second) in [((0, 4), (2, 4)), ((0, 4), (4, 4))] {
+        let mut b = cmd_submit(0, 3, 8, 2);
+        b.extend_from_slice(&[0; 8]);
+        b.extend(iso_desc(first.0, first.1, 0, 0));
+        b.extend(iso_desc(second.0, second.1, 0, 0));
+        assert!(
+            UrbCommand::decode(&b, &limits(), always_iso)
+                .unwrap()
+                .message()
+                .is_some(),
+            "{first:?} {second:?}"
+        );
+    }
+}
+
+#[test]
 fn iso_in_reply_actual_lengths_must_add_up() {
     let mut b = ret_submit(8, 2);
     b.extend_from_slice(&[0; 8]);
@@ -586,9 +632,13 @@ fn busid_without_nul() {
         m,
         OpRequest::Import {
             version: 0x0111,
-            busid: "a".repeat(32),
+            busid: BusId::from_field(&[b'a'; 32]),
         }
     );
+    // Kept whole, so it goes out again exactly as it came.
+    let mut e = Vec::new();
+    m.encode(&mut e);
+    assert_eq!(e, b);
     // Path and busid of a device record, both filling their fields.
     let mut b = op_header(0x0111, OP_REP_IMPORT, 0);
     b.extend(device_record(&[b'p'; 256], &[b'b'; 32], 0));
@@ -646,11 +696,33 @@ fn busid_not_utf8_does_not_fail() {
     b.extend_from_slice(&field);
     match OpRequest::decode(&b).unwrap() {
         Decoded::Message(OpRequest::Import { busid, .. }, 40) => {
-            assert!(busid.starts_with('1'));
-            assert!(busid.contains('\u{fffd}'));
+            assert_eq!(busid.as_bytes(), &[b'1', 0xc3, 0x28, 0xff]);
+            assert_eq!(busid.to_string(), "1\u{fffd}(\u{fffd}");
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// The input on which the OP fuzz targets failed within seconds: a busid
+/// of 32 0xff bytes read through lossy UTF-8 became 32 three-byte
+/// replacement characters, and every trip through the field changed it.
+#[test]
+fn busid_of_invalid_bytes_round_trips_exactly() {
+    let mut b = vec![0x0b, 0x00, 0x80, 0x03, 0x00, 0xff, 0xff, 0xff];
+    b.extend_from_slice(&[0xff; 32]);
+    let (m, n) = OpRequest::decode(&b).unwrap().message().unwrap();
+    assert_eq!(n, 40);
+    let OpRequest::Import { version, busid } = &m else {
+        panic!("{m:?}");
+    };
+    assert_eq!((*version, busid.as_bytes()), (0x0b00, &[0xff; 32][..]));
+    let mut e = Vec::new();
+    m.encode(&mut e);
+    // A request carries no status, so that field goes out as 0; the busid
+    // goes out exactly as it came.
+    assert_eq!(e[..4], b[..4]);
+    assert_eq!(e[8..], b[8..]);
+    assert_eq!(OpRequest::decode(&e), Ok(Decoded::Message(m, 40)));
 }
 
 #[test]
@@ -667,7 +739,7 @@ fn any_version_still_decodes() {
             Ok(Decoded::Message(
                 OpRequest::Import {
                     version,
-                    busid: String::new(),
+                    busid: BusId::default(),
                 },
                 40
             ))
@@ -911,7 +983,7 @@ fn long_busid_is_cut_at_a_character_boundary() {
     let mut b = Vec::new();
     usbwire_proto::OpRequest::Import {
         version: 0x0111,
-        busid,
+        busid: busid.as_str().into(),
     }
     .encode(&mut b);
     let (m, _) = usbwire_proto::OpRequest::decode(&b)
@@ -922,7 +994,7 @@ fn long_busid_is_cut_at_a_character_boundary() {
         m,
         usbwire_proto::OpRequest::Import {
             version: 0x0111,
-            busid: "é".repeat(15)
+            busid: "é".repeat(15).into()
         }
     );
 }

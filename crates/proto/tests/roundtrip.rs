@@ -10,7 +10,7 @@ use usbwire_proto::urb::InFlight;
 use usbwire_proto::{
     CmdSubmit, CmdUnlink, DecodeError, Decoded, DeviceInfo, Direction, InterfaceInfo, IsoPacket,
     Limits, OpReply, OpRequest, OpStatus, RetSubmit, RetUnlink, Speed, UrbCommand, UrbReply,
-    URB_HEADER_LEN,
+    WireString, URB_HEADER_LEN,
 };
 
 fn limits() -> Limits {
@@ -21,25 +21,24 @@ fn limits() -> Limits {
 // Strategies: OP_* phase
 // ---------------------------------------------------------------------------
 
-/// A string that fits a C field of `max + 1` bytes: no NUL, at most `max`
-/// bytes of UTF-8. Exactly `max` characters (no room left but the NUL) and
-/// the empty string get their own weight.
-fn cstr(max: usize) -> impl Strategy<Value = String> {
+/// A field's content: text of ours, which leaves room for the NUL (at
+/// most `N - 1` bytes, the longest and the empty one weighted), or what a
+/// peer may send: any bytes but NUL, UTF-8 or not, up to the whole field
+/// with no NUL to end it.
+fn field<const N: usize>() -> impl Strategy<Value = WireString<N>> {
+    let max = N - 1;
     prop_oneof![
-        1 => Just(String::new()),
-        2 => proptest::string::string_regex(&format!("[!-~]{{{max}}}")).unwrap(),
-        2 => proptest::string::string_regex(&format!("[a-z0-9./:-]{{1,{max}}}")).unwrap(),
-        3 => proptest::collection::vec(any::<char>().prop_filter("no NUL", |c| *c != '\0'), 0..=max)
-            .prop_map(move |cs| {
-                let mut s = String::new();
-                for c in cs {
-                    if s.len() + c.len_utf8() > max {
-                        break;
-                    }
-                    s.push(c);
-                }
-                s
-            }),
+        1 => Just(WireString::default()),
+        2 => proptest::string::string_regex(&format!("[!-~]{{{max}}}"))
+            .unwrap()
+            .prop_map(WireString::from),
+        2 => proptest::string::string_regex(&format!("[a-z0-9./:-]{{1,{max}}}"))
+            .unwrap()
+            .prop_map(WireString::from),
+        2 => proptest::collection::vec(any::<char>().prop_filter("no NUL", |c| *c != '\0'), 0..=max)
+            .prop_map(|cs| WireString::from(cs.into_iter().collect::<String>())),
+        3 => proptest::collection::vec(1u8..=255, 0..=N).prop_map(|b| WireString::from_field(&b)),
+        1 => proptest::collection::vec(1u8..=255, N).prop_map(|b| WireString::from_field(&b)),
     ]
 }
 
@@ -77,7 +76,7 @@ fn device(in_devlist: bool) -> impl Strategy<Value = DeviceInfo> {
         Just(Vec::new()).boxed()
     };
     (
-        (cstr(255), cstr(31), any::<u32>(), any::<u32>(), speed()),
+        (field(), field(), any::<u32>(), any::<u32>(), speed()),
         (any::<u16>(), any::<u16>(), any::<u16>(), any::<[u8; 6]>()),
         ifaces,
     )
@@ -111,7 +110,7 @@ fn device(in_devlist: bool) -> impl Strategy<Value = DeviceInfo> {
 fn op_request() -> impl Strategy<Value = OpRequest> {
     prop_oneof![
         version().prop_map(|version| OpRequest::Devlist { version }),
-        (version(), cstr(31)).prop_map(|(version, busid)| OpRequest::Import { version, busid }),
+        (version(), field()).prop_map(|(version, busid)| OpRequest::Import { version, busid }),
     ]
 }
 
@@ -285,18 +284,27 @@ fn payload() -> impl Strategy<Value = Vec<u8>> {
     proptest::collection::vec(any::<u8>(), 0..80)
 }
 
-/// Descriptors lying inside a `tbl`-byte buffer.
+/// Descriptors inside a `tbl`-byte buffer, laid out as hosts lay them: in
+/// order and without overlap (gaps allowed), so their lengths never add up
+/// to more than the buffer.
 fn iso_in_buffer(tbl: u32) -> impl Strategy<Value = Vec<IsoPacket>> {
-    let pkt = (0..=tbl)
-        .prop_flat_map(move |offset| (Just(offset), 0..=tbl - offset))
-        .prop_flat_map(|(offset, length)| (Just(offset), Just(length), any::<u32>(), any::<i32>()))
-        .prop_map(|(offset, length, actual_length, status)| IsoPacket {
-            offset,
-            length,
-            actual_length,
-            status,
-        });
-    proptest::collection::vec(pkt, 0..6)
+    (
+        proptest::collection::vec(0..=tbl, 0..12),
+        proptest::collection::vec((any::<u32>(), any::<i32>()), 6),
+    )
+        .prop_map(|(mut cuts, results)| {
+            cuts.truncate(cuts.len() / 2 * 2);
+            cuts.sort_unstable();
+            cuts.chunks_exact(2)
+                .zip(results)
+                .map(|(c, (actual_length, status))| IsoPacket {
+                    offset: c[0],
+                    length: c[1] - c[0],
+                    actual_length,
+                    status,
+                })
+                .collect()
+        })
 }
 
 fn cmd_submit() -> impl Strategy<Value = Cmd> {

@@ -6,9 +6,23 @@ use std::task::{Context, Poll};
 use usbwire_devices::{EmulatedDevice, TransferType};
 use usbwire_proto::{DeviceInfo, Direction, Errno, IsoPacket, SetupPacket};
 
+/// The server's name for an URB: unique among the URBs of one import.
+/// Backends key what they keep per URB on it, never on the client's
+/// seqnum, which is the client's to choose and to reuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UrbId(pub u64);
+
+impl std::fmt::Display for UrbId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
 /// One URB as the server runs it.
 #[derive(Debug)]
 pub struct Urb {
+    pub id: UrbId,
+    /// The client's name for it, echoed in the replies.
     pub seqnum: u32,
     /// Endpoint number, 0..=15.
     pub ep: u8,
@@ -183,8 +197,8 @@ impl Backend for EmulatedBackend {
     fn device_info(&self, busid: &str, busnum: u32, devnum: u32) -> DeviceInfo {
         let d = self.dev.descriptors();
         DeviceInfo {
-            path: format!("/sys/devices/platform/usbwire/usb{busnum}/{busid}"),
-            busid: busid.to_string(),
+            path: format!("/sys/devices/platform/usbwire/usb{busnum}/{busid}").into(),
+            busid: busid.into(),
             busnum,
             devnum,
             speed: d.speed,

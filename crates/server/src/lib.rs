@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 use usbwire_proto::{DecodeError, Limits};
 
-pub use backend::{Backend, Completion, EmulatedBackend, Urb};
+pub use backend::{Backend, Completion, EmulatedBackend, Urb, UrbId};
 pub use registry::{Registry, RegistryError, Reservation};
 
 /// Bounds and policies of a server. [`ServerConfig::validate`] refuses
@@ -150,6 +150,8 @@ pub enum SessionError {
     Protocol(#[from] DecodeError),
     #[error("the client sent no request in time")]
     Timeout,
+    #[error("CMD_SUBMIT with seqnum {0}, which an URB still in flight already has")]
+    DuplicateSeqnum(u32),
 }
 
 pub(crate) struct Shared {

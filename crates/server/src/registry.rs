@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use usbwire_proto::{DeviceInfo, Errno, OpStatus};
+use usbwire_proto::{BusId, DeviceInfo, Errno, OpStatus};
 
 use crate::backend::Backend;
 
@@ -165,7 +165,9 @@ impl Registry {
 
     /// Reserves and fills in one step.
     pub fn add(&self, info: DeviceInfo, backend: Box<dyn Backend>) -> Result<(), RegistryError> {
-        let r = self.reserve(&info.busid)?;
+        // A name that is not UTF-8 is not a valid bus id either: its
+        // replacement characters fail the check.
+        let r = self.reserve(&info.busid.to_string())?;
         r.commit(info, backend);
         Ok(())
     }
@@ -187,15 +189,18 @@ impl Registry {
         }
     }
 
-    /// Takes a device for an importing connection.
+    /// Takes a device for an importing connection. The bus id is compared
+    /// byte for byte: exported names are ASCII (`valid_busid`), so one that
+    /// is not UTF-8 names none of them.
     pub fn import(
         &self,
-        busid: &str,
+        busid: &BusId,
         conn: u64,
     ) -> Result<(DeviceInfo, Box<dyn Backend>), RegistryError> {
         let mut map = self.lock();
-        let slot = map
-            .get_mut(busid)
+        let slot = busid
+            .as_str()
+            .and_then(|name| map.get_mut(name))
             .ok_or_else(|| RegistryError::NotFound(busid.to_string()))?;
         match std::mem::replace(&mut slot.state, SlotState::Imported { conn }) {
             SlotState::Available(b) => Ok((slot.info.clone(), b)),
@@ -263,8 +268,8 @@ impl Registry {
 
 fn placeholder_info(busid: &str) -> DeviceInfo {
     DeviceInfo {
-        path: String::new(),
-        busid: busid.to_string(),
+        path: Default::default(),
+        busid: busid.into(),
         busnum: 0,
         devnum: 0,
         speed: usbwire_proto::Speed::Unknown,
@@ -290,5 +295,36 @@ impl Registry {
                 slot.state = SlotState::Available(backend);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use usbwire_devices::testdev::TestDevice;
+    use usbwire_devices::EmulatedDevice;
+
+    use super::*;
+    use crate::backend::EmulatedBackend;
+
+    #[test]
+    fn import_matches_the_bus_id_byte_for_byte() {
+        let registry = Registry::new();
+        let backend = EmulatedBackend::new(EmulatedDevice::new(TestDevice::new()));
+        registry
+            .add(backend.device_info("1-1", 1, 2), Box::new(backend))
+            .unwrap();
+        // What lossy UTF-8 made of these could have named another device;
+        // as bytes, none names 1-1.
+        for odd in [&b"1-1\xff"[..], b"1-1 ", &[0xff; 32]] {
+            match registry.import(&BusId::from_field(odd), 7) {
+                Err(e) => assert_eq!(e.op_status(), OpStatus::NoDev, "{odd:x?}"),
+                Ok(_) => panic!("{odd:x?} imported 1-1"),
+            }
+        }
+        let (info, _backend) = registry
+            .import(&BusId::from_field(b"1-1\0after the NUL"), 7)
+            .map_err(|e| e.to_string())
+            .unwrap();
+        assert_eq!(info.busid, "1-1");
     }
 }

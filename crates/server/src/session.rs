@@ -6,7 +6,7 @@
 //! impossible by construction, and lets emulated devices be answered
 //! without a task per URB.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
@@ -25,7 +25,7 @@ use usbwire_proto::{
     OpStatus, RetSubmit, RetUnlink, UrbCommand, USBIP_VERSION,
 };
 
-use crate::backend::{is_reset_request, Backend, Completion, Urb};
+use crate::backend::{is_reset_request, Backend, Completion, Urb, UrbId};
 use crate::queue::EndpointQueue;
 use crate::{SessionError, Shared};
 
@@ -90,6 +90,8 @@ pub(crate) async fn serve(
                     return Ok(());
                 }
             };
+            // It named an exported device: from here on, that device's name.
+            let busid = busid.to_string();
             let mut out = Vec::new();
             OpReply::Import {
                 version: USBIP_VERSION,
@@ -102,7 +104,7 @@ pub(crate) async fn serve(
                 return Err(e.into());
             }
             info!(conn, %busid, "imported");
-            let mut s = Session::new(shared.clone(), backend, rbuf, &stream);
+            let mut s = Session::new(shared.clone(), backend, rbuf, &stream, &busid);
             let r = s.run(&stream, &mut shutdown).await;
             let backend = s.into_backend();
             shared.release(&busid, conn, backend);
@@ -194,6 +196,9 @@ fn ep_index(ep: u8, dir: Direction) -> usize {
 struct Session {
     shared: Arc<Shared>,
     backend: Option<Box<dyn Backend>>,
+    /// The imported device and who imported it, for log lines.
+    busid: String,
+    client: String,
     rbuf: Vec<u8>,
     partial: Option<PartialOut>,
     queues: Vec<EndpointQueue>,
@@ -203,6 +208,13 @@ struct Session {
     out_bytes: usize,
     inflight: usize,
     inflight_bytes: usize,
+    /// Seqnums of the URBs in flight: a second CMD_SUBMIT with one of them
+    /// is refused, since its RET_SUBMIT and any unlink of it could not be
+    /// told from the first one's. Once its URB completed, a seqnum may come
+    /// again.
+    seqnums: HashSet<u32>,
+    /// The id the next URB gets.
+    next_urb_id: u64,
     /// Highest CMD_SUBMIT seqnum seen, to tell an unlink of a completed URB
     /// from an unlink that overtook its submit.
     max_seqnum: Option<u32>,
@@ -228,12 +240,17 @@ impl Session {
         backend: Box<dyn Backend>,
         rbuf: Vec<u8>,
         stream: &TcpStream,
+        busid: &str,
     ) -> Self {
         let grace = shared.config.hold_grace(crate::sys::rtt(stream));
         debug!(?grace, "error hold grace window");
         Session {
             shared,
             backend: Some(backend),
+            busid: busid.to_string(),
+            client: stream
+                .peer_addr()
+                .map_or_else(|e| format!("unknown ({e})"), |a| a.to_string()),
             rbuf,
             partial: None,
             queues: (0..32).map(|_| EndpointQueue::default()).collect(),
@@ -242,6 +259,8 @@ impl Session {
             out_bytes: 0,
             inflight: 0,
             inflight_bytes: 0,
+            seqnums: HashSet::new(),
+            next_urb_id: 0,
             max_seqnum: None,
             early_unlinks: VecDeque::new(),
             pending_unlinks: HashMap::new(),
@@ -411,13 +430,13 @@ impl Session {
                         UrbCommand::Submit { cmd, data, iso } => {
                             let data = base + data.start..base + data.end;
                             let iso = base + iso.start..base + iso.end;
-                            self.submit(cmd, data, iso);
+                            self.submit(cmd, data, iso)?;
                         }
                         UrbCommand::Unlink(u) => self.unlink(u),
                     }
                 }
                 Err(e) => {
-                    warn!("protocol error, closing the connection: {e}");
+                    warn!(busid = %self.busid, client = %self.client, "protocol error, closing the connection: {e}");
                     return Err(e.into());
                 }
             }
@@ -466,7 +485,7 @@ impl Session {
         self.rbuf.extend_from_slice(&next[..n - to_payload]);
         if p.filled == len {
             let p = self.partial.take().expect("checked above");
-            self.submit_urb(p.cmd, p.buf, Vec::new());
+            self.submit_urb(p.cmd, p.buf, Vec::new())?;
             self.process_input()?;
             self.poll_all();
         }
@@ -506,7 +525,7 @@ impl Session {
         cmd: CmdSubmit,
         data: std::ops::Range<usize>,
         iso: std::ops::Range<usize>,
-    ) {
+    ) -> Result<(), SessionError> {
         let length = cmd.transfer_buffer_length as usize;
         let iso_packets: Vec<IsoPacket> = if iso.is_empty() {
             Vec::new()
@@ -517,11 +536,17 @@ impl Session {
         if cmd.direction == Direction::Out {
             buf[..length].copy_from_slice(&self.rbuf[data]);
         }
-        self.submit_urb(cmd, buf, iso_packets);
+        self.submit_urb(cmd, buf, iso_packets)
     }
 
-    /// Queues a submitted URB, whose OUT payload is already in `buf`.
-    fn submit_urb(&mut self, cmd: CmdSubmit, buf: Vec<u8>, iso: Vec<IsoPacket>) {
+    /// Queues a submitted URB, whose OUT payload is already in `buf`. A
+    /// seqnum already in flight ends the connection.
+    fn submit_urb(
+        &mut self,
+        cmd: CmdSubmit,
+        buf: Vec<u8>,
+        iso: Vec<IsoPacket>,
+    ) -> Result<(), SessionError> {
         if let Some(i) = self.early_unlinks.iter().position(|&s| s == cmd.seqnum) {
             self.early_unlinks.remove(i);
             debug!(
@@ -529,13 +554,25 @@ impl Session {
                 "dropping a submit whose unlink arrived first"
             );
             self.give_buf(buf);
-            return;
+            return Ok(());
+        }
+        if !self.seqnums.insert(cmd.seqnum) {
+            warn!(
+                seqnum = cmd.seqnum,
+                busid = %self.busid,
+                client = %self.client,
+                "CMD_SUBMIT with a seqnum already in flight: closing the connection"
+            );
+            return Err(SessionError::DuplicateSeqnum(cmd.seqnum));
         }
         if self.max_seqnum.is_none_or(|m| seq_after(cmd.seqnum, m)) {
             self.max_seqnum = Some(cmd.seqnum);
         }
         let length = cmd.transfer_buffer_length as usize;
+        let id = UrbId(self.next_urb_id);
+        self.next_urb_id += 1;
         let urb = Urb {
+            id,
             seqnum: cmd.seqnum,
             ep: cmd.ep.min(255) as u8,
             direction: cmd.direction,
@@ -552,17 +589,18 @@ impl Session {
         self.inflight_bytes += length;
         if cmd.ep > 15 {
             self.complete(urb, 0, Some(Errno::EPIPE));
-            return;
+            return Ok(());
         }
         let ep_addr = urb.ep_address();
         if urb.ep != 0 && self.backend().transfer_type(ep_addr).is_none() {
             debug!(ep = ep_addr, "URB for an endpoint the device does not have");
             self.complete(urb, 0, Some(Errno::EPIPE));
-            return;
+            return Ok(());
         }
         let q = ep_index(urb.ep, urb.direction);
         self.queues[q].waiting.push_back(urb);
         self.pump(q);
+        Ok(())
     }
 
     fn unlink(&mut self, u: CmdUnlink) {
@@ -639,6 +677,7 @@ impl Session {
     }
 
     fn finish_silently(&mut self, urb: Urb) {
+        self.seqnums.remove(&urb.seqnum);
         self.inflight -= 1;
         self.inflight_bytes -= urb.length;
         self.give_buf(urb.buf);
@@ -760,6 +799,7 @@ impl Session {
         for p in &urb.iso {
             p.encode(&mut iso);
         }
+        self.seqnums.remove(&urb.seqnum);
         self.inflight -= 1;
         self.inflight_bytes -= urb.length;
         let payload_len = if urb.direction == Direction::In {

@@ -538,8 +538,8 @@ fn devices_json(devices: &[DeviceInfo]) -> String {
         .iter()
         .map(|d| {
             serde_json::json!({
-                "busid": d.busid,
-                "path": d.path,
+                "busid": d.busid.to_string(),
+                "path": d.path.to_string(),
                 "busnum": d.busnum,
                 "devnum": d.devnum,
                 "speed": d.speed.describe(),
