@@ -234,11 +234,36 @@ enum Phase {
     Wedged,
 }
 
-/// A USB flash drive backed by a disk-image file.
+/// Where a mass-storage device keeps its blocks: a raw image file, or
+/// anything else that reads and writes at offsets (a test's image that
+/// holds its I/O until told to go on).
+pub trait DiskImage: Send + 'static {
+    /// Reads into `buf` at `offset`; fewer bytes than asked, or 0 at the
+    /// end of the image, as `pread` does.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// Writes from `data` at `offset`; possibly fewer bytes, as `pwrite`.
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<usize>;
+    /// Makes every completed write durable (`fdatasync`).
+    fn sync_data(&self) -> io::Result<()>;
+}
+
+impl DiskImage for File {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        FileExt::read_at(self, buf, offset)
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<usize> {
+        FileExt::write_at(self, data, offset)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        File::sync_data(self)
+    }
+}
+
+/// A USB flash drive backed by a disk image.
 pub struct MassStorage {
     descriptors: Descriptors,
     bos: Option<Vec<u8>>,
-    file: File,
+    image: Box<dyn DiskImage>,
     read_only: bool,
     blocks: u64,
     bad_lbas: Option<Range<u64>>,
@@ -432,8 +457,27 @@ impl MassStorage {
         }
         // Seeking to the end also sizes block devices, whose metadata says 0.
         let size = file.seek(SeekFrom::End(0))?;
+        let cfg = MscConfig {
+            serial: if cfg.serial.is_empty() {
+                derived_serial(path)
+            } else {
+                cfg.serial
+            },
+            ..cfg
+        };
+        Self::from_image(Box::new(file), size, cfg)
+    }
+
+    /// A drive on `image`, which holds `size` bytes (rounded down to whole
+    /// blocks, as in [`MassStorage::open`]). `cfg.serial` should be set:
+    /// there is no path to derive a stable one from.
+    pub fn from_image(
+        image: Box<dyn DiskImage>,
+        size: u64,
+        cfg: MscConfig,
+    ) -> io::Result<MassStorage> {
         let serial = if cfg.serial.is_empty() {
-            derived_serial(path)
+            "0".repeat(16)
         } else {
             cfg.serial.clone()
         };
@@ -443,7 +487,7 @@ impl MassStorage {
         Ok(MassStorage {
             descriptors,
             bos,
-            file,
+            image,
             read_only: cfg.read_only,
             blocks: size / BLOCK_SIZE,
             bad_lbas: cfg.bad_lbas.filter(|r| !r.is_empty()),
@@ -640,7 +684,7 @@ impl MassStorage {
     /// The data phase is over: make a FUA write durable, then offer the CSW.
     fn finish_data(&mut self) {
         if std::mem::take(&mut self.sync_after_write) {
-            if let Err(e) = self.file.sync_data() {
+            if let Err(e) = self.image.sync_data() {
                 tracing::warn!(error = %e, "fdatasync after FUA write failed");
                 self.fail(Sense::write_error(None));
             }
@@ -781,7 +825,7 @@ impl MassStorage {
         if self.read_only {
             return;
         }
-        if let Err(e) = self.file.sync_data() {
+        if let Err(e) = self.image.sync_data() {
             tracing::warn!(error = %e, "fdatasync of the disk image failed");
             self.fail(Sense::write_error(None));
         }
@@ -888,7 +932,7 @@ impl MassStorage {
         let mut interrupted = 0;
         let mut error = None;
         while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+            match self.image.read_at(&mut buf[done..], offset + done as u64) {
                 // The image shrank under us: those blocks are gone.
                 Ok(0) => {
                     error = Some(io::Error::from(io::ErrorKind::UnexpectedEof));
@@ -923,7 +967,7 @@ impl MassStorage {
         let mut done = 0;
         let mut interrupted = 0;
         while done < data.len() {
-            match self.file.write_at(&data[done..], offset + done as u64) {
+            match self.image.write_at(&data[done..], offset + done as u64) {
                 Ok(0) => {
                     self.write_failed(offset + done as u64, io::ErrorKind::WriteZero.into());
                     return;
@@ -1134,7 +1178,7 @@ impl Function for MassStorage {
         if self.read_only {
             return Ok(());
         }
-        self.file.sync_data()
+        self.image.sync_data()
     }
 }
 
