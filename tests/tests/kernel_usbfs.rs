@@ -692,6 +692,124 @@ echo DONE
     );
 }
 
+/// An import that ends with URBs in flight on a real device: the server
+/// discards them (USBDEVFS_DISCARDURB) and waits, on its blocking pool and
+/// woken by the kernel rather than by a timer, until usbfs gave every one
+/// back; then the device is released, and a new import finds it working
+/// (none of the old, discarded INs takes the new data).
+#[test]
+fn kernel_usbfs_import_closed_with_urbs_in_flight_is_drained() {
+    let Some(guest) = kernel::require() else {
+        return;
+    };
+    let t0 = Instant::now();
+    const SIG: u16 = 5558;
+    const PENDING: usize = 8;
+    let script = PRELUDE.to_string()
+        + &format!(
+            r#"
+modprobe dummy_hcd
+{lb}
+lb=$(usbwire_udc_busid {udc})
+echo "LB=$lb"
+export USBWIRE_LOG=info,usbwire_host::backend=debug
+start_daemon
+usbip-rs bind -b "$lb"
+echo READY
+usbwire_wait_signal {sig} 120
+kill $DAEMON; wait $DAEMON || true
+echo DONE
+"#,
+            lb = gadget_loopback_sh("lb", DUMMY_UDC),
+            udc = DUMMY_UDC,
+            sig = SIG,
+        );
+    let g = with_our_tools(guest)
+        .script(&script)
+        .hostfwd(3240)
+        .hostfwd(SIG)
+        .timeout(Duration::from_secs(300))
+        .spawn()
+        .expect("spawn guest");
+    g.wait_for_output("READY\n", Duration::from_secs(200))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let lb = output_value(&g.output(), "LB=").to_string();
+    let addr = format!("127.0.0.1:{}", g.host_port(3240));
+    let rt = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // A runtime per import: dropping it closes the connection with the
+        // INs still queued on the device.
+        let pending = rt().block_on(async {
+            let dev = usbwire_client::import(&addr, &lb)
+                .await
+                .expect("import the Loopback gadget");
+            dev.set_configuration(1).await.expect("set configuration");
+            let cfg = dev.config_descriptor().await.expect("config descriptor");
+            let (ep_in, _) = bulk_endpoints(&cfg);
+            let ins: Vec<_> = (0..PENDING)
+                .map(|_| dev.submit(TransferRequest::bulk_in(ep_in, 512)))
+                .collect();
+            // The server takes a connection's URBs in order: once this
+            // control transfer is answered, the INs were submitted to usbfs.
+            dev.config_descriptor().await.expect("config descriptor");
+            (dev, ins)
+        });
+        drop(pending);
+        // Until the release is done, an import is refused as busy (the
+        // server waiting for it is another change): bounded retries.
+        rt().block_on(async {
+            let mut dev = None;
+            for _ in 0..100 {
+                match usbwire_client::import(&addr, &lb).await {
+                    Ok(d) => {
+                        dev = Some(d);
+                        break;
+                    }
+                    Err(usbwire_client::ClientError::ImportRefused {
+                        status: usbwire_proto::OpStatus::DevBusy,
+                        ..
+                    }) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Err(e) => panic!("re-import: {e}"),
+                }
+            }
+            let dev = dev.expect("the device came back after the drain");
+            dev.set_configuration(1).await.expect("set configuration");
+            let cfg = dev.config_descriptor().await.expect("config descriptor");
+            let (ep_in, ep_out) = bulk_endpoints(&cfg);
+            let msg = b"after the drain";
+            let read = dev.submit(TransferRequest::bulk_in(ep_in, 512));
+            assert_eq!(dev.bulk_out(ep_out, msg).await.expect("bulk OUT"), 15);
+            let c = tokio::time::timeout(Duration::from_secs(20), read)
+                .await
+                .expect("the new IN completes");
+            assert_eq!(c.status, Ok(()));
+            assert_eq!(c.data, msg);
+        });
+    }));
+    if checked.is_err() {
+        println!("--- guest output ---\n{}", g.output());
+    }
+    checked.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    g.signal(SIG, "go", Duration::from_secs(30))
+        .expect("signal the guest");
+    let text = finished(g.wait().expect("guest"), t0);
+    let drained = text
+        .lines()
+        .find(|l| l.contains("drained the URBs in flight"))
+        .expect("the server drained the first import's URBs");
+    println!("drain: {drained}");
+    assert!(
+        drained.contains(&format!("urbs={PENDING}")) && drained.contains("left=0"),
+        "all {PENDING} discarded URBs came back: {drained}"
+    );
+    assert!(!text.contains("did not give back every discarded URB"));
+}
+
 /// The busy checks against real drivers: a serial port (cdc-acm's
 /// /dev/ttyACM*) and a keyboard (usbhid's /dev/hidraw* and
 /// /dev/input/event*) that a process holds open are refused, naming the

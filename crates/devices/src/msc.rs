@@ -9,21 +9,31 @@
 //! data went out, a STALL) and the CSW carries the residue; a host/device
 //! length or direction conflict is a phase error.
 //!
-//! READ data is read straight into the IN buffer the server hands us and
-//! WRITE data written straight from the OUT buffer, so no transfer size
-//! costs an allocation or a copy.
+//! The image is read and written on the disk's own thread (see `disk`),
+//! never in `poll`: a slow image or a long `fdatasync` keeps the device's
+//! transfers `Pending`, not the thread that polls them, which serves other
+//! devices too. The one exception is READ data already in the page cache,
+//! read with `RWF_NOWAIT` straight into the IN buffer: no wait, no copy.
+//! Other READ data is read on the thread into one reused buffer, ahead of
+//! the host, and copied into the IN transfer; WRITE data is copied into it
+//! and written while the host moves on, the CSW waiting until the write
+//! (and a FUA or SYNCHRONIZE CACHE flush) is done, so that its status is
+//! the truth.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::task::{Context, Poll, Waker};
+use std::task::{ready, Context, Poll, Waker};
 
 use usbwire_proto::{Errno, SetupPacket, Speed};
 
 use crate::core::Function;
 use crate::descriptors::{self, Descriptors, DeviceDescriptor, TransferType};
+
+mod disk;
+use disk::{Disk, Finished, Side};
 
 /// Logical block size. 512 is what every host assumes of a USB stick, and
 /// what Windows needs to boot from or partition an image without surprises.
@@ -217,8 +227,11 @@ enum Exec {
 enum Io {
     Nothing,
     Reply,
-    Read { offset: u64 },
-    Write { offset: u64 },
+    /// From the disk's read window.
+    Read,
+    Write {
+        offset: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,11 +247,50 @@ enum Phase {
     Wedged,
 }
 
-/// A USB flash drive backed by a disk-image file.
+/// Where a mass-storage device keeps its blocks: a raw image file, or
+/// anything else that reads and writes at offsets (a test's image that
+/// holds its I/O until told to go on). Its reads, writes and syncs run on
+/// the disk's own I/O thread, so they may block; only
+/// [`DiskImage::read_at_nowait`] runs on the thread that polls the device.
+pub trait DiskImage: Send + Sync + 'static {
+    /// Reads into `buf` at `offset`; fewer bytes than asked, or 0 at the
+    /// end of the image, as `pread` does.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// Reads what can be read without waiting for the storage (what is in
+    /// the page cache), as `preadv2(RWF_NOWAIT)` does: `WouldBlock` when
+    /// that is not all of it (then `read_at` runs on the I/O thread), or
+    /// `Unsupported`. The default never tries.
+    fn read_at_nowait(&self, _buf: &mut [u8], _offset: u64) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+    /// Writes from `data` at `offset`; possibly fewer bytes, as `pwrite`.
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<usize>;
+    /// Makes every completed write durable (`fdatasync`).
+    fn sync_data(&self) -> io::Result<()>;
+}
+
+impl DiskImage for File {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        FileExt::read_at(self, buf, offset)
+    }
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        use rustix::io::{preadv2, ReadWriteFlags};
+        let mut bufs = [io::IoSliceMut::new(buf)];
+        Ok(preadv2(self, &mut bufs, offset, ReadWriteFlags::NOWAIT)?)
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<usize> {
+        FileExt::write_at(self, data, offset)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        File::sync_data(self)
+    }
+}
+
+/// A USB flash drive backed by a disk image.
 pub struct MassStorage {
     descriptors: Descriptors,
     bos: Option<Vec<u8>>,
-    file: File,
+    disk: Disk,
     read_only: bool,
     blocks: u64,
     bad_lbas: Option<Range<u64>>,
@@ -259,6 +311,8 @@ pub struct MassStorage {
     io: Io,
     /// FUA write: make it durable before the CSW reports success.
     sync_after_write: bool,
+    /// The command asked for a flush, which runs before its CSW goes.
+    sync_pending: bool,
     sense: Sense,
     /// Replies of the non-READ commands; a few dozen bytes, reused.
     reply: Vec<u8>,
@@ -432,8 +486,27 @@ impl MassStorage {
         }
         // Seeking to the end also sizes block devices, whose metadata says 0.
         let size = file.seek(SeekFrom::End(0))?;
+        let cfg = MscConfig {
+            serial: if cfg.serial.is_empty() {
+                derived_serial(path)
+            } else {
+                cfg.serial
+            },
+            ..cfg
+        };
+        Self::from_image(Box::new(file), size, cfg)
+    }
+
+    /// A drive on `image`, which holds `size` bytes (rounded down to whole
+    /// blocks, as in [`MassStorage::open`]). `cfg.serial` should be set:
+    /// there is no path to derive a stable one from.
+    pub fn from_image(
+        image: Box<dyn DiskImage>,
+        size: u64,
+        cfg: MscConfig,
+    ) -> io::Result<MassStorage> {
         let serial = if cfg.serial.is_empty() {
-            derived_serial(path)
+            "0".repeat(16)
         } else {
             cfg.serial.clone()
         };
@@ -443,7 +516,7 @@ impl MassStorage {
         Ok(MassStorage {
             descriptors,
             bos,
-            file,
+            disk: Disk::start(image)?,
             read_only: cfg.read_only,
             blocks: size / BLOCK_SIZE,
             bad_lbas: cfg.bad_lbas.filter(|r| !r.is_empty()),
@@ -458,6 +531,7 @@ impl MassStorage {
             dev_left: 0,
             io: Io::Nothing,
             sync_after_write: false,
+            sync_pending: false,
             sense: Sense::NONE,
             reply: Vec::with_capacity(256),
             reply_pos: 0,
@@ -545,10 +619,12 @@ impl MassStorage {
     /// Bulk-Only Mass Storage Reset, a port reset, or a new configuration.
     fn reset_protocol(&mut self) {
         self.io = Io::Nothing;
+        self.disk.abandon();
         self.host_left = 0;
         self.residue = 0;
         self.dev_left = 0;
         self.sync_after_write = false;
+        self.sync_pending = false;
         self.reply.clear();
         self.reply_pos = 0;
         self.sense = Sense::NONE;
@@ -577,6 +653,7 @@ impl MassStorage {
         self.host_left = u64::from(cbw.length);
         self.residue = self.host_left;
         self.sync_after_write = false;
+        self.sync_pending = false;
         self.reply.clear();
         self.reply_pos = 0;
         let host_dir = match (cbw.length, cbw.flags & 0x80 != 0) {
@@ -618,7 +695,11 @@ impl MassStorage {
                 let n = (self.reply.len() as u64).min(len);
                 (Io::Reply, n)
             }
-            Exec::Read { offset, len: l } => (Io::Read { offset }, l.min(len)),
+            Exec::Read { offset, len: l } => {
+                let n = l.min(len);
+                self.disk.begin_read(offset, n);
+                (Io::Read, n)
+            }
             Exec::Write {
                 offset,
                 len: l,
@@ -637,16 +718,57 @@ impl MassStorage {
         }
     }
 
-    /// The data phase is over: make a FUA write durable, then offer the CSW.
+    /// The data phase is over: the CSW follows once the writes are done
+    /// (and, after a FUA write, flushed).
     fn finish_data(&mut self) {
         if std::mem::take(&mut self.sync_after_write) {
-            if let Err(e) = self.file.sync_data() {
-                tracing::warn!(error = %e, "fdatasync after FUA write failed");
-                self.fail(Sense::write_error(None));
-            }
+            self.sync_pending = true;
+        }
+        if self.io == Io::Read {
+            self.disk.end_read();
         }
         self.io = Io::Nothing;
         self.set_phase(Phase::Status);
+    }
+
+    /// Applies what the disk finished to the command it was for.
+    fn apply(&mut self, f: Finished) {
+        match f {
+            Finished::Write(Err((at, e))) => self.write_failed(at, e),
+            Finished::Sync(Err(e)) => {
+                tracing::warn!(error = %e, "fdatasync of the disk image failed");
+                self.fail(Sense::write_error(None));
+            }
+            // A read's data or failure is in the disk's window.
+            Finished::Read | Finished::Stale | Finished::Write(Ok(())) | Finished::Sync(Ok(())) => {
+            }
+        }
+    }
+
+    /// Ready once the disk is idle, with what it finished applied.
+    fn poll_disk_idle(&mut self, side: Side, cx: &Context<'_>) -> Poll<()> {
+        // One operation at a time: at most one result to collect.
+        while let Some(f) = ready!(self.disk.poll_finished(side, cx)) {
+            self.apply(f);
+        }
+        Poll::Ready(())
+    }
+
+    /// Ready once the READ's window holds `want` bytes, or all it ever
+    /// will (a read failed), with the disk idle.
+    fn poll_disk_read(&mut self, want: usize, cx: &Context<'_>) -> Poll<()> {
+        // Each turn collects a read or starts one; two reads at most fill
+        // any window, the third turn finds it full.
+        for _ in 0..4 {
+            ready!(self.poll_disk_idle(Side::In, cx));
+            let have = self.disk.window().len();
+            if have >= want || self.disk.read_error().is_some() || self.disk.read_exhausted() {
+                return Poll::Ready(());
+            }
+            self.disk.read_more(want - have);
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 
     fn csw(&self) -> [u8; CSW_LEN] {
@@ -686,12 +808,12 @@ impl MassStorage {
                 // Nothing spins; but a host stopping the unit is about to
                 // unplug it, so this is the moment to be durable.
                 if cdb[4] & 0x01 == 0 {
-                    self.sync_or_fail();
+                    self.sync_before_csw();
                 }
                 Exec::Nothing
             }
             op::SYNCHRONIZE_CACHE_10 | op::SYNCHRONIZE_CACHE_16 => {
-                self.sync_or_fail();
+                self.sync_before_csw();
                 Exec::Nothing
             }
             op::READ_FORMAT_CAPACITIES => {
@@ -777,13 +899,11 @@ impl MassStorage {
         }
     }
 
-    fn sync_or_fail(&mut self) {
-        if self.read_only {
-            return;
-        }
-        if let Err(e) = self.file.sync_data() {
-            tracing::warn!(error = %e, "fdatasync of the disk image failed");
-            self.fail(Sense::write_error(None));
+    /// The command's CSW waits for an `fdatasync`; its failure fails the
+    /// command.
+    fn sync_before_csw(&mut self) {
+        if !self.read_only {
+            self.sync_pending = true;
         }
     }
 
@@ -880,76 +1000,19 @@ impl MassStorage {
         Exec::Reply
     }
 
-    /// Reads disk data for an IN transfer into `buf`. Returns how many bytes
-    /// the host gets; on an I/O error that is only the whole blocks before
-    /// the failing one, and the command fails with a medium error there.
-    fn read_disk(&mut self, offset: u64, buf: &mut [u8]) -> usize {
-        let mut done = 0;
-        let mut interrupted = 0;
-        let mut error = None;
-        while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
-                // The image shrank under us: those blocks are gone.
-                Ok(0) => {
-                    error = Some(io::Error::from(io::ErrorKind::UnexpectedEof));
-                    break;
-                }
-                Ok(k) => done += k,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted && interrupted < 16 => {
-                    interrupted += 1;
-                }
-                Err(e) => {
-                    error = Some(e);
-                    break;
-                }
-            }
-        }
-        if let Some(e) = error {
-            let lba = (offset + done as u64) / BLOCK_SIZE;
-            tracing::warn!(error = %e, lba, "read of the disk image failed");
-            self.fail(Sense::unrecovered_read(lba));
-            self.dev_left = 0;
-            // Only whole good blocks count as delivered.
-            return usize::try_from((lba * BLOCK_SIZE).saturating_sub(offset))
-                .unwrap_or(0)
-                .min(done);
-        }
-        done
-    }
-
-    /// Writes OUT data at `offset`. On failure the rest of the data phase
-    /// is discarded and the command fails with a medium error.
-    fn write_disk(&mut self, offset: u64, data: &[u8]) {
-        let mut done = 0;
-        let mut interrupted = 0;
-        while done < data.len() {
-            match self.file.write_at(&data[done..], offset + done as u64) {
-                Ok(0) => {
-                    self.write_failed(offset + done as u64, io::ErrorKind::WriteZero.into());
-                    return;
-                }
-                Ok(k) => done += k,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted && interrupted < 16 => {
-                    interrupted += 1;
-                }
-                Err(e) => {
-                    self.write_failed(offset + done as u64, e);
-                    return;
-                }
-            }
-        }
-    }
-
     fn write_failed(&mut self, at: u64, e: io::Error) {
         let lba = at / BLOCK_SIZE;
         tracing::warn!(error = %e, lba, "write to the disk image failed");
         self.fail(Sense::write_error(Some(lba)));
         self.dev_left = 0;
-        self.io = Io::Nothing;
+        if matches!(self.io, Io::Write { .. }) {
+            self.io = Io::Nothing;
+        }
         self.sync_after_write = false;
+        self.sync_pending = false;
     }
 
-    fn data_in(&mut self, buf: &mut [u8]) -> Poll<Result<usize, Errno>> {
+    fn data_in(&mut self, buf: &mut [u8], cx: &Context<'_>) -> Poll<Result<usize, Errno>> {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
@@ -972,11 +1035,21 @@ impl MassStorage {
                     None => 0,
                 }
             }
-            Io::Read { offset } => {
-                let n = self.read_disk(offset, &mut buf[..want]);
-                self.io = Io::Read {
-                    offset: offset + n as u64,
-                };
+            // Cached data comes at once, without a copy or a hop.
+            Io::Read if self.disk.read_now(&mut buf[..want]) => want,
+            Io::Read => {
+                ready!(self.poll_disk_read(want, cx));
+                let window = self.disk.window();
+                let n = window.len().min(want);
+                buf[..n].copy_from_slice(&window[..n]);
+                self.disk.consume(n);
+                if n < want {
+                    if let Some(at) = self.disk.read_error() {
+                        // Only the whole good blocks before it were delivered.
+                        self.fail(Sense::unrecovered_read(at / BLOCK_SIZE));
+                        self.dev_left = 0;
+                    }
+                }
                 n
             }
             Io::Nothing | Io::Write { .. } => 0,
@@ -995,17 +1068,20 @@ impl MassStorage {
         Poll::Ready(Ok(n))
     }
 
-    fn data_out(&mut self, data: &[u8]) -> Poll<Result<usize, Errno>> {
+    fn data_out(&mut self, data: &[u8], cx: &Context<'_>) -> Poll<Result<usize, Errno>> {
+        if matches!(self.io, Io::Write { .. }) {
+            // One buffer: the previous write must be done before this data
+            // is taken, and if it failed, the rest is discarded.
+            ready!(self.poll_disk_idle(Side::Out, cx));
+        }
         let take = (data.len() as u64).min(self.host_left) as usize;
         let for_device = (take as u64).min(self.dev_left) as usize;
         if let Io::Write { offset } = self.io {
             if for_device > 0 {
-                self.write_disk(offset, &data[..for_device]);
-                if let Io::Write { offset } = self.io {
-                    self.io = Io::Write {
-                        offset: offset + for_device as u64,
-                    };
-                }
+                self.disk.submit_write(offset, &data[..for_device]);
+                self.io = Io::Write {
+                    offset: offset + for_device as u64,
+                };
             }
         }
         // Bytes beyond what the command wants are read and thrown away
@@ -1080,12 +1156,18 @@ impl Function for MassStorage {
                 Self::park(&mut self.in_waker, cx);
                 Poll::Pending
             }
-            Phase::DataIn => self.data_in(buf),
+            Phase::DataIn => self.data_in(buf, cx),
             Phase::Status => {
                 if buf.len() < CSW_LEN {
                     // The 13-byte CSW does not fit: babble. The CSW stays
                     // for a retry with a proper buffer.
                     return Poll::Ready(Err(Errno::EOVERFLOW));
+                }
+                // The status reports the writes and the flush: both done.
+                ready!(self.poll_disk_idle(Side::In, cx));
+                if std::mem::take(&mut self.sync_pending) {
+                    self.disk.submit_sync();
+                    ready!(self.poll_disk_idle(Side::In, cx));
                 }
                 buf[..CSW_LEN].copy_from_slice(&self.csw());
                 self.set_phase(Phase::Idle);
@@ -1106,10 +1188,13 @@ impl Function for MassStorage {
         match self.phase {
             Phase::Wedged => Poll::Ready(Err(Errno::EPIPE)),
             Phase::Idle => {
+                // A command starts with the disk idle: what the last one
+                // left running (a read ahead it did not need) is done.
+                ready!(self.poll_disk_idle(Side::Out, cx));
                 self.handle_cbw(data);
                 Poll::Ready(Ok(data.len()))
             }
-            Phase::DataOut => self.data_out(data),
+            Phase::DataOut => self.data_out(data, cx),
             // A CBW before the CSW was read: NAK it, as a real device would.
             Phase::DataIn | Phase::Status => {
                 Self::park(&mut self.out_waker, cx);
@@ -1130,11 +1215,21 @@ impl Function for MassStorage {
         self.reset_protocol();
     }
 
+    /// Blocks until what was written is durable: the write under way
+    /// finishes, then an `fdatasync`.
     fn flush(&mut self) -> io::Result<()> {
+        if let Some(f) = self.disk.wait_finished() {
+            self.apply(f);
+        }
         if self.read_only {
             return Ok(());
         }
-        self.file.sync_data()
+        self.disk.submit_sync();
+        match self.disk.wait_finished() {
+            Some(Finished::Sync(r)) => r,
+            // Only the sync was under way.
+            _ => Ok(()),
+        }
     }
 }
 
@@ -1149,6 +1244,48 @@ mod tests {
 
     fn noop() -> Context<'static> {
         Context::from_waker(Waker::noop())
+    }
+
+    /// Wakes the test thread waiting in [`wait`].
+    #[derive(Default)]
+    struct Signal {
+        woken: std::sync::Mutex<bool>,
+        cv: std::sync::Condvar,
+    }
+
+    impl std::task::Wake for Signal {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            *self.woken.lock().unwrap() = true;
+            self.cv.notify_all();
+        }
+    }
+
+    /// Polls until ready, waiting for a wake-up in between, as an executor
+    /// would: a transfer waits for the disk's I/O thread, which wakes it.
+    /// One that stays pending without a wake-up fails the test.
+    fn wait<T>(mut poll: impl FnMut(&mut Context<'_>) -> Poll<T>) -> Poll<T> {
+        let signal = Arc::new(Signal::default());
+        let waker = Waker::from(signal.clone());
+        let mut cx = Context::from_waker(&waker);
+        for _ in 0..1000 {
+            if let Poll::Ready(r) = poll(&mut cx) {
+                return Poll::Ready(r);
+            }
+            let woken = signal.woken.lock().unwrap();
+            let (mut woken, t) = signal
+                .cv
+                .wait_timeout_while(woken, std::time::Duration::from_secs(30), |w| !*w)
+                .unwrap();
+            assert!(
+                !t.timed_out(),
+                "a transfer stayed pending without a wake-up"
+            );
+            *woken = false;
+        }
+        panic!("a transfer stayed pending through 1000 wake-ups");
     }
 
     /// xorshift64*: test data without a dependency.
@@ -1207,12 +1344,12 @@ mod tests {
 
     fn send_cbw(dev: &mut EmulatedDevice, tag: u32, length: u32, dir_in: bool, cdb: &[u8]) {
         let c = cbw(tag, length, dir_in, cdb);
-        assert_eq!(dev.poll_out(EP_OUT, &c, &mut noop()), Poll::Ready(Ok(31)));
+        assert_eq!(wait(|cx| dev.poll_out(EP_OUT, &c, cx)), Poll::Ready(Ok(31)));
     }
 
     fn bulk_in(dev: &mut EmulatedDevice, len: usize) -> Poll<Result<Vec<u8>, Errno>> {
         let mut buf = vec![0u8; len];
-        dev.poll_in(EP_IN, &mut buf, &mut noop()).map(|r| {
+        wait(|cx| dev.poll_in(EP_IN, &mut buf, cx)).map(|r| {
             r.map(|n| {
                 buf.truncate(n);
                 buf
@@ -1296,7 +1433,7 @@ mod tests {
         send_cbw(dev, tag, data.len() as u32, false, cdb);
         if !data.is_empty() {
             assert_eq!(
-                dev.poll_out(EP_OUT, data, &mut noop()),
+                wait(|cx| dev.poll_out(EP_OUT, data, cx)),
                 Poll::Ready(Ok(data.len()))
             );
         }
@@ -1491,7 +1628,7 @@ mod tests {
         let mut at = 0;
         for chunk in [512, 1536, 2048] {
             assert_eq!(
-                dev.poll_out(EP_OUT, &data2[at..at + chunk], &mut noop()),
+                wait(|cx| dev.poll_out(EP_OUT, &data2[at..at + chunk], cx)),
                 Poll::Ready(Ok(chunk))
             );
             at += chunk;
@@ -1572,11 +1709,14 @@ mod tests {
         let mut dev = device(&img, MscConfig::default());
         let mut bad = cbw(1, 0, false, &[0, 0, 0, 0, 0, 0]);
         bad[0] ^= 0xff;
-        assert_eq!(dev.poll_out(EP_OUT, &bad, &mut noop()), Poll::Ready(Ok(31)));
+        assert_eq!(
+            wait(|cx| dev.poll_out(EP_OUT, &bad, cx)),
+            Poll::Ready(Ok(31))
+        );
         assert_eq!(bulk_in(&mut dev, 13), Poll::Ready(Err(Errno::EPIPE)));
         let good = cbw(2, 0, false, &[0, 0, 0, 0, 0, 0]);
         assert_eq!(
-            dev.poll_out(EP_OUT, &good, &mut noop()),
+            wait(|cx| dev.poll_out(EP_OUT, &good, cx)),
             Poll::Ready(Err(Errno::EPIPE))
         );
         assert!(dev.is_halted(EP_IN) && dev.is_halted(EP_OUT));
@@ -1601,7 +1741,7 @@ mod tests {
         cb17[14] = 17;
         for c in [&good[..30], &lun1[..], &cb0[..], &cb17[..]] {
             assert_eq!(
-                dev.poll_out(EP_OUT, c, &mut noop()),
+                wait(|cx| dev.poll_out(EP_OUT, c, cx)),
                 Poll::Ready(Ok(c.len()))
             );
             assert_eq!(bulk_in(&mut dev, 13), Poll::Ready(Err(Errno::EPIPE)));
@@ -1791,7 +1931,7 @@ mod tests {
         // The host ending a write early with a short packet.
         send_cbw(&mut dev, 6, 1024, false, &write10(0, 2));
         assert_eq!(
-            dev.poll_out(EP_OUT, &[5u8; 100], &mut noop()),
+            wait(|cx| dev.poll_out(EP_OUT, &[5u8; 100], cx)),
             Poll::Ready(Ok(100))
         );
         assert_eq!(read_csw(&mut dev, 6), (924, CSW_PHASE_ERROR));
@@ -1861,8 +2001,277 @@ mod tests {
         send_cbw(&mut dev, 1, 4096, true, &read10(0, 8));
         assert_eq!(bulk_in(&mut dev, 512), Poll::Ready(Ok(block(0))));
         bot_reset(&mut dev);
-        assert_eq!(bulk_in(&mut dev, 512), Poll::Pending);
+        let mut buf = [0u8; 512];
+        assert_eq!(dev.poll_in(EP_IN, &mut buf, &mut noop()), Poll::Pending);
         assert_eq!(cmd_none(&mut dev, 2, &[0, 0, 0, 0, 0, 0]), CSW_GOOD);
+    }
+
+    /// An in-memory image with the contents of [`image`], whose reads,
+    /// writes or syncs fail at a chosen point, and whose reads can be held
+    /// until the test lets them go.
+    #[derive(Default)]
+    struct MemImage {
+        data: std::sync::Mutex<Vec<u8>>,
+        /// Reads of this byte fail (with EIO), and everything after it.
+        bad_read: Option<u64>,
+        bad_write: Option<u64>,
+        bad_sync: bool,
+        /// The bytes `read_at_nowait` finds "in the page cache".
+        cached: Option<Range<u64>>,
+        /// While set, reads wait; `held` counts those waiting.
+        hold: Hold,
+    }
+
+    impl MemImage {
+        fn new(blocks: u64) -> MemImage {
+            let data = (0..blocks * BLOCK_SIZE)
+                .map(|i| ((i / BLOCK_SIZE) * 7 + i % BLOCK_SIZE) as u8)
+                .collect();
+            MemImage {
+                data: std::sync::Mutex::new(data),
+                ..MemImage::default()
+            }
+        }
+
+        fn eio() -> io::Error {
+            io::Error::from_raw_os_error(libc::EIO)
+        }
+    }
+
+    impl DiskImage for MemImage {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+            let (lock, cv) = &*self.hold;
+            let mut h = lock.lock().unwrap();
+            if h.0 {
+                h.1 += 1;
+                cv.notify_all();
+                while h.0 {
+                    h = cv.wait(h).unwrap();
+                }
+                h.1 -= 1;
+            }
+            drop(h);
+            let data = self.data.lock().unwrap();
+            let mut end = (offset as usize + buf.len()).min(data.len());
+            if let Some(bad) = self.bad_read {
+                if bad <= offset {
+                    return Err(Self::eio());
+                }
+                end = end.min(bad as usize);
+            }
+            let n = end.saturating_sub(offset as usize);
+            buf[..n].copy_from_slice(&data[offset as usize..end]);
+            Ok(n)
+        }
+
+        fn write_at(&self, src: &[u8], offset: u64) -> io::Result<usize> {
+            let mut data = self.data.lock().unwrap();
+            let mut end = (offset as usize + src.len()).min(data.len());
+            if let Some(bad) = self.bad_write {
+                if bad <= offset {
+                    return Err(Self::eio());
+                }
+                end = end.min(bad as usize);
+            }
+            let n = end.saturating_sub(offset as usize);
+            data[offset as usize..end].copy_from_slice(&src[..n]);
+            Ok(n)
+        }
+
+        fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+            let Some(cached) = &self.cached else {
+                return Err(io::ErrorKind::Unsupported.into());
+            };
+            if !cached.contains(&offset) {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let data = self.data.lock().unwrap();
+            let end = (offset + buf.len() as u64).min(cached.end) as usize;
+            let n = end - offset as usize;
+            buf[..n].copy_from_slice(&data[offset as usize..end]);
+            Ok(n)
+        }
+
+        fn sync_data(&self) -> io::Result<()> {
+            if self.bad_sync {
+                return Err(Self::eio());
+            }
+            Ok(())
+        }
+    }
+
+    type Hold = Arc<(std::sync::Mutex<(bool, usize)>, std::sync::Condvar)>;
+
+    /// Waits until a read is held in the image.
+    fn wait_held(hold: &Hold) {
+        let (lock, cv) = &**hold;
+        let h = lock.lock().unwrap();
+        let (h, t) = cv
+            .wait_timeout_while(h, std::time::Duration::from_secs(30), |h| h.1 == 0)
+            .unwrap();
+        assert!(
+            !t.timed_out() && h.1 == 1,
+            "the read started on the disk thread"
+        );
+    }
+
+    fn release(hold: &Hold) {
+        hold.0.lock().unwrap().0 = false;
+        hold.1.notify_all();
+    }
+
+    fn mem_device(img: MemImage, blocks: u64) -> EmulatedDevice {
+        let cfg = MscConfig {
+            serial: "MEM".into(),
+            ..MscConfig::default()
+        };
+        let ms = MassStorage::from_image(Box::new(img), blocks * BLOCK_SIZE, cfg).unwrap();
+        let mut dev = EmulatedDevice::new(ms);
+        let set_config = SetupPacket {
+            request_type: 0x00,
+            request: 9,
+            value: 1,
+            index: 0,
+            length: 0,
+        };
+        assert_eq!(dev.control(&set_config, &[], &mut []), Ok(0));
+        dev
+    }
+
+    #[test]
+    fn a_failing_image_read_is_a_medium_error_at_its_block() {
+        let img = MemImage {
+            bad_read: Some(3 * 512 + 100),
+            ..MemImage::new(16)
+        };
+        let mut dev = mem_device(img, 16);
+        // Blocks 0..3 arrive; block 3 failed partway, so it does not.
+        let (d, residue, status, stalled) = cmd_in(&mut dev, 1, 8 * 512, &read10(0, 8));
+        assert!(!stalled);
+        assert!(d == (0..3).flat_map(block).collect::<Vec<_>>());
+        assert_eq!((residue, status), (5 * 512, CSW_FAILED));
+        assert_eq!(sense(&mut dev), (0x03, 0x11, 0x00, Some(3)));
+        // Starting on the failing block: no data, the IN stalls.
+        let (d, residue, status, stalled) = cmd_in(&mut dev, 2, 1024, &read10(3, 2));
+        assert!(d.is_empty() && stalled);
+        assert_eq!((residue, status), (1024, CSW_FAILED));
+        assert_eq!(sense(&mut dev), (0x03, 0x11, 0x00, Some(3)));
+        // Before it, all is well.
+        let (d, _, status, _) = cmd_in(&mut dev, 3, 1024, &read10(1, 2));
+        assert_eq!(status, CSW_GOOD);
+        assert!(d == (1..3).flat_map(block).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_failing_image_write_or_sync_fails_the_command() {
+        let img = MemImage {
+            bad_write: Some(5 * 512),
+            ..MemImage::new(16)
+        };
+        let mut dev = mem_device(img, 16);
+        let data = Rng(3).bytes(4 * 512);
+        // The OUT data is taken at once; the failure is in the CSW.
+        assert_eq!(cmd_out(&mut dev, 1, &data, &write10(4, 4)).1, CSW_FAILED);
+        assert_eq!(sense(&mut dev), (0x03, 0x0c, 0x00, Some(5)));
+        // Block 4 was written before the failure.
+        let (d, _, _, _) = cmd_in(&mut dev, 2, 512, &read10(4, 1));
+        assert!(d == data[..512]);
+        // Writes elsewhere still work.
+        assert_eq!(cmd_out(&mut dev, 3, &data, &write10(0, 4)), (0, CSW_GOOD));
+
+        let img = MemImage {
+            bad_sync: true,
+            ..MemImage::new(16)
+        };
+        let mut dev = mem_device(img, 16);
+        let sync = [0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(cmd_none(&mut dev, 4, &sync), CSW_FAILED);
+        assert_eq!(sense(&mut dev), (0x03, 0x0c, 0x00, None));
+        // A FUA write flushes before its CSW, and fails with the flush.
+        let mut fua = write10(0, 1);
+        fua[1] = 0x08;
+        assert_eq!(cmd_out(&mut dev, 5, &data[..512], &fua).1, CSW_FAILED);
+        assert_eq!(sense(&mut dev), (0x03, 0x0c, 0x00, None));
+        assert!(dev.flush().is_err(), "flush reports the failed fdatasync");
+    }
+
+    #[test]
+    fn disk_io_runs_off_the_polling_thread_and_wakes_the_transfer() {
+        let img = MemImage::new(16);
+        let hold = img.hold.clone();
+        hold.0.lock().unwrap().0 = true;
+        let mut dev = mem_device(img, 16);
+        send_cbw(&mut dev, 1, 1024, true, &read10(2, 2));
+        // The read is held in the image: the IN transfer is pending, and
+        // polling it again does not block either.
+        let signal = Arc::new(Signal::default());
+        let waker = Waker::from(signal.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut buf = vec![0u8; 1024];
+        assert_eq!(dev.poll_in(EP_IN, &mut buf, &mut cx), Poll::Pending);
+        wait_held(&hold);
+        assert_eq!(dev.poll_in(EP_IN, &mut buf, &mut cx), Poll::Pending);
+        assert!(!*signal.woken.lock().unwrap());
+        // Let go, the disk thread finishes the read and wakes the transfer.
+        release(&hold);
+        let woken = signal.woken.lock().unwrap();
+        let (woken, _) = signal
+            .cv
+            .wait_timeout_while(woken, std::time::Duration::from_secs(30), |w| !*w)
+            .unwrap();
+        assert!(*woken, "the waiting transfer was woken");
+        drop(woken);
+        assert_eq!(dev.poll_in(EP_IN, &mut buf, &mut cx), Poll::Ready(Ok(1024)));
+        assert!(buf == (2..4).flat_map(block).collect::<Vec<_>>());
+        assert_eq!(read_csw(&mut dev, 1), (0, CSW_GOOD));
+    }
+
+    #[test]
+    fn cached_reads_come_at_once_and_the_rest_from_the_disk_thread() {
+        let img = MemImage {
+            cached: Some(0..4 * 512),
+            ..MemImage::new(16)
+        };
+        let hold = img.hold.clone();
+        hold.0.lock().unwrap().0 = true;
+        let mut dev = mem_device(img, 16);
+        // Cached: the data is there on the first poll, reads held or not.
+        send_cbw(&mut dev, 1, 1024, true, &read10(1, 2));
+        let mut buf = vec![0u8; 1024];
+        assert_eq!(
+            dev.poll_in(EP_IN, &mut buf, &mut noop()),
+            Poll::Ready(Ok(1024))
+        );
+        assert!(buf == (1..3).flat_map(block).collect::<Vec<_>>());
+        assert_eq!(read_csw(&mut dev, 1), (0, CSW_GOOD));
+        // Partly cached: all of it comes from the disk thread.
+        send_cbw(&mut dev, 2, 2048, true, &read10(2, 4));
+        let mut buf = vec![0u8; 2048];
+        assert_eq!(dev.poll_in(EP_IN, &mut buf, &mut noop()), Poll::Pending);
+        wait_held(&hold);
+        release(&hold);
+        assert_eq!(
+            bulk_in(&mut dev, 2048),
+            Poll::Ready(Ok((2..6).flat_map(block).collect()))
+        );
+        assert_eq!(read_csw(&mut dev, 2), (0, CSW_GOOD));
+    }
+
+    #[test]
+    fn a_reset_during_a_read_drops_its_result() {
+        let img = MemImage::new(16);
+        let hold = img.hold.clone();
+        hold.0.lock().unwrap().0 = true;
+        let mut dev = mem_device(img, 16);
+        send_cbw(&mut dev, 1, 1024, true, &read10(2, 2));
+        let mut buf = vec![0u8; 1024];
+        assert_eq!(dev.poll_in(EP_IN, &mut buf, &mut noop()), Poll::Pending);
+        wait_held(&hold);
+        bot_reset(&mut dev);
+        release(&hold);
+        // The next command waits for the abandoned read, then runs alone.
+        let (d, residue, status, _) = cmd_in(&mut dev, 2, 512, &read10(9, 1));
+        assert_eq!((d, residue, status), (block(9), 0, CSW_GOOD));
     }
 
     #[test]

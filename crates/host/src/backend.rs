@@ -26,6 +26,9 @@ use crate::usbfs::{self, Transfer, Usbfs};
 pub const MAX_ACTIVE_BULK: usize = 32;
 /// URBs of one isochronous endpoint kept in flight at once.
 pub const MAX_ACTIVE_ISO: usize = 8;
+/// How long the end of an import waits for the kernel to give back the
+/// URBs it discarded; a host controller normally does within milliseconds.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Maps a usbfs/ioctl error to the errno an importer should see.
 pub fn errno_of(e: &io::Error) -> Errno {
@@ -478,19 +481,49 @@ impl UsbfsBackend {
         Completion::Ran { actual, error }
     }
 
-    /// Discards every URB in flight and waits (bounded) until the kernel
-    /// gave them all back.
+    /// Discards every URB in flight and waits, bounded by [`DRAIN_TIMEOUT`],
+    /// until the kernel gave them all back: woken by the kernel as each
+    /// comes back (poll(2)), so it ends as soon as the last one has. It
+    /// blocks, so it runs only where that is allowed: `release` (on the
+    /// server's blocking pool), `reset` and the drop, never in `poll_urb`.
     fn drain(&mut self) {
+        let discarded = self.dev.inflight_len();
         for id in self.dev.inflight_ids() {
             let _ = self.dev.discard(id);
         }
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while self.dev.inflight_len() > 0 && Instant::now() < deadline {
+        let start = Instant::now();
+        let deadline = start + DRAIN_TIMEOUT;
+        loop {
             self.reap_all();
-            if self.gone && self.dev.inflight_len() > 0 {
+            if self.dev.inflight_len() == 0 || self.gone {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(2));
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                warn!(
+                    busid = %self.sys.busid,
+                    urbs = self.dev.inflight_len(),
+                    "the kernel did not give back every discarded URB in {DRAIN_TIMEOUT:?}"
+                );
+                break;
+            }
+            match self.dev.wait_reapable(left) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    warn!(busid = %self.sys.busid, "waiting for discarded URBs failed: {e}");
+                    break;
+                }
+            }
+        }
+        if discarded > 0 {
+            debug!(
+                busid = %self.sys.busid,
+                urbs = discarded,
+                left = self.dev.inflight_len(),
+                waited_us = start.elapsed().as_micros() as u64,
+                "drained the URBs in flight"
+            );
         }
         self.done.clear();
         self.in_flight.clear();

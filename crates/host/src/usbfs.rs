@@ -18,6 +18,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -373,6 +374,25 @@ impl Usbfs {
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
         }
+    }
+
+    /// Blocks until URBs may be reapable, the device is gone, or `timeout`
+    /// has passed, with poll(2): for a thread that may block (an import's
+    /// drain runs on the blocking pool), never a runtime's worker. Returns
+    /// whether the descriptor became ready.
+    pub fn wait_reapable(&self, timeout: Duration) -> io::Result<bool> {
+        // POLLOUT: a completed URB waits (usbdev_poll); POLLHUP and POLLERR,
+        // a device gone, come whether asked for or not.
+        let mut p = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // Rounded up: a wait cut to 0 ms would spin until the deadline.
+        let ms = timeout.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: one valid pollfd that outlives the call.
+        let n = cvt(unsafe { libc::poll(&mut p, 1, ms) })?;
+        Ok(n > 0)
     }
 
     /// Leaves the runtime whose reactor watches the descriptor. Each import

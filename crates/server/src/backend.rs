@@ -97,9 +97,11 @@ pub trait Backend: Send + 'static {
     fn reset(&mut self);
 
     /// The importer went away: back to a state a new importer expects.
+    /// It may block (drain a real device, flush a disk): the server calls
+    /// it on its blocking pool, never where URBs are polled.
     fn release(&mut self);
 
-    /// Makes acknowledged writes durable.
+    /// Makes acknowledged writes durable; blocks until they are.
     fn flush(&mut self) -> io::Result<()>;
 }
 

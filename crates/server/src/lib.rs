@@ -160,9 +160,23 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub fn release(&self, busid: &str, conn: u64, mut backend: Box<dyn Backend>) {
-        backend.release();
-        self.registry.release(busid, conn, backend);
+    /// Puts the device back in the registry once `Backend::release` has
+    /// readied it for the next importer. That may block (a usbfs drain
+    /// waits for the kernel, a disk flushes its image), so it runs on the
+    /// blocking pool, never on the worker thread that serves other imports;
+    /// the device is back the moment it is done.
+    pub async fn release(self: &Arc<Self>, busid: &str, conn: u64, mut backend: Box<dyn Backend>) {
+        let shared = self.clone();
+        let slot = busid.to_string();
+        let released = tokio::task::spawn_blocking(move || {
+            backend.release();
+            shared.registry.release(&slot, conn, backend);
+        })
+        .await;
+        if let Err(e) = released {
+            // The device stays marked imported: nothing can use it safely.
+            error!(conn, %busid, "releasing the device failed: {e}");
+        }
     }
 }
 

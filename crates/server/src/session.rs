@@ -100,14 +100,14 @@ pub(crate) async fn serve(
             }
             .encode(&mut out);
             if let Err(e) = stream.write_all(&out).await {
-                shared.release(&busid, conn, backend);
+                shared.release(&busid, conn, backend).await;
                 return Err(e.into());
             }
             info!(conn, %busid, "imported");
             let mut s = Session::new(shared.clone(), backend, rbuf, &stream, &busid);
             let r = s.run(&stream, &mut shutdown).await;
             let backend = s.into_backend();
-            shared.release(&busid, conn, backend);
+            shared.release(&busid, conn, backend).await;
             info!(conn, %busid, "released");
             r
         }
