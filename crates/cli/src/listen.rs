@@ -207,7 +207,7 @@ pub fn take_ready_fd(fd: RawFd, inherited: usize) -> Result<File, ListenError> {
     }
     fcntl(fd, FcntlArg::F_GETFD).map_err(|e| {
         problem(format!(
-            "not open ({e}); the parent must pass it, e.g. `usbipd --ready-fd 3 3>pipe`"
+            "not open ({e}); the parent must leave it open for usbipd, e.g. `--ready-fd 3 3>&1`"
         ))
     })?;
     if fd <= 2 {
