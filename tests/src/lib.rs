@@ -1,5 +1,6 @@
 //! Test support shared by the cross-crate and kernel tests in `tests/tests/`.
 
+pub mod activation;
 pub mod daemon;
 pub mod kernel;
 pub mod support;

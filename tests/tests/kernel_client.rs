@@ -346,13 +346,12 @@ fn our_attach_port_detach_and_list_match_the_c_tool() {
         ),
     )
     .unwrap();
-    let port = kernel::free_port();
     let daemon = Usbipd::start(
         &kernel::cargo_bin("usbipd"),
         &["--config", config.to_str().unwrap()],
-        port,
         dir.path(),
     );
+    let port = daemon.port;
     let script = format!(
         r#"set -e
 modprobe vhci-hcd
@@ -427,13 +426,12 @@ fn eight_concurrent_attaches_all_succeed_five_times() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("usbipd.toml");
     std::fs::write(&config, "[[device]]\nkind = \"test\"\n".repeat(8)).unwrap();
-    let port = kernel::free_port();
     let daemon = Usbipd::start(
         &kernel::cargo_bin("usbipd"),
         &["--config", config.to_str().unwrap()],
-        port,
         dir.path(),
     );
+    let port = daemon.port;
     let script = format!(
         r#"set -e
 modprobe vhci-hcd

@@ -129,13 +129,12 @@ fn kernel_uses_our_disk_keyboard_and_serial_port() {
         ),
     )
     .unwrap();
-    let port = kernel::free_port();
     let mut daemon = Usbipd::start(
         &kernel::cargo_bin("usbipd"),
         &["--config", config.to_str().unwrap()],
-        port,
         dir.path(),
     );
+    let port = daemon.port;
 
     let script = GUEST_PRELUDE.replace("SERVER", &GUESTFWD_ADDR.to_string())
         + &format!(
@@ -311,13 +310,12 @@ fn daemon_killed_during_a_read_leaves_no_hang_and_a_consistent_image() {
         ),
     )
     .unwrap();
-    let port = kernel::free_port();
     let mut daemon = Usbipd::start(
         &kernel::cargo_bin("usbipd"),
         &["--config", config.to_str().unwrap()],
-        port,
         dir.path(),
     );
+    let port = daemon.port;
 
     let script = GUEST_PRELUDE.replace("SERVER", &GUESTFWD_ADDR.to_string())
         + &format!(

@@ -47,13 +47,12 @@ fn medium_error_is_a_clean_eio_without_reset_or_timeout() {
         ),
     )
     .unwrap();
-    let port = kernel::free_port();
     let daemon = Usbipd::start(
         &kernel::cargo_bin("usbipd"),
         &["--config", config.to_str().unwrap()],
-        port,
         dir.path(),
     );
+    let port = daemon.port;
 
     let script = format!(
         r#"set -e

@@ -167,13 +167,12 @@ fn usbtest_passes_through_usbwire_wherever_it_passes_on_a_local_gadget() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let port = kernel::free_port();
-    let mut daemon = Usbipd::start(&kernel::cargo_bin("usbipd"), &["--demo"], port, dir.path());
+    let mut daemon = Usbipd::start(&kernel::cargo_bin("usbipd"), &["--demo"], dir.path());
 
     let out = guest
         .script(&script())
         .host_binary(&runner, RUNNER_GUEST_PATH)
-        .guestfwd(port)
+        .guestfwd(daemon.addr().port())
         // Class drivers would claim the demo devices before usbtest could.
         .module_autoload(false)
         // usbtest's test 11 retries usb_unlink_urb without sleeping while vhci

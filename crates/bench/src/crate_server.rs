@@ -1,11 +1,12 @@
 //! The comparison server: the `usbip` crate (0.9, by jiegec) with a
 //! simulated vendor device whose interface has a bulk IN source (0x81)
 //! and a bulk OUT sink (0x02), written against its `UsbInterfaceHandler`.
-//! Runs in a child process (`usbwire-bench --serve-usbip-crate PORT`), so
-//! that its CPU time and memory are its own.
+//! Runs in a child process (`usbwire-bench --serve-usbip-crate`), so that
+//! its CPU time and memory are its own.
 
 use std::any::Any;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::io::Write;
+use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 
 use usbip::{
@@ -85,8 +86,11 @@ fn device(i: usize) -> UsbDevice {
     d
 }
 
-/// Serves `devices` devices on 127.0.0.1:`port` until killed.
-pub fn serve(port: u16, devices: usize) -> ! {
+/// Serves `devices` devices on an ephemeral port of 127.0.0.1 until killed;
+/// prints the address on stdout once it listens. The accept loop is
+/// `usbip::server`'s, on a listener bound here (that function binds a fixed
+/// address itself).
+pub fn serve(devices: usize) -> ! {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -94,8 +98,24 @@ pub fn serve(port: u16, devices: usize) -> ! {
     rt.block_on(async move {
         let devs = (0..devices.max(1)).map(device).collect();
         let server = Arc::new(UsbIpServer::new_simulated(devs));
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        usbip::server(addr, server).await;
-    });
-    std::process::exit(0)
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("binding 127.0.0.1:0");
+        let addr = listener.local_addr().expect("the listener's address");
+        let mut out = std::io::stdout();
+        writeln!(out, "{addr}")
+            .and_then(|_| out.flush())
+            .expect("writing the ready line");
+        loop {
+            match listener.accept().await {
+                Ok((mut socket, _)) => {
+                    let server = server.clone();
+                    tokio::spawn(async move {
+                        let _ = usbip::handler(&mut socket, server).await;
+                    });
+                }
+                Err(e) => eprintln!("usbip crate server: accept: {e}"),
+            }
+        }
+    })
 }

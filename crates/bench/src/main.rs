@@ -88,9 +88,10 @@ struct Args {
     /// The usbipd binary (default: next to this one).
     #[arg(long)]
     usbipd: Option<PathBuf>,
-    /// Internal: serve the usbip crate's device on 127.0.0.1:PORT.
+    /// Internal: serve the usbip crate's device on an ephemeral port of
+    /// 127.0.0.1, printed on stdout.
     #[arg(long, hide = true)]
-    serve_usbip_crate: Option<u16>,
+    serve_usbip_crate: bool,
     /// Internal: devices the usbip crate's server exports.
     #[arg(long, hide = true, default_value_t = 1)]
     crate_devices: usize,
@@ -769,8 +770,8 @@ fn targets(ctx: &Ctx, scale: &[scale::ScaleResult]) -> Vec<Value> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Some(port) = args.serve_usbip_crate {
-        crate_server::serve(port, args.crate_devices);
+    if args.serve_usbip_crate {
+        crate_server::serve(args.crate_devices);
     }
     match real_main(args) {
         Ok(true) => ExitCode::SUCCESS,

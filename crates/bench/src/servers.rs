@@ -1,23 +1,24 @@
 //! The servers under test, each a child process: usbwire's `usbipd` and
-//! this binary re-executed as the `usbip` crate's server.
+//! this binary re-executed as the `usbip` crate's server. Each binds an
+//! ephemeral port on 127.0.0.1 and prints its address on stdout once it
+//! serves; nothing guesses a port or polls one.
 
 use std::fs::File;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 pub struct ServerProc {
     pub name: &'static str,
     pub addr: SocketAddr,
     child: Option<Child>,
+    // Held open so that the server's stdout never becomes a broken pipe.
+    _stdout: Option<BufReader<ChildStdout>>,
     log: PathBuf,
-}
-
-/// A port that was free a moment ago.
-pub fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Finds `usbipd` next to this binary; if it is missing and we run under
@@ -63,41 +64,33 @@ pub fn find_usbipd(explicit: Option<&Path>) -> Result<PathBuf, String> {
 }
 
 impl ServerProc {
-    /// `usbipd --config FILE --listen 127.0.0.1 -t PORT`, logging to `log`.
+    /// `usbipd --config FILE --listen 127.0.0.1 -t 0 --ready-fd 1`, logging
+    /// to `log`.
     pub fn usbipd(exe: &Path, config: &Path, log: &Path) -> Result<ServerProc, String> {
-        let port = free_port().map_err(|e| e.to_string())?;
         let mut cmd = Command::new(exe);
         cmd.arg("--config")
             .arg(config)
-            .args(["--listen", "127.0.0.1", "-t", &port.to_string()])
+            .args(["--listen", "127.0.0.1", "-t", "0", "--ready-fd", "1"])
             // Per-connection log lines only; nothing per URB either way.
             .env("USBWIRE_LOG", "warn");
-        Self::spawn("usbwire", cmd, port, log)
+        Self::spawn("usbwire", cmd, log)
     }
 
     /// This binary as the `usbip` crate's server with `devices` devices.
     pub fn usbip_crate(devices: usize, log: &Path) -> Result<ServerProc, String> {
-        let port = free_port().map_err(|e| e.to_string())?;
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let mut cmd = Command::new(exe);
         cmd.args([
             "--serve-usbip-crate",
-            &port.to_string(),
             "--crate-devices",
             &devices.to_string(),
         ]);
-        Self::spawn("usbip-crate", cmd, port, log)
+        Self::spawn("usbip-crate", cmd, log)
     }
 
-    fn spawn(
-        name: &'static str,
-        mut cmd: Command,
-        port: u16,
-        log: &Path,
-    ) -> Result<ServerProc, String> {
-        let out = File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
-        let err = out.try_clone().map_err(|e| e.to_string())?;
-        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    fn spawn(name: &'static str, mut cmd: Command, log: &Path) -> Result<ServerProc, String> {
+        let err = File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(err);
         // If the bench dies (Ctrl-C, a kill), its servers die with it.
         // SAFETY: prctl is async-signal-safe; nothing else runs here.
         unsafe {
@@ -106,16 +99,20 @@ impl ServerProc {
                 Ok(())
             });
         }
-        let child = cmd
+        let mut child = cmd
             .spawn()
             .map_err(|e| format!("cannot start the {name} server: {e}"))?;
+        let stdout = child.stdout.take().ok_or("no stdout pipe")?;
         let mut p = ServerProc {
             name,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             child: Some(child),
+            _stdout: None,
             log: log.to_path_buf(),
         };
-        p.wait_ready(Duration::from_secs(30))?;
+        let (addr, stdout) = p.wait_ready(stdout, Duration::from_secs(30))?;
+        p.addr = addr;
+        p._stdout = Some(stdout);
         Ok(p)
     }
 
@@ -129,31 +126,48 @@ impl ServerProc {
         lines[lines.len().saturating_sub(10)..].join("\n")
     }
 
-    /// Until the port accepts a connection, or the child exits, or `limit`.
-    fn wait_ready(&mut self, limit: Duration) -> Result<(), String> {
-        let start = Instant::now();
-        while start.elapsed() < limit {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    self.child = None;
-                    return Err(format!(
-                        "the {} server exited at start ({status}); its log:\n{}",
-                        self.name,
-                        self.log_tail()
-                    ));
-                }
+    /// Until the server prints the address it serves on (its ready line),
+    /// or exits (end of its stdout), or `limit` passes.
+    fn wait_ready(
+        &mut self,
+        stdout: ChildStdout,
+        limit: Duration,
+    ) -> Result<(SocketAddr, BufReader<ChildStdout>), String> {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(stdout);
+            let mut line = String::new();
+            let got = r.read_line(&mut line).map(|_| line);
+            let _ = tx.send((got, r));
+        });
+        let (got, reader) = match rx.recv_timeout(limit) {
+            Ok(v) => v,
+            Err(_) => {
+                self.terminate();
+                return Err(format!(
+                    "the {} server did not report its address within {limit:?}; its log:\n{}",
+                    self.name,
+                    self.log_tail()
+                ));
             }
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
-                return Ok(());
+        };
+        let line = got.map_err(|e| format!("reading the {} server's stdout: {e}", self.name))?;
+        // The first address is 127.0.0.1:<port>, the only one it listens on.
+        match line.split_whitespace().next().map(str::parse::<SocketAddr>) {
+            Some(Ok(addr)) => Ok((addr, reader)),
+            _ => {
+                let status = self
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten());
+                self.terminate();
+                Err(format!(
+                    "the {} server exited at start or printed no address ({line:?}, exit status {status:?}); its log:\n{}",
+                    self.name,
+                    self.log_tail()
+                ))
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
-        Err(format!(
-            "the {} server did not listen on {} within {limit:?}; its log:\n{}",
-            self.name,
-            self.addr,
-            self.log_tail()
-        ))
     }
 
     /// Is it still running? (A crash during a workload shows here.)

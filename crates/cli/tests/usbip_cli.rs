@@ -164,7 +164,8 @@ fn attach_errors_say_what_went_wrong() {
     );
 
     vhci(&root, 1, 8, &[]);
-    let closed = free_port().to_string();
+    let (_reserved, closed) = refusing_port();
+    let closed = closed.to_string();
     let out = usbip(
         &root,
         &["-t", &closed, "attach", "-r", "127.0.0.1", "-b", "1-1"],

@@ -9,7 +9,8 @@
 //!   [`GuestOutput::output`]); the kernel log is the console on ttyS0
 //!   ([`GuestOutput::console`]).
 //! * Networking is qemu user mode with `restrict=on`; only explicit forwards exist:
-//!   [`Guest::hostfwd`] (host 127.0.0.1:<free port> -> guest port) and
+//!   [`Guest::hostfwd`] (host 127.0.0.1:<port qemu binds, chosen by the OS and read back
+//!   over QMP> -> guest port) and
 //!   [`Guest::guestfwd`] (guest 10.0.2.100:<port> -> host 127.0.0.1:<port>, via `socat`).
 //!
 //! ```no_run
@@ -27,6 +28,7 @@
 pub mod assets;
 pub mod cpio;
 pub mod gadget;
+mod qmp;
 pub mod usbtest;
 
 pub use assets::{shared_libs, Assets, GUEST_MODULES};
@@ -38,7 +40,9 @@ pub use gadget::{
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -219,14 +223,6 @@ fn shared_assets() -> Result<Arc<Assets>, HarnessError> {
     );
     *g = Some(a.clone());
     Ok(a)
-}
-
-/// A free TCP port on 127.0.0.1 (bound and released; a small race is possible).
-pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding 127.0.0.1:0")
 }
 
 /// A stripped copy of one of our binaries ([`cargo_bin`]), for the guest:
@@ -467,8 +463,9 @@ impl Guest {
         self
     }
 
-    /// Forward a free host port on 127.0.0.1 to `guest_port` (TCP); read the host port
-    /// with [`RunningGuest::host_port`].
+    /// Forward a host port on 127.0.0.1 to `guest_port` (TCP); read the host port
+    /// with [`RunningGuest::host_port`]. qemu binds port 0 (the OS picks a free one) and
+    /// the harness reads the port it got from qemu's monitor, so no port is guessed.
     pub fn hostfwd(mut self, guest_port: u16) -> Self {
         if !self.hostfwds.contains(&guest_port) {
             self.hostfwds.push(guest_port);
@@ -636,13 +633,18 @@ impl Guest {
         let output_path = dir.join("output.log");
         let stderr_path = dir.join("qemu-stderr.log");
 
-        let mut ports = BTreeMap::new();
         let mut netdev = String::from("user,id=n0,restrict=on,net=10.0.2.0/24");
         for gp in &self.hostfwds {
-            let hp = free_port();
-            ports.insert(*gp, hp);
-            netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{hp}-:{gp}"));
+            netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:0-:{gp}"));
         }
+        // qemu's monitor (QMP) on one end of a socket pair: it tells which ports the
+        // forwards got. Connected before qemu starts, so there is nothing to wait for
+        // but qemu's answer (or its exit, which ends the stream).
+        let qmp = if self.hostfwds.is_empty() {
+            None
+        } else {
+            Some(UnixStream::pair().map_err(io("creating the QMP socket pair"))?)
+        };
         if let Some(socat) = &socat {
             for f in &self.guestfwds {
                 netdev.push_str(&format!(
@@ -689,16 +691,29 @@ impl Guest {
             .arg(format!("file,id=out0,path={}", output_path.display()))
             .args(["-serial", "chardev:out0"])
             .args(["-netdev", &netdev])
-            .args(["-device", "virtio-net-pci,netdev=n0,romfile="])
-            .current_dir(&dir)
+            .args(["-device", "virtio-net-pci,netdev=n0,romfile="]);
+        let qemu_qmp_fd = qmp.as_ref().map(|(_, theirs)| theirs.as_raw_fd());
+        if let Some(fd) = qemu_qmp_fd {
+            cmd.arg("-chardev")
+                .arg(format!("socket,id=qmp0,fd={fd}"))
+                .args(["-mon", "chardev=qmp0,mode=control"]);
+        }
+        cmd.current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&stderr_path).map_err(io("creating qemu stderr log"))?)
             .process_group(0);
-        // SAFETY: prctl is async-signal-safe; no allocation in the closure.
+        // SAFETY: prctl and fcntl are async-signal-safe; no allocation in the closure.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                // qemu's end of the QMP pair keeps its number and loses only
+                // close-on-exec, in this child alone: no other child inherits it.
+                if let Some(fd) = qemu_qmp_fd {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
@@ -706,10 +721,10 @@ impl Guest {
         let child = cmd
             .spawn()
             .map_err(|e| HarnessError::QemuStart(format!("{}: {e}", qemu.display())))?;
-        Ok(RunningGuest {
+        let mut guest = RunningGuest {
             child: Mutex::new(Some(child)),
             tmp: Some(tmp),
-            ports,
+            ports: BTreeMap::new(),
             started,
             deadline: started + self.timeout,
             timeout: self.timeout,
@@ -718,7 +733,30 @@ impl Guest {
             stderr_path,
             boot_seen: Mutex::new(None),
             _slot: slot,
-        })
+        };
+        if let Some((ours, theirs)) = qmp {
+            drop(theirs);
+            let ports = match qmp::host_forwards(ours) {
+                Ok(got) => got,
+                Err(e) => {
+                    guest.kill_now();
+                    return Err(HarnessError::QemuStart(format!(
+                        "reading the host ports of the forwards from qemu's monitor: {e}\n{}",
+                        read_lossy(&guest.stderr_path)
+                    )));
+                }
+            };
+            for gp in &self.hostfwds {
+                if !ports.contains_key(gp) {
+                    guest.kill_now();
+                    return Err(HarnessError::QemuStart(format!(
+                        "qemu reports no host forward to guest port {gp}: {ports:?}"
+                    )));
+                }
+            }
+            guest.ports = ports;
+        }
+        Ok(guest)
     }
 }
 

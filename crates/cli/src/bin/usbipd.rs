@@ -1,6 +1,7 @@
 //! `usbipd`: the USB/IP server, flag-compatible with the C usbipd.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use tracing::{error, info};
 use usbwire_cli::config::Config;
 use usbwire_cli::control;
 use usbwire_cli::devices::{self, Exported};
+use usbwire_cli::listen::{self, ListenError, Listener, Origin};
 use usbwire_host::{Manager, Roots};
 use usbwire_server::{Registry, Server, ServerConfig};
 
@@ -26,12 +28,17 @@ struct Args {
     /// Listen on IPv6 only.
     #[arg(short = '6', long = "ipv6")]
     ipv6: bool,
-    /// TCP port to listen on.
+    /// TCP port to listen on; 0 takes an ephemeral port, reported once
+    /// ready (log, sd_notify STATUS=, --ready-fd).
     #[arg(short = 't', long = "tcp-port")]
     tcp_port: Option<u16>,
     /// Listen on this address only (may be repeated), e.g. 127.0.0.1.
     #[arg(long = "listen", value_name = "ADDR")]
     listen: Vec<IpAddr>,
+    /// Once serving, write the listening addresses and a newline to this
+    /// file descriptor, then close it (e.g. `--ready-fd 3 3>&1`).
+    #[arg(long = "ready-fd", value_name = "FD")]
+    ready_fd: Option<RawFd>,
     /// Run as a daemon in the background.
     #[arg(short = 'D', long = "daemon")]
     daemon: bool,
@@ -69,6 +76,10 @@ struct Args {
 const DEFAULT_STATE_FILE: &str = "/var/lib/usbwire/bindings.json";
 
 fn main() -> ExitCode {
+    // Taking the sockets a service manager passed clears LISTEN_* from the
+    // environment, which is sound only while this is the only thread.
+    // SAFETY: nothing has started another thread yet.
+    let inherited = unsafe { listen::take_inherited() };
     let args = Args::parse();
     let filter = if args.debug { "debug" } else { "info" };
     tracing_subscriber::fmt()
@@ -79,7 +90,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match real_main(args) {
+    match real_main(args, inherited) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");
@@ -89,7 +100,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn real_main(args: Args) -> Result<(), String> {
+fn real_main(args: Args, inherited: Result<Vec<Listener>, ListenError>) -> Result<(), String> {
+    let inherited = inherited.map_err(|e| e.to_string())?;
     if args.config.is_none() && !args.demo && args.no_control {
         return Err("nothing to export: pass --demo, or --config FILE listing devices".into());
     }
@@ -104,9 +116,28 @@ fn real_main(args: Args) -> Result<(), String> {
         .map_err(|e| format!("invalid configuration: {e}"))?;
     let port = args.tcp_port.or(config.server.tcp_port).unwrap_or(3240);
 
-    // Bind before daemonising, so that a port already in use is reported
-    // to the person who started us.
-    let listeners = bind(&args, port)?;
+    let ready_fd = args
+        .ready_fd
+        .map(|fd| listen::take_ready_fd(fd, inherited.len()))
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let listeners = if inherited.is_empty() {
+        // Bind before daemonising, so that a port already in use is
+        // reported to the person who started us.
+        bind(&args, port)?
+    } else {
+        if args.tcp_port.is_some() || !args.listen.is_empty() || args.ipv4 || args.ipv6 {
+            return Err(format!(
+                "the service manager passed {} listening socket(s) (LISTEN_FDS); \
+                 -t, --listen, -4 and -6 choose sockets to bind, so leave them out",
+                inherited.len()
+            ));
+        }
+        if config.server.tcp_port.is_some() {
+            info!("server.tcp_port is ignored: serving the sockets the service manager passed");
+        }
+        inherited
+    };
     let control = if args.no_control {
         None
     } else {
@@ -160,15 +191,18 @@ fn real_main(args: Args) -> Result<(), String> {
             exported.push(e);
         }
 
-        let listeners: Vec<TcpListener> = listeners
-            .into_iter()
-            .map(TcpListener::from_std)
-            .collect::<Result<_, _>>()
-            .map_err(|e| e.to_string())?;
-        for l in &listeners {
-            if let Ok(a) = l.local_addr() {
-                info!("listening on {a}");
+        let mut addrs = Vec::new();
+        let mut sockets = Vec::new();
+        for l in listeners {
+            match &l.origin {
+                Origin::Inherited { fd, name } => info!(
+                    "listening on {} (fd {fd} \"{name}\" from the service manager)",
+                    l.addr
+                ),
+                Origin::Bound => info!("listening on {}", l.addr),
             }
+            addrs.push(l.addr);
+            sockets.push(TcpListener::from_std(l.socket).map_err(|e| e.to_string())?);
         }
         let mut manager = None;
         let mut tasks = Vec::new();
@@ -190,7 +224,13 @@ fn real_main(args: Args) -> Result<(), String> {
             manager = Some((m, path));
         }
         let server = Server::new(registry, server_config).map_err(|e| e.to_string())?;
-        server.run(listeners, shutdown_signal()).await;
+        listen::announce_ready(&addrs, ready_fd);
+        server
+            .run(sockets, async {
+                shutdown_signal().await;
+                listen::announce_stopping();
+            })
+            .await;
         for t in &tasks {
             t.abort();
         }
@@ -211,7 +251,7 @@ fn real_main(args: Args) -> Result<(), String> {
     result
 }
 
-fn bind(args: &Args, port: u16) -> Result<Vec<std::net::TcpListener>, String> {
+fn bind(args: &Args, port: u16) -> Result<Vec<Listener>, String> {
     let addrs: Vec<(IpAddr, bool)> = if !args.listen.is_empty() {
         args.listen.iter().map(|a| (*a, a.is_ipv6())).collect()
     } else if args.ipv4 && !args.ipv6 {
@@ -225,35 +265,11 @@ fn bind(args: &Args, port: u16) -> Result<Vec<std::net::TcpListener>, String> {
             (Ipv6Addr::UNSPECIFIED.into(), true),
         ]
     };
-    let mut out = Vec::new();
-    let mut errors = Vec::new();
-    for (ip, v6only) in addrs {
-        let addr = SocketAddr::new(ip, port);
-        match listen(addr, v6only) {
-            Ok(l) => out.push(l),
-            Err(e) => errors.push(format!("cannot listen on {addr}: {e}")),
-        }
+    let (listeners, warnings) = listen::bind(&addrs, port).map_err(|e| e.to_string())?;
+    for w in warnings {
+        tracing::warn!("{w}");
     }
-    if out.is_empty() {
-        return Err(errors.join("; "));
-    }
-    for e in errors {
-        tracing::warn!("{e}");
-    }
-    Ok(out)
-}
-
-fn listen(addr: SocketAddr, v6only: bool) -> std::io::Result<std::net::TcpListener> {
-    use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    if addr.is_ipv6() {
-        s.set_only_v6(v6only)?;
-    }
-    s.set_reuse_address(true)?;
-    s.bind(&addr.into())?;
-    s.listen(1024)?;
-    s.set_nonblocking(true)?;
-    Ok(s.into())
+    Ok(listeners)
 }
 
 async fn shutdown_signal() {

@@ -1,94 +1,67 @@
 //! Running the real binaries in tests.
 #![allow(dead_code)]
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::ExitStatus;
 
-/// A port that was free a moment ago on 127.0.0.1.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use socket2::{Domain, Socket, Type};
+use usbwire_tests::daemon::Usbipd;
 
-/// A `usbipd` child process, killed on drop.
+/// A `usbipd` child process on a listener the test owns (passed by socket
+/// activation; see `usbwire_tests::daemon`), killed on drop.
 pub struct Daemon {
-    pub child: Child,
+    inner: Usbipd,
     pub port: u16,
     pub log: std::path::PathBuf,
 }
 
 impl Daemon {
-    /// Starts `usbipd ARGS --listen 127.0.0.1 -t PORT` and waits until it accepts.
+    /// Starts `usbipd ARGS` on a listener on 127.0.0.1 and returns once it
+    /// reports that it serves.
     pub fn start(args: &[&str], log_dir: &Path) -> Daemon {
-        let port = free_port();
-        let log = log_dir.join(format!("usbipd-{port}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_usbipd"))
-            .args(args)
-            .args(["--listen", "127.0.0.1", "-t", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawning usbipd");
-        let mut d = Daemon { child, port, log };
-        d.wait_ready();
-        d
+        let inner = Usbipd::start(Path::new(env!("CARGO_BIN_EXE_usbipd")), args, log_dir);
+        Daemon {
+            port: inner.port,
+            log: inner.log.clone(),
+            inner,
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("usbipd exited early ({status}):\n{}", self.log_text());
-            }
-            if TcpStream::connect(self.addr()).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("usbipd did not start listening:\n{}", self.log_text());
+        self.inner.addr()
     }
 
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.inner.log_text()
     }
 
     /// SIGTERM, then wait for a clean exit.
-    pub fn stop(mut self) -> std::process::ExitStatus {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::SIGTERM,
-        )
-        .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
+    pub fn stop(mut self) -> ExitStatus {
+        match self.inner.terminate() {
+            Some(s) => s,
+            None => panic!(
                 "usbipd did not exit after SIGTERM:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+                self.inner.log_text()
+            ),
         }
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A port on 127.0.0.1 that refuses connections for as long as the socket
+/// lives: bound, never listening, without SO_REUSEADDR, so no other socket
+/// can take the port meanwhile (unlike a port that was free a moment ago).
+pub fn refusing_port() -> (Socket, u16) {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("a TCP socket");
+    s.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())
+        .expect("binding 127.0.0.1:0");
+    let port = s
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("a bound address")
+        .port();
+    (s, port)
 }
 
 /// The path of a peer binary, or `None` with a note. Under CI a missing
