@@ -926,3 +926,199 @@ echo DONE
     );
     assert_eq!(line("HID-DRIVER-AFTER-UNBIND="), "usbhid");
 }
+
+/// usbipd's log lines in the guest output, in time order.
+fn log_lines(text: &str) -> Vec<&str> {
+    let mut lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.len() > 27 && l.as_bytes()[10] == b'T' && l.contains(" INFO "))
+        .collect();
+    // RFC 3339 timestamps in UTC sort as text.
+    lines.sort();
+    lines
+}
+
+/// The time of day (UTC, in seconds) of a log line's timestamp,
+/// `2026-01-02T03:04:05.678901Z ...`.
+fn seconds_of_day(line: &str) -> f64 {
+    let hms = &line[11..26];
+    let h: f64 = hms[0..2].parse().unwrap();
+    let m: f64 = hms[3..5].parse().unwrap();
+    let s: f64 = hms[6..].parse().unwrap();
+    h * 3600.0 + m * 60.0 + s
+}
+
+/// Scripts written for the C tools detach and unbind at once; vhci closes
+/// the connection from a kernel thread after `usbip detach` has returned,
+/// so the unbind can arrive while the import is still ending. It must wait
+/// for it, every time. An active import is refused naming its client, and
+/// `--force` ends it the way the kernel's unbind does.
+#[test]
+fn kernel_usbfs_unbind_right_after_detach_and_unbind_force() {
+    let Some(guest) = kernel::require() else {
+        return;
+    };
+    let t0 = Instant::now();
+    let script = PRELUDE.to_string()
+        + &format!(
+            r#"
+modprobe dummy_hcd
+dd if=/dev/zero of=/tmp/disk.img bs=1M count=16 2>/dev/null
+{ms}
+busid=$(usbwire_udc_busid {udc})
+echo "BUSID=$busid"
+disk >/dev/null
+start_daemon
+driver_is() {{ [ "$(basename "$(readlink /sys/bus/usb/devices/$busid:1.0/driver)")" = "$1" ]; }}
+no_port() {{ ! usbip port 2>/dev/null | grep -q '^Port '; }}
+now_ms() {{ awk '{{ print int($1 * 1000) }}' /proc/uptime; }}
+
+echo "== detach, then unbind at once, 10 times"
+ok=0
+# Not i: the prelude's disk() uses it.
+for cycle in $(seq 1 10); do
+  usbip-rs bind -b "$busid"
+  no_disk
+  usbip attach -r 127.0.0.1 -b "$busid"
+  disk >/dev/null
+  usbip detach -p "$(port_of)"
+  if usbip-rs unbind -b "$busid" 2>/tmp/unbind.err; then
+    ok=$((ok + 1))
+  else
+    echo "UNBIND-AFTER-DETACH-FAILED $cycle: $(cat /tmp/unbind.err)"
+  fi
+  for n in $(seq 1 300); do driver_is usb-storage && break; sleep 0.1; done
+  driver_is usb-storage || {{ echo "NOT-BACK-ON-USB-STORAGE $cycle"; exit 21; }}
+  disk >/dev/null
+done
+echo "DETACH-UNBIND-OK=$ok"
+
+echo "== unbind of an active import"
+usbip-rs bind -b "$busid"
+no_disk
+usbip attach -r 127.0.0.1 -b "$busid"
+dev=$(disk)
+echo "CLIENT=$(netstat -tn | awk '$4 ~ /:3240$/ && $6 == "ESTABLISHED" {{ print $5 }}' | head -n 1)"
+if usbip-rs unbind -b "$busid" 2>/tmp/active.err; then echo "UNBOUND-AN-ACTIVE-IMPORT"; exit 22; fi
+echo "ACTIVE-REFUSED: $(cat /tmp/active.err)"
+usbip port | grep -q '^Port ' && echo "STILL-ATTACHED-AFTER-REFUSAL"
+
+echo "== unbind --force, with a reader on the imported disk"
+(n=0; while [ $n -lt 1000 ] && dd if="$dev" of=/dev/null bs=256k iflag=direct 2>/dev/null; do n=$((n + 1)); done) & READER=$!
+start=$(now_ms)
+echo "usbwire: unbind --force starts" > /dev/kmsg
+usbip-rs unbind --force -b "$busid" 2>/tmp/force.err
+echo "FORCE-UNBIND-MS=$(( $(now_ms) - start ))"
+echo "FORCE-WARNING: $(cat /tmp/force.err)"
+for n in $(seq 1 300); do no_port && break; sleep 0.1; done
+no_port || {{ echo "PORT-STILL-IN-USE"; usbip port; exit 23; }}
+echo "PORT-AFTER-FORCE: $(usbip port | tr '\n' ' ')"
+# When vhci saw the disconnect (its kernel log), on the clock of usbipd's
+# log: the wall clock and the uptime read in one process.
+echo "CLOCKS=$(adjtimex | awk '/tv_sec/ {{ s = $2 }} /tv_usec/ {{ u = $2 }} END {{ getline up < "/proc/uptime"; split(up, a, " "); printf "%d.%06d %s\n", s, u, a[1] }}')"
+stamp() {{ dmesg | grep "$1" | tail -n 1 | sed 's/^\[ *\([0-9.]*\)\].*/\1/'; }}
+echo "FORCE-START-UPTIME=$(stamp 'usbwire: unbind --force starts')"
+echo "VHCI-DISCONNECT-UPTIME=$(stamp 'vhci_hcd: disconnect device')"
+wait $READER || true
+echo "READER-ENDED"
+for n in $(seq 1 300); do driver_is usb-storage && break; sleep 0.1; done
+echo "DRIVER-AFTER-FORCE=$(basename "$(readlink /sys/bus/usb/devices/$busid:1.0/driver)")"
+echo "LOCAL-AFTER-FORCE=$(disk)"
+
+echo "== the daemon goes on serving"
+usbip-rs bind -b "$busid"
+usbip list -r 127.0.0.1 | grep -q "$busid" && echo "SERVED-AGAIN"
+usbip-rs unbind -b "$busid"
+kill $DAEMON; wait $DAEMON || true
+echo DONE
+"#,
+            ms = kernel::gadget_mass_storage_sh("ms", DUMMY_UDC, "/tmp/disk.img"),
+            udc = DUMMY_UDC,
+        );
+    let out = with_our_tools(guest)
+        .script(&script)
+        .timeout(Duration::from_secs(600))
+        .run()
+        .expect("guest run");
+    let text = finished(out, t0);
+    let line = |key: &str| output_value(&text, key).to_string();
+    assert!(
+        !text.contains("UNBIND-AFTER-DETACH-FAILED"),
+        "usbip unbind right after usbip detach failed"
+    );
+    assert_eq!(line("DETACH-UNBIND-OK="), "10");
+    // Whether an unbind arrived while the import was still being released
+    // depends on the guest's speed (starting `usbip-rs` in TCG takes about
+    // as long as the release); say how often the race was run.
+    let mut held = false;
+    let (mut unbinds, mut raced) = (0, 0);
+    for l in log_lines(&text) {
+        if l.contains("session: imported conn=") {
+            held = true;
+        } else if l.contains("session: released conn=") {
+            held = false;
+        } else if l.contains("control request: Unbind") && unbinds < 10 {
+            unbinds += 1;
+            raced += usize::from(held);
+        }
+    }
+    println!(
+        "{raced} of the {unbinds} unbinds after a detach arrived before usbipd had released \
+         the device"
+    );
+    let client = line("CLIENT=");
+    assert!(client.starts_with("127.0.0.1:"), "{client}");
+    let refused = line("ACTIVE-REFUSED: ");
+    assert!(
+        refused.contains(&format!("imported by {client}")) && refused.contains("EBUSY"),
+        "the refusal names the client {client}: {refused}"
+    );
+    assert!(refused.contains("--force"), "{refused}");
+    assert!(text.contains("STILL-ATTACHED-AFTER-REFUSAL"));
+    assert!(
+        line("FORCE-WARNING: ").contains(&format!(
+            "ended the import of {} by {client}",
+            line("BUSID=")
+        )),
+        "{}",
+        line("FORCE-WARNING: ")
+    );
+    // From the moment usbipd ended the import (its log line) to vhci's
+    // "disconnect device" (the kernel log), both on the guest's wall clock.
+    let ended_at = log_lines(&text)
+        .into_iter()
+        .find(|l| l.contains("ending the import: unbind --force"))
+        .map(seconds_of_day)
+        .expect("usbipd logged the forced end of the import");
+    let clocks: Vec<f64> = line("CLOCKS=")
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let vhci_uptime: f64 = line("VHCI-DISCONNECT-UPTIME=").parse().unwrap();
+    let vhci_at = (clocks[0] - (clocks[1] - vhci_uptime)) % 86_400.0;
+    // Seconds, across midnight if need be; the uptime has 10 ms steps.
+    let mut after = vhci_at - ended_at;
+    if after > 43_200.0 {
+        after -= 86_400.0;
+    } else if after < -43_200.0 {
+        after += 86_400.0;
+    }
+    let disconnect_ms = (after * 1000.0).round() as i64;
+    let force_start: f64 = line("FORCE-START-UPTIME=").parse().unwrap();
+    println!(
+        "unbind --force took {} ms; vhci saw the disconnect {} ms after the command started \
+         and {disconnect_ms} ms after usbipd ended the import",
+        line("FORCE-UNBIND-MS="),
+        ((vhci_uptime - force_start) * 1000.0).round(),
+    );
+    assert!(
+        // Below zero only by how the two clocks were read.
+        (-250..=2000).contains(&disconnect_ms),
+        "vhci saw the disconnect {disconnect_ms} ms after usbipd ended the import"
+    );
+    assert!(!line("PORT-AFTER-FORCE: ").contains("Port "));
+    assert!(text.contains("READER-ENDED"));
+    assert_eq!(line("DRIVER-AFTER-FORCE="), "usb-storage");
+    assert!(line("LOCAL-AFTER-FORCE=").starts_with("/dev/sd"));
+    assert!(text.contains("SERVED-AGAIN"));
+}

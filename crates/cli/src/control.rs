@@ -7,8 +7,8 @@
 //! ```text
 //! {"op":"bind","busid":"1-1","force":false}
 //! {"ok":true,"message":"bind device on busid 1-1: complete","warnings":[]}
-//! {"op":"unbind","busid":"1-1"}
-//! {"ok":false,"errno":"EBUSY","message":"1-1 is busy (EBUSY): /dev/sda1 is mounted on /mnt"}
+//! {"op":"unbind","busid":"1-1","force":false}
+//! {"ok":false,"errno":"EBUSY","message":"1-1 is imported by 10.0.0.2:40986 right now (EBUSY); ..."}
 //! {"op":"list"}
 //! {"ok":true,"message":"","bindings":[{"busid":"1-1","vendor":1317,"product":42149,"state":"exported"}]}
 //! ```
@@ -42,6 +42,9 @@ pub enum Request {
     },
     Unbind {
         busid: String,
+        /// End the device's import if a client holds it.
+        #[serde(default)]
+        force: bool,
     },
     List,
 }
@@ -83,10 +86,11 @@ pub fn handle(m: &Manager, req: Request) -> Response {
                 ..Default::default()
             },
         },
-        Request::Unbind { busid } => match m.unbind(&busid) {
-            Ok(()) => Response {
+        Request::Unbind { busid, force } => match m.unbind(&busid, force) {
+            Ok(warnings) => Response {
                 ok: true,
                 message: format!("unbind device on busid {busid}: complete"),
+                warnings,
                 ..Default::default()
             },
             Err(e) => Response {
@@ -289,13 +293,14 @@ pub async fn bind_command(socket: &Path, busid: &str, force: bool) -> i32 {
     )
 }
 
-/// `usbip unbind -b BUSID`.
-pub async fn unbind_command(socket: &Path, busid: &str) -> i32 {
+/// `usbip unbind -b BUSID [--force]`.
+pub async fn unbind_command(socket: &Path, busid: &str, force: bool) -> i32 {
     print_response(
         request(
             socket,
             &Request::Unbind {
                 busid: busid.into(),
+                force,
             },
         )
         .await,
@@ -342,6 +347,14 @@ mod tests {
                 force: false
             }
         );
+        // A `usbip` from before --force still asks for a plain unbind.
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"unbind","busid":"2-1"}"#).unwrap(),
+            Request::Unbind {
+                busid: "2-1".into(),
+                force: false
+            }
+        );
         assert!(serde_json::from_str::<Request>(r#"{"op":"format"}"#).is_err());
     }
 
@@ -379,6 +392,7 @@ mod tests {
             &path,
             &Request::Unbind {
                 busid: "9-9".into(),
+                force: false,
             },
         )
         .await

@@ -3,12 +3,13 @@
 
 use std::collections::HashMap;
 use std::fs;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tracing::{debug, info, warn};
-use usbwire_server::{Registry, RegistryError};
+use usbwire_server::{Registry, RegistryError, WaitBounds};
 
 use crate::backend::UsbfsBackend;
 use crate::busy::{self, Holder};
@@ -31,8 +32,15 @@ pub enum BindError {
     },
     #[error("{busid} is already bound and exported (EEXIST)")]
     AlreadyExported { busid: String },
-    #[error("{busid} is imported by a client right now (EBUSY); detach it first")]
-    Imported { busid: String },
+    #[error(
+        "{busid} is imported by {client} right now (EBUSY); detach it on that client, \
+         or end the import with `usbip unbind --force`"
+    )]
+    Imported { busid: String, client: SocketAddr },
+    #[error(
+        "{busid} is still being given back after the import by {client} ended (EBUSY); try again"
+    )]
+    Releasing { busid: String, client: SocketAddr },
     #[error(
         "{busid} is itself imported from a USB/IP server (vhci_hcd); it cannot be exported again"
     )]
@@ -59,9 +67,10 @@ impl BindError {
         match self {
             BindError::NotFound { .. } | BindError::NotBound { .. } => "ENODEV",
             BindError::Hub { .. } | BindError::Vhci { .. } => "EINVAL",
-            BindError::Busy { .. } | BindError::Imported { .. } | BindError::KernelStub { .. } => {
-                "EBUSY"
-            }
+            BindError::Busy { .. }
+            | BindError::Imported { .. }
+            | BindError::Releasing { .. }
+            | BindError::KernelStub { .. } => "EBUSY",
             BindError::AlreadyExported { .. } => "EEXIST",
             BindError::Again { .. } => "EAGAIN",
             BindError::Io(_) => "EIO",
@@ -200,19 +209,14 @@ impl Manager {
         let reservation = match self.registry.reserve(busid) {
             Ok(r) => r,
             Err(RegistryError::Exists(_)) => {
-                let imported = self
-                    .registry
-                    .all()
-                    .iter()
-                    .any(|(d, imp)| d.busid == busid && *imp);
-                return Err(if imported {
-                    BindError::Imported {
+                return Err(match self.registry.client_of(busid) {
+                    Some(client) => BindError::Imported {
                         busid: busid.into(),
-                    }
-                } else {
-                    BindError::AlreadyExported {
+                        client,
+                    },
+                    None => BindError::AlreadyExported {
                         busid: busid.into(),
-                    }
+                    },
                 });
             }
             Err(RegistryError::Busy(_)) => {
@@ -273,17 +277,36 @@ impl Manager {
     }
 
     /// Unbinds `busid`: stops exporting it, releases its interfaces and
-    /// lets the original drivers bind again.
-    pub fn unbind(&self, busid: &str) -> Result<(), BindError> {
+    /// lets the original drivers bind again. An import that is ending (its
+    /// client detached) is waited for; an active one is refused, or with
+    /// `force` ended first. Returns the warnings (what `force` ended).
+    pub fn unbind(&self, busid: &str, force: bool) -> Result<Vec<String>, BindError> {
+        // Waits without the manager's lock: binds and hotplug go on meanwhile.
+        let removed = self
+            .registry
+            .remove_when_free(busid, force, WaitBounds::default());
         let mut inner = self.lock();
-        match self.registry.remove(busid) {
-            Ok(backend) => {
-                drop(backend);
+        let mut warnings = Vec::new();
+        match removed {
+            Ok(removed) => {
+                if let Some(client) = removed.forced {
+                    let w = format!("--force: ended the import of {busid} by {client}");
+                    warn!("{w}");
+                    warnings.push(w);
+                }
+                drop(removed.backend);
                 inner.exported.remove(busid);
             }
-            Err(RegistryError::InUse(_)) => {
+            Err(RegistryError::InUse { client, .. }) => {
                 return Err(BindError::Imported {
                     busid: busid.into(),
+                    client,
+                })
+            }
+            Err(RegistryError::Releasing { client, .. }) => {
+                return Err(BindError::Releasing {
+                    busid: busid.into(),
+                    client,
                 })
             }
             Err(RegistryError::Busy(_)) => {
@@ -302,7 +325,7 @@ impl Manager {
         inner.state.remove(busid);
         self.save(&inner);
         info!("unbound {busid}");
-        Ok(())
+        Ok(warnings)
     }
 
     /// Every binding and its state.

@@ -26,7 +26,9 @@ use tracing::{debug, error, info, warn};
 use usbwire_proto::{DecodeError, Limits};
 
 pub use backend::{Backend, Completion, EmulatedBackend, Urb, UrbId};
-pub use registry::{Registry, RegistryError, Reservation};
+pub use registry::{
+    EndRequest, Importer, Registry, RegistryError, Removed, Reservation, WaitBounds,
+};
 
 /// Bounds and policies of a server. [`ServerConfig::validate`] refuses
 /// values that would let a client exhaust the machine.
@@ -50,6 +52,8 @@ pub struct ServerConfig {
     /// Threads that serve connections; 0 means one per CPU this process
     /// may run on.
     pub workers: usize,
+    /// How long an import waits for the device's previous import to end.
+    pub import_wait: WaitBounds,
 }
 
 impl Default for ServerConfig {
@@ -63,6 +67,7 @@ impl Default for ServerConfig {
             hold_floor: Duration::from_millis(20),
             hold_ceiling: Duration::from_secs(1),
             workers: 0,
+            import_wait: WaitBounds::default(),
         }
     }
 }
@@ -129,6 +134,18 @@ impl ServerConfig {
             self.hold_floor.as_millis() as u64,
             60_000,
         )?;
+        check(
+            "import_wait_close_ms",
+            self.import_wait.close.as_millis() as u64,
+            0,
+            60_000,
+        )?;
+        check(
+            "import_wait_release_ms",
+            self.import_wait.release.as_millis() as u64,
+            0,
+            600_000,
+        )?;
         Ok(())
     }
 
@@ -161,11 +178,13 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// Puts the device back in the registry once `Backend::release` has
-    /// readied it for the next importer. That may block (a usbfs drain
-    /// waits for the kernel, a disk flushes its image), so it runs on the
-    /// blocking pool, never on the worker thread that serves other imports;
-    /// the device is back the moment it is done.
+    /// readied it for the next importer. Waiters already know it is coming
+    /// ([`Registry::ending`]). Releasing may block (a usbfs drain waits for
+    /// the kernel, a disk flushes its image), so it runs on the blocking
+    /// pool, never on the worker thread that serves other imports; the
+    /// device is back the moment it is done.
     pub async fn release(self: &Arc<Self>, busid: &str, conn: u64, mut backend: Box<dyn Backend>) {
+        self.registry.ending(busid, conn);
         let shared = self.clone();
         let slot = busid.to_string();
         let released = tokio::task::spawn_blocking(move || {
@@ -174,7 +193,8 @@ impl Shared {
         })
         .await;
         if let Err(e) = released {
-            // The device stays marked imported: nothing can use it safely.
+            // The device stays marked as releasing, and waiters give up
+            // on it: nothing can use it safely.
             error!(conn, %busid, "releasing the device failed: {e}");
         }
     }

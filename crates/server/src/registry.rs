@@ -7,10 +7,26 @@
 //! a clean EAGAIN. Importing moves the backend out of the slot into the
 //! importing session, so no lock is held while URBs run; releasing moves it
 //! back.
+//!
+//! An import does not end at one instant: its client closes the connection,
+//! the session notices, and the device is reset before it is given back. A
+//! client that re-imports at once, or a script that runs `usbip unbind`
+//! right after `usbip detach`, arrives in the middle of that. So an import
+//! or unbind that finds the device imported waits, bounded by
+//! [`WaitBounds`], for the release instead of being refused: it is woken by
+//! the release itself, and it looks at the importer's socket to tell an
+//! import that is ending (the client's close has arrived, even if the
+//! session has not read that far) from one that is still in use.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::io;
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsFd;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
+use tokio::sync::{watch, Notify};
+use tracing::info;
 use usbwire_proto::{BusId, DeviceInfo, Errno, OpStatus};
 
 use crate::backend::Backend;
@@ -24,8 +40,10 @@ pub enum RegistryError {
     Busy(String),
     #[error("no exported device has bus id {0} (ENODEV)")]
     NotFound(String),
-    #[error("device {0} is imported by a client (EBUSY)")]
-    InUse(String),
+    #[error("device {busid} is imported by {client} (EBUSY)")]
+    InUse { busid: String, client: SocketAddr },
+    #[error("device {busid} is still being given back after the import by {client} ended (EBUSY)")]
+    Releasing { busid: String, client: SocketAddr },
     #[error("invalid bus id {0:?}: use the form BUS-PORT[.PORT...], at most 31 bytes")]
     BadBusid(String),
 }
@@ -36,7 +54,7 @@ impl RegistryError {
             RegistryError::Exists(_) => Errno::EEXIST,
             RegistryError::Busy(_) => Errno::EAGAIN,
             RegistryError::NotFound(_) => Errno::ENODEV,
-            RegistryError::InUse(_) => Errno::EBUSY,
+            RegistryError::InUse { .. } | RegistryError::Releasing { .. } => Errno::EBUSY,
             RegistryError::BadBusid(_) => Errno::EINVAL,
         }
     }
@@ -45,9 +63,94 @@ impl RegistryError {
     pub fn op_status(&self) -> OpStatus {
         match self {
             RegistryError::NotFound(_) | RegistryError::BadBusid(_) => OpStatus::NoDev,
-            RegistryError::InUse(_) | RegistryError::Busy(_) => OpStatus::DevBusy,
+            RegistryError::InUse { .. }
+            | RegistryError::Releasing { .. }
+            | RegistryError::Busy(_) => OpStatus::DevBusy,
             RegistryError::Exists(_) => OpStatus::Error,
         }
+    }
+}
+
+/// How long an import or an unbind waits for the device's current import
+/// to end before it is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaitBounds {
+    /// While the import still looks active. Its client may have closed it
+    /// already without the close having reached us: vhci closes the socket
+    /// from a kernel thread after `usbip detach` has returned, and on a
+    /// network the close and the new connection travel separately.
+    pub close: Duration,
+    /// From the moment the import is known to be ending: how long giving
+    /// the device back may take (a usbfs device discards its URBs, which
+    /// the kernel bounds at 2 s here, and is reset).
+    pub release: Duration,
+}
+
+impl Default for WaitBounds {
+    fn default() -> Self {
+        WaitBounds {
+            close: Duration::from_secs(1),
+            release: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The connection that holds an imported device.
+pub struct Importer {
+    conn: u64,
+    client: SocketAddr,
+    /// A second descriptor of the connection's socket, to see whether the
+    /// client has closed it without reading from it, and to shut it down
+    /// when the import is ended from outside. Dropped when the session
+    /// ends, so that it never keeps the connection open.
+    socket: TcpStream,
+    end: Arc<Notify>,
+}
+
+/// The session's half of an [`Importer`]: tells it to end the import.
+pub struct EndRequest(Arc<Notify>);
+
+impl EndRequest {
+    /// Resolves once someone asked the import to end: `unbind --force`, or
+    /// a waiter that saw the client's close before the session did.
+    pub async fn requested(&self) {
+        self.0.notified().await
+    }
+}
+
+impl Importer {
+    /// The importer of connection `conn` on `socket`.
+    pub fn new(conn: u64, socket: &impl AsFd) -> io::Result<(Importer, EndRequest)> {
+        let socket = TcpStream::from(socket.as_fd().try_clone_to_owned()?);
+        let client = socket.peer_addr()?;
+        let end = Arc::new(Notify::new());
+        Ok((
+            Importer {
+                conn,
+                client,
+                socket,
+                end: end.clone(),
+            },
+            EndRequest(end),
+        ))
+    }
+
+    pub fn client(&self) -> SocketAddr {
+        self.client
+    }
+
+    /// The client closed or reset the connection: no command can follow,
+    /// whatever the session has read so far.
+    fn client_closed(&self) -> bool {
+        crate::sys::peer_closed(self.socket.as_fd())
+    }
+
+    /// Ends the import as the kernel's stub does when unbound: the socket
+    /// is shut down (the client sees the disconnect now, whatever the
+    /// session is doing) and the session stops.
+    fn end(&self) {
+        let _ = self.socket.shutdown(Shutdown::Both);
+        self.end.notify_one();
     }
 }
 
@@ -55,8 +158,12 @@ enum SlotState {
     /// Reserved, not yet filled (or being removed).
     Transitional,
     Available(Box<dyn Backend>),
-    Imported {
+    Imported(Importer),
+    /// The import's session has ended; its backend is being reset and
+    /// comes back with [`Registry::release`].
+    Releasing {
         conn: u64,
+        client: SocketAddr,
     },
 }
 
@@ -65,10 +172,32 @@ struct Slot {
     state: SlotState,
 }
 
+type Map = BTreeMap<String, Slot>;
+
+struct Inner {
+    map: Mutex<Map>,
+    /// Wakes the waiters that block a thread (unbind) when a slot changes.
+    changed: Condvar,
+    /// Wakes the waiters that are tasks (imports) when a slot changes.
+    changes: watch::Sender<()>,
+}
+
 /// Shared handle to the registry.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Registry {
-    inner: Arc<Mutex<BTreeMap<String, Slot>>>,
+    inner: Arc<Inner>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            inner: Arc::new(Inner {
+                map: Mutex::new(BTreeMap::new()),
+                changed: Condvar::new(),
+                changes: watch::Sender::new(()),
+            }),
+        }
+    }
 }
 
 /// A reserved name. Dropping it without [`Reservation::commit`] frees the name.
@@ -90,6 +219,7 @@ impl Reservation {
             slot.info = info;
             slot.state = SlotState::Available(backend);
         }
+        self.registry.notify();
         self.done = true;
     }
 }
@@ -106,6 +236,7 @@ impl Drop for Reservation {
                 })
             ) {
                 map.remove(&self.busid);
+                self.registry.notify();
             }
         }
     }
@@ -125,16 +256,107 @@ pub fn valid_busid(busid: &str) -> bool {
             .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
+/// What a waiter does after looking at the slot.
+enum Turn {
+    /// The device is available: take it.
+    Take,
+    /// Look again at the next change, or at this instant.
+    Wait(Instant),
+    Refuse(RegistryError),
+}
+
+/// One import's or unbind's wait for the device's current import to end.
+struct Wait {
+    bounds: WaitBounds,
+    /// Ends an active import instead of waiting for its client (unbind --force).
+    force: bool,
+    close_deadline: Instant,
+    release_deadline: Option<Instant>,
+    /// Whether this waiter has asked the import to end (once is enough).
+    asked_end: bool,
+    /// The client whose import --force ended, to tell the user.
+    forced: Option<SocketAddr>,
+}
+
+impl Wait {
+    fn new(bounds: WaitBounds, force: bool) -> Wait {
+        Wait {
+            bounds,
+            force,
+            close_deadline: Instant::now() + bounds.close,
+            release_deadline: None,
+            asked_end: false,
+            forced: None,
+        }
+    }
+
+    fn turn(&mut self, busid: &str, slot: Option<&Slot>) -> Turn {
+        let Some(slot) = slot else {
+            return Turn::Refuse(RegistryError::NotFound(busid.to_string()));
+        };
+        let (client, ending) = match &slot.state {
+            SlotState::Transitional => return Turn::Refuse(RegistryError::Busy(busid.to_string())),
+            SlotState::Available(_) => return Turn::Take,
+            SlotState::Releasing { client, .. } => (*client, true),
+            SlotState::Imported(imp) => {
+                let closed = imp.client_closed();
+                if (closed || self.force) && !self.asked_end {
+                    // The session ends on the client's close by itself, but
+                    // not while it has stopped reading (commands fill the
+                    // in-flight bounds): telling it costs nothing.
+                    let why = if closed {
+                        "its client closed the connection"
+                    } else {
+                        self.forced = Some(imp.client);
+                        "unbind --force"
+                    };
+                    info!(conn = imp.conn, %busid, client = %imp.client, "ending the import: {why}");
+                    imp.end();
+                    self.asked_end = true;
+                }
+                (imp.client, closed || self.force)
+            }
+        };
+        let now = Instant::now();
+        if ending && self.release_deadline.is_none() {
+            self.release_deadline = Some(now + self.bounds.release);
+        }
+        let deadline = self.release_deadline.unwrap_or(self.close_deadline);
+        if now < deadline {
+            return Turn::Wait(deadline);
+        }
+        let busid = busid.to_string();
+        Turn::Refuse(if ending {
+            RegistryError::Releasing { busid, client }
+        } else {
+            RegistryError::InUse { busid, client }
+        })
+    }
+}
+
+/// A device taken out by [`Registry::remove_when_free`].
+pub struct Removed {
+    pub backend: Box<dyn Backend>,
+    /// The client whose import `force` ended, if it did.
+    pub forced: Option<SocketAddr>,
+}
+
 impl Registry {
     pub fn new() -> Self {
         Self::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Slot>> {
+    fn lock(&self) -> MutexGuard<'_, Map> {
         // A panic while holding this lock cannot leave a slot half-written
         // (every update is a single assignment), so a poisoned lock is safe
         // to keep using.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes every waiter to look at its slot again.
+    fn notify(&self) {
+        self.inner.changed.notify_all();
+        self.inner.changes.send_replace(());
     }
 
     /// Reserves a bus id.
@@ -172,45 +394,130 @@ impl Registry {
         Ok(())
     }
 
-    /// Removes an available device and returns its backend.
+    /// Removes an available device and returns its backend, at once.
     pub fn remove(&self, busid: &str) -> Result<Box<dyn Backend>, RegistryError> {
         let mut map = self.lock();
         let slot = map
             .get(busid)
             .ok_or_else(|| RegistryError::NotFound(busid.to_string()))?;
-        match slot.state {
-            SlotState::Transitional => return Err(RegistryError::Busy(busid.to_string())),
-            SlotState::Imported { .. } => return Err(RegistryError::InUse(busid.to_string())),
+        let busid_s = busid.to_string();
+        match &slot.state {
+            SlotState::Transitional => return Err(RegistryError::Busy(busid_s)),
+            SlotState::Imported(imp) => {
+                return Err(RegistryError::InUse {
+                    busid: busid_s,
+                    client: imp.client,
+                })
+            }
+            SlotState::Releasing { client, .. } => {
+                return Err(RegistryError::Releasing {
+                    busid: busid_s,
+                    client: *client,
+                })
+            }
             SlotState::Available(_) => {}
         }
-        match map.remove(busid).map(|s| s.state) {
+        let removed = map.remove(busid).map(|s| s.state);
+        self.notify();
+        match removed {
             Some(SlotState::Available(b)) => Ok(b),
             _ => unreachable!("checked above under the same lock"),
         }
     }
 
-    /// Takes a device for an importing connection. The bus id is compared
-    /// byte for byte: exported names are ASCII (`valid_busid`), so one that
-    /// is not UTF-8 names none of them.
-    pub fn import(
+    /// Removes a device once no import holds it. An import that is ending
+    /// is waited for, within `bounds`; an active one is refused naming its
+    /// client, or with `force` ended (its connection shut down, as the
+    /// kernel's stub does when unbound) and then waited for. Blocks the
+    /// calling thread while it waits.
+    pub fn remove_when_free(
+        &self,
+        busid: &str,
+        force: bool,
+        bounds: WaitBounds,
+    ) -> Result<Removed, RegistryError> {
+        let mut wait = Wait::new(bounds, force);
+        let mut map = self.lock();
+        loop {
+            match wait.turn(busid, map.get(busid)) {
+                Turn::Take => {
+                    let Some(SlotState::Available(backend)) = map.remove(busid).map(|s| s.state)
+                    else {
+                        unreachable!("Take is only returned for an available slot")
+                    };
+                    self.notify();
+                    return Ok(Removed {
+                        backend,
+                        forced: wait.forced,
+                    });
+                }
+                Turn::Refuse(e) => return Err(e),
+                Turn::Wait(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    map = self
+                        .inner
+                        .changed
+                        .wait_timeout(map, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
+
+    /// Takes a device for an importing connection. If another import holds
+    /// it, waits within `bounds` for that import to end (see the module
+    /// documentation); refused with the other client's address otherwise.
+    /// The bus id is compared byte for byte: exported names are ASCII
+    /// (`valid_busid`), so one that is not UTF-8 names none of them.
+    pub async fn import(
         &self,
         busid: &BusId,
-        conn: u64,
+        importer: Importer,
+        bounds: WaitBounds,
     ) -> Result<(DeviceInfo, Box<dyn Backend>), RegistryError> {
+        let Some(busid) = busid.as_str() else {
+            return Err(RegistryError::NotFound(busid.to_string()));
+        };
+        let mut wait = Wait::new(bounds, false);
+        loop {
+            // Subscribed before looking: a change made after the look wakes us.
+            let mut changes = self.inner.changes.subscribe();
+            let deadline = {
+                let mut map = self.lock();
+                match wait.turn(busid, map.get(busid)) {
+                    Turn::Take => {
+                        let slot = map
+                            .get_mut(busid)
+                            .expect("Take is only returned for a slot");
+                        let SlotState::Available(backend) =
+                            std::mem::replace(&mut slot.state, SlotState::Imported(importer))
+                        else {
+                            unreachable!("Take is only returned for an available slot")
+                        };
+                        return Ok((slot.info.clone(), backend));
+                    }
+                    Turn::Refuse(e) => return Err(e),
+                    Turn::Wait(deadline) => deadline,
+                }
+            };
+            // A change or the deadline: either way the slot is looked at again.
+            let _ = tokio::time::timeout_at(deadline.into(), changes.changed()).await;
+        }
+    }
+
+    /// The session of connection `conn` has ended: its device is on its way
+    /// back, and waiters may count on that.
+    pub fn ending(&self, busid: &str, conn: u64) {
         let mut map = self.lock();
-        let slot = busid
-            .as_str()
-            .and_then(|name| map.get_mut(name))
-            .ok_or_else(|| RegistryError::NotFound(busid.to_string()))?;
-        match std::mem::replace(&mut slot.state, SlotState::Imported { conn }) {
-            SlotState::Available(b) => Ok((slot.info.clone(), b)),
-            other => {
-                let err = match &other {
-                    SlotState::Transitional => RegistryError::Busy(busid.to_string()),
-                    _ => RegistryError::InUse(busid.to_string()),
-                };
-                slot.state = other;
-                Err(err)
+        if let Some(slot) = map.get_mut(busid) {
+            if let SlotState::Imported(imp) = &slot.state {
+                if imp.conn == conn {
+                    let client = imp.client;
+                    // Drops the importer's descriptor of the socket.
+                    slot.state = SlotState::Releasing { conn, client };
+                    self.notify();
+                }
             }
         }
     }
@@ -219,9 +526,24 @@ impl Registry {
     pub fn release(&self, busid: &str, conn: u64, backend: Box<dyn Backend>) {
         let mut map = self.lock();
         if let Some(slot) = map.get_mut(busid) {
-            if matches!(slot.state, SlotState::Imported { conn: c } if c == conn) {
+            let ours = match &slot.state {
+                SlotState::Imported(imp) => imp.conn == conn,
+                SlotState::Releasing { conn: c, .. } => *c == conn,
+                _ => false,
+            };
+            if ours {
                 slot.state = SlotState::Available(backend);
+                self.notify();
             }
+        }
+    }
+
+    /// The client that holds `busid`, if it is imported or being released.
+    pub fn client_of(&self, busid: &str) -> Option<SocketAddr> {
+        match &self.lock().get(busid)?.state {
+            SlotState::Imported(imp) => Some(imp.client),
+            SlotState::Releasing { client, .. } => Some(*client),
+            _ => None,
         }
     }
 
@@ -243,7 +565,10 @@ impl Registry {
             .map(|s| {
                 (
                     s.info.clone(),
-                    matches!(s.state, SlotState::Imported { .. }),
+                    matches!(
+                        s.state,
+                        SlotState::Imported(_) | SlotState::Releasing { .. }
+                    ),
                 )
             })
             .collect()
@@ -263,6 +588,17 @@ impl Registry {
             }
         }
         out
+    }
+
+    /// Puts back a backend taken by [`Registry::drain_available`].
+    pub fn restore(&self, busid: &str, backend: Box<dyn Backend>) {
+        let mut map = self.lock();
+        if let Some(slot) = map.get_mut(busid) {
+            if matches!(slot.state, SlotState::Transitional) {
+                slot.state = SlotState::Available(backend);
+                self.notify();
+            }
+        }
     }
 }
 
@@ -286,43 +622,256 @@ fn placeholder_info(busid: &str) -> DeviceInfo {
     }
 }
 
-impl Registry {
-    /// Puts back a backend taken by [`Registry::drain_available`].
-    pub fn restore(&self, busid: &str, backend: Box<dyn Backend>) {
-        let mut map = self.lock();
-        if let Some(slot) = map.get_mut(busid) {
-            if matches!(slot.state, SlotState::Transitional) {
-                slot.state = SlotState::Available(backend);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use usbwire_devices::testdev::TestDevice;
-    use usbwire_devices::EmulatedDevice;
-
     use super::*;
-    use crate::backend::EmulatedBackend;
+    use crate::backend::{Completion, Urb};
+    use std::io::Read;
+    use std::task::{Context, Poll};
+    use usbwire_devices::TransferType;
 
-    #[test]
-    fn import_matches_the_bus_id_byte_for_byte() {
-        let registry = Registry::new();
-        let backend = EmulatedBackend::new(EmulatedDevice::new(TestDevice::new()));
-        registry
-            .add(backend.device_info("1-1", 1, 2), Box::new(backend))
+    /// A backend that only says which one it is.
+    struct Marker(u16);
+
+    impl Backend for Marker {
+        fn device_info(&self, busid: &str, _: u32, _: u32) -> DeviceInfo {
+            let mut info = placeholder_info(busid);
+            info.id_product = self.0;
+            info
+        }
+        fn transfer_type(&self, _: u8) -> Option<TransferType> {
+            None
+        }
+        fn poll_urb(&mut self, _: &mut Urb, _: &mut Context<'_>) -> Poll<Completion> {
+            Poll::Ready(Completion::failed(Errno::EPIPE))
+        }
+        fn reset(&mut self) {}
+        fn release(&mut self) {}
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn marker_of(b: &dyn Backend) -> u16 {
+        b.device_info("1-1", 0, 0).id_product
+    }
+
+    fn registry_with(marker: u16) -> Registry {
+        let r = Registry::new();
+        let b = Box::new(Marker(marker));
+        r.add(b.device_info("1-1", 1, 2), b).unwrap();
+        r
+    }
+
+    /// A loopback connection: (client end, server end).
+    fn connection() -> (TcpStream, TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, _) = l.accept().unwrap();
+        (client, server)
+    }
+
+    const LONG: WaitBounds = WaitBounds {
+        close: Duration::from_secs(60),
+        release: Duration::from_secs(60),
+    };
+    const SHORT: WaitBounds = WaitBounds {
+        close: Duration::from_millis(50),
+        release: Duration::from_millis(50),
+    };
+
+    /// Imports 1-1 for connection `conn`: the client end, the server end and
+    /// the session's end request.
+    async fn import(
+        r: &Registry,
+        conn: u64,
+    ) -> (TcpStream, TcpStream, EndRequest, Box<dyn Backend>) {
+        let (client, server) = connection();
+        let (imp, end) = Importer::new(conn, &server).unwrap();
+        let (_, backend) = r.import(&BusId::from("1-1"), imp, SHORT).await.unwrap();
+        (client, server, end, backend)
+    }
+
+    /// Yields until a task waits for a change of the registry (bounded).
+    async fn until_someone_waits(r: &Registry) {
+        for _ in 0..100_000 {
+            if r.inner.changes.receiver_count() > 0 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("no import started waiting");
+    }
+
+    fn second_importer(conn: u64) -> (TcpStream, Importer) {
+        let (client, server) = connection();
+        let (imp, _end) = Importer::new(conn, &server).unwrap();
+        (client, imp)
+    }
+
+    #[tokio::test]
+    async fn an_import_waits_for_the_release_under_way_and_gets_the_device() {
+        let r = registry_with(7);
+        let (_c1, _s1, _end1, backend) = import(&r, 1).await;
+        r.ending("1-1", 1);
+        let (c2, imp2) = second_importer(2);
+        let waiter = tokio::spawn({
+            let r = r.clone();
+            async move {
+                r.import(&BusId::from("1-1"), imp2, LONG)
+                    .await
+                    .map(|(_, b)| marker_of(&*b))
+            }
+        });
+        until_someone_waits(&r).await;
+        assert!(
+            !waiter.is_finished(),
+            "the import did not wait for the release"
+        );
+        r.release("1-1", 1, backend);
+        assert_eq!(waiter.await.unwrap(), Ok(7));
+        assert_eq!(r.client_of("1-1"), Some(c2.local_addr().unwrap()));
+    }
+
+    #[tokio::test]
+    async fn an_active_import_is_refused_naming_its_client_when_the_wait_ends() {
+        let r = registry_with(7);
+        let (c1, _s1, end1, _backend) = import(&r, 1).await;
+        let client = c1.local_addr().unwrap();
+        let (_c2, imp2) = second_importer(2);
+        let e = r
+            .import(&BusId::from("1-1"), imp2, SHORT)
+            .await
+            .err()
             .unwrap();
+        assert_eq!(
+            e,
+            RegistryError::InUse {
+                busid: "1-1".into(),
+                client
+            }
+        );
+        assert!(e.to_string().contains(&client.to_string()), "{e}");
+        assert_eq!(e.op_status(), OpStatus::DevBusy);
+        assert_eq!(e.errno(), Errno::EBUSY);
+        let e = r.remove_when_free("1-1", false, SHORT).err().unwrap();
+        assert_eq!(e.errno(), Errno::EBUSY);
+        assert!(e.to_string().contains(&client.to_string()), "{e}");
+        // The active import was left alone.
+        assert!(!crate::sys::peer_closed(c1.as_fd()));
+        tokio::select! {
+            biased;
+            () = end1.requested() => panic!("a refused import ended the active one"),
+            () = std::future::ready(()) => {}
+        }
+    }
+
+    #[tokio::test]
+    async fn a_release_that_never_comes_is_refused_naming_the_client() {
+        let r = registry_with(7);
+        let (c1, _s1, _end1, _backend) = import(&r, 1).await;
+        let client = c1.local_addr().unwrap();
+        r.ending("1-1", 1);
+        let (_c2, imp2) = second_importer(2);
+        let e = r
+            .import(&BusId::from("1-1"), imp2, SHORT)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(
+            e,
+            RegistryError::Releasing {
+                busid: "1-1".into(),
+                client
+            }
+        );
+        assert_eq!(e.op_status(), OpStatus::DevBusy);
+        let e = r.remove_when_free("1-1", true, SHORT).err().unwrap();
+        assert!(matches!(e, RegistryError::Releasing { client: c, .. } if c == client));
+    }
+
+    #[tokio::test]
+    async fn a_close_the_session_has_not_read_yet_ends_the_import_for_the_next_one() {
+        let r = registry_with(7);
+        let (c1, s1, end1, backend) = import(&r, 1).await;
+        drop(c1);
+        // The close has arrived (what the session has not read yet).
+        s1.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        assert_eq!(s1.peek(&mut [0u8; 1]).unwrap(), 0);
+        let (_c2, imp2) = second_importer(2);
+        let waiter = tokio::spawn({
+            let r = r.clone();
+            async move {
+                r.import(&BusId::from("1-1"), imp2, LONG)
+                    .await
+                    .map(|(_, b)| marker_of(&*b))
+            }
+        });
+        // The waiter tells the session, which then ends as it would on EOF.
+        end1.requested().await;
+        r.ending("1-1", 1);
+        drop(s1);
+        r.release("1-1", 1, backend);
+        assert_eq!(waiter.await.unwrap(), Ok(7));
+    }
+
+    #[tokio::test]
+    async fn force_ends_an_active_import_and_removes_the_device_once_released() {
+        let r = registry_with(7);
+        let (mut c1, s1, end1, backend) = import(&r, 1).await;
+        let client = c1.local_addr().unwrap();
+        let remover = std::thread::spawn({
+            let r = r.clone();
+            move || {
+                r.remove_when_free("1-1", true, LONG)
+                    .map(|removed| (marker_of(&*removed.backend), removed.forced))
+            }
+        });
+        end1.requested().await;
+        // The client sees the connection shut down at once, as from the
+        // kernel's stub, before the session has even ended.
+        c1.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        assert_eq!(c1.read(&mut [0u8; 16]).unwrap(), 0);
+        assert_eq!(r.client_of("1-1"), Some(client));
+        r.ending("1-1", 1);
+        drop(s1);
+        r.release("1-1", 1, backend);
+        assert_eq!(remover.join().unwrap(), Ok((7, Some(client))));
+        assert!(r.all().is_empty());
+        assert_eq!(
+            r.remove("1-1").err(),
+            Some(RegistryError::NotFound("1-1".into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn release_of_another_connection_changes_nothing() {
+        let r = registry_with(7);
+        let (_c1, _s1, _end1, backend) = import(&r, 1).await;
+        r.ending("1-1", 2);
+        r.release("1-1", 2, Box::new(Marker(9)));
+        assert!(r.devlist().is_empty());
+        r.release("1-1", 1, backend);
+        assert_eq!(r.devlist()[0].id_product, 7);
+    }
+
+    #[tokio::test]
+    async fn import_matches_the_bus_id_byte_for_byte() {
+        let r = registry_with(7);
+        let (_client, server) = connection();
         // What lossy UTF-8 made of these could have named another device;
         // as bytes, none names 1-1.
         for odd in [&b"1-1\xff"[..], b"1-1 ", &[0xff; 32]] {
-            match registry.import(&BusId::from_field(odd), 7) {
+            let (imp, _end) = Importer::new(1, &server).unwrap();
+            match r.import(&BusId::from_field(odd), imp, SHORT).await {
                 Err(e) => assert_eq!(e.op_status(), OpStatus::NoDev, "{odd:x?}"),
                 Ok(_) => panic!("{odd:x?} imported 1-1"),
             }
         }
-        let (info, _backend) = registry
-            .import(&BusId::from_field(b"1-1\0after the NUL"), 7)
+        let (imp, _end) = Importer::new(1, &server).unwrap();
+        let (info, _backend) = r
+            .import(&BusId::from_field(b"1-1\0after the NUL"), imp, SHORT)
+            .await
             .map_err(|e| e.to_string())
             .unwrap();
         assert_eq!(info.busid, "1-1");

@@ -27,6 +27,7 @@ use usbwire_proto::{
 
 use crate::backend::{is_reset_request, Backend, Completion, Urb, UrbId};
 use crate::queue::EndpointQueue;
+use crate::registry::Importer;
 use crate::{SessionError, Shared};
 
 const READ_CHUNK: usize = 256 * 1024;
@@ -75,7 +76,19 @@ pub(crate) async fn serve(
             Ok(())
         }
         OpRequest::Import { busid, .. } => {
-            let (info, backend) = match shared.registry.import(&busid, conn) {
+            let (importer, end) = match Importer::new(conn, &stream) {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of descriptors, or the client is gone already.
+                    warn!(conn, %busid, "cannot take the import: {e}");
+                    return Err(e.into());
+                }
+            };
+            let imported = tokio::select! {
+                r = shared.registry.import(&busid, importer, shared.config.import_wait) => r,
+                _ = shutdown.changed() => return Ok(()),
+            };
+            let (info, backend) = match imported {
                 Ok(x) => x,
                 Err(e) => {
                     info!(conn, %busid, "import refused: {e}");
@@ -105,7 +118,17 @@ pub(crate) async fn serve(
             }
             info!(conn, %busid, "imported");
             let mut s = Session::new(shared.clone(), backend, rbuf, &stream, &busid);
-            let r = s.run(&stream, &mut shutdown).await;
+            let r = tokio::select! {
+                r = s.run(&stream, &mut shutdown) => r,
+                () = end.requested() => {
+                    info!(conn, %busid, "import ended from outside");
+                    Ok(())
+                }
+            };
+            shared.registry.ending(&busid, conn);
+            // Nothing more goes to this client: it sees the close now, not
+            // after the device has been reset.
+            drop(stream);
             let backend = s.into_backend();
             shared.release(&busid, conn, backend).await;
             info!(conn, %busid, "released");

@@ -1,7 +1,7 @@
 //! The one place this crate talks to the OS below tokio.
 #![allow(unsafe_code)]
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::Duration;
 
 /// The kernel's smoothed round-trip estimate for a TCP connection
@@ -26,4 +26,18 @@ pub fn rtt(stream: &tokio::net::TcpStream) -> Option<Duration> {
         return None;
     }
     Some(Duration::from_micros(info.tcpi_rtt.into()))
+}
+
+/// Whether the peer of a TCP socket has closed its side of the connection
+/// or reset it, seen without reading anything from the socket.
+pub fn peer_closed(fd: BorrowedFd<'_>) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd on a descriptor borrowed for this call, and
+    // a zero timeout: poll(2) only reports the socket's state.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
 }

@@ -71,6 +71,13 @@ struct UnbindArgs {
     /// Bus id of the local device.
     #[arg(short = 'b', long = "busid")]
     busid: String,
+    /// Unbind although a client has the device imported: usbipd closes
+    /// that connection, as the kernel's usbip-host does when unbound, and
+    /// the client sees the device disconnected. Without it, an active
+    /// import is refused naming its client (one that is ending, after a
+    /// detach, is waited for).
+    #[arg(short = 'f', long = "force")]
+    force: bool,
     /// usbipd's control socket.
     #[arg(long = "control-socket", value_name = "PATH")]
     control_socket: Option<PathBuf>,
@@ -198,7 +205,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Unbind(a) => {
             let path = control::socket_path(a.control_socket);
-            match control::unbind_command(&path, &a.busid).await {
+            match control::unbind_command(&path, &a.busid, a.force).await {
                 0 => Ok(()),
                 _ => std::process::exit(1),
             }
