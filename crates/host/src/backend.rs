@@ -535,25 +535,9 @@ impl UsbfsBackend {
     }
 }
 
-impl Backend for UsbfsBackend {
-    fn is_gone(&self) -> bool {
-        self.gone
-    }
-
-    fn device_info(&self, busid: &str, _busnum: u32, _devnum: u32) -> DeviceInfo {
-        let mut i = self.sys.device_info();
-        i.busid = busid.into();
-        i
-    }
-
-    fn transfer_type(&self, ep_address: u8) -> Option<TransferType> {
-        if ep_address & 0x0f == 0 {
-            return Some(TransferType::Control);
-        }
-        self.desc.endpoint_type(self.config, &self.alts, ep_address)
-    }
-
-    fn poll_urb(&mut self, urb: &mut Urb, cx: &mut Context<'_>) -> Poll<Completion> {
+impl UsbfsBackend {
+    /// Submits `urb` on its first poll, then reaps until it is back.
+    fn poll_one(&mut self, urb: &mut Urb, cx: &mut Context<'_>) -> Poll<Completion> {
         if !self.in_flight.contains_key(&urb.id) {
             if let Some(r) = self.submit(urb) {
                 return Poll::Ready(r);
@@ -586,6 +570,37 @@ impl Backend for UsbfsBackend {
                 }
             }
         }
+    }
+}
+
+impl Backend for UsbfsBackend {
+    fn is_gone(&self) -> bool {
+        self.gone
+    }
+
+    fn device_info(&self, busid: &str, _busnum: u32, _devnum: u32) -> DeviceInfo {
+        let mut i = self.sys.device_info();
+        i.busid = busid.into();
+        i
+    }
+
+    fn transfer_type(&self, ep_address: u8) -> Option<TransferType> {
+        if ep_address & 0x0f == 0 {
+            return Some(TransferType::Control);
+        }
+        self.desc.endpoint_type(self.config, &self.alts, ep_address)
+    }
+
+    fn poll_urb(&mut self, urb: &mut Urb, cx: &mut Context<'_>) -> Poll<Completion> {
+        let r = self.poll_one(urb, cx);
+        // A reap takes whatever completed, other URBs' too, and it consumed
+        // the readiness that announced them: their owners may already have
+        // been polled this turn and would wait for a wake-up that never
+        // comes (seen: a control transfer behind 8 pending bulk INs hung).
+        if !self.done.is_empty() {
+            cx.waker().wake_by_ref();
+        }
+        r
     }
 
     fn max_active(&self, ep_address: u8) -> usize {
