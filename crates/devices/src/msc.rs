@@ -1237,7 +1237,7 @@ impl Function for MassStorage {
 mod tests {
     use super::*;
     use crate::core::EmulatedDevice;
-    use crate::test_util::CountWaker;
+    use crate::test_util::{setup, CountWaker};
     use std::io::Write;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
@@ -1318,16 +1318,13 @@ mod tests {
     }
 
     fn device(img: &tempfile::NamedTempFile, cfg: MscConfig) -> EmulatedDevice {
-        let ms = MassStorage::open(img.path(), cfg).unwrap();
+        configured(MassStorage::open(img.path(), cfg).unwrap())
+    }
+
+    /// The disk as a host sees it after SET_CONFIGURATION(1).
+    fn configured(ms: MassStorage) -> EmulatedDevice {
         let mut dev = EmulatedDevice::new(ms);
-        let set_config = SetupPacket {
-            request_type: 0x00,
-            request: 9,
-            value: 1,
-            index: 0,
-            length: 0,
-        };
-        assert_eq!(dev.control(&set_config, &[], &mut []), Ok(0));
+        assert_eq!(dev.control(&setup(0x00, 9, 1, 0, 0), &[], &mut []), Ok(0));
         dev
     }
 
@@ -2125,17 +2122,7 @@ mod tests {
             serial: "MEM".into(),
             ..MscConfig::default()
         };
-        let ms = MassStorage::from_image(Box::new(img), blocks * BLOCK_SIZE, cfg).unwrap();
-        let mut dev = EmulatedDevice::new(ms);
-        let set_config = SetupPacket {
-            request_type: 0x00,
-            request: 9,
-            value: 1,
-            index: 0,
-            length: 0,
-        };
-        assert_eq!(dev.control(&set_config, &[], &mut []), Ok(0));
-        dev
+        configured(MassStorage::from_image(Box::new(img), blocks * BLOCK_SIZE, cfg).unwrap())
     }
 
     #[test]
