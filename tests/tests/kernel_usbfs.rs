@@ -758,24 +758,12 @@ echo DONE
             (dev, ins)
         });
         drop(pending);
-        // Until the release is done, an import is refused as busy (the
-        // server waiting for it is another change): bounded retries.
+        // The server waits for the drain and release before it answers a
+        // re-import, so the first one succeeds.
         rt().block_on(async {
-            let mut dev = None;
-            for _ in 0..100 {
-                match usbwire_client::import(&addr, &lb).await {
-                    Ok(d) => {
-                        dev = Some(d);
-                        break;
-                    }
-                    Err(usbwire_client::ClientError::ImportRefused {
-                        status: usbwire_proto::OpStatus::DevBusy,
-                        ..
-                    }) => tokio::time::sleep(Duration::from_millis(100)).await,
-                    Err(e) => panic!("re-import: {e}"),
-                }
-            }
-            let dev = dev.expect("the device came back after the drain");
+            let dev = usbwire_client::import(&addr, &lb)
+                .await
+                .expect("re-import right after the close");
             dev.set_configuration(1).await.expect("set configuration");
             let cfg = dev.config_descriptor().await.expect("config descriptor");
             let (ep_in, ep_out) = bulk_endpoints(&cfg);
