@@ -185,7 +185,12 @@ impl MassStorage {
                 self.execute(cdb, len)
             }
         };
+        self.begin_data_phase(exec, len, host_dir);
+    }
 
+    /// Sets up the data phase for what the command wants moved, at most
+    /// `len` bytes, in the direction the host announced.
+    fn begin_data_phase(&mut self, exec: Exec, len: u64, host_dir: Dir) {
         let (io, dev_left) = match exec {
             Exec::Nothing => (Io::Nothing, 0),
             Exec::Reply => {

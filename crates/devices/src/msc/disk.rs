@@ -74,8 +74,10 @@ struct Slot {
     closed: bool,
 }
 
+/// Where the device leaves a job for the I/O thread and the thread leaves
+/// its result: one of each at a time.
 #[derive(Default)]
-struct Shared {
+struct Mailbox {
     slot: Mutex<Slot>,
     /// A job was queued, or the device closed.
     job_ready: Condvar,
@@ -83,7 +85,7 @@ struct Shared {
     job_done: Condvar,
 }
 
-impl Shared {
+impl Mailbox {
     fn lock(&self) -> MutexGuard<'_, Slot> {
         // Nothing panics while holding the lock, and every update is a
         // single assignment: a poisoned lock is still consistent.
@@ -110,7 +112,7 @@ struct InFlight {
 
 /// The device's side of its I/O thread, and the read window.
 pub(super) struct Disk {
-    shared: Arc<Shared>,
+    mailbox: Arc<Mailbox>,
     /// The image, for reads from the page cache on the polling thread.
     image: Arc<dyn DiskImage>,
     /// Whether the image can read without waiting (`read_at_nowait`).
@@ -134,13 +136,13 @@ impl Disk {
     /// `Disk` is dropped and its last operation has finished.
     pub fn start(image: Box<dyn DiskImage>) -> io::Result<Disk> {
         let image: Arc<dyn DiskImage> = image.into();
-        let shared = Arc::new(Shared::default());
-        let (theirs, their_image) = (shared.clone(), image.clone());
+        let mailbox = Arc::new(Mailbox::default());
+        let (thread_mailbox, thread_image) = (mailbox.clone(), image.clone());
         std::thread::Builder::new()
             .name("usbwire-disk".into())
-            .spawn(move || io_thread(&*their_image, &theirs))?;
+            .spawn(move || io_thread(&*thread_image, &thread_mailbox))?;
         Ok(Disk {
-            shared,
+            mailbox,
             image,
             nowait: true,
             buf: Some(Vec::new()),
@@ -156,8 +158,8 @@ impl Disk {
     fn submit(&mut self, op: Op, buf: Vec<u8>) {
         debug_assert!(self.in_flight.is_none(), "one operation at a time");
         self.in_flight = Some(InFlight { op, stale: false });
-        self.shared.lock().job = Some((op, buf));
-        self.shared.job_ready.notify_one();
+        self.mailbox.lock().job = Some((op, buf));
+        self.mailbox.job_ready.notify_one();
     }
 
     /// Queues a write of `data` at `offset`. The disk must be idle.
@@ -189,7 +191,7 @@ impl Disk {
             return Poll::Ready(None);
         }
         let done = {
-            let mut slot = self.shared.lock();
+            let mut slot = self.mailbox.lock();
             match slot.done.take() {
                 Some(d) => d,
                 None => {
@@ -211,13 +213,13 @@ impl Disk {
     pub fn wait_finished(&mut self) -> Option<Finished> {
         self.in_flight.as_ref()?;
         let done = {
-            let mut slot = self.shared.lock();
+            let mut slot = self.mailbox.lock();
             loop {
                 if let Some(d) = slot.done.take() {
                     break d;
                 }
                 slot = self
-                    .shared
+                    .mailbox
                     .job_done
                     .wait(slot)
                     .unwrap_or_else(|e| e.into_inner());
@@ -401,15 +403,15 @@ impl Drop for Disk {
     fn drop(&mut self) {
         // The thread finishes a queued write before it ends; nothing waits
         // for it here, so dropping a device never blocks on its image.
-        self.shared.lock().closed = true;
-        self.shared.job_ready.notify_one();
+        self.mailbox.lock().closed = true;
+        self.mailbox.job_ready.notify_one();
     }
 }
 
-fn io_thread(image: &dyn DiskImage, shared: &Shared) {
+fn io_thread(image: &dyn DiskImage, mailbox: &Mailbox) {
     loop {
         let (op, mut buf) = {
-            let mut slot = shared.lock();
+            let mut slot = mailbox.lock();
             loop {
                 if let Some(job) = slot.job.take() {
                     break job;
@@ -417,7 +419,7 @@ fn io_thread(image: &dyn DiskImage, shared: &Shared) {
                 if slot.closed {
                     return;
                 }
-                slot = shared
+                slot = mailbox
                     .job_ready
                     .wait(slot)
                     .unwrap_or_else(|e| e.into_inner());
@@ -429,7 +431,7 @@ fn io_thread(image: &dyn DiskImage, shared: &Shared) {
             Op::Sync => (0, image.sync_data().err()),
         };
         let wakers = {
-            let mut slot = shared.lock();
+            let mut slot = mailbox.lock();
             slot.done = Some(Done {
                 op,
                 buf,
@@ -438,7 +440,7 @@ fn io_thread(image: &dyn DiskImage, shared: &Shared) {
             });
             std::mem::take(&mut slot.wakers)
         };
-        shared.job_done.notify_all();
+        mailbox.job_done.notify_all();
         for w in wakers.into_iter().flatten() {
             w.wake();
         }

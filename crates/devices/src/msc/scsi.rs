@@ -149,22 +149,44 @@ impl MassStorage {
     pub(super) fn execute(&mut self, cdb: &[u8; 16], len: u64) -> Exec {
         match cdb[0] {
             op::TEST_UNIT_READY => Exec::Nothing,
-            op::REQUEST_SENSE => {
-                let s = self.sense.fixed();
-                self.reply.extend_from_slice(&s);
-                self.sense = Sense::NONE;
-                Exec::Reply
-            }
+            op::REQUEST_SENSE => self.request_sense(),
             op::INQUIRY => self.inquiry(cdb),
             op::MODE_SENSE_6 => self.mode_sense(cdb, false),
             op::MODE_SENSE_10 => self.mode_sense(cdb, true),
+            op::PREVENT_ALLOW
+            | op::START_STOP_UNIT
+            | op::SYNCHRONIZE_CACHE_10
+            | op::SYNCHRONIZE_CACHE_16 => self.medium_control(cdb),
+            op::READ_FORMAT_CAPACITIES | op::READ_CAPACITY_10 | op::SERVICE_ACTION_IN_16 => {
+                self.capacity(cdb)
+            }
+            op::READ_6 | op::READ_10 | op::READ_12 | op::READ_16 => self.read(cdb, len),
+            op::WRITE_6 | op::WRITE_10 | op::WRITE_12 | op::WRITE_16 => self.write(cdb, len),
+            op::VERIFY_10 | op::VERIFY_16 => self.verify(cdb),
+            _ => {
+                self.fail(Sense::INVALID_OPCODE);
+                Exec::Nothing
+            }
+        }
+    }
+
+    fn request_sense(&mut self) -> Exec {
+        let s = self.sense.fixed();
+        self.reply.extend_from_slice(&s);
+        self.sense = Sense::NONE;
+        Exec::Reply
+    }
+
+    /// PREVENT ALLOW MEDIUM REMOVAL, START STOP UNIT and SYNCHRONIZE CACHE:
+    /// no data, at most a flush before the CSW.
+    fn medium_control(&mut self, cdb: &[u8; 16]) -> Exec {
+        match cdb[0] {
             op::PREVENT_ALLOW => {
                 // Nothing can pull an emulated medium out from under the
                 // host, so PREVENT has nothing to prevent.
                 if cdb[4] & !0x01 != 0 {
                     self.fail(Sense::INVALID_FIELD);
                 }
-                Exec::Nothing
             }
             op::START_STOP_UNIT => {
                 // Nothing spins; but a host stopping the unit is about to
@@ -172,12 +194,16 @@ impl MassStorage {
                 if cdb[4] & 0x01 == 0 {
                     self.sync_before_csw();
                 }
-                Exec::Nothing
             }
-            op::SYNCHRONIZE_CACHE_10 | op::SYNCHRONIZE_CACHE_16 => {
-                self.sync_before_csw();
-                Exec::Nothing
-            }
+            // SYNCHRONIZE CACHE (10) and (16)
+            _ => self.sync_before_csw(),
+        }
+        Exec::Nothing
+    }
+
+    /// READ FORMAT CAPACITIES, READ CAPACITY (10) and (16).
+    fn capacity(&mut self, cdb: &[u8; 16]) -> Exec {
+        match cdb[0] {
             op::READ_FORMAT_CAPACITIES => {
                 let blocks = u32::try_from(self.blocks).unwrap_or(u32::MAX);
                 // Descriptor type 2 "formatted media", 3 "no media present".
@@ -205,60 +231,64 @@ impl MassStorage {
                 self.reply.extend_from_slice(&[0u8; 20]);
                 Exec::Reply
             }
-            op::SERVICE_ACTION_IN_16 => {
+            // Other service actions of SERVICE ACTION IN (16).
+            _ => {
                 self.fail(Sense::INVALID_FIELD);
                 Exec::Nothing
             }
-            op::READ_6 | op::READ_10 | op::READ_12 | op::READ_16 => {
-                let (lba, count, _) = rw_params(cdb);
-                if !self.in_range(lba, count) {
-                    return Exec::Nothing;
-                }
-                let mut bytes = count * BLOCK_SIZE;
-                if let Some(bad) = self.first_bad(lba, count) {
-                    self.fail(Sense::unrecovered_read(bad));
-                    bytes = (bad - lba) * BLOCK_SIZE;
-                }
-                Exec::Read {
-                    offset: lba * BLOCK_SIZE,
-                    len: bytes.min(len),
-                }
-            }
-            op::WRITE_6 | op::WRITE_10 | op::WRITE_12 | op::WRITE_16 => {
-                let (lba, count, fua) = rw_params(cdb);
-                if self.read_only {
-                    self.fail(Sense::WRITE_PROTECTED);
-                    return Exec::Nothing;
-                }
-                if !self.in_range(lba, count) {
-                    return Exec::Nothing;
-                }
-                Exec::Write {
-                    offset: lba * BLOCK_SIZE,
-                    len: (count * BLOCK_SIZE).min(len),
-                    fua,
-                }
-            }
-            op::VERIFY_10 | op::VERIFY_16 => {
-                // BYTCHK asks us to compare against data the host sends;
-                // only the medium check (BYTCHK=0) is offered.
-                if cdb[1] & 0x06 != 0 {
-                    self.fail(Sense::INVALID_FIELD);
-                    return Exec::Nothing;
-                }
-                let (lba, count, _) = rw_params(cdb);
-                if self.in_range(lba, count) {
-                    if let Some(bad) = self.first_bad(lba, count) {
-                        self.fail(Sense::unrecovered_read(bad));
-                    }
-                }
-                Exec::Nothing
-            }
-            _ => {
-                self.fail(Sense::INVALID_OPCODE);
-                Exec::Nothing
+        }
+    }
+
+    /// READ (6), (10), (12) and (16): the good blocks up to the first bad
+    /// one, at most `len` bytes of them.
+    fn read(&mut self, cdb: &[u8; 16], len: u64) -> Exec {
+        let (lba, count, _) = rw_params(cdb);
+        if !self.in_range(lba, count) {
+            return Exec::Nothing;
+        }
+        let mut bytes = count * BLOCK_SIZE;
+        if let Some(bad) = self.first_bad(lba, count) {
+            self.fail(Sense::unrecovered_read(bad));
+            bytes = (bad - lba) * BLOCK_SIZE;
+        }
+        Exec::Read {
+            offset: lba * BLOCK_SIZE,
+            len: bytes.min(len),
+        }
+    }
+
+    /// WRITE (6), (10), (12) and (16), at most `len` bytes.
+    fn write(&mut self, cdb: &[u8; 16], len: u64) -> Exec {
+        let (lba, count, fua) = rw_params(cdb);
+        if self.read_only {
+            self.fail(Sense::WRITE_PROTECTED);
+            return Exec::Nothing;
+        }
+        if !self.in_range(lba, count) {
+            return Exec::Nothing;
+        }
+        Exec::Write {
+            offset: lba * BLOCK_SIZE,
+            len: (count * BLOCK_SIZE).min(len),
+            fua,
+        }
+    }
+
+    /// VERIFY (10) and (16).
+    fn verify(&mut self, cdb: &[u8; 16]) -> Exec {
+        // BYTCHK asks us to compare against data the host sends;
+        // only the medium check (BYTCHK=0) is offered.
+        if cdb[1] & 0x06 != 0 {
+            self.fail(Sense::INVALID_FIELD);
+            return Exec::Nothing;
+        }
+        let (lba, count, _) = rw_params(cdb);
+        if self.in_range(lba, count) {
+            if let Some(bad) = self.first_bad(lba, count) {
+                self.fail(Sense::unrecovered_read(bad));
             }
         }
+        Exec::Nothing
     }
 
     /// The command's CSW waits for an `fdatasync`; its failure fails the
