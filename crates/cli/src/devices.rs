@@ -1,6 +1,7 @@
 //! Turning configured devices into exported ones.
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
 use usbwire_devices::acm::{AcmBackend, AcmConfig, CdcAcm};
 use usbwire_devices::hid::{self, HidKeyboard};
@@ -107,8 +108,7 @@ pub fn export(
     let reservation = registry
         .reserve(&busid)
         .map_err(|source| ExportError::Registry { index, source })?;
-    let mut tasks = Vec::new();
-    let (device, description) = match d {
+    let built = match d {
         DeviceConfig::MassStorage {
             image,
             read_only,
@@ -116,103 +116,157 @@ pub fn export(
             serial,
             bad_lbas,
             ..
-        } => {
-            let mut cfg = MscConfig {
-                read_only: *read_only,
-                ..Default::default()
-            };
-            if let Some(p) = product {
-                cfg.product = p.clone();
-            }
-            if let Some(s) = serial {
-                cfg.serial = s.clone();
-            }
-            cfg.bad_lbas = bad_lbas.map(|[a, b]| a..b);
-            let msc = MassStorage::open(image, cfg).map_err(|source| ExportError::Image {
-                index,
-                busid: busid.clone(),
-                path: image.clone(),
-                source,
-            })?;
-            let desc = format!(
-                "mass storage on {} ({} MiB{})",
-                image.display(),
-                msc.blocks() * 512 / (1024 * 1024),
-                if *read_only { ", read-only" } else { "" }
-            );
-            (EmulatedDevice::new(msc), desc)
-        }
+        } => mass_storage(
+            image,
+            *read_only,
+            product.as_deref(),
+            serial.as_deref(),
+            *bad_lbas,
+            index,
+            &busid,
+        )?,
         DeviceConfig::Keyboard {
             fifo, type_text, ..
-        } => {
-            let (kbd, handle) = HidKeyboard::new();
-            let mut desc = "HID keyboard".to_string();
-            if let Some(t) = type_text {
-                if let Err(e) = handle.type_text(t) {
-                    tracing::warn!("keyboard {busid}: cannot type the configured text: {e}");
-                }
-            }
-            if let Some(path) = fifo {
-                desc = format!("HID keyboard typing lines written to {}", path.display());
-                let path = path.clone();
-                let handle = handle.clone();
-                tasks.push(tokio::spawn(async move {
-                    if let Err(e) = hid::serve_fifo(&path, handle).await {
-                        tracing::error!("keyboard FIFO {}: {e}", path.display());
-                    }
-                }));
-            }
-            (EmulatedDevice::new(kbd), desc)
-        }
+        } => keyboard(fifo.as_deref(), type_text.as_deref(), &busid),
         DeviceConfig::Serial {
             backend,
             listen,
             link,
             ..
-        } => {
-            let backend = match backend {
-                SerialBackend::Echo => AcmBackend::Echo,
-                SerialBackend::Pty => AcmBackend::Pty,
-                SerialBackend::Tcp => {
-                    AcmBackend::Tcp(listen.ok_or(ExportError::SerialNeedsListen { index })?)
-                }
-            };
-            let cfg = AcmConfig {
-                backend: backend.clone(),
-                pty_link: link.clone(),
-                ..Default::default()
-            };
-            let acm = CdcAcm::new(cfg).map_err(|source| ExportError::Serial {
-                index,
-                busid: busid.clone(),
-                source,
-            })?;
-            let desc = match (&backend, acm.pty_path()) {
-                (AcmBackend::Pty, Some(p)) => format!("CDC-ACM serial on PTY {}", p.display()),
-                (AcmBackend::Tcp(a), _) => format!("CDC-ACM serial bridged to tcp://{a}"),
-                _ => "CDC-ACM serial echo port".to_string(),
-            };
-            (EmulatedDevice::new(acm), desc)
-        }
-        DeviceConfig::Test { pattern, .. } => (
-            EmulatedDevice::new(TestDevice::with_pattern(*pattern)),
-            format!(
-                "test device (Gadget Zero source/sink, pattern {}; loopback)",
-                pattern.attribute()
-            ),
-        ),
+        } => serial(backend, *listen, link.as_deref(), index, &busid)?,
+        DeviceConfig::Test { pattern, .. } => test_device(*pattern),
     };
     let busnum = busid
         .split('-')
         .next()
         .and_then(|b| b.parse().ok())
         .unwrap_or(1);
-    let backend = EmulatedBackend::new(device);
+    let backend = EmulatedBackend::new(built.device);
     let info = backend.device_info(&busid, busnum, index as u32 + 2);
     reservation.commit(info, Box::new(backend));
     Ok(Exported {
         busid,
-        description,
-        tasks,
+        description: built.description,
+        tasks: built.tasks,
     })
+}
+
+/// A device made from its configuration, not yet exported.
+struct BuiltDevice {
+    device: EmulatedDevice,
+    description: String,
+    /// Background work feeding the device.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl BuiltDevice {
+    fn new(device: EmulatedDevice, description: String) -> BuiltDevice {
+        BuiltDevice {
+            device,
+            description,
+            tasks: Vec::new(),
+        }
+    }
+}
+
+fn mass_storage(
+    image: &Path,
+    read_only: bool,
+    product: Option<&str>,
+    serial: Option<&str>,
+    bad_lbas: Option<[u64; 2]>,
+    index: usize,
+    busid: &str,
+) -> Result<BuiltDevice, ExportError> {
+    let mut cfg = MscConfig {
+        read_only,
+        ..Default::default()
+    };
+    if let Some(p) = product {
+        cfg.product = p.to_string();
+    }
+    if let Some(s) = serial {
+        cfg.serial = s.to_string();
+    }
+    cfg.bad_lbas = bad_lbas.map(|[a, b]| a..b);
+    let msc = MassStorage::open(image, cfg).map_err(|source| ExportError::Image {
+        index,
+        busid: busid.to_string(),
+        path: image.to_path_buf(),
+        source,
+    })?;
+    let desc = format!(
+        "mass storage on {} ({} MiB{})",
+        image.display(),
+        msc.blocks() * 512 / (1024 * 1024),
+        if read_only { ", read-only" } else { "" }
+    );
+    Ok(BuiltDevice::new(EmulatedDevice::new(msc), desc))
+}
+
+fn keyboard(fifo: Option<&Path>, type_text: Option<&str>, busid: &str) -> BuiltDevice {
+    let (kbd, handle) = HidKeyboard::new();
+    let mut desc = "HID keyboard".to_string();
+    if let Some(t) = type_text {
+        if let Err(e) = handle.type_text(t) {
+            tracing::warn!("keyboard {busid}: cannot type the configured text: {e}");
+        }
+    }
+    let mut tasks = Vec::new();
+    if let Some(path) = fifo {
+        desc = format!("HID keyboard typing lines written to {}", path.display());
+        let path = path.to_path_buf();
+        let handle = handle.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = hid::serve_fifo(&path, handle).await {
+                tracing::error!("keyboard FIFO {}: {e}", path.display());
+            }
+        }));
+    }
+    BuiltDevice {
+        tasks,
+        ..BuiltDevice::new(EmulatedDevice::new(kbd), desc)
+    }
+}
+
+fn serial(
+    backend: &SerialBackend,
+    listen: Option<SocketAddr>,
+    link: Option<&Path>,
+    index: usize,
+    busid: &str,
+) -> Result<BuiltDevice, ExportError> {
+    let backend = match backend {
+        SerialBackend::Echo => AcmBackend::Echo,
+        SerialBackend::Pty => AcmBackend::Pty,
+        SerialBackend::Tcp => {
+            AcmBackend::Tcp(listen.ok_or(ExportError::SerialNeedsListen { index })?)
+        }
+    };
+    let cfg = AcmConfig {
+        backend: backend.clone(),
+        pty_link: link.map(Path::to_path_buf),
+        ..Default::default()
+    };
+    let acm = CdcAcm::new(cfg).map_err(|source| ExportError::Serial {
+        index,
+        busid: busid.to_string(),
+        source,
+    })?;
+    let desc = match (&backend, acm.pty_path()) {
+        (AcmBackend::Pty, Some(p)) => format!("CDC-ACM serial on PTY {}", p.display()),
+        (AcmBackend::Tcp(a), _) => format!("CDC-ACM serial bridged to tcp://{a}"),
+        _ => "CDC-ACM serial echo port".to_string(),
+    };
+    Ok(BuiltDevice::new(EmulatedDevice::new(acm), desc))
+}
+
+fn test_device(pattern: Pattern) -> BuiltDevice {
+    BuiltDevice::new(
+        EmulatedDevice::new(TestDevice::with_pattern(pattern)),
+        format!(
+            "test device (Gadget Zero source/sink, pattern {}; loopback)",
+            pattern.attribute()
+        ),
+    )
 }

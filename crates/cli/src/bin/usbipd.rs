@@ -1,7 +1,9 @@
 //! `usbipd`: the USB/IP server, flag-compatible with the C usbipd.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::RawFd;
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -105,7 +107,39 @@ fn real_main(args: Args, inherited: Result<Vec<Listener>, ListenError>) -> Resul
     if args.config.is_none() && !args.demo && args.no_control {
         return Err("nothing to export: pass --demo, or --config FILE listing devices".into());
     }
-    let mut config = match &args.config {
+    let (config, server_config) = load_config(&args)?;
+    let ready_fd = args
+        .ready_fd
+        .map(|fd| listen::take_ready_fd(fd, inherited.len()))
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let listeners = choose_listeners(&args, &config, inherited)?;
+    let control = open_control_socket(&args)?;
+    detach(&args)?;
+    // Connections run on the server's own worker threads; this runtime
+    // only accepts them and runs the control socket, hotplug and the
+    // device feeders.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let result = runtime.block_on(serve(
+        &args,
+        config,
+        server_config,
+        listeners,
+        control,
+        ready_fd,
+    ));
+    if let Some(pid) = &args.pid {
+        let _ = std::fs::remove_file(pid);
+    }
+    result
+}
+
+/// The configuration file (or none), and the server settings it makes.
+fn load_config(args: &Args) -> Result<(Config, ServerConfig), String> {
+    let config = match &args.config {
         Some(p) => Config::load(p).map_err(|e| e.to_string())?,
         None => Config::default(),
     };
@@ -114,54 +148,69 @@ fn real_main(args: Args, inherited: Result<Vec<Listener>, ListenError>) -> Resul
     server_config
         .validate()
         .map_err(|e| format!("invalid configuration: {e}"))?;
-    let port = args.tcp_port.or(config.server.tcp_port).unwrap_or(3240);
+    Ok((config, server_config))
+}
 
-    let ready_fd = args
-        .ready_fd
-        .map(|fd| listen::take_ready_fd(fd, inherited.len()))
-        .transpose()
-        .map_err(|e| e.to_string())?;
-    let listeners = if inherited.is_empty() {
+/// The sockets the service manager passed, or else new ones bound as the
+/// flags and the configuration say.
+fn choose_listeners(
+    args: &Args,
+    config: &Config,
+    inherited: Vec<Listener>,
+) -> Result<Vec<Listener>, String> {
+    if inherited.is_empty() {
+        let port = args.tcp_port.or(config.server.tcp_port).unwrap_or(3240);
         // Bind before daemonising, so that a port already in use is
         // reported to the person who started us.
-        bind(&args, port)?
-    } else {
-        if args.tcp_port.is_some() || !args.listen.is_empty() || args.ipv4 || args.ipv6 {
-            return Err(format!(
-                "the service manager passed {} listening socket(s) (LISTEN_FDS); \
-                 -t, --listen, -4 and -6 choose sockets to bind, so leave them out",
-                inherited.len()
-            ));
+        return bind(args, port);
+    }
+    if args.tcp_port.is_some() || !args.listen.is_empty() || args.ipv4 || args.ipv6 {
+        return Err(format!(
+            "the service manager passed {} listening socket(s) (LISTEN_FDS); \
+             -t, --listen, -4 and -6 choose sockets to bind, so leave them out",
+            inherited.len()
+        ));
+    }
+    if config.server.tcp_port.is_some() {
+        info!("server.tcp_port is ignored: serving the sockets the service manager passed");
+    }
+    Ok(inherited)
+}
+
+/// The control socket's listener, before anything serves it.
+struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+/// The control socket, unless `--no-control`. Without the flags that ask
+/// for one, failing to create the default socket is only a warning.
+fn open_control_socket(args: &Args) -> Result<Option<ControlSocket>, String> {
+    if args.no_control {
+        return Ok(None);
+    }
+    let path = args
+        .control_socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(control::DEFAULT_SOCKET));
+    match control::listen(&path, args.control_group.as_deref()) {
+        Ok(listener) => Ok(Some(ControlSocket { listener, path })),
+        Err(e) if args.control_socket.is_none() && args.control_group.is_none() => {
+            tracing::warn!(
+                "no control socket ({}: {e}); real USB devices cannot be bound",
+                path.display()
+            );
+            Ok(None)
         }
-        if config.server.tcp_port.is_some() {
-            info!("server.tcp_port is ignored: serving the sockets the service manager passed");
-        }
-        inherited
-    };
-    let control = if args.no_control {
-        None
-    } else {
-        let path = args
-            .control_socket
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(control::DEFAULT_SOCKET));
-        match control::listen(&path, args.control_group.as_deref()) {
-            Ok(l) => Some((l, path)),
-            Err(e) if args.control_socket.is_none() && args.control_group.is_none() => {
-                tracing::warn!(
-                    "no control socket ({}: {e}); real USB devices cannot be bound",
-                    path.display()
-                );
-                None
-            }
-            Err(e) => {
-                return Err(format!(
-                    "cannot create the control socket {}: {e}",
-                    path.display()
-                ))
-            }
-        }
-    };
+        Err(e) => Err(format!(
+            "cannot create the control socket {}: {e}",
+            path.display()
+        )),
+    }
+}
+
+/// Daemonises if asked to, then writes the pid file.
+fn detach(args: &Args) -> Result<(), String> {
     if args.daemon {
         nix::unistd::daemon(false, false).map_err(|e| format!("cannot daemonise: {e}"))?;
     }
@@ -169,86 +218,133 @@ fn real_main(args: Args, inherited: Result<Vec<Listener>, ListenError>) -> Resul
         std::fs::write(pid, format!("{}\n", std::process::id()))
             .map_err(|e| format!("cannot write pid file {}: {e}", pid.display()))?;
     }
-    // Connections run on the server's own worker threads; this runtime
-    // only accepts them and runs the control socket, hotplug and the
-    // device feeders.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    let result = runtime.block_on(async move {
-        let registry = Registry::new();
-        let mut exported: Vec<Exported> = Vec::new();
-        let mut demo_image: Option<tempfile::TempPath> = None;
-        if args.demo {
-            let (set, image) = devices::demo_set().map_err(|e| e.to_string())?;
-            config.devices.extend(set);
-            demo_image = Some(image);
-        }
-        for (i, d) in config.devices.iter().enumerate() {
-            let e = devices::export(&registry, d, i).map_err(|e| e.to_string())?;
-            info!("exporting {} as {}", e.description, e.busid);
-            exported.push(e);
-        }
+    Ok(())
+}
 
-        let mut addrs = Vec::new();
-        let mut sockets = Vec::new();
-        for l in listeners {
-            match &l.origin {
-                Origin::Inherited { fd, name } => info!(
-                    "listening on {} (fd {fd} \"{name}\" from the service manager)",
-                    l.addr
-                ),
-                Origin::Bound => info!("listening on {}", l.addr),
-            }
-            addrs.push(l.addr);
-            sockets.push(TcpListener::from_std(l.socket).map_err(|e| e.to_string())?);
+/// Exports the devices, serves until a signal, then takes everything down
+/// in order: real devices back to their drivers, emulated ones flushed,
+/// and only then the demo image deleted.
+async fn serve(
+    args: &Args,
+    mut config: Config,
+    server_config: ServerConfig,
+    listeners: Vec<Listener>,
+    control: Option<ControlSocket>,
+    ready_fd: Option<File>,
+) -> Result<(), String> {
+    let registry = Registry::new();
+    let (exported, demo_image) = export_devices(&registry, &mut config, args.demo)?;
+    let (addrs, sockets) = tokio_listeners(listeners)?;
+    let control_plane = match control {
+        Some(socket) => Some(ControlPlane::start(socket, &registry, args).await?),
+        None => None,
+    };
+    let server = Server::new(registry, server_config).map_err(|e| e.to_string())?;
+    listen::announce_ready(&addrs, ready_fd);
+    server
+        .run(sockets, async {
+            shutdown_signal().await;
+            listen::announce_stopping();
+        })
+        .await;
+    if let Some(control_plane) = control_plane {
+        control_plane.stop().await;
+    }
+    drop(exported);
+    // The demo image is deleted only after the devices are flushed and gone.
+    drop(demo_image);
+    Ok(())
+}
+
+/// Exports the configured devices (and the demo set with `--demo`, whose
+/// image file lives as long as the returned path).
+fn export_devices(
+    registry: &Registry,
+    config: &mut Config,
+    demo: bool,
+) -> Result<(Vec<Exported>, Option<tempfile::TempPath>), String> {
+    let mut demo_image = None;
+    if demo {
+        let (set, image) = devices::demo_set().map_err(|e| e.to_string())?;
+        config.devices.extend(set);
+        demo_image = Some(image);
+    }
+    let mut exported = Vec::new();
+    for (i, d) in config.devices.iter().enumerate() {
+        let e = devices::export(registry, d, i).map_err(|e| e.to_string())?;
+        info!("exporting {} as {}", e.description, e.busid);
+        exported.push(e);
+    }
+    Ok((exported, demo_image))
+}
+
+/// The listeners as tokio sockets, with their addresses, logged.
+fn tokio_listeners(
+    listeners: Vec<Listener>,
+) -> Result<(Vec<SocketAddr>, Vec<TcpListener>), String> {
+    let mut addrs = Vec::new();
+    let mut sockets = Vec::new();
+    for l in listeners {
+        match &l.origin {
+            Origin::Inherited { fd, name } => info!(
+                "listening on {} (fd {fd} \"{name}\" from the service manager)",
+                l.addr
+            ),
+            Origin::Bound => info!("listening on {}", l.addr),
         }
-        let mut manager = None;
-        let mut tasks = Vec::new();
-        if let Some((l, path)) = control {
-            let m = Arc::new(
-                Manager::new(
-                    Roots::default(),
-                    registry.clone(),
-                    Some(args.state_file.clone()),
-                )
-                .map_err(|e| format!("cannot read the state file: {e}"))?,
-            );
-            // Bindings from the last run come back before anyone connects.
-            let m2 = m.clone();
-            let _ = tokio::task::spawn_blocking(move || m2.poll()).await;
-            tasks.push(m.spawn_hotplug(Duration::from_millis(args.hotplug_interval_ms)));
-            tasks.push(tokio::spawn(control::serve(l, m.clone())));
-            info!("control socket on {}", path.display());
-            manager = Some((m, path));
-        }
-        let server = Server::new(registry, server_config).map_err(|e| e.to_string())?;
-        listen::announce_ready(&addrs, ready_fd);
-        server
-            .run(sockets, async {
-                shutdown_signal().await;
-                listen::announce_stopping();
-            })
-            .await;
-        for t in &tasks {
+        addrs.push(l.addr);
+        sockets.push(TcpListener::from_std(l.socket).map_err(|e| e.to_string())?);
+    }
+    Ok((addrs, sockets))
+}
+
+/// The bind manager for real USB devices, with the control socket and
+/// hotplug tasks that drive it.
+struct ControlPlane {
+    manager: Arc<Manager>,
+    path: PathBuf,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ControlPlane {
+    async fn start(
+        socket: ControlSocket,
+        registry: &Registry,
+        args: &Args,
+    ) -> Result<ControlPlane, String> {
+        let manager = Arc::new(
+            Manager::new(
+                Roots::default(),
+                registry.clone(),
+                Some(args.state_file.clone()),
+            )
+            .map_err(|e| format!("cannot read the state file: {e}"))?,
+        );
+        // Bindings from the last run come back before anyone connects.
+        let restoring = manager.clone();
+        let _ = tokio::task::spawn_blocking(move || restoring.poll()).await;
+        let tasks = vec![
+            manager.spawn_hotplug(Duration::from_millis(args.hotplug_interval_ms)),
+            tokio::spawn(control::serve(socket.listener, manager.clone())),
+        ];
+        info!("control socket on {}", socket.path.display());
+        Ok(ControlPlane {
+            manager,
+            path: socket.path,
+            tasks,
+        })
+    }
+
+    async fn stop(self) {
+        for t in &self.tasks {
             t.abort();
         }
-        if let Some((m, path)) = manager {
-            // Every real device goes back to its kernel drivers; the
-            // bindings stay in the state file for the next start.
-            let _ = tokio::task::spawn_blocking(move || m.shutdown()).await;
-            let _ = std::fs::remove_file(path);
-        }
-        drop(exported);
-        // The demo image is deleted only after the devices are flushed and gone.
-        drop(demo_image);
-        Ok::<(), String>(())
-    });
-    if let Some(pid) = &args.pid {
-        let _ = std::fs::remove_file(pid);
+        // Every real device goes back to its kernel drivers; the
+        // bindings stay in the state file for the next start.
+        let manager = self.manager;
+        let _ = tokio::task::spawn_blocking(move || manager.shutdown()).await;
+        let _ = std::fs::remove_file(self.path);
     }
-    result
 }
 
 fn bind(args: &Args, port: u16) -> Result<Vec<Listener>, String> {
