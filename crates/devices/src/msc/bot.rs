@@ -160,16 +160,20 @@ impl MassStorage {
         };
 
         let cdb = &cbw.cb;
-        let sh = shape(cdb, cbw.cb_len);
-        let dir = if sh.len == 0 { Dir::None } else { sh.dir };
-        let mut len = sh.len;
+        let cmd_shape = shape(cdb, cbw.cb_len);
+        let dir = if cmd_shape.len == 0 {
+            Dir::None
+        } else {
+            cmd_shape.dir
+        };
+        let mut len = cmd_shape.len;
         // Host expects less than the device intends (BOT cases 2, 3, 7, 13):
         // do the command, move only what the host allows, report a phase error.
         if self.host_left < len {
             len = self.host_left;
             self.status = CSW_PHASE_ERROR;
         }
-        let exec = if (host_dir != dir && len > 0) || cbw.cb_len < sh.cdb_len {
+        let exec = if (host_dir != dir && len > 0) || cbw.cb_len < cmd_shape.cdb_len {
             // Opposite directions (cases 8, 10), or a command block too
             // short for its opcode: the command is not run at all.
             self.status = CSW_PHASE_ERROR;
@@ -178,7 +182,7 @@ impl MassStorage {
             if cdb[0] != op::REQUEST_SENSE {
                 self.sense = Sense::NONE;
             }
-            if sh.needs_medium && self.blocks == 0 {
+            if cmd_shape.needs_medium && self.blocks == 0 {
                 self.fail(Sense::NOT_PRESENT);
                 Exec::Nothing
             } else {
@@ -197,18 +201,21 @@ impl MassStorage {
                 let n = (self.reply.len() as u64).min(len);
                 (Io::Reply, n)
             }
-            Exec::Read { offset, len: l } => {
-                let n = l.min(len);
+            Exec::Read {
+                offset,
+                len: wanted,
+            } => {
+                let n = wanted.min(len);
                 self.disk.begin_read(offset, n);
                 (Io::Read, n)
             }
             Exec::Write {
                 offset,
-                len: l,
+                len: wanted,
                 fua,
             } => {
                 self.sync_after_write = fua;
-                (Io::Write { offset }, l.min(len))
+                (Io::Write { offset }, wanted.min(len))
             }
         };
         self.io = io;

@@ -171,8 +171,8 @@ impl MassStorage {
     }
 
     fn request_sense(&mut self) -> Exec {
-        let s = self.sense.fixed();
-        self.reply.extend_from_slice(&s);
+        let fixed = self.sense.fixed();
+        self.reply.extend_from_slice(&fixed);
         self.sense = Sense::NONE;
         Exec::Reply
     }
