@@ -60,12 +60,12 @@ impl PtyBridge {
         // Two descriptors for the master so that reading and writing each
         // get their own readiness registration. tokio's pipe types do plain
         // non-blocking read(2)/write(2), which is all a pty master needs.
-        let master_w = pty.master.try_clone()?;
+        let master_for_writes = pty.master.try_clone()?;
         let (rx, tx) = {
             let _guard = rt.enter();
             (
                 pipe::Receiver::from_owned_fd_unchecked(pty.master)?,
-                pipe::Sender::from_owned_fd_unchecked(master_w)?,
+                pipe::Sender::from_owned_fd_unchecked(master_for_writes)?,
             )
         };
         let tasks = [

@@ -87,12 +87,12 @@ async fn tcp_client(
     from_host: &ByteQueue,
 ) {
     let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
+    let (mut reader, mut writer) = stream.into_split();
     let up = async {
         let mut tmp = [0u8; CHUNK];
         loop {
             let room = poll_fn(|cx| to_host.poll_room(cx)).await;
-            match rd.read(&mut tmp[..room.min(CHUNK)]).await {
+            match reader.read(&mut tmp[..room.min(CHUNK)]).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
                     to_host.push(&tmp[..n]);
@@ -104,7 +104,7 @@ async fn tcp_client(
         let mut tmp = [0u8; CHUNK];
         loop {
             let n = poll_fn(|cx| from_host.poll_read(&mut tmp, cx)).await;
-            if wr.write_all(&tmp[..n]).await.is_err() {
+            if writer.write_all(&tmp[..n]).await.is_err() {
                 return;
             }
         }
