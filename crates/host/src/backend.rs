@@ -19,7 +19,7 @@ use usbwire_proto::{DeviceInfo, Direction, Errno};
 use usbwire_server::backend::is_reset_request;
 use usbwire_server::{Backend, Completion, Urb, UrbId};
 
-use crate::sysfs::{Descriptors, Roots, SysDevice};
+use crate::sysfs::{EndpointTypes, LocalDevice, Roots};
 use crate::usbfs::{self, Transfer, Usbfs};
 
 /// URBs of one bulk/interrupt endpoint kept in the host controller at once.
@@ -127,8 +127,8 @@ struct Submitted {
 pub struct UsbfsBackend {
     dev: Usbfs,
     roots: Roots,
-    sys: SysDevice,
-    desc: Descriptors,
+    sys: LocalDevice,
+    desc: EndpointTypes,
     config: u8,
     alts: BTreeMap<u8, u8>,
     /// Interfaces we claimed, with the driver each had before.
@@ -146,14 +146,18 @@ pub struct UsbfsBackend {
 impl UsbfsBackend {
     /// Takes over `sys`: every interface of the active configuration is
     /// detached from its driver and claimed.
-    pub fn claim(roots: &Roots, sys: SysDevice) -> io::Result<UsbfsBackend> {
+    pub fn claim(roots: &Roots, sys: LocalDevice) -> io::Result<UsbfsBackend> {
         let dev = Usbfs::open(&sys.devnode(roots))?;
-        let desc = Descriptors::parse(&sys.descriptors()?);
+        let desc = EndpointTypes::parse(&sys.descriptors()?);
         let mut b = UsbfsBackend {
             dev,
             roots: roots.clone(),
-            config: sys.config_value,
-            alts: sys.interfaces.iter().map(|i| (i.number, i.alt)).collect(),
+            config: sys.active_configuration(),
+            alts: sys
+                .interfaces
+                .iter()
+                .map(|i| (i.number, i.alternate_setting))
+                .collect(),
             claimed: Vec::new(),
             sys,
             desc,
@@ -185,7 +189,7 @@ impl UsbfsBackend {
         &self.sys.busid
     }
 
-    pub fn sys(&self) -> &SysDevice {
+    pub fn sys(&self) -> &LocalDevice {
         &self.sys
     }
 
@@ -210,12 +214,16 @@ impl UsbfsBackend {
     }
 
     fn refresh(&mut self) {
-        if let Ok(s) = SysDevice::read(&self.roots, &self.sys.busid) {
+        if let Ok(s) = self.roots.local_device(&self.sys.busid) {
             if let Ok(raw) = s.descriptors() {
-                self.desc = Descriptors::parse(&raw);
+                self.desc = EndpointTypes::parse(&raw);
             }
-            self.config = s.config_value;
-            self.alts = s.interfaces.iter().map(|i| (i.number, i.alt)).collect();
+            self.config = s.active_configuration();
+            self.alts = s
+                .interfaces
+                .iter()
+                .map(|i| (i.number, i.alternate_setting))
+                .collect();
         }
     }
 

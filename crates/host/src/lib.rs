@@ -1,5 +1,7 @@
 //! Exporting real USB devices through Linux usbfs.
 //!
+//! * [`sysfs`] is the one model of local USB devices: the enumerator that
+//!   `usbip list -l` and `bind` share, and the one hub rule.
 //! * [`bind::Manager`] binds and unbinds devices (busy checks in [`busy`],
 //!   bindings persisted by [`state`]) and follows hotplug by polling sysfs.
 //! * [`backend::UsbfsBackend`] is the server [`usbwire_server::Backend`]
@@ -16,4 +18,4 @@ pub mod usbfs;
 
 pub use backend::UsbfsBackend;
 pub use bind::{BindError, BindingStatus, Manager};
-pub use sysfs::Roots;
+pub use sysfs::{ExportStatus, LocalDevice, LocalError, LocalInterface, NotExportable, Roots};
