@@ -396,20 +396,11 @@ impl Manager {
         }
     }
 
-    /// Polls for hotplug every `every` until the task is aborted.
-    pub fn spawn_hotplug(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
-        let this = self.clone();
-        tokio::spawn(async move {
-            let mut t = tokio::time::interval(every);
-            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                t.tick().await;
-                let m = this.clone();
-                if tokio::task::spawn_blocking(move || m.poll()).await.is_err() {
-                    warn!("hotplug pass panicked");
-                }
-            }
-        })
+    /// Follows hotplug until the task is aborted: a pass per kernel uevent
+    /// about a USB device, or, where no uevents arrive, a pass every
+    /// `poll_every` ([`crate::hotplug`]).
+    pub fn spawn_hotplug(self: &Arc<Self>, poll_every: Duration) -> tokio::task::JoinHandle<()> {
+        crate::hotplug::spawn(self.clone(), &self.roots, poll_every)
     }
 
     /// Gives every exported device back to its kernel drivers, keeping the

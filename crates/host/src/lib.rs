@@ -3,7 +3,8 @@
 //! * [`sysfs`] is the one model of local USB devices: the enumerator that
 //!   `usbip list -l` and `bind` share, and the one hub rule.
 //! * [`bind::Manager`] binds and unbinds devices (busy checks in [`busy`],
-//!   bindings persisted by [`state`]) and follows hotplug by polling sysfs.
+//!   bindings persisted by [`state`]) and follows hotplug from kernel
+//!   uevents ([`hotplug`]).
 //! * [`backend::UsbfsBackend`] is the server [`usbwire_server::Backend`]
 //!   of a bound device.
 //! * [`usbfs`] holds the raw ioctls, the only unsafe code of the crate.
@@ -12,6 +13,7 @@
 pub mod backend;
 pub mod bind;
 pub mod busy;
+pub mod hotplug;
 pub mod state;
 pub mod sysfs;
 pub mod usbfs;

@@ -428,6 +428,15 @@ impl Drop for Usbfs {
     }
 }
 
+/// Registers a descriptor this crate owns with tokio's reactor (the
+/// uevent socket's; tokio makes that registration `unsafe`, and this
+/// module holds the crate's unsafe code).
+pub fn register_owned(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: the AsyncFd owns the descriptor, so it stays open while
+    // registered and nothing else can replace or close it.
+    unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into_parts().1)
+}
+
 /// A raw fd for tokio's `AsyncFd`, borrowed from a [`Usbfs`] that outlives it.
 pub struct FdRef(pub RawFd);
 
