@@ -7,6 +7,12 @@
 //! descriptor (which kills and waits for every URB still in the kernel,
 //! `usbdev_release` → `destroy_all_async`) before it frees them. Nothing
 //! outside this module can make the kernel write to freed memory.
+//!
+//! The ioctl numbers are `linux-raw-sys`'s and the calls go through
+//! `rustix::ioctl`; the argument structs are declared here, with their sizes
+//! checked at compile time against the ones the ioctl numbers encode.
+//! [`refusal_errno`] and [`completion_errno`] are the crate's one
+//! translation of usbfs errnos into what an importer sees.
 #![allow(unsafe_code)]
 
 use std::collections::HashMap;
