@@ -4,7 +4,7 @@
 //! use it, so `list -l --mark` never calls exportable what `bind` refuses.
 //!
 //! Every path is under [`Roots`] (`/` on a real system) so that tests can
-//! use a fake tree ([`fake`], behind the `test-util` feature).
+//! use a fake tree (`sysfs::fake`, behind the `test-util` feature).
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
