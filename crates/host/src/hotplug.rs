@@ -115,8 +115,10 @@ impl<'a> Uevent<'a> {
 pub enum Change {
     /// These USB devices (bus ids, in arrival order) came, went or changed.
     Devices(Vec<String>),
-    /// The kernel dropped events (`ENOBUFS`): anything may have changed.
-    Overflow,
+    /// Anything may have changed: the kernel dropped events (`ENOBUFS`),
+    /// or nothing has been heard yet (the first pass, and every pass where
+    /// hotplug is polled).
+    Unknown,
 }
 
 /// What one receive attempt means.
@@ -215,7 +217,7 @@ impl UeventSocket {
                 match classify(result, self.kernel_only) {
                     Ok(Received::Device(busid)) => devices.push(busid),
                     Ok(Received::Ignored) => {}
-                    Ok(Received::Overflow) => return Ok(Change::Overflow),
+                    Ok(Received::Overflow) => return Ok(Change::Unknown),
                     Ok(Received::Drained) => {
                         guard.clear_ready();
                         break;
@@ -239,11 +241,11 @@ where
     Fut: Future<Output = ()>,
 {
     // Whatever changed before the socket joined the group.
-    pass(Change::Overflow).await;
+    pass(Change::Unknown).await;
     loop {
         match socket.changed().await {
             Ok(change) => {
-                if change == Change::Overflow {
+                if change == Change::Unknown {
                     info!("the kernel dropped uevents (ENOBUFS); looking at every binding");
                 }
                 pass(change).await;
@@ -291,7 +293,7 @@ pub(crate) fn spawn(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            pass_of(&manager, Change::Overflow).await;
+            pass_of(&manager, Change::Unknown).await;
         }
     })
 }
@@ -446,11 +448,7 @@ mod tests {
             passes.send(change).unwrap();
             async {}
         }));
-        assert_eq!(
-            passed.recv().await,
-            Some(Change::Overflow),
-            "the first pass"
-        );
+        assert_eq!(passed.recv().await, Some(Change::Unknown), "the first pass");
         let interface = datagram(
             "unbind",
             "/devices/platform/dummy_hcd.0/usb1/1-1/1-1:1.0",
