@@ -1108,3 +1108,76 @@ echo DONE
     assert!(line("LOCAL-AFTER-FORCE=").starts_with("/dev/sd"));
     assert!(text.contains("SERVED-AGAIN"));
 }
+
+/// Hotplug follows the kernel's uevents: usbipd runs with a poll interval
+/// far longer than the waits below, and says it follows uevents (it would
+/// log `no kernel uevents` and poll otherwise), so only a uevent can make
+/// it drop the unplugged device and export it again when it comes back.
+/// Also: our `list -l` and the C tool's list the same devices.
+#[test]
+fn kernel_usbfs_hotplug_follows_uevents() {
+    let Some(guest) = kernel::require() else {
+        return;
+    };
+    let t0 = Instant::now();
+    let script = PRELUDE.to_string()
+        + &format!(
+            r#"
+modprobe dummy_hcd
+{ss}
+busid=$(usbwire_udc_busid {udc})
+echo "BUSID=$busid"
+echo "== list -l"
+# The C tool lists as soon as it parses -l: -p goes first.
+usbip list -p -l > /tmp/c.list
+usbip-rs list -p -l > /tmp/rs.list
+cat /tmp/c.list
+echo "C-LIST=$(tr '\n' ' ' < /tmp/c.list)"
+echo "RS-LIST=$(tr '\n' ' ' < /tmp/rs.list)"
+usbipd-rs --state-file /var/lib/usbwire/bindings.json --hotplug-interval-ms 60000 >>/tmp/usbipd.log 2>&1 & DAEMON=$!
+usbwire_wait_path /run/usbwire/usbipd.sock 20; usbwire_wait_listen 3240 20
+usbip-rs bind -b "$busid"
+usbip list -r 127.0.0.1 | grep -q " $busid:" && echo "EXPORTED"
+echo "MARK=$(usbip-rs list -l --mark | grep -- "- busid $busid ")"
+
+echo "== unplug"
+echo '' > /sys/kernel/config/usb_gadget/ss/UDC
+usbwire_wait_cmd 60 grep -q "$busid was unplugged" /tmp/usbipd.log && echo "DROPPED"
+usbip list -r 127.0.0.1 2>&1 | grep -q " $busid:" || echo "GONE-FROM-DEVLIST"
+
+echo "== replug"
+echo {udc} > /sys/kernel/config/usb_gadget/ss/UDC
+usbwire_wait_cmd 60 grep -q "$busid is present again and exported" /tmp/usbipd.log && echo "BACK"
+usbip list -r 127.0.0.1 | grep -q " $busid:" && echo "EXPORTED-AGAIN"
+grep -q "following hotplug through kernel uevents" /tmp/usbipd.log && echo "UEVENTS"
+grep -q "no kernel uevents" /tmp/usbipd.log && echo "POLLED"
+kill $DAEMON; wait $DAEMON || true
+echo DONE
+"#,
+            ss = kernel::gadget_sourcesink_sh("ss", DUMMY_UDC),
+            udc = DUMMY_UDC,
+        );
+    let out = with_our_tools(guest)
+        .script(&script)
+        .timeout(Duration::from_secs(300))
+        .run()
+        .expect("guest run");
+    let text = finished(out, t0);
+    let line = |key: &str| output_value(&text, key).to_string();
+    let said = |word: &str| text.lines().any(|l| l.trim() == word);
+    let busid = line("BUSID=");
+    assert!(line("C-LIST=").contains(&format!("busid={busid}#")));
+    assert_eq!(
+        line("RS-LIST="),
+        line("C-LIST="),
+        "list -l -p as the C tool"
+    );
+    assert!(said("EXPORTED"));
+    assert!(line("MARK=").contains("(exported by usbipd)"), "{text}");
+    assert!(said("UEVENTS"), "usbipd follows uevents");
+    assert!(!said("POLLED"), "usbipd fell back to polling");
+    assert!(said("DROPPED"), "the unplug was noticed");
+    assert!(said("GONE-FROM-DEVLIST"));
+    assert!(said("BACK"), "the replug was noticed");
+    assert!(said("EXPORTED-AGAIN"));
+}

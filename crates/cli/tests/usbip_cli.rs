@@ -9,9 +9,9 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use common::*;
-use usbwire_client::local::fake::{device, interface, root_hub, FakeDevice};
 use usbwire_client::vhci::fake::{set_status, vhci, Used};
 use usbwire_client::{PortState, Speed};
+use usbwire_host::sysfs::fake::{device, interface, root_hub, FakeDevice};
 
 fn usbip(root: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_usbip"))

@@ -7,16 +7,14 @@
 //! typed errors.
 //!
 //! [`vhci`] hands an imported device to the kernel's vhci-hcd instead
-//! (`usbip attach/detach/port`), and [`local`] reads the local USB devices
-//! from sysfs (`usbip list -l`).
+//! (`usbip attach/detach/port`). Local USB devices (`usbip list -l`) are
+//! `usbwire_host::sysfs`'s.
 
 mod error;
-pub mod local;
 mod remote;
 pub mod vhci;
 
 pub use error::{ClientError, TransferError};
-pub use local::{LocalDevice, LocalError, LocalInterface, NotExportable, Sysfs};
 pub use remote::{
     import, import_stream, list, Completion, RemoteDevice, Transfer, TransferRequest,
 };

@@ -41,7 +41,6 @@ use usbwire_proto::{
 };
 
 use crate::error::ClientError;
-use crate::local::{LocalDevice, Sysfs};
 
 /// Where the C tool keeps its port records, relative to the root.
 pub const STATE_DIR: &str = "var/run/vhci_hcd";
@@ -259,32 +258,14 @@ impl PortRecord {
     }
 }
 
-/// A used port with what is known about it: what `usbip port` shows.
+/// A used port with what vhci-hcd and the port record say about it. What
+/// `usbip port` shows also takes the local device vhci-hcd created
+/// (`status.local_busid`), which `usbwire_host::sysfs` reads.
 #[derive(Debug, Clone)]
 pub struct ImportedDevice {
     pub status: PortStatus,
-    /// The local device vhci-hcd created (`local_busid` in sysfs).
-    pub local: Option<LocalDevice>,
     /// The port record, or why it could not be read.
     pub record: Result<PortRecord, String>,
-}
-
-impl ImportedDevice {
-    /// The speed the C tool prints: the local device's, from sysfs.
-    pub fn speed(&self) -> Speed {
-        self.local
-            .as_ref()
-            .map(|d| d.speed)
-            .unwrap_or(Speed::Unknown)
-    }
-
-    /// The local bus id (`3-1`).
-    pub fn local_busid(&self) -> &str {
-        self.local
-            .as_ref()
-            .map(|d| d.busid.as_str())
-            .unwrap_or(&self.status.local_busid)
-    }
 }
 
 /// Why talking to vhci-hcd failed.
@@ -407,11 +388,6 @@ impl Vhci {
 
     pub fn root(&self) -> &Path {
         &self.root
-    }
-
-    /// The sysfs tree under the same root.
-    pub fn sysfs(&self) -> Sysfs {
-        Sysfs::new(&self.root)
     }
 
     /// `root/sys/devices/platform`.
@@ -618,16 +594,14 @@ impl Vhci {
         let _ = fs::remove_dir(self.state_dir());
     }
 
-    /// The ports in use, with their local device and record, by port.
-    /// Ports being attached (and free ones) are left out, as the C tool does.
+    /// The ports in use, with their record, by port. Ports being attached
+    /// (and free ones) are left out, as the C tool does.
     pub fn imported(&self) -> Result<Vec<ImportedDevice>, VhciError> {
-        let sysfs = self.sysfs();
         Ok(self
             .ports()?
             .into_iter()
             .filter(|p| !matches!(p.state, PortState::Free | PortState::Initializing))
             .map(|status| ImportedDevice {
-                local: sysfs.device(&status.local_busid).ok(),
                 record: self.read_record(status.port),
                 status,
             })
@@ -1251,8 +1225,7 @@ mod tests {
     }
 
     #[test]
-    fn imported_devices_join_status_sysfs_and_records() {
-        use crate::local::fake::*;
+    fn imported_devices_join_status_and_records() {
         let t = tempfile::tempdir().unwrap();
         vhci(
             t.path(),
@@ -1273,16 +1246,6 @@ mod tests {
                 },
             ],
         );
-        device(
-            t.path(),
-            &FakeDevice {
-                devpath: "platform/vhci_hcd.0/usb3/3-1",
-                id_vendor: 0x0781,
-                id_product: 0x5567,
-                busnum: 3,
-                ..Default::default()
-            },
-        );
         let v = Vhci::new(t.path());
         v.write_record(
             0,
@@ -1296,13 +1259,10 @@ mod tests {
         let got = v.imported().unwrap();
         assert_eq!(got.len(), 2, "initializing port left out");
         assert_eq!(got[0].status.port, 0);
-        assert_eq!(got[0].local_busid(), "3-1");
-        assert_eq!(got[0].speed(), Speed::High);
-        assert_eq!(got[0].local.as_ref().unwrap().id_vendor, 0x0781);
+        assert_eq!(got[0].status.local_busid, "3-1");
         assert_eq!(got[0].record.as_ref().unwrap().host, "10.0.0.1");
         assert_eq!(got[1].status.port, 9);
-        assert!(got[1].local.is_none());
-        assert_eq!(got[1].speed(), Speed::Unknown);
+        assert_eq!(got[1].status.local_busid, "4-1");
         assert!(got[1].record.is_err());
         assert_eq!((got[1].status.busnum(), got[1].status.devnum()), (2, 5));
     }

@@ -19,8 +19,10 @@ use usbwire_proto::{DeviceInfo, Direction, Errno};
 use usbwire_server::backend::is_reset_request;
 use usbwire_server::{Backend, Completion, Urb, UrbId};
 
-use crate::sysfs::{Descriptors, Roots, SysDevice};
-use crate::usbfs::{self, Transfer, Usbfs};
+use rustix::io::Errno as UsbfsErrno;
+
+use crate::sysfs::{EndpointTypes, LocalDevice, Roots};
+use crate::usbfs::{self, completion_errno, refusal_errno, Usbfs, UsbfsUrb};
 
 /// URBs of one bulk/interrupt endpoint kept in the host controller at once.
 pub const MAX_ACTIVE_BULK: usize = 32;
@@ -29,32 +31,6 @@ pub const MAX_ACTIVE_ISO: usize = 8;
 /// How long the end of an import waits for the kernel to give back the
 /// URBs it discarded; a host controller normally does within milliseconds.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Maps a usbfs/ioctl error to the errno an importer should see.
-pub fn errno_of(e: &io::Error) -> Errno {
-    match e.raw_os_error() {
-        Some(libc::ENODEV) | Some(libc::ENOENT) | Some(libc::ESHUTDOWN) => Errno::ENODEV,
-        Some(libc::EPIPE) => Errno::EPIPE,
-        Some(libc::EPROTO) => Errno::EPROTO,
-        Some(libc::EILSEQ) => Errno::EILSEQ,
-        Some(libc::ETIME) | Some(libc::ETIMEDOUT) => Errno::ETIME,
-        Some(libc::EOVERFLOW) => Errno::EOVERFLOW,
-        Some(libc::ENOMEM) => Errno::ENOMEM,
-        Some(libc::EINVAL) => Errno::EINVAL,
-        Some(libc::EREMOTEIO) => Errno::EREMOTEIO,
-        Some(libc::ENOSPC) => Errno::ENOSPC,
-        Some(libc::EXDEV) => Errno::EXDEV,
-        Some(libc::ECONNRESET) => Errno::ECONNRESET,
-        Some(libc::EBUSY) => Errno::EBUSY,
-        _ => Errno::EPROTO,
-    }
-}
-
-/// Maps a completed URB's status (0 or a negative Linux errno) to the wire.
-pub fn status_errno(status: i32) -> Errno {
-    // Linux errnos are the same numbers on the wire.
-    Errno(status.checked_neg().unwrap_or(libc::EPROTO))
-}
 
 /// The usbfs flags for an URB with USB/IP `transfer_flags`, masked the way
 /// `usb_submit_urb` and stub_rx.c's `masking_bogus_flags` mask them.
@@ -111,6 +87,14 @@ enum Kind {
     Plain,
 }
 
+/// An URB built for usbfs, not yet submitted.
+struct Built {
+    urb: UsbfsUrb,
+    kind: Kind,
+    /// Queued behind another URB of its bulk endpoint.
+    continuation: bool,
+}
+
 struct Submitted {
     id: u64,
     kind: Kind,
@@ -127,8 +111,8 @@ struct Submitted {
 pub struct UsbfsBackend {
     dev: Usbfs,
     roots: Roots,
-    sys: SysDevice,
-    desc: Descriptors,
+    sys: LocalDevice,
+    desc: EndpointTypes,
     config: u8,
     alts: BTreeMap<u8, u8>,
     /// Interfaces we claimed, with the driver each had before.
@@ -137,7 +121,7 @@ pub struct UsbfsBackend {
     /// URBs submitted to usbfs, by the server's id for them (the client's
     /// seqnums may repeat).
     in_flight: HashMap<UrbId, Submitted>,
-    done: HashMap<u64, Transfer>,
+    done: HashMap<u64, UsbfsUrb>,
     gone: bool,
     /// Put the original drivers back when dropped.
     reattach: bool,
@@ -146,14 +130,18 @@ pub struct UsbfsBackend {
 impl UsbfsBackend {
     /// Takes over `sys`: every interface of the active configuration is
     /// detached from its driver and claimed.
-    pub fn claim(roots: &Roots, sys: SysDevice) -> io::Result<UsbfsBackend> {
+    pub fn claim(roots: &Roots, sys: LocalDevice) -> io::Result<UsbfsBackend> {
         let dev = Usbfs::open(&sys.devnode(roots))?;
-        let desc = Descriptors::parse(&sys.descriptors()?);
+        let desc = EndpointTypes::parse(&sys.descriptors()?);
         let mut b = UsbfsBackend {
             dev,
             roots: roots.clone(),
-            config: sys.config_value,
-            alts: sys.interfaces.iter().map(|i| (i.number, i.alt)).collect(),
+            config: sys.active_configuration(),
+            alts: sys
+                .interfaces
+                .iter()
+                .map(|i| (i.number, i.alternate_setting))
+                .collect(),
             claimed: Vec::new(),
             sys,
             desc,
@@ -172,7 +160,7 @@ impl UsbfsBackend {
         for (n, driver) in ifaces {
             if let Err(e) = b.dev.disconnect_claim(n) {
                 return Err(io::Error::new(
-                    e.kind(),
+                    io::Error::from(e).kind(),
                     format!("cannot claim interface {n} of {}: {e}", b.sys.busid),
                 ));
             }
@@ -185,7 +173,7 @@ impl UsbfsBackend {
         &self.sys.busid
     }
 
-    pub fn sys(&self) -> &SysDevice {
+    pub fn sys(&self) -> &LocalDevice {
         &self.sys
     }
 
@@ -202,7 +190,7 @@ impl UsbfsBackend {
     fn reclaim(&mut self) {
         for (n, _) in self.claimed.clone() {
             if let Err(e) = self.dev.disconnect_claim(n) {
-                if e.raw_os_error() != Some(libc::EBUSY) {
+                if e != UsbfsErrno::BUSY {
                     debug!(busid = %self.sys.busid, "re-claiming interface {n}: {e}");
                 }
             }
@@ -210,12 +198,16 @@ impl UsbfsBackend {
     }
 
     fn refresh(&mut self) {
-        if let Ok(s) = SysDevice::read(&self.roots, &self.sys.busid) {
+        if let Ok(s) = self.roots.local_device(&self.sys.busid) {
             if let Ok(raw) = s.descriptors() {
-                self.desc = Descriptors::parse(&raw);
+                self.desc = EndpointTypes::parse(&raw);
             }
-            self.config = s.config_value;
-            self.alts = s.interfaces.iter().map(|i| (i.number, i.alt)).collect();
+            self.config = s.active_configuration();
+            self.alts = s
+                .interfaces
+                .iter()
+                .map(|i| (i.number, i.alternate_setting))
+                .collect();
         }
     }
 
@@ -223,12 +215,12 @@ impl UsbfsBackend {
     fn reap_all(&mut self) {
         loop {
             match self.dev.reap() {
-                Ok((id, t)) => {
+                Ok(Some((id, t))) => {
                     self.done.insert(id, t);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Ok(None) => return,
                 Err(e) => {
-                    if e.raw_os_error() == Some(libc::ENODEV) {
+                    if e == UsbfsErrno::NODEV {
                         if !self.gone {
                             info!(busid = %self.sys.busid, "device unplugged");
                         }
@@ -242,14 +234,14 @@ impl UsbfsBackend {
         }
     }
 
-    fn io_result(&mut self, r: io::Result<()>) -> Result<usize, Errno> {
+    fn io_result(&mut self, r: Result<(), UsbfsErrno>) -> Result<usize, Errno> {
         match r {
             Ok(()) => Ok(0),
             Err(e) => {
-                if e.raw_os_error() == Some(libc::ENODEV) {
+                if e == UsbfsErrno::NODEV {
                     self.gone = true;
                 }
-                Err(errno_of(&e))
+                Err(refusal_errno(e))
             }
         }
     }
@@ -307,124 +299,83 @@ impl UsbfsBackend {
         if self.gone {
             return Some(Completion::failed(Errno::ENODEV));
         }
-        let len = urb.length.min(urb.buf.len());
         let ep = urb.ep_address();
-        let (t, kind) = if urb.ep == 0 {
+        let built = if urb.ep == 0 {
             if let Some(r) = self.special_control(urb) {
                 return Some(r.into());
             }
-            let in_dir = urb.setup.direction() == Direction::In;
-            let wlen = (urb.setup.length as usize).min(len);
-            let mut b = vec![0u8; 8 + wlen];
-            b[..8].copy_from_slice(&urb.setup.to_bytes());
-            if !in_dir {
-                b[8..].copy_from_slice(&urb.buf[..wlen]);
-            }
-            let dir = if in_dir {
-                Direction::In
-            } else {
-                Direction::Out
-            };
-            let f = usbfs_flags(urb.transfer_flags, TransferType::Control, dir, false);
-            let n = b.len();
-            (
-                Transfer::new(usbfs::TYPE_CONTROL, 0, f, b, n, &[], 0),
-                Kind::Control,
-            )
+            Ok(control_urb(urb))
         } else {
-            let Some(tt) = self.transfer_type(ep) else {
-                return Some(Completion::failed(Errno::EPIPE));
-            };
-            match tt {
-                TransferType::Isochronous => {
-                    let lens: Vec<u32> = urb.iso.iter().map(|p| p.length).collect();
-                    let total: usize = lens.iter().map(|&l| l as usize).sum();
-                    let mut b = vec![0u8; total];
-                    if urb.direction == Direction::Out {
-                        // usbfs packs packets back to back; USB/IP gives offsets.
-                        let mut at = 0;
-                        for p in &urb.iso {
-                            let (o, l) = (p.offset as usize, p.length as usize);
-                            if o + l > len {
-                                return Some(Completion::failed(Errno::EINVAL));
-                            }
-                            b[at..at + l].copy_from_slice(&urb.buf[o..o + l]);
-                            at += l;
-                        }
-                    }
-                    let f = usbfs_flags(urb.transfer_flags, tt, urb.direction, false);
-                    (
-                        Transfer::new(usbfs::TYPE_ISO, ep, f, b, total, &lens, urb.start_frame),
-                        Kind::Iso(lens),
-                    )
-                }
-                TransferType::Bulk | TransferType::Interrupt => {
+            match self.transfer_type(ep) {
+                Some(TransferType::Isochronous) => iso_urb(urb, ep),
+                Some(tt @ (TransferType::Bulk | TransferType::Interrupt)) => {
                     let continuation =
                         tt == TransferType::Bulk && self.in_flight.values().any(|s| s.ep == ep);
-                    let f = usbfs_flags(urb.transfer_flags, tt, urb.direction, continuation);
-                    let typ = if tt == TransferType::Bulk {
-                        usbfs::TYPE_BULK
-                    } else {
-                        usbfs::TYPE_INTERRUPT
-                    };
-                    // The session's buffer goes to the kernel and comes back
-                    // on completion: no copy.
-                    let b = std::mem::take(&mut urb.buf);
-                    (Transfer::new(typ, ep, f, b, len, &[], 0), Kind::Plain)
+                    Ok(plain_urb(urb, ep, tt, continuation))
                 }
-                TransferType::Control => return Some(Completion::failed(Errno::EPIPE)),
+                Some(TransferType::Control) | None => Err(Errno::EPIPE),
             }
         };
+        match built {
+            Ok(built) => self.hand_to_kernel(urb, ep, built),
+            Err(errno) => Some(Completion::failed(errno)),
+        }
+    }
+
+    /// Submits a built URB: `None` once the kernel has it, else how it ended.
+    fn hand_to_kernel(&mut self, urb: &mut Urb, ep: u8, built: Built) -> Option<Completion> {
+        let Built {
+            urb: usbfs_urb,
+            kind,
+            continuation,
+        } = built;
         let id = self.next_id;
         self.next_id += 1;
-        match self.dev.submit(id, t) {
+        let e = match self.dev.submit(id, usbfs_urb) {
             Ok(()) => {
-                let continuation = matches!(kind, Kind::Plain)
-                    && self.transfer_type(ep) == Some(TransferType::Bulk)
-                    && self.in_flight.values().any(|s| s.ep == ep);
-                self.in_flight.insert(
-                    urb.id,
-                    Submitted {
-                        id,
-                        kind,
-                        ep,
-                        continuation,
-                        cancelled: false,
-                    },
-                );
-                None
+                let submitted = Submitted {
+                    id,
+                    kind,
+                    ep,
+                    continuation,
+                    cancelled: false,
+                };
+                self.in_flight.insert(urb.id, submitted);
+                return None;
             }
-            Err((t, e)) => {
+            Err((usbfs_urb, e)) => {
                 if matches!(kind, Kind::Plain) {
-                    urb.buf = t.into_buf();
+                    urb.buf = usbfs_urb.into_buf();
                 }
-                debug!(busid = %self.sys.busid, ep, "submit failed: {e}");
-                if e.raw_os_error() == Some(libc::ENODEV) {
-                    self.gone = true;
-                }
-                let continuation = matches!(kind, Kind::Plain)
-                    && self.transfer_type(ep) == Some(TransferType::Bulk)
-                    && self.in_flight.values().any(|s| s.ep == ep);
-                if continuation && e.raw_os_error() == Some(libc::EREMOTEIO) {
-                    // usbfs refuses continuations after an earlier failure
-                    // on the endpoint until a new transfer starts: not run.
-                    if urb.buf.len() < urb.length {
-                        urb.buf.resize(urb.length, 0);
-                    }
-                    return Some(Completion::NotStarted);
-                }
-                Some(Completion::failed(errno_of(&e)))
+                e
             }
+        };
+        debug!(busid = %self.sys.busid, ep, "submit failed: {e}");
+        if e == UsbfsErrno::NODEV {
+            self.gone = true;
         }
+        if continuation && e == UsbfsErrno::REMOTEIO {
+            // usbfs refuses continuations after an earlier failure on the
+            // endpoint until a new transfer starts: not run.
+            if urb.buf.len() < urb.length {
+                urb.buf.resize(urb.length, 0);
+            }
+            return Some(Completion::NotStarted);
+        }
+        Some(Completion::failed(refusal_errno(e)))
     }
 
     /// What the kernel gave back, with whatever data moved before an
     /// error, as usbip-host forwards it.
-    fn finish(&mut self, urb: &mut Urb, sub: Submitted, t: Transfer) -> Completion {
-        let status = t.status();
+    fn finish(&mut self, urb: &mut Urb, sub: Submitted, t: UsbfsUrb) -> Completion {
+        let failure = t.failure();
         let actual = t.actual_length();
         let kind = sub.kind;
-        if sub.continuation && !sub.cancelled && status == -libc::ECONNRESET && actual == 0 {
+        if sub.continuation
+            && !sub.cancelled
+            && failure == Some(UsbfsErrno::CONNRESET)
+            && actual == 0
+        {
             // The kernel cancelled this continuation because an earlier URB
             // of the endpoint failed; it never ran.
             urb.buf = t.into_buf();
@@ -468,14 +419,18 @@ impl UsbfsBackend {
                 }
                 urb.start_frame = t.start_frame();
                 // -EXDEV: some packets failed, each with its own status.
-                let error = (status != 0 && status != -libc::EXDEV).then(|| status_errno(status));
+                let error = failure
+                    .filter(|&e| e != UsbfsErrno::XDEV)
+                    .map(completion_errno);
                 return Completion::Ran { actual, error };
             }
         }
         // A short IN with URB_SHORT_NOT_OK: the session reports -EREMOTEIO
         // itself.
-        let error = (status != 0 && status != -libc::EREMOTEIO).then(|| status_errno(status));
-        if status == -libc::ENODEV || status == -libc::ESHUTDOWN {
+        let error = failure
+            .filter(|&e| e != UsbfsErrno::REMOTEIO)
+            .map(completion_errno);
+        if matches!(failure, Some(UsbfsErrno::NODEV | UsbfsErrno::SHUTDOWN)) {
             self.gone = true;
         }
         Completion::Ran { actual, error }
@@ -509,7 +464,7 @@ impl UsbfsBackend {
             }
             match self.dev.wait_reapable(left) {
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(UsbfsErrno::INTR) => {}
                 Err(e) => {
                     warn!(busid = %self.sys.busid, "waiting for discarded URBs failed: {e}");
                     break;
@@ -532,6 +487,76 @@ impl UsbfsBackend {
     /// Do not put the kernel drivers back when dropped (the device is gone).
     pub fn skip_reattach(&mut self) {
         self.reattach = false;
+    }
+}
+
+/// A control URB: the setup packet, then the OUT data or room for the IN
+/// data, in one buffer as usbfs wants it.
+fn control_urb(urb: &Urb) -> Built {
+    let len = urb.length.min(urb.buf.len());
+    let in_dir = urb.setup.direction() == Direction::In;
+    let wlen = (urb.setup.length as usize).min(len);
+    let mut b = vec![0u8; 8 + wlen];
+    b[..8].copy_from_slice(&urb.setup.to_bytes());
+    if !in_dir {
+        b[8..].copy_from_slice(&urb.buf[..wlen]);
+    }
+    let dir = if in_dir {
+        Direction::In
+    } else {
+        Direction::Out
+    };
+    let f = usbfs_flags(urb.transfer_flags, TransferType::Control, dir, false);
+    let n = b.len();
+    Built {
+        urb: UsbfsUrb::new(usbfs::TYPE_CONTROL, 0, f, b, n, &[], 0),
+        kind: Kind::Control,
+        continuation: false,
+    }
+}
+
+/// An isochronous URB: usbfs packs the packets back to back, where USB/IP
+/// gives each its offset.
+fn iso_urb(urb: &Urb, ep: u8) -> Result<Built, Errno> {
+    let len = urb.length.min(urb.buf.len());
+    let lens: Vec<u32> = urb.iso.iter().map(|p| p.length).collect();
+    let total: usize = lens.iter().map(|&l| l as usize).sum();
+    let mut b = vec![0u8; total];
+    if urb.direction == Direction::Out {
+        let mut at = 0;
+        for p in &urb.iso {
+            let (o, l) = (p.offset as usize, p.length as usize);
+            if o + l > len {
+                return Err(Errno::EINVAL);
+            }
+            b[at..at + l].copy_from_slice(&urb.buf[o..o + l]);
+            at += l;
+        }
+    }
+    let tt = TransferType::Isochronous;
+    let f = usbfs_flags(urb.transfer_flags, tt, urb.direction, false);
+    Ok(Built {
+        urb: UsbfsUrb::new(usbfs::TYPE_ISO, ep, f, b, total, &lens, urb.start_frame),
+        kind: Kind::Iso(lens),
+        continuation: false,
+    })
+}
+
+/// A bulk or interrupt URB: the session's buffer goes to the kernel and
+/// comes back on completion, no copy.
+fn plain_urb(urb: &mut Urb, ep: u8, tt: TransferType, continuation: bool) -> Built {
+    let len = urb.length.min(urb.buf.len());
+    let f = usbfs_flags(urb.transfer_flags, tt, urb.direction, continuation);
+    let typ = if tt == TransferType::Bulk {
+        usbfs::TYPE_BULK
+    } else {
+        usbfs::TYPE_INTERRUPT
+    };
+    let b = std::mem::take(&mut urb.buf);
+    Built {
+        urb: UsbfsUrb::new(typ, ep, f, b, len, &[], 0),
+        kind: Kind::Plain,
+        continuation,
     }
 }
 
@@ -744,17 +769,5 @@ mod tests {
             ),
             0
         );
-    }
-
-    #[test]
-    fn errors_map_to_wire_errnos() {
-        let e = |n| io::Error::from_raw_os_error(n);
-        assert_eq!(errno_of(&e(libc::ENODEV)), Errno::ENODEV);
-        assert_eq!(errno_of(&e(libc::EPIPE)), Errno::EPIPE);
-        assert_eq!(errno_of(&e(libc::ESHUTDOWN)), Errno::ENODEV);
-        assert_eq!(status_errno(-libc::EPIPE), Errno::EPIPE);
-        assert_eq!(status_errno(-libc::EPROTO), Errno::EPROTO);
-        assert_eq!(status_errno(-libc::ECONNRESET), Errno::ECONNRESET);
-        assert_eq!(status_errno(-libc::ESHUTDOWN), Errno::ESHUTDOWN);
     }
 }

@@ -14,7 +14,7 @@ use usbwire_server::{Registry, RegistryError, WaitBounds};
 use crate::backend::UsbfsBackend;
 use crate::busy::{self, Holder};
 use crate::state::{Binding, State};
-use crate::sysfs::{driver_of, Roots, SysDevice};
+use crate::sysfs::{driver_of, LocalDevice, NotExportable, Roots};
 
 /// Why a bind or unbind was refused. [`BindError::errno`] gives the
 /// errno-style name the control protocol reports.
@@ -89,14 +89,14 @@ pub struct BindingStatus {
 }
 
 /// Puts back drivers that `USBDEVFS_CONNECT` did not re-probe.
-pub(crate) fn restore_drivers(roots: &Roots, sys: &SysDevice, claimed: &[(u8, Option<String>)]) {
+pub(crate) fn restore_drivers(roots: &Roots, sys: &LocalDevice, claimed: &[(u8, Option<String>)]) {
     for (n, driver) in claimed {
         let Some(driver) = driver else { continue };
         if driver == "usbfs" {
             continue;
         }
         let name = sys.interface_name(*n);
-        let dir = sys.path.join(&name);
+        let dir = sys.syspath.join(&name);
         if driver_of(&dir).is_some() {
             continue;
         }
@@ -182,26 +182,21 @@ impl Manager {
         if busid.is_empty() || busid.contains('/') || busid.contains("..") {
             return Err(nf());
         }
-        let sys = SysDevice::read(&self.roots, busid).map_err(|_| nf())?;
-        if sys.is_hub() {
-            return Err(BindError::Hub {
-                busid: busid.into(),
-            });
+        let sys = self.roots.local_device(busid).map_err(|_| nf())?;
+        match sys.not_exportable() {
+            Some(NotExportable::Hub) => {
+                return Err(BindError::Hub {
+                    busid: busid.into(),
+                })
+            }
+            Some(NotExportable::Imported) => {
+                return Err(BindError::Vhci {
+                    busid: busid.into(),
+                })
+            }
+            None => {}
         }
-        if sys
-            .path
-            .components()
-            .any(|c| c.as_os_str().to_string_lossy().starts_with("vhci_hcd"))
-        {
-            return Err(BindError::Vhci {
-                busid: busid.into(),
-            });
-        }
-        if sys
-            .interfaces
-            .iter()
-            .any(|i| i.driver.as_deref() == Some("usbip-host"))
-        {
+        if sys.is_kernel_exported() {
             return Err(BindError::KernelStub {
                 busid: busid.into(),
             });
@@ -257,8 +252,8 @@ impl Manager {
             .map_err(|e| BindError::Io(format!("{busid}: {e}")))?;
         let binding = Binding {
             busid: busid.to_string(),
-            vendor: sys.vendor,
-            product: sys.product,
+            vendor: sys.id_vendor,
+            product: sys.id_product,
             serial: sys.serial.clone(),
             drivers: backend.original_drivers().to_vec(),
         };
@@ -271,7 +266,7 @@ impl Manager {
         inner.last_error.remove(busid);
         info!(
             "bound {busid} ({:04x}:{:04x}) and exported it",
-            sys.vendor, sys.product
+            sys.id_vendor, sys.id_product
         );
         Ok((warnings, binding))
     }
@@ -358,7 +353,7 @@ impl Manager {
         let mut inner = self.lock();
         let bindings = inner.state.bindings.clone();
         for b in bindings {
-            let sys = SysDevice::read(&self.roots, &b.busid).ok();
+            let sys = self.roots.local_device(&b.busid).ok();
             if let Some(&(busnum, devnum)) = inner.exported.get(&b.busid) {
                 let same = sys
                     .as_ref()
@@ -381,10 +376,10 @@ impl Manager {
                 }
             }
             let Some(sys) = sys else { continue };
-            if sys.vendor != b.vendor || sys.product != b.product {
+            if sys.id_vendor != b.vendor || sys.id_product != b.product {
                 continue;
             }
-            if sys.config_value == 0 {
+            if sys.active_configuration() == 0 {
                 // Still enumerating.
                 continue;
             }
@@ -401,20 +396,11 @@ impl Manager {
         }
     }
 
-    /// Polls for hotplug every `every` until the task is aborted.
-    pub fn spawn_hotplug(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
-        let this = self.clone();
-        tokio::spawn(async move {
-            let mut t = tokio::time::interval(every);
-            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                t.tick().await;
-                let m = this.clone();
-                if tokio::task::spawn_blocking(move || m.poll()).await.is_err() {
-                    warn!("hotplug pass panicked");
-                }
-            }
-        })
+    /// Follows hotplug until the task is aborted: a pass per kernel uevent
+    /// about a USB device, or, where no uevents arrive, a pass every
+    /// `poll_every` ([`crate::hotplug`]).
+    pub fn spawn_hotplug(self: &Arc<Self>, poll_every: Duration) -> tokio::task::JoinHandle<()> {
+        crate::hotplug::spawn(self.clone(), &self.roots, poll_every)
     }
 
     /// Gives every exported device back to its kernel drivers, keeping the

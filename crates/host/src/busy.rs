@@ -21,7 +21,7 @@ use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use crate::sysfs::{Roots, SysDevice};
+use crate::sysfs::{LocalDevice, Roots};
 
 /// One reason a device is busy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,12 +98,12 @@ fn read_trim(p: &Path) -> Option<String> {
 }
 
 /// Finds the block and character devices belonging to `dev`.
-pub fn nodes_of(roots: &Roots, dev: &SysDevice) -> Nodes {
+pub fn nodes_of(roots: &Roots, dev: &LocalDevice) -> Nodes {
     let mut n = Nodes::default();
     if let Ok(rd) = fs::read_dir(roots.sys.join("block")) {
         for e in rd.flatten() {
             let p = e.path();
-            if !is_under(&p, &dev.path) {
+            if !is_under(&p, &dev.syspath) {
                 continue;
             }
             let name = e.file_name().to_string_lossy().into_owned();
@@ -136,7 +136,7 @@ pub fn nodes_of(roots: &Roots, dev: &SysDevice) -> Nodes {
                 continue;
             }
             let p = e.path();
-            if !is_under(&p, &dev.path) {
+            if !is_under(&p, &dev.syspath) {
                 continue;
             }
             if let Some(mm) = read_trim(&p.join("dev")) {
@@ -270,7 +270,7 @@ pub fn openers(roots: &Roots, targets: &[(String, String, bool)]) -> Vec<Holder>
 }
 
 /// Every reason `dev` is busy. Holders that `--force` overrides come first.
-pub fn check(roots: &Roots, dev: &SysDevice) -> Vec<Holder> {
+pub fn check(roots: &Roots, dev: &LocalDevice) -> Vec<Holder> {
     let nodes = nodes_of(roots, dev);
     let mut out = mounted(roots, &nodes.block);
     out.extend(held(roots, &nodes.block));
@@ -331,7 +331,7 @@ mod tests {
 
     /// A fake tree: USB device 1-1 with a disk sda (partition sda1) and a
     /// ttyACM0; another device 1-2 with sdb.
-    fn tree() -> (tempfile::TempDir, Roots, SysDevice) {
+    fn tree() -> (tempfile::TempDir, Roots, LocalDevice) {
         let t = tempfile::tempdir().unwrap();
         let r = Roots::under(t.path());
         let d = r.sys.join("devices/pci0000:00/usb1/1-1");
@@ -375,7 +375,7 @@ mod tests {
         symlink(&tty, r.sys.join("class/tty/ttyACM0")).unwrap();
         symlink(&d, r.sys.join("bus/usb/devices/1-1")).unwrap();
         w(&r.proc.join("self/mountinfo"), "22 1 8:1 / /mnt/usb\\040disk rw,relatime - vfat /dev/sda1 rw\n23 1 8:16 / /other rw - ext4 /dev/sdb rw\n");
-        let dev = SysDevice::read(&r, "1-1").unwrap();
+        let dev = r.local_device("1-1").unwrap();
         (t, r, dev)
     }
 
@@ -443,7 +443,7 @@ mod tests {
         w(&p.join("comm"), "libusb-app");
         fs::create_dir_all(p.join("fd")).unwrap();
         symlink("/dev/bus/usb/001/002", p.join("fd/5")).unwrap();
-        let dev = SysDevice::read(&r, "1-1").unwrap();
+        let dev = r.local_device("1-1").unwrap();
         let h = check(&r, &dev);
         let u = Holder::Usbfs {
             interface: 0,

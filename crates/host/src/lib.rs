@@ -1,7 +1,10 @@
 //! Exporting real USB devices through Linux usbfs.
 //!
+//! * [`sysfs`] is the one model of local USB devices: the enumerator that
+//!   `usbip list -l` and `bind` share, and the one hub rule.
 //! * [`bind::Manager`] binds and unbinds devices (busy checks in [`busy`],
-//!   bindings persisted by [`state`]) and follows hotplug by polling sysfs.
+//!   bindings persisted by [`state`]) and follows hotplug from kernel
+//!   uevents ([`hotplug`]).
 //! * [`backend::UsbfsBackend`] is the server [`usbwire_server::Backend`]
 //!   of a bound device.
 //! * [`usbfs`] holds the raw ioctls, the only unsafe code of the crate.
@@ -10,10 +13,11 @@
 pub mod backend;
 pub mod bind;
 pub mod busy;
+pub mod hotplug;
 pub mod state;
 pub mod sysfs;
 pub mod usbfs;
 
 pub use backend::UsbfsBackend;
 pub use bind::{BindError, BindingStatus, Manager};
-pub use sysfs::Roots;
+pub use sysfs::{ExportStatus, LocalDevice, LocalError, LocalInterface, NotExportable, Roots};

@@ -3,50 +3,65 @@
 //!
 //! The kernel keeps a pointer to every submitted `usbdevfs_urb` and to its
 //! buffer until the URB is reaped. [`Usbfs`] therefore owns every submitted
-//! [`Transfer`] until [`Usbfs::reap`] hands it back, and closes the file
+//! [`UsbfsUrb`] until [`Usbfs::reap`] hands it back, and closes the file
 //! descriptor (which kills and waits for every URB still in the kernel,
 //! `usbdev_release` → `destroy_all_async`) before it frees them. Nothing
 //! outside this module can make the kernel write to freed memory.
+//!
+//! The ioctl numbers are `linux-raw-sys`'s and the calls go through
+//! `rustix::ioctl`; the argument structs are declared here, with their sizes
+//! checked at compile time against the ones the ioctl numbers encode.
+//! [`refusal_errno`] and [`completion_errno`] are the crate's one
+//! translation of usbfs errnos into what an importer sees.
 #![allow(unsafe_code)]
 
 use std::collections::HashMap;
-use std::ffi::c_void;
-use std::fs::OpenOptions;
+use std::ffi::{c_int, c_uint, c_void};
 use std::io;
 use std::mem::{size_of, ManuallyDrop};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use linux_raw_sys::ioctl::{
+    USBDEVFS_CLAIMINTERFACE, USBDEVFS_CLEAR_HALT, USBDEVFS_CONNECT, USBDEVFS_DISCARDURB,
+    USBDEVFS_DISCONNECT_CLAIM, USBDEVFS_IOCTL, USBDEVFS_REAPURBNDELAY, USBDEVFS_RELEASEINTERFACE,
+    USBDEVFS_RESET, USBDEVFS_SETCONFIGURATION, USBDEVFS_SETINTERFACE, USBDEVFS_SUBMITURB,
+};
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+use rustix::ioctl::{ioctl, Getter, IntegerSetter, Ioctl, NoArg, Opcode, Setter};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
+use usbwire_proto::Errno as WireErrno;
 
-const fn ioc(dir: u32, nr: u32, size: usize) -> libc::c_ulong {
-    ((dir << 30) | ((size as u32) << 16) | ((b'U' as u32) << 8) | nr) as libc::c_ulong
+/// The argument size an ioctl number encodes (`_IOC_SIZE`).
+const fn argument_size(opcode: u32) -> usize {
+    ((opcode >> 16) & 0x3fff) as usize
 }
-const NONE: u32 = 0;
-const WRITE: u32 = 1;
-const READ: u32 = 2;
 
+/// `struct usbdevfs_setinterface`.
 #[repr(C)]
 struct SetInterface {
-    interface: u32,
-    altsetting: u32,
+    interface: c_uint,
+    altsetting: c_uint,
 }
 
+/// `struct usbdevfs_disconnect_claim`.
 #[repr(C)]
 struct DisconnectClaim {
-    interface: u32,
-    flags: u32,
+    interface: c_uint,
+    flags: c_uint,
     driver: [u8; 256],
 }
 
+/// `struct usbdevfs_ioctl`.
 #[repr(C)]
 struct IoctlArg {
-    ifno: libc::c_int,
-    ioctl_code: libc::c_int,
+    ifno: c_int,
+    ioctl_code: c_int,
     data: *mut c_void,
 }
 
@@ -75,20 +90,20 @@ struct RawIso {
     status: u32,
 }
 
-const SETINTERFACE: libc::c_ulong = ioc(READ, 4, size_of::<SetInterface>());
-const SETCONFIGURATION: libc::c_ulong = ioc(READ, 5, size_of::<u32>());
-const SUBMITURB: libc::c_ulong = ioc(READ, 10, size_of::<RawUrb>());
-const DISCARDURB: libc::c_ulong = ioc(NONE, 11, 0);
-const REAPURBNDELAY: libc::c_ulong = ioc(WRITE, 13, size_of::<*mut c_void>());
-const CLAIMINTERFACE: libc::c_ulong = ioc(READ, 15, size_of::<u32>());
-const RELEASEINTERFACE: libc::c_ulong = ioc(READ, 16, size_of::<u32>());
-const IOCTL: libc::c_ulong = ioc(READ | WRITE, 18, size_of::<IoctlArg>());
-const RESET: libc::c_ulong = ioc(NONE, 20, 0);
-const CLEAR_HALT: libc::c_ulong = ioc(READ, 21, size_of::<u32>());
-const CONNECT: libc::c_ulong = ioc(NONE, 23, 0);
-const DISCONNECT_CLAIM: libc::c_ulong = ioc(READ, 27, size_of::<DisconnectClaim>());
+// The structs are declared here (the uapi header has no Rust binding), so
+// their sizes are checked against the ones the kernel's ioctl numbers carry.
+const _: () = assert!(argument_size(USBDEVFS_SUBMITURB) == size_of::<RawUrb>());
+const _: () = assert!(argument_size(USBDEVFS_SETINTERFACE) == size_of::<SetInterface>());
+const _: () = assert!(argument_size(USBDEVFS_DISCONNECT_CLAIM) == size_of::<DisconnectClaim>());
+const _: () = assert!(argument_size(USBDEVFS_IOCTL) == size_of::<IoctlArg>());
+const _: () = assert!(argument_size(USBDEVFS_REAPURBNDELAY) == size_of::<*mut RawUrb>());
+const _: () = assert!(argument_size(USBDEVFS_CLAIMINTERFACE) == size_of::<c_uint>());
+const _: () = assert!(argument_size(USBDEVFS_RELEASEINTERFACE) == size_of::<c_uint>());
+const _: () = assert!(argument_size(USBDEVFS_SETCONFIGURATION) == size_of::<c_uint>());
+const _: () = assert!(argument_size(USBDEVFS_CLEAR_HALT) == size_of::<c_uint>());
 
-/// usbfs URB types.
+/// usbfs URB types (`USBDEVFS_URB_TYPE_*`; the uapi header's, which
+/// `linux-raw-sys` does not carry).
 pub const TYPE_ISO: u8 = 0;
 pub const TYPE_INTERRUPT: u8 = 1;
 pub const TYPE_CONTROL: u8 = 2;
@@ -103,7 +118,7 @@ pub const URB_NO_INTERRUPT: u32 = 0x80;
 
 /// One URB as usbfs runs it: the `usbdevfs_urb` (with its ISO packet
 /// descriptors) and the data buffer it points to.
-pub struct Transfer {
+pub struct UsbfsUrb {
     /// `RawUrb` followed by `n_iso` `RawIso`, in u64 words for alignment.
     storage: Vec<u64>,
     buf: Vec<u8>,
@@ -111,10 +126,10 @@ pub struct Transfer {
 }
 
 // SAFETY: the raw pointers in `storage` point into `buf`, which the
-// Transfer owns; nothing else aliases them.
-unsafe impl Send for Transfer {}
+// UsbfsUrb owns; nothing else aliases them.
+unsafe impl Send for UsbfsUrb {}
 
-impl Transfer {
+impl UsbfsUrb {
     /// `length` bytes of `buf` (which must be at least that long) are the
     /// transfer buffer; `iso` holds the packet lengths of an ISO URB.
     pub fn new(
@@ -125,13 +140,13 @@ impl Transfer {
         length: usize,
         iso: &[u32],
         start_frame: i32,
-    ) -> Transfer {
+    ) -> UsbfsUrb {
         assert!(
             length <= buf.len(),
             "transfer buffer shorter than its length"
         );
         let bytes = size_of::<RawUrb>() + iso.len() * size_of::<RawIso>();
-        let mut t = Transfer {
+        let mut t = UsbfsUrb {
             storage: vec![0u64; bytes.div_ceil(8)],
             buf,
             n_iso: iso.len(),
@@ -180,9 +195,16 @@ impl Transfer {
         unsafe { &mut *(self.iso_ptr(i) as *mut RawIso) }
     }
 
-    /// The URB's status: 0 or a negative errno.
-    pub fn status(&self) -> i32 {
-        self.raw().status
+    /// How the URB failed, from its status (0 or a negative errno).
+    pub fn failure(&self) -> Option<Errno> {
+        match self.raw().status {
+            0 => None,
+            status => Some(
+                status
+                    .checked_neg()
+                    .map_or(Errno::PROTO, Errno::from_raw_os_error),
+            ),
+        }
     }
 
     pub fn actual_length(&self) -> usize {
@@ -221,12 +243,44 @@ impl Transfer {
     }
 }
 
-fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
+/// The errno an importer sees when usbfs refuses a request (the ioctl
+/// failed): one that means the device is gone is ENODEV, whatever the
+/// ioctl said; anything unexpected is a protocol error.
+///
+/// This and [`completion_errno`] are the crate's only translation of usbfs
+/// errnos. They differ on purpose: a refused submit's ENOENT means the
+/// device went away, while an URB that completes with -ENOENT was
+/// unlinked, which the importer must see as such.
+pub fn refusal_errno(e: Errno) -> WireErrno {
+    let forwarded = [
+        Errno::PIPE,
+        Errno::PROTO,
+        Errno::ILSEQ,
+        Errno::OVERFLOW,
+        Errno::NOMEM,
+        Errno::INVAL,
+        Errno::REMOTEIO,
+        Errno::NOSPC,
+        Errno::XDEV,
+        Errno::CONNRESET,
+        Errno::BUSY,
+    ];
+    if e == Errno::NODEV || e == Errno::NOENT || e == Errno::SHUTDOWN {
+        WireErrno::ENODEV
+    } else if e == Errno::TIMEDOUT || e == Errno::TIME {
+        WireErrno::ETIME
+    } else if forwarded.contains(&e) {
+        WireErrno(e.raw_os_error())
     } else {
-        Ok(r)
+        WireErrno::EPROTO
     }
+}
+
+/// The errno an importer sees for a URB that completed with `failure`
+/// ([`UsbfsUrb::failure`]), forwarded as usbip-host forwards it: Linux
+/// errnos are the wire's.
+pub fn completion_errno(failure: Errno) -> WireErrno {
+    WireErrno(failure.raw_os_error())
 }
 
 /// An open usbfs device node.
@@ -235,120 +289,170 @@ pub struct Usbfs {
     afd: Option<AsyncFd<FdRef>>,
     fd: ManuallyDrop<OwnedFd>,
     /// Submitted and not yet reaped, by id.
-    inflight: HashMap<u64, Transfer>,
+    inflight: HashMap<u64, UsbfsUrb>,
+}
+
+/// Runs one usbfs ioctl on `fd`.
+///
+/// # Safety
+/// `request`'s opcode must be a usbfs ioctl whose argument is what
+/// `request` passes, and any memory it points to must outlive the call (and,
+/// for a submitted URB, stay put until it is reaped).
+unsafe fn usbfs_ioctl<I: Ioctl>(fd: impl AsFd, request: I) -> Result<I::Output, Errno> {
+    // SAFETY: upheld by the caller.
+    unsafe { ioctl(fd, request) }
 }
 
 impl Usbfs {
     pub fn open(path: &Path) -> io::Result<Usbfs> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
-            .open(path)?;
+        let fd = rustix::fs::open(
+            path,
+            OFlags::RDWR | OFlags::CLOEXEC | OFlags::NONBLOCK,
+            Mode::empty(),
+        )?;
         Ok(Usbfs {
             afd: None,
-            fd: ManuallyDrop::new(f.into()),
+            fd: ManuallyDrop::new(fd),
             inflight: HashMap::new(),
         })
     }
 
-    fn ioctl_ptr<T>(&self, req: libc::c_ulong, arg: *mut T) -> io::Result<libc::c_int> {
-        // SAFETY: every caller passes a request whose argument type is T
-        // (or no argument), and `arg` outlives the call.
-        cvt(unsafe { libc::ioctl(self.fd.as_raw_fd(), req as _, arg) })
+    /// An ioctl whose argument is an `unsigned int` the kernel reads.
+    fn set_uint<const OPCODE: Opcode>(&self, value: u32) -> Result<(), Errno> {
+        // SAFETY: every caller's OPCODE takes a pointer to an unsigned int
+        // (checked against the opcode's size above).
+        unsafe { usbfs_ioctl(&*self.fd, Setter::<OPCODE, c_uint>::new(value)) }
     }
 
-    pub fn claim_interface(&self, iface: u8) -> io::Result<()> {
-        let mut n = iface as u32;
-        self.ioctl_ptr(CLAIMINTERFACE, &mut n).map(drop)
+    pub fn claim_interface(&self, iface: u8) -> Result<(), Errno> {
+        self.set_uint::<{ USBDEVFS_CLAIMINTERFACE as Opcode }>(iface.into())
     }
 
-    pub fn release_interface(&self, iface: u8) -> io::Result<()> {
-        let mut n = iface as u32;
-        self.ioctl_ptr(RELEASEINTERFACE, &mut n).map(drop)
+    pub fn release_interface(&self, iface: u8) -> Result<(), Errno> {
+        self.set_uint::<{ USBDEVFS_RELEASEINTERFACE as Opcode }>(iface.into())
     }
 
     /// Detaches whatever kernel driver has `iface` and claims it, atomically
     /// (`USBDEVFS_DISCONNECT_CLAIM` with no flags).
-    pub fn disconnect_claim(&self, iface: u8) -> io::Result<()> {
-        let mut dc = DisconnectClaim {
-            interface: iface as u32,
+    pub fn disconnect_claim(&self, iface: u8) -> Result<(), Errno> {
+        let claim = DisconnectClaim {
+            interface: iface.into(),
             flags: 0,
             driver: [0; 256],
         };
-        self.ioctl_ptr(DISCONNECT_CLAIM, &mut dc).map(drop)
+        // SAFETY: USBDEVFS_DISCONNECT_CLAIM reads a usbdevfs_disconnect_claim.
+        unsafe {
+            usbfs_ioctl(
+                &*self.fd,
+                Setter::<{ USBDEVFS_DISCONNECT_CLAIM as Opcode }, _>::new(claim),
+            )
+        }
     }
 
     /// Lets the kernel probe drivers for an interface that has none
     /// (`USBDEVFS_IOCTL` with `USBDEVFS_CONNECT`).
-    pub fn connect_interface(&self, iface: u8) -> io::Result<()> {
-        let mut a = IoctlArg {
-            ifno: iface as libc::c_int,
-            ioctl_code: CONNECT as libc::c_int,
+    pub fn connect_interface(&self, iface: u8) -> Result<(), Errno> {
+        let request = IoctlArg {
+            ifno: iface.into(),
+            ioctl_code: USBDEVFS_CONNECT as c_int,
             data: std::ptr::null_mut(),
         };
-        self.ioctl_ptr(IOCTL, &mut a).map(drop)
+        // SAFETY: USBDEVFS_IOCTL reads a usbdevfs_ioctl; CONNECT has no data.
+        unsafe {
+            usbfs_ioctl(
+                &*self.fd,
+                Setter::<{ USBDEVFS_IOCTL as Opcode }, _>::new(request),
+            )
+        }
     }
 
-    pub fn set_interface(&self, iface: u8, alt: u8) -> io::Result<()> {
-        let mut s = SetInterface {
-            interface: iface as u32,
-            altsetting: alt as u32,
+    pub fn set_interface(&self, iface: u8, alt: u8) -> Result<(), Errno> {
+        let setting = SetInterface {
+            interface: iface.into(),
+            altsetting: alt.into(),
         };
-        self.ioctl_ptr(SETINTERFACE, &mut s).map(drop)
+        // SAFETY: USBDEVFS_SETINTERFACE reads a usbdevfs_setinterface.
+        unsafe {
+            usbfs_ioctl(
+                &*self.fd,
+                Setter::<{ USBDEVFS_SETINTERFACE as Opcode }, _>::new(setting),
+            )
+        }
     }
 
-    pub fn set_configuration(&self, value: u8) -> io::Result<()> {
-        let mut v = value as u32;
-        self.ioctl_ptr(SETCONFIGURATION, &mut v).map(drop)
+    pub fn set_configuration(&self, value: u8) -> Result<(), Errno> {
+        self.set_uint::<{ USBDEVFS_SETCONFIGURATION as Opcode }>(value.into())
     }
 
-    pub fn clear_halt(&self, ep: u8) -> io::Result<()> {
-        let mut v = ep as u32;
-        self.ioctl_ptr(CLEAR_HALT, &mut v).map(drop)
+    pub fn clear_halt(&self, ep: u8) -> Result<(), Errno> {
+        self.set_uint::<{ USBDEVFS_CLEAR_HALT as Opcode }>(ep.into())
     }
 
-    pub fn reset(&self) -> io::Result<()> {
-        self.ioctl_ptr::<c_void>(RESET, std::ptr::null_mut())
-            .map(drop)
+    pub fn reset(&self) -> Result<(), Errno> {
+        // SAFETY: USBDEVFS_RESET takes no argument.
+        unsafe { usbfs_ioctl(&*self.fd, NoArg::<{ USBDEVFS_RESET as Opcode }>::new()) }
     }
 
-    /// Submits `t` under `id`. On failure the transfer comes back.
-    pub fn submit(&mut self, id: u64, mut t: Transfer) -> Result<(), (Transfer, io::Error)> {
-        t.raw_mut().usercontext = id as usize as *mut c_void;
-        let p = t.storage.as_mut_ptr() as *mut RawUrb;
-        match self.ioctl_ptr(SUBMITURB, p) {
-            Ok(_) => {
-                self.inflight.insert(id, t);
+    /// Submits `urb` under `id`. On failure the URB comes back.
+    pub fn submit(&mut self, id: u64, mut urb: UsbfsUrb) -> Result<(), (UsbfsUrb, Errno)> {
+        urb.raw_mut().usercontext = id as usize as *mut c_void;
+        let raw = urb.storage.as_mut_ptr() as *mut c_void;
+        // SAFETY: USBDEVFS_SUBMITURB takes a pointer to a usbdevfs_urb (with
+        // its ISO descriptors after it), which `urb` owns; the heap storage
+        // and buffer stay put while `inflight` holds the URB, until it is
+        // reaped or the descriptor closes.
+        let submitted = unsafe {
+            usbfs_ioctl(
+                &*self.fd,
+                IntegerSetter::<{ USBDEVFS_SUBMITURB as Opcode }>::new_pointer(raw),
+            )
+        };
+        match submitted {
+            Ok(()) => {
+                self.inflight.insert(id, urb);
                 Ok(())
             }
-            Err(e) => Err((t, e)),
+            Err(e) => Err((urb, e)),
         }
     }
 
     /// Asks the kernel to cancel URB `id`; it is still reaped later.
-    pub fn discard(&mut self, id: u64) -> io::Result<()> {
-        let Some(t) = self.inflight.get_mut(&id) else {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    pub fn discard(&mut self, id: u64) -> Result<(), Errno> {
+        let Some(urb) = self.inflight.get_mut(&id) else {
+            return Err(Errno::INVAL);
         };
-        let p = t.storage.as_mut_ptr() as *mut RawUrb;
-        self.ioctl_ptr(DISCARDURB, p).map(drop)
+        let raw = urb.storage.as_mut_ptr() as *mut c_void;
+        // SAFETY: USBDEVFS_DISCARDURB takes the pointer it was submitted with.
+        unsafe {
+            usbfs_ioctl(
+                &*self.fd,
+                IntegerSetter::<{ USBDEVFS_DISCARDURB as Opcode }>::new_pointer(raw),
+            )
+        }
     }
 
-    /// One completed URB, or `WouldBlock` when none is ready, or `ENODEV`
-    /// once the device is gone and nothing is left to reap.
-    pub fn reap(&mut self) -> io::Result<(u64, Transfer)> {
-        let mut p: *mut RawUrb = std::ptr::null_mut();
-        self.ioctl_ptr(REAPURBNDELAY, &mut p)?;
-        if p.is_null() {
-            return Err(io::Error::from_raw_os_error(libc::EAGAIN));
-        }
+    /// One completed URB, `None` when none is ready, or `ENODEV` once the
+    /// device is gone and nothing is left to reap.
+    pub fn reap(&mut self) -> Result<Option<(u64, UsbfsUrb)>, Errno> {
+        // SAFETY: USBDEVFS_REAPURBNDELAY writes one usbdevfs_urb pointer.
+        let reaped = unsafe {
+            usbfs_ioctl(
+                &*self.fd,
+                Getter::<{ USBDEVFS_REAPURBNDELAY as Opcode }, *mut RawUrb>::new(),
+            )
+        };
+        let raw = match reaped {
+            Ok(raw) if !raw.is_null() => raw,
+            Ok(_) | Err(Errno::AGAIN) => return Ok(None),
+            Err(e) => return Err(e),
+        };
         // SAFETY: the kernel hands back a pointer we submitted, to a RawUrb
-        // that is still owned by one of our in-flight transfers.
-        let id = unsafe { (*p).usercontext } as usize as u64;
+        // that is still owned by one of our in-flight URBs.
+        let id = unsafe { (*raw).usercontext } as usize as u64;
         match self.inflight.remove(&id) {
-            Some(t) => Ok((id, t)),
-            None => Err(io::Error::other("usbfs reaped an URB it was never given")),
+            Some(urb) => Ok(Some((id, urb))),
+            // Cannot happen: every pointer we submit is in `inflight`.
+            None => Err(Errno::IO),
         }
     }
 
@@ -380,19 +484,18 @@ impl Usbfs {
     /// has passed, with poll(2): for a thread that may block (an import's
     /// drain runs on the blocking pool), never a runtime's worker. Returns
     /// whether the descriptor became ready.
-    pub fn wait_reapable(&self, timeout: Duration) -> io::Result<bool> {
+    pub fn wait_reapable(&self, timeout: Duration) -> Result<bool, Errno> {
         // POLLOUT: a completed URB waits (usbdev_poll); POLLHUP and POLLERR,
         // a device gone, come whether asked for or not.
-        let mut p = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLOUT,
-            revents: 0,
+        let mut fds = [PollFd::new(&*self.fd, PollFlags::OUT)];
+        // Rounded up to a millisecond: a wait cut to 0 would spin until the
+        // deadline (poll(2) counts milliseconds).
+        let ms = timeout.as_nanos().div_ceil(1_000_000);
+        let timeout = Timespec {
+            tv_sec: (ms / 1000).min(i64::MAX as u128) as i64,
+            tv_nsec: ((ms % 1000) * 1_000_000) as _,
         };
-        // Rounded up: a wait cut to 0 ms would spin until the deadline.
-        let ms = timeout.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as libc::c_int;
-        // SAFETY: one valid pollfd that outlives the call.
-        let n = cvt(unsafe { libc::poll(&mut p, 1, ms) })?;
-        Ok(n > 0)
+        Ok(rustix::event::poll(&mut fds, Some(&timeout))? > 0)
     }
 
     /// Leaves the runtime whose reactor watches the descriptor. Each import
@@ -428,6 +531,15 @@ impl Drop for Usbfs {
     }
 }
 
+/// Registers a descriptor this crate owns with tokio's reactor (the
+/// uevent socket's; tokio makes that registration `unsafe`, and this
+/// module holds the crate's unsafe code).
+pub fn register_owned(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: the AsyncFd owns the descriptor, so it stays open while
+    // registered and nothing else can replace or close it.
+    unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into_parts().1)
+}
+
 /// A raw fd for tokio's `AsyncFd`, borrowed from a [`Usbfs`] that outlives it.
 pub struct FdRef(pub RawFd);
 
@@ -442,21 +554,48 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ioctl_numbers_match_the_kernel_headers() {
+    fn ioctl_numbers_are_the_kernel_headers() {
+        // What <linux/usbdevice_fs.h> gives on x86-64, as a cross-check of
+        // the linux-raw-sys constants and of the struct layouts.
         assert_eq!(size_of::<RawUrb>(), 56);
-        assert_eq!(SUBMITURB, 0x8038550a);
-        assert_eq!(DISCARDURB, 0x550b);
-        assert_eq!(REAPURBNDELAY, 0x4008550d);
-        assert_eq!(CLAIMINTERFACE, 0x8004550f);
-        assert_eq!(DISCONNECT_CLAIM, 0x8108551b);
-        assert_eq!(IOCTL, 0xc0105512);
-        assert_eq!(RESET, 0x5514);
-        assert_eq!(CONNECT, 0x5517);
+        assert_eq!(USBDEVFS_SUBMITURB, 0x8038550a);
+        assert_eq!(USBDEVFS_DISCARDURB, 0x550b);
+        assert_eq!(USBDEVFS_REAPURBNDELAY, 0x4008550d);
+        assert_eq!(USBDEVFS_CLAIMINTERFACE, 0x8004550f);
+        assert_eq!(USBDEVFS_DISCONNECT_CLAIM, 0x8108551b);
+        assert_eq!(USBDEVFS_IOCTL, 0xc0105512);
+        assert_eq!(USBDEVFS_RESET, 0x5514);
+        assert_eq!(USBDEVFS_CONNECT, 0x5517);
     }
 
     #[test]
-    fn transfer_layout_carries_iso_descriptors() {
-        let t = Transfer::new(TYPE_ISO, 0x81, URB_ISO_ASAP, vec![0; 30], 30, &[10, 20], 0);
+    fn errnos_map_to_the_wire_in_one_place() {
+        assert_eq!(refusal_errno(Errno::NODEV), WireErrno::ENODEV);
+        assert_eq!(refusal_errno(Errno::NOENT), WireErrno::ENODEV);
+        assert_eq!(refusal_errno(Errno::SHUTDOWN), WireErrno::ENODEV);
+        assert_eq!(refusal_errno(Errno::PIPE), WireErrno::EPIPE);
+        assert_eq!(refusal_errno(Errno::TIMEDOUT), WireErrno::ETIME);
+        assert_eq!(refusal_errno(Errno::BUSY), WireErrno::EBUSY);
+        assert_eq!(refusal_errno(Errno::ACCESS), WireErrno::EPROTO);
+        assert_eq!(completion_errno(Errno::PIPE), WireErrno::EPIPE);
+        assert_eq!(completion_errno(Errno::CONNRESET), WireErrno::ECONNRESET);
+        // An unlinked URB stays unlinked, a disabled port stays that.
+        assert_eq!(completion_errno(Errno::NOENT), WireErrno(2));
+        assert_eq!(completion_errno(Errno::SHUTDOWN), WireErrno(108));
+        let status = |status: i32| {
+            let mut urb = UsbfsUrb::new(TYPE_BULK, 0x81, 0, vec![0; 8], 8, &[], 0);
+            urb.raw_mut().status = status;
+            urb.failure()
+        };
+        assert_eq!(status(0), None);
+        assert_eq!(status(-71), Some(Errno::PROTO));
+        assert_eq!(status(-2), Some(Errno::NOENT));
+        assert_eq!(status(i32::MIN), Some(Errno::PROTO));
+    }
+
+    #[test]
+    fn urb_layout_carries_iso_descriptors() {
+        let t = UsbfsUrb::new(TYPE_ISO, 0x81, URB_ISO_ASAP, vec![0; 30], 30, &[10, 20], 0);
         assert_eq!(t.iso_count(), 2);
         assert_eq!(t.storage.len() * 8, 56 + 24);
         assert_eq!(t.raw().buffer_length, 30);

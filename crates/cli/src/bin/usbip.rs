@@ -5,9 +5,9 @@ use std::process::ExitCode;
 
 use clap::{ArgGroup, Args as ClapArgs, Parser, Subcommand};
 use usbwire_cli::{control, names};
-use usbwire_client::local::ExportStatus;
-use usbwire_client::{ImportedDevice, LocalDevice, Sysfs, Vhci};
-use usbwire_proto::DeviceInfo;
+use usbwire_client::{ImportedDevice, Vhci};
+use usbwire_host::{ExportStatus, LocalDevice, Roots};
+use usbwire_proto::{DeviceInfo, Speed};
 
 /// Where `/sys` and `/var/run` are looked for; `/` unless this environment
 /// variable says otherwise (tests run against fake trees).
@@ -186,7 +186,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 } else {
                     Vec::new()
                 };
-                list_local(&Sysfs::new(root()), &bindings, opts)
+                list_local(&Roots::under(&root()), &bindings, opts)
             }
             None => Err("list: give -r HOST or -l".into()),
         },
@@ -195,7 +195,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             attach(&Vhci::new(root()), &a.remote, cli.tcp_port, &busid)
         }
         Command::Detach(a) => detach(&Vhci::new(root()), &a.port),
-        Command::Port(a) => port(&Vhci::new(root()), a.json),
+        Command::Port(a) => port(&Vhci::new(root()), &Roots::under(&root()), a.json),
         Command::Bind(a) => {
             let path = control::socket_path(a.control_socket);
             match control::bind_command(&path, &a.busid, a.force).await {
@@ -234,16 +234,54 @@ fn detach(vhci: &Vhci, port: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// An imported device as `usbip port` shows it: the port, and the local
+/// device vhci-hcd created for it.
+struct PortView {
+    imported: ImportedDevice,
+    local: Option<LocalDevice>,
+}
+
+impl PortView {
+    /// The speed the C tool prints: the local device's, from sysfs.
+    fn speed(&self) -> Speed {
+        self.local
+            .as_ref()
+            .map(|d| d.speed)
+            .unwrap_or(Speed::Unknown)
+    }
+
+    /// `(idVendor, idProduct)` of the local device, zeros when it is gone.
+    fn ids(&self) -> (u16, u16) {
+        self.local
+            .as_ref()
+            .map(|l| (l.id_vendor, l.id_product))
+            .unwrap_or((0, 0))
+    }
+}
+
+/// The ports in use, each with its local device.
+fn imported_devices(vhci: &Vhci, sysfs: &Roots) -> Result<Vec<PortView>, String> {
+    Ok(vhci
+        .imported()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|imported| PortView {
+            local: sysfs.local_device(&imported.status.local_busid).ok(),
+            imported,
+        })
+        .collect())
+}
+
 /// `usbip port`.
-fn port(vhci: &Vhci, json: bool) -> Result<(), String> {
-    let devices = vhci.imported().map_err(|e| e.to_string())?;
+fn port(vhci: &Vhci, sysfs: &Roots, json: bool) -> Result<(), String> {
+    let devices = imported_devices(vhci, sysfs)?;
     if json {
         println!("{}", imported_json(&devices));
         return Ok(());
     }
     for d in &devices {
-        if let Err(why) = &d.record {
-            eprintln!("usbip: warning: port {}: {why}", d.status.port);
+        if let Err(why) = &d.imported.record {
+            eprintln!("usbip: warning: port {}: {why}", d.imported.status.port);
         }
     }
     print!("{}", render_ports(&devices));
@@ -263,19 +301,16 @@ fn c_truncate(mut s: String, size: usize) -> String {
 }
 
 /// `usbip port`'s text, line for line as `usbip_vhci_imported_device_dump` prints it.
-fn render_ports(devices: &[ImportedDevice]) -> String {
+fn render_ports(devices: &[PortView]) -> String {
     let mut out = String::from("Imported USB devices\n====================\n");
-    for d in devices {
-        let (vendor, product) = d
-            .local
-            .as_ref()
-            .map(|l| (l.id_vendor, l.id_product))
-            .unwrap_or((0, 0));
+    for view in devices {
+        let (vendor, product) = view.ids();
+        let d = &view.imported;
         out.push_str(&format!(
             "Port {:02}: <{}> at {}\n",
             d.status.port,
             d.status.state.describe(),
-            d.speed().describe()
+            view.speed().describe()
         ));
         out.push_str(&format!(
             "       {}\n",
@@ -284,14 +319,11 @@ fn render_ports(devices: &[ImportedDevice]) -> String {
         match &d.record {
             Ok(r) => out.push_str(&format!(
                 "{:>10} -> usbip://{}:{}/{}\n",
-                d.local_busid(),
-                r.host,
-                r.service,
-                r.busid
+                d.status.local_busid, r.host, r.service, r.busid
             )),
             Err(_) => out.push_str(&format!(
                 "{:>10} -> unknown host, remote port and remote busid\n",
-                d.local_busid()
+                d.status.local_busid
             )),
         }
         out.push_str(&format!(
@@ -304,21 +336,18 @@ fn render_ports(devices: &[ImportedDevice]) -> String {
     out
 }
 
-fn imported_json(devices: &[ImportedDevice]) -> String {
+fn imported_json(devices: &[PortView]) -> String {
     let v: Vec<serde_json::Value> = devices
         .iter()
-        .map(|d| {
-            let (vendor, product) = d
-                .local
-                .as_ref()
-                .map(|l| (l.id_vendor, l.id_product))
-                .unwrap_or((0, 0));
+        .map(|view| {
+            let (vendor, product) = view.ids();
+            let d = &view.imported;
             serde_json::json!({
                 "port": d.status.port,
                 "hub": d.status.hub.short(),
                 "status": d.status.state.describe(),
-                "speed": d.speed().describe(),
-                "local_busid": d.local_busid(),
+                "speed": view.speed().describe(),
+                "local_busid": d.status.local_busid,
                 "vendor_id": format!("{vendor:04x}"),
                 "product_id": format!("{product:04x}"),
                 "product": names::product(vendor, product),
@@ -357,12 +386,12 @@ struct Marked {
 
 /// The devices to list, marked with what usbipd has bound.
 fn mark_local(
-    sysfs: &Sysfs,
+    sysfs: &Roots,
     bindings: &[control::BindingEntry],
     all: bool,
 ) -> Result<Vec<Marked>, String> {
     let devices = if all {
-        sysfs.devices()
+        sysfs.local_devices()
     } else {
         sysfs.listed_devices()
     }
@@ -385,7 +414,7 @@ fn mark_local(
 
 /// `usbip list -l`.
 fn list_local(
-    sysfs: &Sysfs,
+    sysfs: &Roots,
     bindings: &[control::BindingEntry],
     opts: LocalListing,
 ) -> Result<(), String> {
@@ -567,9 +596,9 @@ fn devices_json(devices: &[DeviceInfo]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use usbwire_client::local::fake::{device, interface, root_hub, FakeDevice};
     use usbwire_client::vhci::fake::{vhci, Used};
     use usbwire_client::{PortRecord, PortState, Speed};
+    use usbwire_host::sysfs::fake::{device, interface, root_hub, FakeDevice};
 
     #[test]
     fn cli_parses_like_the_c_tool() {
@@ -662,7 +691,7 @@ mod tests {
         };
         v.write_record(0, &rec("10.0.0.2", "1-1")).unwrap();
         v.write_record(24, &rec("server", "2-12")).unwrap();
-        let got = render_ports(&v.imported().unwrap());
+        let got = render_ports(&imported_devices(&v, &Roots::under(root)).unwrap());
         let want = "\
 Imported USB devices
 ====================
@@ -680,8 +709,10 @@ Port 24: <Port in Use> at Super Speed(5000Mbps)
            -> remote bus/dev 002/012
 ";
         assert_eq!(got, want);
-        let j: serde_json::Value =
-            serde_json::from_str(&imported_json(&v.imported().unwrap())).unwrap();
+        let j: serde_json::Value = serde_json::from_str(&imported_json(
+            &imported_devices(&v, &Roots::under(root)).unwrap(),
+        ))
+        .unwrap();
         assert_eq!(j[0]["remote"]["host"], "10.0.0.2");
         assert_eq!(j[1]["remote"], serde_json::Value::Null);
         assert_eq!(j[2]["hub"], "ss");
@@ -689,7 +720,9 @@ Port 24: <Port in Use> at Super Speed(5000Mbps)
         let t2 = tempfile::tempdir().unwrap();
         vhci(t2.path(), 1, 8, &[]);
         assert_eq!(
-            render_ports(&Vhci::new(t2.path()).imported().unwrap()),
+            render_ports(
+                &imported_devices(&Vhci::new(t2.path()), &Roots::under(t2.path())).unwrap()
+            ),
             "Imported USB devices\n====================\n"
         );
     }
@@ -720,7 +753,7 @@ Port 24: <Port in Use> at Super Speed(5000Mbps)
             },
         );
         interface(root, &disk, 1, 0, (8, 6, 0x50), Some("usb-storage"));
-        let s = Sysfs::new(root);
+        let s = Roots::under(root);
         let devs = mark_local(&s, &[], false).unwrap();
         assert_eq!(
             render_local(&devs, false, false),
@@ -777,7 +810,7 @@ Port 24: <Port in Use> at Super Speed(5000Mbps)
                 ..Default::default()
             },
         );
-        let s = Sysfs::new(root);
+        let s = Roots::under(root);
         let bound = [
             binding("1-1", "exported"),
             binding("1-3", "imported"),

@@ -70,7 +70,9 @@ struct Args {
     /// Where bindings of real devices persist across restarts.
     #[arg(long = "state-file", value_name = "FILE", default_value = DEFAULT_STATE_FILE)]
     state_file: PathBuf,
-    /// How often to look for bound devices that were unplugged or plugged in (ms).
+    /// Where no kernel uevents arrive (a user namespace of its own, no
+    /// netlink), how often to look for bound devices that were unplugged or
+    /// plugged in (ms). With uevents, hotplug is followed as it happens.
     #[arg(long = "hotplug-interval-ms", default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
     hotplug_interval_ms: u64,
 }
