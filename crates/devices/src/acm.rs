@@ -21,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::task::JoinHandle;
 use usbwire_proto::{Errno, SetupPacket, Speed};
+use usbwire_usb::Request;
 
 use crate::core::Function;
 use crate::descriptors::{self, Descriptors, DeviceDescriptor, TransferType};
@@ -730,7 +731,7 @@ impl Function for CdcAcm {
 
 /// A class request to the communication interface (interface 0).
 fn is_acm_request(s: &SetupPacket) -> bool {
-    s.kind() == 1 && s.recipient() == 1 && s.index & 0xff == 0
+    Request::from(s).class_to_interface(0).is_some()
 }
 
 #[cfg(test)]

@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tracing::{debug, info, warn};
-use usbwire_server::{Registry, RegistryError, WaitBounds};
 
 use crate::backend::UsbfsBackend;
 use crate::busy::{self, Holder};
+use crate::export::{ExportRefusal, ExportReservation, ExportTable};
 use crate::state::{Binding, State};
 use crate::sysfs::{driver_of, Roots, SysDevice};
 
@@ -108,6 +108,78 @@ pub(crate) fn restore_drivers(roots: &Roots, sys: &SysDevice, claimed: &[(u8, Op
     }
 }
 
+/// The device `busid` names, if it is one this daemon may export: not a
+/// hub, not itself imported through vhci, not exported by the kernel's stub.
+fn exportable(roots: &Roots, busid: &str) -> Result<SysDevice, BindError> {
+    let not_found = || BindError::NotFound {
+        busid: busid.to_string(),
+    };
+    if busid.is_empty() || busid.contains('/') || busid.contains("..") {
+        return Err(not_found());
+    }
+    let sys = SysDevice::read(roots, busid).map_err(|_| not_found())?;
+    if sys.is_hub() {
+        return Err(BindError::Hub {
+            busid: busid.into(),
+        });
+    }
+    if sys
+        .path
+        .components()
+        .any(|c| c.as_os_str().to_string_lossy().starts_with("vhci_hcd"))
+    {
+        return Err(BindError::Vhci {
+            busid: busid.into(),
+        });
+    }
+    if sys
+        .interfaces
+        .iter()
+        .any(|i| i.driver.as_deref() == Some("usbip-host"))
+    {
+        return Err(BindError::KernelStub {
+            busid: busid.into(),
+        });
+    }
+    Ok(sys)
+}
+
+/// Who else uses the device: refused if anyone `--force` may not override,
+/// or anyone at all without `force`. Returns the warnings for what `force`
+/// overrode.
+fn busy_check(
+    roots: &Roots,
+    sys: &SysDevice,
+    busid: &str,
+    force: bool,
+) -> Result<Vec<String>, BindError> {
+    let holders = busy::check(roots, sys);
+    let (forcible, hard): (Vec<Holder>, Vec<Holder>) =
+        holders.into_iter().partition(|h| h.forcible());
+    if !hard.is_empty() {
+        let mut all = hard;
+        all.extend(forcible);
+        return Err(BindError::Busy {
+            busid: busid.into(),
+            holders: all,
+            forcible: false,
+        });
+    }
+    if !forcible.is_empty() && !force {
+        return Err(BindError::Busy {
+            busid: busid.into(),
+            holders: forcible,
+            forcible: true,
+        });
+    }
+    let warnings = forcible
+        .iter()
+        .map(|h| format!("--force: binding {busid} although {h}"))
+        .inspect(|w| warn!("{w}"))
+        .collect();
+    Ok(warnings)
+}
+
 struct Inner {
     state: State,
     /// Exported bus ids and the (busnum, devnum) the backend opened.
@@ -119,17 +191,17 @@ struct Inner {
 /// Owns the bindings: binds and unbinds, persists them, follows hotplug.
 pub struct Manager {
     roots: Roots,
-    registry: Registry,
+    exports: Box<dyn ExportTable>,
     state_path: Option<PathBuf>,
     inner: Mutex<Inner>,
 }
 
 impl Manager {
-    /// A manager over `registry`. The state file is read now; a missing
-    /// file is an empty state.
+    /// A manager that exports what it binds into `exports`. The state
+    /// file is read now; a missing file is an empty state.
     pub fn new(
         roots: Roots,
-        registry: Registry,
+        exports: impl ExportTable,
         state_path: Option<PathBuf>,
     ) -> std::io::Result<Manager> {
         let state = match &state_path {
@@ -138,7 +210,7 @@ impl Manager {
         };
         Ok(Manager {
             roots,
-            registry,
+            exports: Box::new(exports),
             state_path,
             inner: Mutex::new(Inner {
                 state,
@@ -170,89 +242,18 @@ impl Manager {
         Ok(warnings)
     }
 
+    /// Binds `busid` with the manager's lock held: the checks that need
+    /// no claim, then a reservation (so that nothing else exports it
+    /// meanwhile), the busy checks, the claim, and the export.
     fn bind_locked(
         &self,
         inner: &mut Inner,
         busid: &str,
         force: bool,
     ) -> Result<(Vec<String>, Binding), BindError> {
-        let nf = || BindError::NotFound {
-            busid: busid.to_string(),
-        };
-        if busid.is_empty() || busid.contains('/') || busid.contains("..") {
-            return Err(nf());
-        }
-        let sys = SysDevice::read(&self.roots, busid).map_err(|_| nf())?;
-        if sys.is_hub() {
-            return Err(BindError::Hub {
-                busid: busid.into(),
-            });
-        }
-        if sys
-            .path
-            .components()
-            .any(|c| c.as_os_str().to_string_lossy().starts_with("vhci_hcd"))
-        {
-            return Err(BindError::Vhci {
-                busid: busid.into(),
-            });
-        }
-        if sys
-            .interfaces
-            .iter()
-            .any(|i| i.driver.as_deref() == Some("usbip-host"))
-        {
-            return Err(BindError::KernelStub {
-                busid: busid.into(),
-            });
-        }
-        let reservation = match self.registry.reserve(busid) {
-            Ok(r) => r,
-            Err(RegistryError::Exists(_)) => {
-                return Err(match self.registry.client_of(busid) {
-                    Some(client) => BindError::Imported {
-                        busid: busid.into(),
-                        client,
-                    },
-                    None => BindError::AlreadyExported {
-                        busid: busid.into(),
-                    },
-                });
-            }
-            Err(RegistryError::Busy(_)) => {
-                return Err(BindError::Again {
-                    busid: busid.into(),
-                })
-            }
-            Err(e) => return Err(BindError::Io(e.to_string())),
-        };
-        let holders = busy::check(&self.roots, &sys);
-        let (forcible, hard): (Vec<Holder>, Vec<Holder>) =
-            holders.into_iter().partition(|h| h.forcible());
-        if !hard.is_empty() {
-            let mut all = hard;
-            all.extend(forcible);
-            return Err(BindError::Busy {
-                busid: busid.into(),
-                holders: all,
-                forcible: false,
-            });
-        }
-        let mut warnings = Vec::new();
-        if !forcible.is_empty() {
-            if !force {
-                return Err(BindError::Busy {
-                    busid: busid.into(),
-                    holders: forcible,
-                    forcible: true,
-                });
-            }
-            for h in &forcible {
-                let w = format!("--force: binding {busid} although {h}");
-                warn!("{w}");
-                warnings.push(w);
-            }
-        }
+        let sys = exportable(&self.roots, busid)?;
+        let reservation = self.reserve(busid)?;
+        let warnings = busy_check(&self.roots, &sys, busid, force)?;
         let backend = UsbfsBackend::claim(&self.roots, sys.clone())
             .map_err(|e| BindError::Io(format!("{busid}: {e}")))?;
         let binding = Binding {
@@ -276,15 +277,33 @@ impl Manager {
         Ok((warnings, binding))
     }
 
+    /// Holds `busid` in the export table for the device about to be claimed.
+    fn reserve(&self, busid: &str) -> Result<Box<dyn ExportReservation>, BindError> {
+        self.exports.reserve(busid).map_err(|e| match e {
+            ExportRefusal::Exported {
+                client: Some(client),
+                ..
+            } => BindError::Imported {
+                busid: busid.into(),
+                client,
+            },
+            ExportRefusal::Exported { client: None, .. } => BindError::AlreadyExported {
+                busid: busid.into(),
+            },
+            ExportRefusal::Changing { .. } => BindError::Again {
+                busid: busid.into(),
+            },
+            e => BindError::Io(e.to_string()),
+        })
+    }
+
     /// Unbinds `busid`: stops exporting it, releases its interfaces and
     /// lets the original drivers bind again. An import that is ending (its
     /// client detached) is waited for; an active one is refused, or with
     /// `force` ended first. Returns the warnings (what `force` ended).
     pub fn unbind(&self, busid: &str, force: bool) -> Result<Vec<String>, BindError> {
         // Waits without the manager's lock: binds and hotplug go on meanwhile.
-        let removed = self
-            .registry
-            .remove_when_free(busid, force, WaitBounds::default());
+        let removed = self.exports.remove_when_free(busid, force);
         let mut inner = self.lock();
         let mut warnings = Vec::new();
         match removed {
@@ -297,19 +316,19 @@ impl Manager {
                 drop(removed.backend);
                 inner.exported.remove(busid);
             }
-            Err(RegistryError::InUse { client, .. }) => {
+            Err(ExportRefusal::Imported { client, .. }) => {
                 return Err(BindError::Imported {
                     busid: busid.into(),
                     client,
                 })
             }
-            Err(RegistryError::Releasing { client, .. }) => {
+            Err(ExportRefusal::Releasing { client, .. }) => {
                 return Err(BindError::Releasing {
                     busid: busid.into(),
                     client,
                 })
             }
-            Err(RegistryError::Busy(_)) => {
+            Err(ExportRefusal::Changing { .. }) => {
                 return Err(BindError::Again {
                     busid: busid.into(),
                 })
@@ -331,15 +350,14 @@ impl Manager {
     /// Every binding and its state.
     pub fn bindings(&self) -> Vec<BindingStatus> {
         let inner = self.lock();
-        let all = self.registry.all();
         inner
             .state
             .bindings
             .iter()
             .map(|b| {
-                let state = match all.iter().find(|(d, _)| d.busid == b.busid) {
-                    Some((_, true)) => "imported",
-                    Some((_, false)) if inner.exported.contains_key(&b.busid) => "exported",
+                let state = match self.exports.is_imported(&b.busid) {
+                    Some(true) => "imported",
+                    Some(false) if inner.exported.contains_key(&b.busid) => "exported",
                     _ => "absent",
                 };
                 BindingStatus {
@@ -366,13 +384,13 @@ impl Manager {
                 if same {
                     continue;
                 }
-                match self.registry.remove(&b.busid) {
+                match self.exports.remove(&b.busid) {
                     Ok(backend) => {
                         drop(backend);
                         inner.exported.remove(&b.busid);
                         info!("{} was unplugged; it is no longer exported", b.busid);
                     }
-                    Err(RegistryError::NotFound(_)) => {
+                    Err(ExportRefusal::NotExported { .. }) => {
                         inner.exported.remove(&b.busid);
                     }
                     // Imported: the session ends its URBs with -ENODEV; we
@@ -423,7 +441,7 @@ impl Manager {
         let mut inner = self.lock();
         let ids: Vec<String> = inner.exported.keys().cloned().collect();
         for busid in ids {
-            match self.registry.remove(&busid) {
+            match self.exports.remove(&busid) {
                 Ok(b) => {
                     drop(b);
                     info!("released {busid}");

@@ -8,8 +8,8 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use usbwire_devices::TransferType;
 use usbwire_proto::{DeviceInfo, InterfaceInfo, Speed};
+use usbwire_usb::TransferType;
 
 /// Where the system's trees are.
 #[derive(Debug, Clone)]

@@ -64,7 +64,7 @@ impl StandardRequest {
     }
 
     /// bRequest.
-    pub fn code(self) -> u8 {
+    pub const fn code(self) -> u8 {
         match self {
             StandardRequest::GetStatus => 0,
             StandardRequest::ClearFeature => 1,
@@ -149,13 +149,18 @@ impl Request {
         }
     }
 
-    /// A class request to interface `interface` (low byte of wIndex, as
-    /// class specifications put the interface number there): its bRequest.
+    /// A class request to an interface, whichever wIndex names: its
+    /// bRequest. For a class whose requests check wIndex themselves.
+    pub fn interface_class_request(&self) -> Option<u8> {
+        let is = self.request_type == RequestType::Class && self.recipient == Recipient::Interface;
+        is.then_some(self.request)
+    }
+
+    /// A class request to interface `interface` (the low byte of wIndex,
+    /// where class specifications put the interface number): its bRequest.
     pub fn class_to_interface(&self, interface: u8) -> Option<u8> {
-        let to_it = self.request_type == RequestType::Class
-            && self.recipient == Recipient::Interface
-            && self.index as u8 == interface;
-        to_it.then_some(self.request)
+        self.interface_class_request()
+            .filter(|_| self.index as u8 == interface)
     }
 
     /// GET_DESCRIPTOR's descriptor type: the high byte of wValue.
@@ -257,6 +262,11 @@ mod tests {
         assert_eq!(r.standard(), None);
         assert_eq!(r.class_to_interface(2), Some(1));
         assert_eq!(r.class_to_interface(0), None);
+        assert_eq!(r.interface_class_request(), Some(1));
+        assert_eq!(
+            Request::from(&setup(0xc1, 1, 0, 0)).interface_class_request(),
+            None
+        );
         let r = Request::from(&setup(0x80, 6, 0x0302, 0x0409));
         assert_eq!(r.standard(), Some(StandardRequest::GetDescriptor));
         assert_eq!(r.device_descriptor_request(), Some((3, 2)));

@@ -210,7 +210,7 @@ fn real_main(args: Args, inherited: Result<Vec<Listener>, ListenError>) -> Resul
             let m = Arc::new(
                 Manager::new(
                     Roots::default(),
-                    registry.clone(),
+                    control::RegistryExports(registry.clone()),
                     Some(args.state_file.clone()),
                 )
                 .map_err(|e| format!("cannot read the state file: {e}"))?,
