@@ -274,4 +274,64 @@ mod tests {
         assert!(d.string(9).is_none());
         assert!(d.device_qualifier().is_some());
     }
+
+    /// Every demo device's descriptor set, at every speed it runs at.
+    fn demo_devices() -> Vec<(String, Descriptors)> {
+        use crate::core::Function;
+        let mut out = Vec::new();
+        let (kbd, _handle) = crate::hid::HidKeyboard::new();
+        out.push(("keyboard".into(), kbd.descriptors().clone()));
+        let test = crate::testdev::TestDevice::new();
+        out.push(("test device".into(), test.descriptors().clone()));
+        let acm = crate::acm::CdcAcm::new(Default::default()).unwrap();
+        out.push(("serial".into(), acm.descriptors().clone()));
+        let image = tempfile::NamedTempFile::new().unwrap();
+        image.as_file().set_len(1 << 20).unwrap();
+        for speed in [Speed::Full, Speed::High, Speed::Super] {
+            let cfg = crate::msc::MscConfig {
+                speed,
+                ..Default::default()
+            };
+            let msc = crate::msc::MassStorage::open(image.path(), cfg).unwrap();
+            out.push((format!("disk at {speed:?}"), msc.descriptors().clone()));
+        }
+        out
+    }
+
+    #[test]
+    fn every_demo_device_parses_back_into_what_built_it() {
+        for (name, d) in demo_devices() {
+            let mut walk = descriptor::walk(&d.configuration);
+            let parsed: Vec<descriptor::Descriptor<'_>> =
+                walk.by_ref().map(|r| r.parse()).collect();
+            assert!(walk.rest().is_empty(), "{name}: trailing bytes");
+            let descriptor::Descriptor::Configuration(header) = parsed[0] else {
+                panic!("{name}: no configuration header first");
+            };
+            assert_eq!(
+                usize::from(header.total_length),
+                d.configuration.len(),
+                "{name}"
+            );
+            assert_eq!(
+                usize::from(header.num_interfaces),
+                d.interfaces().len(),
+                "{name}"
+            );
+            let endpoints = parsed
+                .iter()
+                .filter(|p| matches!(p, descriptor::Descriptor::Endpoint(_)))
+                .count();
+            assert_eq!(endpoints, d.endpoints().len(), "{name}");
+            let device = descriptor::Device::parse(d.device_bytes()).unwrap();
+            assert_eq!(device.vendor_id, d.device.vendor_id, "{name}");
+            assert_eq!(device.usb_version, d.device.usb_version, "{name}");
+            assert_eq!(device.emit(), *d.device_bytes(), "{name}");
+            if let Some(other) = d.other_speed_configuration() {
+                let mut walk = descriptor::walk(other);
+                assert_eq!(walk.by_ref().count(), parsed.len(), "{name}: other speed");
+                assert!(walk.rest().is_empty(), "{name}: other speed");
+            }
+        }
+    }
 }
