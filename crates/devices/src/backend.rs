@@ -115,3 +115,63 @@ impl Backend for EmulatedBackend {
         self.dev.flush()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testdev::TestDevice;
+    use usbwire_proto::SetupPacket;
+    use usbwire_usb::UrbId;
+
+    fn control_out(seqnum: u32, request_type: u8, request: u8, value: u16) -> Urb {
+        Urb {
+            id: UrbId(u64::from(seqnum)),
+            seqnum,
+            ep: 0,
+            direction: Direction::Out,
+            transfer_flags: 0,
+            setup: SetupPacket {
+                request_type,
+                request,
+                value,
+                index: 1,
+                length: 0,
+            },
+            length: 0,
+            buf: Vec::new(),
+            iso: Vec::new(),
+            start_frame: 0,
+            interval: 0,
+            started: false,
+        }
+    }
+
+    fn run(backend: &mut EmulatedBackend, mut urb: Urb) -> Completion {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match backend.poll_urb(&mut urb, &mut cx) {
+            Poll::Ready(c) => c,
+            Poll::Pending => panic!("a control transfer waited"),
+        }
+    }
+
+    #[test]
+    fn a_port_reset_through_ep0_resets_the_device() {
+        let mut backend = EmulatedBackend::new(EmulatedDevice::new(TestDevice::new()));
+        let done = Completion::Ran {
+            actual: 0,
+            error: None,
+        };
+        assert_eq!(run(&mut backend, control_out(1, 0x00, 9, 1)), done);
+        assert_eq!(backend.device().configuration(), 1);
+        // SET_FEATURE(PORT_RESET) to port 1 of the importer's hub.
+        assert_eq!(run(&mut backend, control_out(2, 0x23, 3, 4)), done);
+        assert_eq!(backend.device().configuration(), 0);
+        // Another port feature is an ordinary (and here unknown) request.
+        assert_eq!(run(&mut backend, control_out(3, 0x00, 9, 1)), done);
+        assert_eq!(
+            run(&mut backend, control_out(4, 0x23, 3, 8)),
+            Completion::failed(usbwire_proto::Errno::EPIPE)
+        );
+        assert_eq!(backend.device().configuration(), 1);
+    }
+}
