@@ -452,3 +452,138 @@ impl Manager {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::Unexported;
+    use std::os::unix::fs::symlink;
+    use usbwire_proto::DeviceInfo;
+    use usbwire_usb::Backend;
+
+    /// An export table that refuses reservations as told, and records
+    /// what happened to the ones it granted.
+    #[derive(Default)]
+    struct Table {
+        refusal: Mutex<Option<ExportRefusal>>,
+        events: Arc<Mutex<Vec<&'static str>>>,
+    }
+
+    struct Held(Arc<Mutex<Vec<&'static str>>>, bool);
+
+    impl ExportReservation for Held {
+        fn commit(mut self: Box<Self>, _: DeviceInfo, _: Box<dyn Backend>) {
+            self.1 = true;
+            self.0.lock().unwrap().push("committed");
+        }
+    }
+
+    impl Drop for Held {
+        fn drop(&mut self) {
+            if !self.1 {
+                self.0.lock().unwrap().push("given back");
+            }
+        }
+    }
+
+    impl ExportTable for Arc<Table> {
+        fn reserve(&self, _: &str) -> Result<Box<dyn ExportReservation>, ExportRefusal> {
+            if let Some(e) = self.refusal.lock().unwrap().clone() {
+                return Err(e);
+            }
+            self.events.lock().unwrap().push("reserved");
+            Ok(Box::new(Held(self.events.clone(), false)))
+        }
+        fn remove(&self, busid: &str) -> Result<Box<dyn Backend>, ExportRefusal> {
+            Err(ExportRefusal::NotExported {
+                busid: busid.into(),
+            })
+        }
+        fn remove_when_free(&self, busid: &str, _: bool) -> Result<Unexported, ExportRefusal> {
+            Err(ExportRefusal::NotExported {
+                busid: busid.into(),
+            })
+        }
+        fn is_imported(&self, _: &str) -> Option<bool> {
+            None
+        }
+    }
+
+    /// A fake sysfs with device 1-1 (a vendor-class device, no driver) and
+    /// no device node, so that claiming it fails.
+    fn tree() -> (tempfile::TempDir, Roots) {
+        let t = tempfile::tempdir().unwrap();
+        let roots = Roots::under(t.path());
+        let dev = roots.sys.join("devices/pci0000:00/usb1/1-1");
+        let iface = dev.join("1-1:1.0");
+        fs::create_dir_all(&iface).unwrap();
+        for (k, v) in [
+            ("busnum", "1"),
+            ("devnum", "2"),
+            ("idVendor", "1234"),
+            ("idProduct", "5678"),
+            ("bDeviceClass", "00"),
+            ("bConfigurationValue", "1"),
+        ] {
+            fs::write(dev.join(k), v).unwrap();
+        }
+        for k in [
+            "bInterfaceClass",
+            "bInterfaceSubClass",
+            "bInterfaceProtocol",
+        ] {
+            fs::write(iface.join(k), "ff").unwrap();
+        }
+        fs::create_dir_all(roots.sys.join("bus/usb/devices")).unwrap();
+        symlink(&dev, roots.usb_device("1-1")).unwrap();
+        (t, roots)
+    }
+
+    #[test]
+    fn refusals_of_the_export_table_become_bind_errors() {
+        let (_t, roots) = tree();
+        let table = Arc::new(Table::default());
+        let m = Manager::new(roots, table.clone(), None).unwrap();
+        let client: SocketAddr = "10.0.0.2:40986".parse().unwrap();
+        let cases = [
+            (
+                ExportRefusal::Exported {
+                    busid: "1-1".into(),
+                    client: None,
+                },
+                "EEXIST",
+            ),
+            (
+                ExportRefusal::Exported {
+                    busid: "1-1".into(),
+                    client: Some(client),
+                },
+                "EBUSY",
+            ),
+            (
+                ExportRefusal::Changing {
+                    busid: "1-1".into(),
+                },
+                "EAGAIN",
+            ),
+        ];
+        for (refusal, errno) in cases {
+            *table.refusal.lock().unwrap() = Some(refusal.clone());
+            let e = m.bind("1-1", false).unwrap_err();
+            assert_eq!(e.errno(), errno, "{refusal:?}: {e}");
+        }
+        assert!(m.bindings().is_empty(), "a refused bind is not recorded");
+        assert_eq!(m.bind("9-9", false).unwrap_err().errno(), "ENODEV");
+    }
+
+    #[test]
+    fn a_failed_claim_gives_the_reservation_back() {
+        let (_t, roots) = tree();
+        let table = Arc::new(Table::default());
+        let m = Manager::new(roots, table.clone(), None).unwrap();
+        let e = m.bind("1-1", false).unwrap_err();
+        assert_eq!(e.errno(), "EIO", "{e}");
+        assert_eq!(*table.events.lock().unwrap(), ["reserved", "given back"]);
+        assert!(m.bindings().is_empty());
+    }
+}
