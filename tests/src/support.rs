@@ -8,13 +8,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use usbwire_devices::EmulatedDevice;
+use usbwire_devices::{EmulatedBackend, EmulatedDevice};
 use usbwire_proto::urb::{InFlight, URB_HEADER_LEN};
 use usbwire_proto::{
     CmdSubmit, CmdUnlink, Decoded, DeviceInfo, Direction, Limits, OpReply, OpRequest, OpStatus,
     RetSubmit, RetUnlink, SetupPacket, Speed, UrbReply, USBIP_VERSION,
 };
-use usbwire_server::{EmulatedBackend, Registry, Server, ServerConfig};
+use usbwire_server::{Registry, Server, ServerConfig};
+use usbwire_usb::descriptor::{self, TransferType};
 
 /// A server running in this process on 127.0.0.1, port chosen by the OS.
 pub struct TestServer {
@@ -310,30 +311,16 @@ pub const HEADER: usize = URB_HEADER_LEN;
 /// Bulk endpoint addresses (IN, OUT) of interface 0, alternate setting 0,
 /// from a configuration descriptor.
 pub fn bulk_endpoints(config: &[u8]) -> (u8, u8) {
-    let (mut iface, mut alt) = (255u8, 255u8);
     let (mut ep_in, mut ep_out) = (0u8, 0u8);
-    let mut at = 0;
-    while at + 2 <= config.len() {
-        let len = config[at] as usize;
-        if len < 2 || at + len > config.len() {
-            break;
+    let bulk = descriptor::endpoints(config)
+        .filter(|e| e.interface == 0 && e.alt_setting == 0)
+        .filter(|e| e.transfer_type == TransferType::Bulk);
+    for e in bulk {
+        if e.address & 0x80 != 0 {
+            ep_in = e.address;
+        } else {
+            ep_out = e.address;
         }
-        let d = &config[at..at + len];
-        match d[1] {
-            4 => {
-                iface = d[2];
-                alt = d[3];
-            }
-            5 if iface == 0 && alt == 0 && d[3] & 3 == 2 => {
-                if d[2] & 0x80 != 0 {
-                    ep_in = d[2];
-                } else {
-                    ep_out = d[2];
-                }
-            }
-            _ => {}
-        }
-        at += len;
     }
     assert!(
         ep_in != 0 && ep_out != 0,

@@ -255,7 +255,6 @@ impl Backend for IsoGatherer {
         }
         Poll::Ready(Ok(0).into())
     }
-    fn reset(&mut self) {}
     fn release(&mut self) {}
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())

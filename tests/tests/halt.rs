@@ -215,7 +215,6 @@ mod given_back {
             self.waker = Some(cx.waker().clone());
             Poll::Pending
         }
-        fn reset(&mut self) {}
         fn release(&mut self) {}
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())

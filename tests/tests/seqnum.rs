@@ -56,7 +56,6 @@ impl Backend for Parking {
             _ => Poll::Ready(Ok(0).into()),
         }
     }
-    fn reset(&mut self) {}
     fn release(&mut self) {}
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())

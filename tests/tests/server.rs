@@ -336,7 +336,6 @@ mod async_cancel {
             }
             false
         }
-        fn reset(&mut self) {}
         fn release(&mut self) {}
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
@@ -453,7 +452,6 @@ mod iso {
                 error: None,
             })
         }
-        fn reset(&mut self) {}
         fn release(&mut self) {}
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())

@@ -52,9 +52,9 @@ use usbwire_devices::descriptors::{self, DeviceDescriptor};
 use usbwire_devices::hid::{HidKeyboard, KeyboardHandle};
 use usbwire_devices::msc::{MassStorage, MscConfig};
 use usbwire_devices::testdev::TestDevice;
-use usbwire_devices::{Descriptors, EmulatedDevice, Function, TransferType};
+use usbwire_devices::{Descriptors, EmulatedBackend, EmulatedDevice, Function, TransferType};
 use usbwire_proto::{DeviceInfo, Errno, Speed};
-use usbwire_server::{Backend, Completion, EmulatedBackend, ServerConfig, Urb};
+use usbwire_server::{Backend, Completion, ServerConfig, Urb};
 use usbwire_tests::support::TestServer;
 
 use win2::{setup, Endpoint, Interface, Ret, RetSubmit};
@@ -1668,9 +1668,6 @@ mod iso_device {
                 actual: at,
                 error: None,
             })
-        }
-        fn reset(&mut self) {
-            self.inner.reset()
         }
         fn release(&mut self) {
             self.inner.release()

@@ -23,7 +23,9 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, info, warn};
-use usbwire_host::Manager;
+use usbwire_host::{ExportRefusal, ExportReservation, ExportTable, Manager, Unexported};
+use usbwire_proto::DeviceInfo;
+use usbwire_server::{Backend, Registry, RegistryError, Reservation, WaitBounds};
 
 /// Where `usbipd` listens and `usbip bind` connects unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/usbwire/usbipd.sock";
@@ -68,6 +70,68 @@ pub struct Response {
     pub warnings: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bindings: Vec<BindingEntry>,
+}
+
+/// The server's registry as the bind manager's export table: what the
+/// manager binds is registered here, ready to import.
+pub struct RegistryExports(pub Registry);
+
+/// A registry reservation held for the bind manager.
+struct ReservedSlot(Reservation);
+
+impl ExportReservation for ReservedSlot {
+    fn commit(self: Box<Self>, info: DeviceInfo, backend: Box<dyn Backend>) {
+        self.0.commit(info, backend);
+    }
+}
+
+impl RegistryExports {
+    fn refusal(&self, e: RegistryError) -> ExportRefusal {
+        match e {
+            RegistryError::Exists(busid) => ExportRefusal::Exported {
+                client: self.0.client_of(&busid),
+                busid,
+            },
+            RegistryError::Busy(busid) => ExportRefusal::Changing { busid },
+            RegistryError::NotFound(busid) => ExportRefusal::NotExported { busid },
+            RegistryError::InUse { busid, client } => ExportRefusal::Imported { busid, client },
+            RegistryError::Releasing { busid, client } => {
+                ExportRefusal::Releasing { busid, client }
+            }
+            e @ RegistryError::BadBusid(_) => ExportRefusal::Other(e.to_string()),
+        }
+    }
+}
+
+impl ExportTable for RegistryExports {
+    fn reserve(&self, busid: &str) -> Result<Box<dyn ExportReservation>, ExportRefusal> {
+        match self.0.reserve(busid) {
+            Ok(r) => Ok(Box::new(ReservedSlot(r))),
+            Err(e) => Err(self.refusal(e)),
+        }
+    }
+
+    fn remove(&self, busid: &str) -> Result<Box<dyn Backend>, ExportRefusal> {
+        self.0.remove(busid).map_err(|e| self.refusal(e))
+    }
+
+    fn remove_when_free(&self, busid: &str, force: bool) -> Result<Unexported, ExportRefusal> {
+        match self.0.remove_when_free(busid, force, WaitBounds::default()) {
+            Ok(removed) => Ok(Unexported {
+                backend: removed.backend,
+                forced: removed.forced,
+            }),
+            Err(e) => Err(self.refusal(e)),
+        }
+    }
+
+    fn is_imported(&self, busid: &str) -> Option<bool> {
+        self.0
+            .all()
+            .into_iter()
+            .find(|(d, _)| d.busid == busid)
+            .map(|(_, imported)| imported)
+    }
 }
 
 /// Runs one request against the manager (blocking: sysfs and ioctls).
@@ -371,7 +435,7 @@ mod tests {
         let m = Arc::new(
             Manager::new(
                 usbwire_host::Roots::under(fake.path()),
-                usbwire_server::Registry::new(),
+                RegistryExports(Registry::new()),
                 None,
             )
             .unwrap(),

@@ -7,8 +7,8 @@ use usbwire_devices::acm::{AcmBackend, AcmConfig, CdcAcm};
 use usbwire_devices::hid::{self, HidKeyboard};
 use usbwire_devices::msc::{MassStorage, MscConfig};
 use usbwire_devices::testdev::{Pattern, TestDevice};
-use usbwire_devices::EmulatedDevice;
-use usbwire_server::{Backend, EmulatedBackend, Registry};
+use usbwire_devices::{EmulatedBackend, EmulatedDevice};
+use usbwire_server::{Backend, Registry};
 
 use crate::config::{DeviceConfig, SerialBackend};
 

@@ -3,29 +3,12 @@
 use std::io;
 use std::task::{Context, Poll};
 
-use usbwire_proto::{Errno, IsoPacket, SetupPacket};
+use usbwire_proto::{Direction, Errno, IsoPacket, SetupPacket};
+use usbwire_usb::ch9::feature;
+use usbwire_usb::descriptor::Configuration;
+use usbwire_usb::{Recipient, Request, RequestType, StandardRequest};
 
 use crate::descriptors::{self, Descriptors, TransferType};
-
-/// Standard request codes (USB 2.0 table 9-4).
-pub mod req {
-    pub const GET_STATUS: u8 = 0;
-    pub const CLEAR_FEATURE: u8 = 1;
-    pub const SET_FEATURE: u8 = 3;
-    pub const SET_ADDRESS: u8 = 5;
-    pub const GET_DESCRIPTOR: u8 = 6;
-    pub const SET_DESCRIPTOR: u8 = 7;
-    pub const GET_CONFIGURATION: u8 = 8;
-    pub const SET_CONFIGURATION: u8 = 9;
-    pub const GET_INTERFACE: u8 = 10;
-    pub const SET_INTERFACE: u8 = 11;
-    /// Feature selector for CLEAR/SET_FEATURE on an endpoint.
-    pub const ENDPOINT_HALT: u16 = 0;
-    pub const DEVICE_REMOTE_WAKEUP: u16 = 1;
-}
-
-/// bmAttributes bit of a configuration that can wake the host.
-const CONFIG_REMOTE_WAKEUP: u8 = 0x20;
 
 /// Copies a control reply into the data-stage buffer, truncated to the
 /// host's wLength as USB requires, and returns the length sent.
@@ -224,12 +207,13 @@ impl EmulatedDevice {
         out: &[u8],
         buf: &mut [u8],
     ) -> Result<usize, Errno> {
-        if setup.kind() == 0 {
-            if let Some(r) = self.standard(setup, buf) {
+        let request = Request::from(setup);
+        if request.request_type == RequestType::Standard {
+            if let Some(r) = self.standard(&request, buf) {
                 return r;
             }
         }
-        let r = if setup.direction() == usbwire_proto::Direction::In {
+        let r = if request.direction == Direction::In {
             let n = buf.len().min(setup.length as usize);
             self.function.control_in(setup, &mut buf[..n])
         } else {
@@ -241,141 +225,189 @@ impl EmulatedDevice {
         r.unwrap_or(Err(Errno::EPIPE))
     }
 
-    fn copy_out(data: &[u8], buf: &mut [u8], w_length: u16) -> Result<usize, Errno> {
-        let n = buf.len().min(w_length as usize);
-        Ok(reply(data, &mut buf[..n]))
-    }
-
     /// Chapter 9 requests (USB 2.0 9.4). `None` hands the request to the
     /// function (class descriptors reached through GET_DESCRIPTOR, for
     /// example). Requests about interfaces and endpoints other than 0 are
     /// only valid once configured, and wIndex must name one that exists in
     /// the current settings; anything else is a request error, a STALL.
-    fn standard(&mut self, s: &SetupPacket, buf: &mut [u8]) -> Option<Result<usize, Errno>> {
-        let recipient = s.recipient();
-        let r = match (s.request, recipient) {
-            (req::GET_DESCRIPTOR, 0) => {
-                let d = self.function.descriptors();
-                let index = s.value as u8;
-                // Borrowed where the bytes already exist: enumeration and
-                // benchmarks ask for descriptors in a loop.
-                let bytes: Option<std::borrow::Cow<'_, [u8]>> = match (s.value >> 8) as u8 {
-                    descriptors::DT_DEVICE => Some(d.device_bytes()[..].into()),
-                    descriptors::DT_CONFIG if index == 0 => Some(d.configuration[..].into()),
-                    descriptors::DT_STRING => d.string(index).map(Into::into),
-                    // Both or neither (USB 2.0 9.6.2): only a device that can
-                    // also run at the other speed describes it.
-                    descriptors::DT_DEVICE_QUALIFIER => {
-                        d.device_qualifier().map(|q| q.to_vec().into())
-                    }
-                    descriptors::DT_OTHER_SPEED_CONFIG if index == 0 => {
-                        d.other_speed_configuration().map(Into::into)
-                    }
-                    // BOS exists from bcdUSB 0x0201 (USB 2.0 LPM) on; the
-                    // function has it if the device has one.
-                    descriptors::DT_BOS if d.device.usb_version >= 0x0201 => return None,
-                    // Not a standard type: a class type the function may have.
-                    t if t >= 0x20 => return None,
-                    _ => None,
-                };
-                match bytes {
-                    Some(b) => Self::copy_out(&b, buf, s.length),
-                    None => Err(Errno::EPIPE),
-                }
+    fn standard(&mut self, r: &Request, buf: &mut [u8]) -> Option<Result<usize, Errno>> {
+        let Some(request) = r.standard() else {
+            return Some(Err(Errno::EPIPE));
+        };
+        let w_length = buf.len().min(usize::from(r.length));
+        let buf = &mut buf[..w_length];
+        let result = match (request, r.recipient) {
+            (StandardRequest::GetDescriptor, Recipient::Device) => {
+                return self.get_descriptor(r, buf)
             }
             // Interface-recipient GET_DESCRIPTOR is class territory (HID).
-            (req::GET_DESCRIPTOR, _) => return None,
-            (req::GET_CONFIGURATION, 0) => Self::copy_out(&[self.configuration], buf, s.length),
-            (req::SET_CONFIGURATION, 0) => {
-                let v = s.value;
-                if v != 0 && v != u16::from(self.descriptors().config_value()) {
-                    Err(Errno::EPIPE)
-                } else {
-                    self.configuration = v as u8;
-                    self.alt = [0; 32];
-                    self.halted = 0;
-                    self.function.set_configuration(v as u8);
-                    Ok(0)
-                }
+            (StandardRequest::GetDescriptor, _) => return None,
+            (StandardRequest::GetConfiguration, Recipient::Device) => {
+                Ok(reply(&[self.configuration], buf))
             }
-            (req::GET_INTERFACE, 1) => match self.interface(s.index) {
-                Some(i) => Self::copy_out(&[self.alt[i]], buf, s.length),
-                None => Err(Errno::EPIPE),
-            },
-            (req::SET_INTERFACE, 1) => match self.interface(s.index) {
-                Some(i)
-                    if self.descriptors().has_alt_setting(i as u8, s.value as u8)
-                        && s.value <= 0xff =>
-                {
-                    let alt = s.value as u8;
-                    match self.function.set_interface(i as u8, alt) {
-                        Ok(()) => {
-                            self.alt[i] = alt;
-                            // Endpoints of the interface restart with DATA0 and no halt.
-                            let halted = self
-                                .descriptors()
-                                .endpoints()
-                                .iter()
-                                .filter(|e| usize::from(e.interface) == i)
-                                .fold(0, |m, e| m | ep_bit(e.address));
-                            self.halted &= !halted;
-                            Ok(0)
-                        }
-                        Err(e) => Err(e),
-                    }
-                }
-                _ => Err(Errno::EPIPE),
-            },
-            (req::GET_STATUS, 0) => {
-                // Self-powered from bmAttributes; remote wakeup as the host set it.
-                let self_powered = (self.descriptors().configuration[7] >> 6) & 1;
-                let status = self_powered | u8::from(self.remote_wakeup) << 1;
-                Self::copy_out(&[status, 0], buf, s.length)
+            (StandardRequest::SetConfiguration, Recipient::Device) => {
+                self.set_configuration(r.value)
             }
-            (req::GET_STATUS, 1) => match self.interface(s.index) {
-                Some(_) => Self::copy_out(&[0, 0], buf, s.length),
-                None => Err(Errno::EPIPE),
-            },
-            (req::GET_STATUS, 2) => match self.endpoint_index(s.index) {
-                Some(ep) => Self::copy_out(&[self.is_halted(ep) as u8, 0], buf, s.length),
-                None => Err(Errno::EPIPE),
-            },
-            (req::CLEAR_FEATURE, 2) if s.value == req::ENDPOINT_HALT => {
-                match self.endpoint_index(s.index) {
-                    Some(ep) => {
-                        self.halted &= !ep_bit(ep);
-                        if ep & 0x0f != 0 && self.function.clear_halt(ep) {
-                            self.halted |= ep_bit(ep);
-                        }
-                        Ok(0)
-                    }
+            (StandardRequest::GetInterface, Recipient::Interface) => {
+                match self.interface(r.index) {
+                    Some(i) => Ok(reply(&[self.alt[i]], buf)),
                     None => Err(Errno::EPIPE),
                 }
             }
-            (req::SET_FEATURE, 2) if s.value == req::ENDPOINT_HALT => {
-                match self.endpoint_index(s.index) {
-                    Some(ep) if ep & 0x0f != 0 => {
-                        self.halted |= ep_bit(ep);
-                        Ok(0)
-                    }
-                    _ => Err(Errno::EPIPE),
-                }
+            (StandardRequest::SetInterface, Recipient::Interface) => {
+                self.set_interface(r.index, r.value)
             }
-            // Only a configuration that says it can wake the host has the
-            // feature; setting one that does not exist is a request error.
-            (req::CLEAR_FEATURE | req::SET_FEATURE, 0)
-                if s.value == req::DEVICE_REMOTE_WAKEUP
-                    && self.descriptors().configuration[7] & CONFIG_REMOTE_WAKEUP != 0 =>
-            {
-                self.remote_wakeup = s.request == req::SET_FEATURE;
-                Ok(0)
+            (StandardRequest::GetStatus, recipient) => self.get_status(recipient, r.index, buf),
+            (StandardRequest::ClearFeature, recipient) => {
+                self.set_feature(recipient, r.value, r.index, false)
+            }
+            (StandardRequest::SetFeature, recipient) => {
+                self.set_feature(recipient, r.value, r.index, true)
             }
             // The address is the host controller's business; over USB/IP
             // vhci never forwards it, but a raw client may send it.
-            (req::SET_ADDRESS, 0) => Ok(0),
+            (StandardRequest::SetAddress, Recipient::Device) => Ok(0),
             _ => Err(Errno::EPIPE),
         };
-        Some(r)
+        Some(result)
+    }
+
+    /// GET_DESCRIPTOR to the device, `buf` already cut to wLength. `None`
+    /// for the types the function answers.
+    fn get_descriptor(&self, r: &Request, buf: &mut [u8]) -> Option<Result<usize, Errno>> {
+        let d = self.function.descriptors();
+        let index = r.descriptor_index();
+        // Borrowed where the bytes already exist: enumeration and
+        // benchmarks ask for descriptors in a loop.
+        let bytes: Option<std::borrow::Cow<'_, [u8]>> = match r.descriptor_type() {
+            descriptors::DT_DEVICE => Some(d.device_bytes()[..].into()),
+            descriptors::DT_CONFIG if index == 0 => Some(d.configuration[..].into()),
+            descriptors::DT_STRING => d.string(index).map(Into::into),
+            // Both or neither (USB 2.0 9.6.2): only a device that can
+            // also run at the other speed describes it.
+            descriptors::DT_DEVICE_QUALIFIER => d.device_qualifier().map(|q| q.to_vec().into()),
+            descriptors::DT_OTHER_SPEED_CONFIG if index == 0 => {
+                d.other_speed_configuration().map(Into::into)
+            }
+            // BOS exists from bcdUSB 0x0201 (USB 2.0 LPM) on; the
+            // function has it if the device has one.
+            descriptors::DT_BOS if d.device.usb_version >= 0x0201 => return None,
+            // Not a standard type: a class type the function may have.
+            t if t >= 0x20 => return None,
+            _ => None,
+        };
+        Some(match bytes {
+            Some(b) => Ok(reply(&b, buf)),
+            None => Err(Errno::EPIPE),
+        })
+    }
+
+    /// SET_CONFIGURATION: the one configuration, or 0 to deconfigure.
+    fn set_configuration(&mut self, value: u16) -> Result<usize, Errno> {
+        if value != 0 && value != u16::from(self.descriptors().config_value()) {
+            return Err(Errno::EPIPE);
+        }
+        self.configuration = value as u8;
+        self.alt = [0; 32];
+        self.halted = 0;
+        self.function.set_configuration(value as u8);
+        Ok(0)
+    }
+
+    /// SET_INTERFACE: a setting the configuration has, if the function
+    /// takes it.
+    fn set_interface(&mut self, w_index: u16, w_value: u16) -> Result<usize, Errno> {
+        let Some(i) = self.interface(w_index) else {
+            return Err(Errno::EPIPE);
+        };
+        let Ok(alt) = u8::try_from(w_value) else {
+            return Err(Errno::EPIPE);
+        };
+        if !self.descriptors().has_alt_setting(i as u8, alt) {
+            return Err(Errno::EPIPE);
+        }
+        self.function.set_interface(i as u8, alt)?;
+        self.alt[i] = alt;
+        // Endpoints of the interface restart with DATA0 and no halt.
+        let halted = self
+            .descriptors()
+            .endpoints()
+            .iter()
+            .filter(|e| usize::from(e.interface) == i)
+            .fold(0, |m, e| m | ep_bit(e.address));
+        self.halted &= !halted;
+        Ok(0)
+    }
+
+    /// GET_STATUS of the device, an interface or an endpoint.
+    fn get_status(
+        &self,
+        recipient: Recipient,
+        w_index: u16,
+        buf: &mut [u8],
+    ) -> Result<usize, Errno> {
+        let status = match recipient {
+            Recipient::Device => {
+                // Self-powered from bmAttributes; remote wakeup as the host set it.
+                let self_powered = self.attributes() & Configuration::SELF_POWERED != 0;
+                u8::from(self_powered) | u8::from(self.remote_wakeup) << 1
+            }
+            Recipient::Interface => match self.interface(w_index) {
+                Some(_) => 0,
+                None => return Err(Errno::EPIPE),
+            },
+            Recipient::Endpoint => match self.endpoint_index(w_index) {
+                Some(ep) => u8::from(self.is_halted(ep)),
+                None => return Err(Errno::EPIPE),
+            },
+            Recipient::Other | Recipient::Reserved => return Err(Errno::EPIPE),
+        };
+        Ok(reply(&[status, 0], buf))
+    }
+
+    /// SET_FEATURE (`set`) or CLEAR_FEATURE: an endpoint's halt, or the
+    /// device's remote wakeup.
+    fn set_feature(
+        &mut self,
+        recipient: Recipient,
+        selector: u16,
+        w_index: u16,
+        set: bool,
+    ) -> Result<usize, Errno> {
+        match (recipient, selector) {
+            (Recipient::Endpoint, feature::ENDPOINT_HALT) => {
+                let Some(ep) = self.endpoint_index(w_index) else {
+                    return Err(Errno::EPIPE);
+                };
+                if set {
+                    // Endpoint 0 never halts.
+                    if ep & 0x0f == 0 {
+                        return Err(Errno::EPIPE);
+                    }
+                    self.halted |= ep_bit(ep);
+                } else {
+                    self.halted &= !ep_bit(ep);
+                    if ep & 0x0f != 0 && self.function.clear_halt(ep) {
+                        self.halted |= ep_bit(ep);
+                    }
+                }
+                Ok(0)
+            }
+            // Only a configuration that says it can wake the host has the
+            // feature; setting one that does not exist is a request error.
+            (Recipient::Device, feature::DEVICE_REMOTE_WAKEUP)
+                if self.attributes() & Configuration::REMOTE_WAKEUP != 0 =>
+            {
+                self.remote_wakeup = set;
+                Ok(0)
+            }
+            _ => Err(Errno::EPIPE),
+        }
+    }
+
+    /// bmAttributes of the configuration.
+    fn attributes(&self) -> u8 {
+        Configuration::parse(&self.descriptors().configuration).map_or(0, |c| c.attributes)
     }
 
     /// The interface wIndex names, if configured and the configuration has it.
@@ -410,7 +442,9 @@ impl EmulatedDevice {
         Ok(())
     }
 
-    fn note(&mut self, ep: u8, r: Poll<Result<usize, Errno>>) -> Poll<Result<usize, Errno>> {
+    /// Halts `ep` after a transfer that stalled, or one after which the
+    /// function wants it halted.
+    fn track_halt(&mut self, ep: u8, r: Poll<Result<usize, Errno>>) -> Poll<Result<usize, Errno>> {
         match r {
             Poll::Ready(Err(Errno::EPIPE)) => self.halted |= ep_bit(ep),
             Poll::Ready(Ok(_)) if self.function.halt_after(ep) => self.halted |= ep_bit(ep),
@@ -472,7 +506,7 @@ impl EmulatedDevice {
             return Poll::Ready(Err(e));
         }
         let r = self.function.transfer_in(ep, buf, cx);
-        self.note(ep, r)
+        self.track_halt(ep, r)
     }
 
     /// An OUT data transfer on endpoint `ep`.
@@ -486,7 +520,7 @@ impl EmulatedDevice {
             return Poll::Ready(Err(e));
         }
         let r = self.function.transfer_out(ep, data, cx);
-        self.note(ep, r)
+        self.track_halt(ep, r)
     }
 }
 
@@ -496,6 +530,20 @@ mod tests {
     use crate::descriptors::{endpoint, interface, DeviceDescriptor};
     use crate::test_util::setup;
     use usbwire_proto::Speed;
+
+    /// Request codes and feature selectors as the tests send them.
+    mod req {
+        pub use usbwire_usb::ch9::feature::{DEVICE_REMOTE_WAKEUP, ENDPOINT_HALT};
+        use usbwire_usb::StandardRequest;
+        pub const GET_STATUS: u8 = StandardRequest::GetStatus.code();
+        pub const CLEAR_FEATURE: u8 = StandardRequest::ClearFeature.code();
+        pub const SET_FEATURE: u8 = StandardRequest::SetFeature.code();
+        pub const GET_DESCRIPTOR: u8 = StandardRequest::GetDescriptor.code();
+        pub const GET_CONFIGURATION: u8 = StandardRequest::GetConfiguration.code();
+        pub const SET_CONFIGURATION: u8 = StandardRequest::SetConfiguration.code();
+        pub const GET_INTERFACE: u8 = StandardRequest::GetInterface.code();
+        pub const SET_INTERFACE: u8 = StandardRequest::SetInterface.code();
+    }
 
     /// A function with a chosen speed, bcdUSB and configuration attributes:
     /// interface 0 with bulk IN 0x81, interrupt IN 0x82 (alt 0) and an

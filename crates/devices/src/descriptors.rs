@@ -1,61 +1,18 @@
-//! Descriptor building and parsing.
+//! The descriptor set of an emulated device.
 //!
-//! Functions build their configuration descriptor as bytes with these
-//! helpers; the core parses it back once, so that the endpoint table the
-//! server schedules by and the descriptors the host reads can never disagree.
+//! Functions build their configuration descriptor as bytes with the
+//! builder of `usbwire_usb::descriptor` (through [`interface`] and
+//! [`endpoint`] here); [`Descriptors::new`] parses it back once with the
+//! same module, so that the endpoint table the server schedules by and the
+//! descriptors the host reads can never disagree.
 
 use usbwire_proto::{InterfaceInfo, Speed};
 
-pub const DT_DEVICE: u8 = 1;
-pub const DT_CONFIG: u8 = 2;
-pub const DT_STRING: u8 = 3;
-pub const DT_INTERFACE: u8 = 4;
-pub const DT_ENDPOINT: u8 = 5;
-pub const DT_DEVICE_QUALIFIER: u8 = 6;
-pub const DT_OTHER_SPEED_CONFIG: u8 = 7;
-pub const DT_BOS: u8 = 0x0f;
-pub const DT_SS_ENDPOINT_COMP: u8 = 0x30;
-
-/// The transfer type of an endpoint, from bits 0..1 of bmAttributes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TransferType {
-    Control,
-    Isochronous,
-    Bulk,
-    Interrupt,
-}
-
-impl TransferType {
-    pub fn from_attributes(attr: u8) -> Self {
-        match attr & 3 {
-            0 => TransferType::Control,
-            1 => TransferType::Isochronous,
-            2 => TransferType::Bulk,
-            _ => TransferType::Interrupt,
-        }
-    }
-
-    pub fn attributes(self) -> u8 {
-        match self {
-            TransferType::Control => 0,
-            TransferType::Isochronous => 1,
-            TransferType::Bulk => 2,
-            TransferType::Interrupt => 3,
-        }
-    }
-}
-
-/// One endpoint of an interface alternate setting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EndpointInfo {
-    /// Endpoint address, with 0x80 for IN.
-    pub address: u8,
-    pub transfer_type: TransferType,
-    pub max_packet_size: u16,
-    pub interval: u8,
-    pub interface: u8,
-    pub alt_setting: u8,
-}
+use usbwire_usb::descriptor::{self, Configuration, Endpoint, Interface};
+pub use usbwire_usb::descriptor::{
+    bulk_max_packet, EndpointInfo, TransferType, DT_BOS, DT_CONFIG, DT_DEVICE, DT_DEVICE_QUALIFIER,
+    DT_ENDPOINT, DT_INTERFACE, DT_OTHER_SPEED_CONFIG, DT_SS_ENDPOINT_COMP, DT_STRING,
+};
 
 /// The fields of the 18-byte device descriptor that vary between devices.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,55 +73,50 @@ impl Descriptors {
             device.serial.clone().unwrap_or_default(),
         ];
         strings.extend(extra_strings.iter().map(|s| s.to_string()));
-        let interfaces = parse_interfaces(body);
-        let num_interfaces = interfaces.len() as u8;
-        let mut configuration = Vec::with_capacity(9 + body.len());
-        let total = (9 + body.len()) as u16;
         let power_unit = if matches!(speed, Speed::Super | Speed::SuperPlus) {
             8
         } else {
             2
         };
-        configuration.extend_from_slice(&[
-            9,
-            DT_CONFIG,
-            total as u8,
-            (total >> 8) as u8,
-            num_interfaces,
-            1,
-            0,
-            0x80 | attributes,
-            (max_power_ma / power_unit).min(255) as u8,
-        ]);
-        configuration.extend_from_slice(body);
-        let d = &device;
-        let idx = |s: &Option<String>, i: u8| if s.is_some() { i } else { 0 };
-        let device_bytes = [
-            18,
-            DT_DEVICE,
-            d.usb_version as u8,
-            (d.usb_version >> 8) as u8,
-            d.class,
-            d.subclass,
-            d.protocol,
-            d.max_packet_size0,
-            d.vendor_id as u8,
-            (d.vendor_id >> 8) as u8,
-            d.product_id as u8,
-            (d.product_id >> 8) as u8,
-            d.device_version as u8,
-            (d.device_version >> 8) as u8,
-            idx(&d.manufacturer, 1),
-            idx(&d.product, 2),
-            idx(&d.serial, 3),
-            1,
-        ];
-        let endpoints = parse_endpoints(&configuration);
-        let alt_settings = walk(&configuration)
-            .filter(|d| d[1] == DT_INTERFACE && d.len() >= 9)
-            .map(|d| (d[2], d[3]))
+        let header = Configuration {
+            total_length: 0,
+            num_interfaces: 0,
+            value: 1,
+            string: 0,
+            attributes: 0x80 | attributes,
+            max_power: (max_power_ma / power_unit).min(255) as u8,
+        };
+        let configuration = descriptor::configuration(header, body);
+        let string_index = |s: &Option<String>, i: u8| if s.is_some() { i } else { 0 };
+        let device_bytes = descriptor::Device {
+            usb_version: device.usb_version,
+            class: device.class,
+            subclass: device.subclass,
+            protocol: device.protocol,
+            max_packet_size0: device.max_packet_size0,
+            vendor_id: device.vendor_id,
+            product_id: device.product_id,
+            device_version: device.device_version,
+            manufacturer: string_index(&device.manufacturer, 1),
+            product: string_index(&device.product, 2),
+            serial: string_index(&device.serial, 3),
+            num_configurations: 1,
+        }
+        .emit();
+        let endpoints = descriptor::endpoints(&configuration).collect();
+        let alt_settings = descriptor::interfaces(&configuration)
+            .map(|i| (i.number, i.alt_setting))
             .collect();
-        let other_speed = (speed == Speed::High).then(|| full_speed_configuration(&configuration));
+        let interfaces = descriptor::interfaces(body)
+            .filter(|i| i.alt_setting == 0)
+            .map(|i| InterfaceInfo {
+                class: i.class,
+                subclass: i.subclass,
+                protocol: i.protocol,
+            })
+            .collect();
+        let other_speed =
+            (speed == Speed::High).then(|| descriptor::full_speed_configuration(&configuration));
         Descriptors {
             speed,
             device,
@@ -219,17 +171,11 @@ impl Descriptors {
     /// String descriptor `index` in US English; index 0 is the language table.
     pub fn string(&self, index: u8) -> Option<Vec<u8>> {
         if index == 0 {
-            return Some(vec![4, DT_STRING, 0x09, 0x04]);
+            return Some(descriptor::LANGUAGES.to_vec());
         }
-        let s = self.strings.get(index as usize - 1)?;
-        let units: Vec<u16> = s.encode_utf16().take(126).collect();
-        let mut out = Vec::with_capacity(2 + units.len() * 2);
-        out.push((2 + units.len() * 2) as u8);
-        out.push(DT_STRING);
-        for u in units {
-            out.extend_from_slice(&u.to_le_bytes());
-        }
-        Some(out)
+        self.strings
+            .get(index as usize - 1)
+            .map(|s| descriptor::string(s))
     }
 
     /// The device qualifier a high-speed capable device must return (USB
@@ -239,110 +185,8 @@ impl Descriptors {
         if self.speed != Speed::High {
             return None;
         }
-        let d = &self.device_bytes;
-        Some([
-            10,
-            DT_DEVICE_QUALIFIER,
-            d[2],
-            d[3],
-            d[4],
-            d[5],
-            d[6],
-            d[7],
-            1,
-            0,
-        ])
+        descriptor::Device::parse(&self.device_bytes).map(|d| d.qualifier())
     }
-}
-
-fn walk(desc: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let mut at = 0;
-    std::iter::from_fn(move || {
-        if at + 2 > desc.len() {
-            return None;
-        }
-        let len = desc[at] as usize;
-        if len < 2 || at + len > desc.len() {
-            return None;
-        }
-        let d = &desc[at..at + len];
-        at += len;
-        Some(d)
-    })
-}
-
-/// A high-speed configuration re-described for full speed (USB 2.0 9.6.4):
-/// bDescriptorType OTHER_SPEED_CONFIGURATION, and each endpoint with the
-/// largest packet and the polling period that speed allows. Everything else
-/// (interfaces, class descriptors) is the same at both speeds.
-fn full_speed_configuration(configuration: &[u8]) -> Vec<u8> {
-    let mut out = configuration.to_vec();
-    let mut at = 0;
-    while at + 2 <= out.len() {
-        let len = out[at] as usize;
-        if len < 2 || at + len > out.len() {
-            break;
-        }
-        let d = &mut out[at..at + len];
-        match d[1] {
-            DT_CONFIG if at == 0 => d[1] = DT_OTHER_SPEED_CONFIG,
-            DT_ENDPOINT if len >= 7 => {
-                let ty = TransferType::from_attributes(d[3]);
-                // Bits 11..12 are high-bandwidth transactions per microframe,
-                // which full speed does not have.
-                let mps = u16::from_le_bytes([d[4], d[5]]) & 0x7ff;
-                let (mps, interval) = match ty {
-                    TransferType::Bulk | TransferType::Control => (mps.min(64), 0),
-                    // 2^(b-1) microframes become that many eighths of a frame.
-                    TransferType::Interrupt => {
-                        let micro = 1u32 << (d[6].clamp(1, 16) - 1);
-                        (mps.min(64), (micro / 8).clamp(1, 255) as u8)
-                    }
-                    // Both speeds count 2^(b-1) of their own (micro)frames.
-                    TransferType::Isochronous => (mps.min(1023), d[6].clamp(4, 16) - 3),
-                };
-                d[4..6].copy_from_slice(&mps.to_le_bytes());
-                d[6] = interval;
-            }
-            _ => {}
-        }
-        at += len;
-    }
-    out
-}
-
-fn parse_interfaces(body: &[u8]) -> Vec<InterfaceInfo> {
-    walk(body)
-        .filter(|d| d[1] == DT_INTERFACE && d.len() >= 9 && d[3] == 0)
-        .map(|d| InterfaceInfo {
-            class: d[5],
-            subclass: d[6],
-            protocol: d[7],
-        })
-        .collect()
-}
-
-fn parse_endpoints(config: &[u8]) -> Vec<EndpointInfo> {
-    let mut out = Vec::new();
-    let (mut iface, mut alt) = (0, 0);
-    for d in walk(config) {
-        match d[1] {
-            DT_INTERFACE if d.len() >= 9 => {
-                iface = d[2];
-                alt = d[3];
-            }
-            DT_ENDPOINT if d.len() >= 7 => out.push(EndpointInfo {
-                address: d[2],
-                transfer_type: TransferType::from_attributes(d[3]),
-                max_packet_size: u16::from_le_bytes([d[4], d[5]]),
-                interval: d[6],
-                interface: iface,
-                alt_setting: alt,
-            }),
-            _ => {}
-        }
-    }
-    out
 }
 
 /// A 9-byte interface descriptor.
@@ -355,39 +199,21 @@ pub fn interface(
     protocol: u8,
     string: u8,
 ) -> [u8; 9] {
-    [
-        9,
-        DT_INTERFACE,
+    Interface {
         number,
-        alt,
+        alt_setting: alt,
         num_endpoints,
         class,
         subclass,
         protocol,
         string,
-    ]
+    }
+    .emit()
 }
 
 /// A 7-byte endpoint descriptor.
 pub fn endpoint(address: u8, ty: TransferType, max_packet: u16, interval: u8) -> [u8; 7] {
-    [
-        7,
-        DT_ENDPOINT,
-        address,
-        ty.attributes(),
-        max_packet as u8,
-        (max_packet >> 8) as u8,
-        interval,
-    ]
-}
-
-/// The bulk max packet size for a speed.
-pub fn bulk_max_packet(speed: Speed) -> u16 {
-    match speed {
-        Speed::Super | Speed::SuperPlus => 1024,
-        Speed::High => 512,
-        _ => 64,
-    }
+    Endpoint::new(address, ty, max_packet, interval).emit()
 }
 
 #[cfg(test)]
@@ -447,5 +273,65 @@ mod tests {
         );
         assert!(d.string(9).is_none());
         assert!(d.device_qualifier().is_some());
+    }
+
+    /// Every demo device's descriptor set, at every speed it runs at.
+    fn demo_devices() -> Vec<(String, Descriptors)> {
+        use crate::core::Function;
+        let mut out = Vec::new();
+        let (kbd, _handle) = crate::hid::HidKeyboard::new();
+        out.push(("keyboard".into(), kbd.descriptors().clone()));
+        let test = crate::testdev::TestDevice::new();
+        out.push(("test device".into(), test.descriptors().clone()));
+        let acm = crate::acm::CdcAcm::new(Default::default()).unwrap();
+        out.push(("serial".into(), acm.descriptors().clone()));
+        let image = tempfile::NamedTempFile::new().unwrap();
+        image.as_file().set_len(1 << 20).unwrap();
+        for speed in [Speed::Full, Speed::High, Speed::Super] {
+            let cfg = crate::msc::MscConfig {
+                speed,
+                ..Default::default()
+            };
+            let msc = crate::msc::MassStorage::open(image.path(), cfg).unwrap();
+            out.push((format!("disk at {speed:?}"), msc.descriptors().clone()));
+        }
+        out
+    }
+
+    #[test]
+    fn every_demo_device_parses_back_into_what_built_it() {
+        for (name, d) in demo_devices() {
+            let mut walk = descriptor::walk(&d.configuration);
+            let parsed: Vec<descriptor::Descriptor<'_>> =
+                walk.by_ref().map(|r| r.parse()).collect();
+            assert!(walk.rest().is_empty(), "{name}: trailing bytes");
+            let descriptor::Descriptor::Configuration(header) = parsed[0] else {
+                panic!("{name}: no configuration header first");
+            };
+            assert_eq!(
+                usize::from(header.total_length),
+                d.configuration.len(),
+                "{name}"
+            );
+            assert_eq!(
+                usize::from(header.num_interfaces),
+                d.interfaces().len(),
+                "{name}"
+            );
+            let endpoints = parsed
+                .iter()
+                .filter(|p| matches!(p, descriptor::Descriptor::Endpoint(_)))
+                .count();
+            assert_eq!(endpoints, d.endpoints().len(), "{name}");
+            let device = descriptor::Device::parse(d.device_bytes()).unwrap();
+            assert_eq!(device.vendor_id, d.device.vendor_id, "{name}");
+            assert_eq!(device.usb_version, d.device.usb_version, "{name}");
+            assert_eq!(device.emit(), *d.device_bytes(), "{name}");
+            if let Some(other) = d.other_speed_configuration() {
+                let mut walk = descriptor::walk(other);
+                assert_eq!(walk.by_ref().count(), parsed.len(), "{name}: other speed");
+                assert!(walk.rest().is_empty(), "{name}: other speed");
+            }
+        }
     }
 }

@@ -15,6 +15,8 @@ use std::time::Duration;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt};
 use usbwire_proto::{Errno, SetupPacket, Speed};
 
+use usbwire_usb::{Recipient, Request, RequestType, StandardRequest};
+
 use crate::core::{reply, Function};
 use crate::descriptors::{self, Descriptors, DeviceDescriptor, TransferType};
 
@@ -42,14 +44,45 @@ pub mod modifier {
 }
 
 /// HID class requests (HID 1.11 section 7.2).
-pub mod request {
-    pub const GET_REPORT: u8 = 0x01;
-    pub const GET_IDLE: u8 = 0x02;
-    pub const GET_PROTOCOL: u8 = 0x03;
-    pub const SET_REPORT: u8 = 0x09;
-    pub const SET_IDLE: u8 = 0x0a;
-    pub const SET_PROTOCOL: u8 = 0x0b;
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HidRequest {
+    GetReport,
+    GetIdle,
+    GetProtocol,
+    SetReport,
+    SetIdle,
+    SetProtocol,
 }
+
+impl HidRequest {
+    pub fn from_code(code: u8) -> Option<HidRequest> {
+        Some(match code {
+            0x01 => HidRequest::GetReport,
+            0x02 => HidRequest::GetIdle,
+            0x03 => HidRequest::GetProtocol,
+            0x09 => HidRequest::SetReport,
+            0x0a => HidRequest::SetIdle,
+            0x0b => HidRequest::SetProtocol,
+            _ => return None,
+        })
+    }
+
+    /// bRequest.
+    pub const fn code(self) -> u8 {
+        match self {
+            HidRequest::GetReport => 0x01,
+            HidRequest::GetIdle => 0x02,
+            HidRequest::GetProtocol => 0x03,
+            HidRequest::SetReport => 0x09,
+            HidRequest::SetIdle => 0x0a,
+            HidRequest::SetProtocol => 0x0b,
+        }
+    }
+}
+
+/// Report types, the high byte of wValue in GET_REPORT/SET_REPORT.
+const REPORT_INPUT: u8 = 1;
+const REPORT_OUTPUT: u8 = 2;
 
 /// Class descriptor types.
 pub const DT_HID: u8 = 0x21;
@@ -167,7 +200,9 @@ pub fn keystroke(c: char) -> Option<(u8, u8)> {
     Some(k)
 }
 
-struct Shared {
+/// What the keyboard and its handles share: the reports typed ahead and
+/// the LEDs the host last set.
+struct KeyQueue {
     reports: VecDeque<[u8; REPORT_LEN]>,
     /// The IN transfer waiting for a report.
     waker: Option<Waker>,
@@ -177,19 +212,19 @@ struct Shared {
 /// Types on the keyboard from any thread or task. Cheap to clone.
 #[derive(Clone)]
 pub struct KeyboardHandle {
-    shared: Arc<Mutex<Shared>>,
+    queue: Arc<Mutex<KeyQueue>>,
 }
 
-fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+fn lock(queue: &Mutex<KeyQueue>) -> MutexGuard<'_, KeyQueue> {
     // A poisoned lock means a panic elsewhere mid-push; the queue is still
     // a valid queue.
-    shared.lock().unwrap_or_else(|e| e.into_inner())
+    queue.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl KeyboardHandle {
     /// Queues all `reports` or none, then wakes the waiting IN transfer.
     fn queue(&self, reports: &[[u8; REPORT_LEN]]) -> Result<(), KeyboardError> {
-        let mut s = lock(&self.shared);
+        let mut s = lock(&self.queue);
         let free = QUEUE_CAPACITY - s.reports.len().min(QUEUE_CAPACITY);
         if reports.len() > free {
             return Err(KeyboardError::QueueFull {
@@ -253,24 +288,24 @@ impl KeyboardHandle {
     /// The LED state the host last set (bit 0 Num Lock, 1 Caps Lock,
     /// 2 Scroll Lock, 3 Compose, 4 Kana).
     pub fn leds(&self) -> u8 {
-        lock(&self.shared).leds
+        lock(&self.queue).leds
     }
 
     /// Reports waiting for the host.
     pub fn queued(&self) -> usize {
-        lock(&self.shared).reports.len()
+        lock(&self.queue).reports.len()
     }
 
     /// Drops everything not yet delivered.
     pub fn clear(&self) {
-        lock(&self.shared).reports.clear();
+        lock(&self.queue).reports.clear();
     }
 }
 
 /// The keyboard function.
 pub struct HidKeyboard {
     descriptors: Descriptors,
-    shared: Arc<Mutex<Shared>>,
+    queue: Arc<Mutex<KeyQueue>>,
     /// The last report the host received: what GET_REPORT answers, since it
     /// is the key state the host believes in.
     current: [u8; REPORT_LEN],
@@ -292,29 +327,29 @@ impl HidKeyboard {
     /// As [`HidKeyboard::new`] with another iSerialNumber, so that several
     /// keyboards get distinct udev names.
     pub fn with_serial(serial: &str) -> (HidKeyboard, KeyboardHandle) {
-        let shared = Arc::new(Mutex::new(Shared {
+        let queue = Arc::new(Mutex::new(KeyQueue {
             reports: VecDeque::new(),
             waker: None,
             leds: 0,
         }));
         let kbd = HidKeyboard {
             descriptors: build_descriptors(serial),
-            shared: shared.clone(),
+            queue: queue.clone(),
             current: [0; REPORT_LEN],
             idle: DEFAULT_IDLE,
             protocol: 1,
         };
-        (kbd, KeyboardHandle { shared })
+        (kbd, KeyboardHandle { queue })
     }
 
     pub fn handle(&self) -> KeyboardHandle {
         KeyboardHandle {
-            shared: self.shared.clone(),
+            queue: self.queue.clone(),
         }
     }
 
     pub fn leds(&self) -> u8 {
-        lock(&self.shared).leds
+        lock(&self.queue).leds
     }
 
     /// 0 boot, 1 report.
@@ -365,47 +400,55 @@ impl Function for HidKeyboard {
     }
 
     fn control_in(&mut self, s: &SetupPacket, buf: &mut [u8]) -> Option<Result<usize, Errno>> {
-        if s.recipient() != 1 || s.index != 0 {
+        let r = Request::from(s);
+        if r.recipient != Recipient::Interface || r.index != 0 {
             return None;
         }
-        match (s.kind(), s.request) {
-            (0, crate::core::req::GET_DESCRIPTOR) => match (s.value >> 8) as u8 {
-                DT_REPORT => Some(Ok(reply(&REPORT_DESCRIPTOR, buf))),
-                DT_HID => Some(Ok(reply(&HID_DESCRIPTOR, buf))),
+        match r.request_type {
+            RequestType::Standard => match (r.standard()?, r.descriptor_type()) {
+                (StandardRequest::GetDescriptor, DT_REPORT) => {
+                    Some(Ok(reply(&REPORT_DESCRIPTOR, buf)))
+                }
+                (StandardRequest::GetDescriptor, DT_HID) => Some(Ok(reply(&HID_DESCRIPTOR, buf))),
                 _ => None,
             },
-            (1, request::GET_REPORT) => match (s.value >> 8) as u8 {
-                1 => Some(Ok(reply(&self.current, buf))),
-                2 => Some(Ok(reply(&[self.leds()], buf))),
-                _ => Some(Err(Errno::EPIPE)),
+            RequestType::Class => match HidRequest::from_code(r.request)? {
+                HidRequest::GetReport => match (r.value >> 8) as u8 {
+                    REPORT_INPUT => Some(Ok(reply(&self.current, buf))),
+                    REPORT_OUTPUT => Some(Ok(reply(&[self.leds()], buf))),
+                    _ => Some(Err(Errno::EPIPE)),
+                },
+                HidRequest::GetIdle => Some(Ok(reply(&[self.idle], buf))),
+                HidRequest::GetProtocol => Some(Ok(reply(&[self.protocol], buf))),
+                _ => None,
             },
-            (1, request::GET_IDLE) => Some(Ok(reply(&[self.idle], buf))),
-            (1, request::GET_PROTOCOL) => Some(Ok(reply(&[self.protocol], buf))),
             _ => None,
         }
     }
 
     fn control_out(&mut self, s: &SetupPacket, data: &[u8]) -> Option<Result<(), Errno>> {
-        if s.kind() != 1 || s.recipient() != 1 || s.index != 0 {
+        let r = Request::from(s);
+        // wIndex is the interface, all 16 bits of it (HID 1.11 7.2).
+        if r.index != 0 {
             return None;
         }
-        match s.request {
-            request::SET_REPORT => {
+        match HidRequest::from_code(r.class_to_interface(0)?)? {
+            HidRequest::SetReport => {
                 // Only the LED output report exists.
-                if (s.value >> 8) as u8 != 2 || data.is_empty() {
+                if (r.value >> 8) as u8 != REPORT_OUTPUT || data.is_empty() {
                     return Some(Err(Errno::EPIPE));
                 }
-                lock(&self.shared).leds = data[0] & 0x1f;
+                lock(&self.queue).leds = data[0] & 0x1f;
                 tracing::debug!(leds = data[0], "keyboard: LEDs");
                 Some(Ok(()))
             }
-            request::SET_IDLE => {
-                self.idle = (s.value >> 8) as u8;
+            HidRequest::SetIdle => {
+                self.idle = (r.value >> 8) as u8;
                 Some(Ok(()))
             }
-            request::SET_PROTOCOL => match s.value {
+            HidRequest::SetProtocol => match r.value {
                 0 | 1 => {
-                    self.protocol = s.value as u8;
+                    self.protocol = r.value as u8;
                     Some(Ok(()))
                 }
                 _ => Some(Err(Errno::EPIPE)),
@@ -423,7 +466,7 @@ impl Function for HidKeyboard {
         if ep != EP_IN {
             return Poll::Ready(Err(Errno::EPIPE));
         }
-        let mut s = lock(&self.shared);
+        let mut s = lock(&self.queue);
         let Some(report) = s.reports.pop_front() else {
             match &s.waker {
                 Some(w) if w.will_wake(cx.waker()) => {}
@@ -457,7 +500,7 @@ impl Function for HidKeyboard {
         self.current = [0; REPORT_LEN];
         self.idle = DEFAULT_IDLE;
         self.protocol = 1;
-        lock(&self.shared).leds = 0;
+        lock(&self.queue).leds = 0;
     }
 }
 
@@ -772,7 +815,7 @@ mod tests {
     fn get_report_set_report_and_protocol() {
         let (mut dev, h) = configured();
         let mut buf = [0u8; 16];
-        let get_input = setup(0xa1, request::GET_REPORT, 0x0100, 0, 8);
+        let get_input = setup(0xa1, HidRequest::GetReport.code(), 0x0100, 0, 8);
         assert_eq!(dev.control(&get_input, &[], &mut buf), Ok(8));
         assert_eq!(&buf[..8], &[0; 8]);
         h.press(modifier::LEFT_CTRL, &[0x06, 0x07]).unwrap();
@@ -782,12 +825,12 @@ mod tests {
         assert_eq!(h.press(0, &[1; 7]), Err(KeyboardError::TooManyKeys(7)));
 
         // LEDs: Caps Lock on.
-        let set_leds = setup(0x21, request::SET_REPORT, 0x0200, 0, 1);
+        let set_leds = setup(0x21, HidRequest::SetReport.code(), 0x0200, 0, 1);
         assert_eq!(dev.control(&set_leds, &[0x02], &mut []), Ok(1));
         assert_eq!(h.leds(), 0x02);
         assert_eq!(
             dev.control(
-                &setup(0xa1, request::GET_REPORT, 0x0200, 0, 1),
+                &setup(0xa1, HidRequest::GetReport.code(), 0x0200, 0, 1),
                 &[],
                 &mut buf
             ),
@@ -795,31 +838,47 @@ mod tests {
         );
         assert_eq!(buf[0], 0x02);
         assert_eq!(dev.control(&set_leds, &[], &mut []), Err(Errno::EPIPE));
-        let set_feature = setup(0x21, request::SET_REPORT, 0x0300, 0, 1);
+        let set_feature = setup(0x21, HidRequest::SetReport.code(), 0x0300, 0, 1);
         assert_eq!(dev.control(&set_feature, &[1], &mut []), Err(Errno::EPIPE));
 
         // Protocol: report by default, boot after SET_PROTOCOL(0).
-        let get_proto = setup(0xa1, request::GET_PROTOCOL, 0, 0, 1);
+        let get_proto = setup(0xa1, HidRequest::GetProtocol.code(), 0, 0, 1);
         assert_eq!(dev.control(&get_proto, &[], &mut buf), Ok(1));
         assert_eq!(buf[0], 1);
         assert_eq!(
-            dev.control(&setup(0x21, request::SET_PROTOCOL, 0, 0, 0), &[], &mut []),
+            dev.control(
+                &setup(0x21, HidRequest::SetProtocol.code(), 0, 0, 0),
+                &[],
+                &mut []
+            ),
             Ok(0)
         );
         assert_eq!(dev.control(&get_proto, &[], &mut buf), Ok(1));
         assert_eq!(buf[0], 0);
         assert_eq!(
-            dev.control(&setup(0x21, request::SET_PROTOCOL, 7, 0, 0), &[], &mut []),
+            dev.control(
+                &setup(0x21, HidRequest::SetProtocol.code(), 7, 0, 0),
+                &[],
+                &mut []
+            ),
             Err(Errno::EPIPE)
         );
 
         // Idle.
         assert_eq!(
-            dev.control(&setup(0x21, request::SET_IDLE, 0, 0, 0), &[], &mut []),
+            dev.control(
+                &setup(0x21, HidRequest::SetIdle.code(), 0, 0, 0),
+                &[],
+                &mut []
+            ),
             Ok(0)
         );
         assert_eq!(
-            dev.control(&setup(0xa1, request::GET_IDLE, 0, 0, 1), &[], &mut buf),
+            dev.control(
+                &setup(0xa1, HidRequest::GetIdle.code(), 0, 0, 1),
+                &[],
+                &mut buf
+            ),
             Ok(1)
         );
         assert_eq!(buf[0], 0);
@@ -840,7 +899,7 @@ mod tests {
         // Vendor request, and a class request for another interface.
         assert_eq!(kbd.control_in(&setup(0xc1, 0x01, 0, 0, 8), &mut buf), None);
         assert_eq!(
-            kbd.control_out(&setup(0x21, request::SET_IDLE, 0, 1, 0), &[]),
+            kbd.control_out(&setup(0x21, HidRequest::SetIdle.code(), 0, 1, 0), &[]),
             None
         );
     }

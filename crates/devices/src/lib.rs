@@ -8,6 +8,7 @@
 //! "not mine", so each can be unit-tested without a server.
 
 pub mod acm;
+pub mod backend;
 pub mod core;
 pub mod descriptors;
 pub mod hid;
@@ -16,6 +17,7 @@ pub mod msc;
 mod test_util;
 pub mod testdev;
 
+pub use crate::backend::EmulatedBackend;
 pub use crate::core::{EmulatedDevice, Function};
 pub use crate::descriptors::{Descriptors, EndpointInfo, TransferType};
 pub use usbwire_proto::{Errno, SetupPacket, Speed};

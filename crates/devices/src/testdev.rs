@@ -19,6 +19,7 @@ use std::collections::VecDeque;
 use std::task::{Context, Poll, Waker};
 
 use usbwire_proto::{Errno, IsoPacket, SetupPacket, Speed};
+use usbwire_usb::{Recipient, Request, RequestType};
 
 use crate::core::Function;
 use crate::descriptors::{self, Descriptors, DeviceDescriptor, TransferType};
@@ -715,7 +716,8 @@ fn build_descriptors(config: &TestConfig) -> Descriptors {
 }
 
 fn is_vendor_device(s: &SetupPacket) -> bool {
-    s.kind() == 2 && s.recipient() == 0
+    let r = Request::from(s);
+    r.request_type == RequestType::Vendor && r.recipient == Recipient::Device
 }
 
 impl Function for TestDevice {

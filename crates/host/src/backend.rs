@@ -13,11 +13,9 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
-use usbwire_devices::TransferType;
 use usbwire_proto::urb::flags as lf;
 use usbwire_proto::{DeviceInfo, Direction, Errno};
-use usbwire_server::backend::is_reset_request;
-use usbwire_server::{Backend, Completion, Urb, UrbId};
+use usbwire_usb::{Backend, Completion, StateChange, TransferType, Urb, UrbId};
 
 use rustix::io::Errno as UsbfsErrno;
 
@@ -249,49 +247,55 @@ impl UsbfsBackend {
     /// Control requests that change device state go through the ioctls
     /// that keep the kernel's view in step, as stub_rx.c does.
     fn special_control(&mut self, urb: &Urb) -> Option<Result<usize, Errno>> {
-        let s = urb.setup;
-        if is_reset_request(&s) {
-            info!(busid = %self.sys.busid, "device reset requested");
-            let r = self.dev.reset();
-            self.reclaim();
-            self.refresh();
-            return Some(self.io_result(r));
-        }
-        if s.request_type == 0x00 && s.request == 9 {
-            let value = s.value as u8;
-            if value == self.config {
-                // Already active: setting it again would unbind and rebind
-                // every interface (the kernel's stub skips it likewise).
-                return Some(Ok(0));
+        match StateChange::recognise(&urb.setup)? {
+            StateChange::PortReset => {
+                info!(busid = %self.sys.busid, "device reset requested");
+                let r = self.dev.reset();
+                self.reclaim();
+                self.refresh();
+                Some(self.io_result(r))
             }
-            info!(busid = %self.sys.busid, "SET_CONFIGURATION {value}");
-            for (n, _) in self.claimed.clone() {
-                let _ = self.dev.release_interface(n);
+            StateChange::SetConfiguration { value } => Some(self.set_configuration(value as u8)),
+            StateChange::SetInterface {
+                interface,
+                alt_setting,
+            } => {
+                let (iface, alt) = (interface as u8, alt_setting as u8);
+                let r = self.dev.set_interface(iface, alt);
+                if r.is_ok() {
+                    self.alts.insert(iface, alt);
+                }
+                Some(self.io_result(r))
             }
-            let r = self.dev.set_configuration(value);
-            self.refresh();
-            self.claimed = self
-                .desc
-                .interfaces(self.config)
-                .into_iter()
-                .map(|n| (n, None))
-                .collect();
-            self.reclaim();
-            return Some(self.io_result(r));
-        }
-        if s.request_type == 0x01 && s.request == 11 {
-            let (iface, alt) = (s.index as u8, s.value as u8);
-            let r = self.dev.set_interface(iface, alt);
-            if r.is_ok() {
-                self.alts.insert(iface, alt);
+            StateChange::ClearHalt { endpoint } => {
+                let r = self.dev.clear_halt(endpoint);
+                Some(self.io_result(r))
             }
-            return Some(self.io_result(r));
         }
-        if s.request_type == 0x02 && s.request == 1 && s.value == 0 {
-            let r = self.dev.clear_halt(s.index as u8);
-            return Some(self.io_result(r));
+    }
+
+    /// SET_CONFIGURATION through usbfs, which rebinds the interfaces: they
+    /// are released first and claimed again after.
+    fn set_configuration(&mut self, value: u8) -> Result<usize, Errno> {
+        if value == self.config {
+            // Already active: setting it again would unbind and rebind
+            // every interface (the kernel's stub skips it likewise).
+            return Ok(0);
         }
-        None
+        info!(busid = %self.sys.busid, "SET_CONFIGURATION {value}");
+        for (n, _) in self.claimed.clone() {
+            let _ = self.dev.release_interface(n);
+        }
+        let r = self.dev.set_configuration(value);
+        self.refresh();
+        self.claimed = self
+            .desc
+            .interfaces(self.config)
+            .into_iter()
+            .map(|n| (n, None))
+            .collect();
+        self.reclaim();
+        self.io_result(r)
     }
 
     /// Builds and submits an URB. `Some` when it finished at once.
@@ -657,13 +661,6 @@ impl Backend for UsbfsBackend {
             Err(e) => debug!(seqnum = urb.seqnum, "discard: {e}"),
         }
         false
-    }
-
-    fn reset(&mut self) {
-        self.drain();
-        let _ = self.dev.reset();
-        self.reclaim();
-        self.refresh();
     }
 
     fn release(&mut self) {

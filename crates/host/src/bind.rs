@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tracing::{debug, info, warn};
-use usbwire_server::{Registry, RegistryError, WaitBounds};
 
 use crate::backend::UsbfsBackend;
 use crate::busy::{self, Holder};
+use crate::export::{ExportRefusal, ExportReservation, ExportTable};
 use crate::state::{Binding, State};
 use crate::sysfs::{driver_of, LocalDevice, NotExportable, Roots};
 
@@ -108,6 +108,73 @@ pub(crate) fn restore_drivers(roots: &Roots, sys: &LocalDevice, claimed: &[(u8, 
     }
 }
 
+/// The device `busid` names, if it is one this daemon may export: not a
+/// hub, not itself imported through vhci, not exported by the kernel's stub.
+fn exportable(roots: &Roots, busid: &str) -> Result<LocalDevice, BindError> {
+    let not_found = || BindError::NotFound {
+        busid: busid.to_string(),
+    };
+    if busid.is_empty() || busid.contains('/') || busid.contains("..") {
+        return Err(not_found());
+    }
+    let sys = roots.local_device(busid).map_err(|_| not_found())?;
+    match sys.not_exportable() {
+        Some(NotExportable::Hub) => {
+            return Err(BindError::Hub {
+                busid: busid.into(),
+            })
+        }
+        Some(NotExportable::Imported) => {
+            return Err(BindError::Vhci {
+                busid: busid.into(),
+            })
+        }
+        None => {}
+    }
+    if sys.is_kernel_exported() {
+        return Err(BindError::KernelStub {
+            busid: busid.into(),
+        });
+    }
+    Ok(sys)
+}
+
+/// Who else uses the device: refused if anyone `--force` may not override,
+/// or anyone at all without `force`. Returns the warnings for what `force`
+/// overrode.
+fn busy_check(
+    roots: &Roots,
+    sys: &LocalDevice,
+    busid: &str,
+    force: bool,
+) -> Result<Vec<String>, BindError> {
+    let holders = busy::check(roots, sys);
+    let (forcible, hard): (Vec<Holder>, Vec<Holder>) =
+        holders.into_iter().partition(|h| h.forcible());
+    if !hard.is_empty() {
+        let mut all = hard;
+        all.extend(forcible);
+        return Err(BindError::Busy {
+            busid: busid.into(),
+            holders: all,
+            forcible: false,
+        });
+    }
+    if !forcible.is_empty() && !force {
+        return Err(BindError::Busy {
+            busid: busid.into(),
+            holders: forcible,
+            forcible: true,
+        });
+    }
+    let warnings = forcible
+        .iter()
+        .map(|h| format!("--force: binding {busid} although {h}"))
+        .inspect(|w| warn!("{w}"))
+        .collect();
+    Ok(warnings)
+}
+
 struct Inner {
     state: State,
     /// Exported bus ids and the (busnum, devnum) the backend opened.
@@ -119,17 +186,17 @@ struct Inner {
 /// Owns the bindings: binds and unbinds, persists them, follows hotplug.
 pub struct Manager {
     roots: Roots,
-    registry: Registry,
+    exports: Box<dyn ExportTable>,
     state_path: Option<PathBuf>,
     inner: Mutex<Inner>,
 }
 
 impl Manager {
-    /// A manager over `registry`. The state file is read now; a missing
-    /// file is an empty state.
+    /// A manager that exports what it binds into `exports`. The state
+    /// file is read now; a missing file is an empty state.
     pub fn new(
         roots: Roots,
-        registry: Registry,
+        exports: impl ExportTable,
         state_path: Option<PathBuf>,
     ) -> std::io::Result<Manager> {
         let state = match &state_path {
@@ -138,7 +205,7 @@ impl Manager {
         };
         Ok(Manager {
             roots,
-            registry,
+            exports: Box::new(exports),
             state_path,
             inner: Mutex::new(Inner {
                 state,
@@ -170,84 +237,18 @@ impl Manager {
         Ok(warnings)
     }
 
+    /// Binds `busid` with the manager's lock held: the checks that need
+    /// no claim, then a reservation (so that nothing else exports it
+    /// meanwhile), the busy checks, the claim, and the export.
     fn bind_locked(
         &self,
         inner: &mut Inner,
         busid: &str,
         force: bool,
     ) -> Result<(Vec<String>, Binding), BindError> {
-        let nf = || BindError::NotFound {
-            busid: busid.to_string(),
-        };
-        if busid.is_empty() || busid.contains('/') || busid.contains("..") {
-            return Err(nf());
-        }
-        let sys = self.roots.local_device(busid).map_err(|_| nf())?;
-        match sys.not_exportable() {
-            Some(NotExportable::Hub) => {
-                return Err(BindError::Hub {
-                    busid: busid.into(),
-                })
-            }
-            Some(NotExportable::Imported) => {
-                return Err(BindError::Vhci {
-                    busid: busid.into(),
-                })
-            }
-            None => {}
-        }
-        if sys.is_kernel_exported() {
-            return Err(BindError::KernelStub {
-                busid: busid.into(),
-            });
-        }
-        let reservation = match self.registry.reserve(busid) {
-            Ok(r) => r,
-            Err(RegistryError::Exists(_)) => {
-                return Err(match self.registry.client_of(busid) {
-                    Some(client) => BindError::Imported {
-                        busid: busid.into(),
-                        client,
-                    },
-                    None => BindError::AlreadyExported {
-                        busid: busid.into(),
-                    },
-                });
-            }
-            Err(RegistryError::Busy(_)) => {
-                return Err(BindError::Again {
-                    busid: busid.into(),
-                })
-            }
-            Err(e) => return Err(BindError::Io(e.to_string())),
-        };
-        let holders = busy::check(&self.roots, &sys);
-        let (forcible, hard): (Vec<Holder>, Vec<Holder>) =
-            holders.into_iter().partition(|h| h.forcible());
-        if !hard.is_empty() {
-            let mut all = hard;
-            all.extend(forcible);
-            return Err(BindError::Busy {
-                busid: busid.into(),
-                holders: all,
-                forcible: false,
-            });
-        }
-        let mut warnings = Vec::new();
-        if !forcible.is_empty() {
-            if !force {
-                return Err(BindError::Busy {
-                    busid: busid.into(),
-                    holders: forcible,
-                    forcible: true,
-                });
-            }
-            for h in &forcible {
-                let w = format!("--force: binding {busid} although {h}");
-                warn!("{w}");
-                warnings.push(w);
-            }
-        }
+        let sys = exportable(&self.roots, busid)?;
+        let reservation = self.reserve(busid)?;
+        let warnings = busy_check(&self.roots, &sys, busid, force)?;
         let backend = UsbfsBackend::claim(&self.roots, sys.clone())
             .map_err(|e| BindError::Io(format!("{busid}: {e}")))?;
         let binding = Binding {
@@ -271,15 +272,33 @@ impl Manager {
         Ok((warnings, binding))
     }
 
+    /// Holds `busid` in the export table for the device about to be claimed.
+    fn reserve(&self, busid: &str) -> Result<Box<dyn ExportReservation>, BindError> {
+        self.exports.reserve(busid).map_err(|e| match e {
+            ExportRefusal::Exported {
+                client: Some(client),
+                ..
+            } => BindError::Imported {
+                busid: busid.into(),
+                client,
+            },
+            ExportRefusal::Exported { client: None, .. } => BindError::AlreadyExported {
+                busid: busid.into(),
+            },
+            ExportRefusal::Changing { .. } => BindError::Again {
+                busid: busid.into(),
+            },
+            e => BindError::Io(e.to_string()),
+        })
+    }
+
     /// Unbinds `busid`: stops exporting it, releases its interfaces and
     /// lets the original drivers bind again. An import that is ending (its
     /// client detached) is waited for; an active one is refused, or with
     /// `force` ended first. Returns the warnings (what `force` ended).
     pub fn unbind(&self, busid: &str, force: bool) -> Result<Vec<String>, BindError> {
         // Waits without the manager's lock: binds and hotplug go on meanwhile.
-        let removed = self
-            .registry
-            .remove_when_free(busid, force, WaitBounds::default());
+        let removed = self.exports.remove_when_free(busid, force);
         let mut inner = self.lock();
         let mut warnings = Vec::new();
         match removed {
@@ -292,19 +311,19 @@ impl Manager {
                 drop(removed.backend);
                 inner.exported.remove(busid);
             }
-            Err(RegistryError::InUse { client, .. }) => {
+            Err(ExportRefusal::Imported { client, .. }) => {
                 return Err(BindError::Imported {
                     busid: busid.into(),
                     client,
                 })
             }
-            Err(RegistryError::Releasing { client, .. }) => {
+            Err(ExportRefusal::Releasing { client, .. }) => {
                 return Err(BindError::Releasing {
                     busid: busid.into(),
                     client,
                 })
             }
-            Err(RegistryError::Busy(_)) => {
+            Err(ExportRefusal::Changing { .. }) => {
                 return Err(BindError::Again {
                     busid: busid.into(),
                 })
@@ -326,15 +345,14 @@ impl Manager {
     /// Every binding and its state.
     pub fn bindings(&self) -> Vec<BindingStatus> {
         let inner = self.lock();
-        let all = self.registry.all();
         inner
             .state
             .bindings
             .iter()
             .map(|b| {
-                let state = match all.iter().find(|(d, _)| d.busid == b.busid) {
-                    Some((_, true)) => "imported",
-                    Some((_, false)) if inner.exported.contains_key(&b.busid) => "exported",
+                let state = match self.exports.is_imported(&b.busid) {
+                    Some(true) => "imported",
+                    Some(false) if inner.exported.contains_key(&b.busid) => "exported",
                     _ => "absent",
                 };
                 BindingStatus {
@@ -361,13 +379,13 @@ impl Manager {
                 if same {
                     continue;
                 }
-                match self.registry.remove(&b.busid) {
+                match self.exports.remove(&b.busid) {
                     Ok(backend) => {
                         drop(backend);
                         inner.exported.remove(&b.busid);
                         info!("{} was unplugged; it is no longer exported", b.busid);
                     }
-                    Err(RegistryError::NotFound(_)) => {
+                    Err(ExportRefusal::NotExported { .. }) => {
                         inner.exported.remove(&b.busid);
                     }
                     // Imported: the session ends its URBs with -ENODEV; we
@@ -409,7 +427,7 @@ impl Manager {
         let mut inner = self.lock();
         let ids: Vec<String> = inner.exported.keys().cloned().collect();
         for busid in ids {
-            match self.registry.remove(&busid) {
+            match self.exports.remove(&busid) {
                 Ok(b) => {
                     drop(b);
                     info!("released {busid}");
@@ -418,5 +436,127 @@ impl Manager {
             }
             inner.exported.remove(&busid);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::Unexported;
+    use usbwire_proto::DeviceInfo;
+    use usbwire_usb::Backend;
+
+    /// An export table that refuses reservations as told, and records
+    /// what happened to the ones it granted.
+    #[derive(Default)]
+    struct Table {
+        refusal: Mutex<Option<ExportRefusal>>,
+        events: Arc<Mutex<Vec<&'static str>>>,
+    }
+
+    struct Held(Arc<Mutex<Vec<&'static str>>>, bool);
+
+    impl ExportReservation for Held {
+        fn commit(mut self: Box<Self>, _: DeviceInfo, _: Box<dyn Backend>) {
+            self.1 = true;
+            self.0.lock().unwrap().push("committed");
+        }
+    }
+
+    impl Drop for Held {
+        fn drop(&mut self) {
+            if !self.1 {
+                self.0.lock().unwrap().push("given back");
+            }
+        }
+    }
+
+    impl ExportTable for Arc<Table> {
+        fn reserve(&self, _: &str) -> Result<Box<dyn ExportReservation>, ExportRefusal> {
+            if let Some(e) = self.refusal.lock().unwrap().clone() {
+                return Err(e);
+            }
+            self.events.lock().unwrap().push("reserved");
+            Ok(Box::new(Held(self.events.clone(), false)))
+        }
+        fn remove(&self, busid: &str) -> Result<Box<dyn Backend>, ExportRefusal> {
+            Err(ExportRefusal::NotExported {
+                busid: busid.into(),
+            })
+        }
+        fn remove_when_free(&self, busid: &str, _: bool) -> Result<Unexported, ExportRefusal> {
+            Err(ExportRefusal::NotExported {
+                busid: busid.into(),
+            })
+        }
+        fn is_imported(&self, _: &str) -> Option<bool> {
+            None
+        }
+    }
+
+    /// A fake sysfs with device 1-1 (a vendor-class device, no driver) and
+    /// no device node, so that claiming it fails.
+    fn tree() -> (tempfile::TempDir, Roots) {
+        use crate::sysfs::fake;
+        let t = tempfile::tempdir().unwrap();
+        let roots = Roots::under(t.path());
+        let dev = fake::device(
+            t.path(),
+            &fake::FakeDevice {
+                devpath: "pci0000:00/usb1/1-1",
+                driver: None,
+                ..Default::default()
+            },
+        );
+        fake::interface(t.path(), &dev, 1, 0, (0xff, 0xff, 0xff), None);
+        (t, roots)
+    }
+
+    #[test]
+    fn refusals_of_the_export_table_become_bind_errors() {
+        let (_t, roots) = tree();
+        let table = Arc::new(Table::default());
+        let m = Manager::new(roots, table.clone(), None).unwrap();
+        let client: SocketAddr = "10.0.0.2:40986".parse().unwrap();
+        let cases = [
+            (
+                ExportRefusal::Exported {
+                    busid: "1-1".into(),
+                    client: None,
+                },
+                "EEXIST",
+            ),
+            (
+                ExportRefusal::Exported {
+                    busid: "1-1".into(),
+                    client: Some(client),
+                },
+                "EBUSY",
+            ),
+            (
+                ExportRefusal::Changing {
+                    busid: "1-1".into(),
+                },
+                "EAGAIN",
+            ),
+        ];
+        for (refusal, errno) in cases {
+            *table.refusal.lock().unwrap() = Some(refusal.clone());
+            let e = m.bind("1-1", false).unwrap_err();
+            assert_eq!(e.errno(), errno, "{refusal:?}: {e}");
+        }
+        assert!(m.bindings().is_empty(), "a refused bind is not recorded");
+        assert_eq!(m.bind("9-9", false).unwrap_err().errno(), "ENODEV");
+    }
+
+    #[test]
+    fn a_failed_claim_gives_the_reservation_back() {
+        let (_t, roots) = tree();
+        let table = Arc::new(Table::default());
+        let m = Manager::new(roots, table.clone(), None).unwrap();
+        let e = m.bind("1-1", false).unwrap_err();
+        assert_eq!(e.errno(), "EIO", "{e}");
+        assert_eq!(*table.events.lock().unwrap(), ["reserved", "given back"]);
+        assert!(m.bindings().is_empty());
     }
 }

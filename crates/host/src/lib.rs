@@ -5,14 +5,15 @@
 //! * [`bind::Manager`] binds and unbinds devices (busy checks in [`busy`],
 //!   bindings persisted by [`state`]) and follows hotplug from kernel
 //!   uevents ([`hotplug`]).
-//! * [`backend::UsbfsBackend`] is the server [`usbwire_server::Backend`]
-//!   of a bound device.
+//! * [`backend::UsbfsBackend`] is the [`usbwire_usb::Backend`] of a bound
+//!   device, which the manager hands to the daemon's [`export::ExportTable`].
 //! * [`usbfs`] holds the raw ioctls, the only unsafe code of the crate.
 #![deny(unsafe_code)]
 
 pub mod backend;
 pub mod bind;
 pub mod busy;
+pub mod export;
 pub mod hotplug;
 pub mod state;
 pub mod sysfs;
@@ -20,4 +21,5 @@ pub mod usbfs;
 
 pub use backend::UsbfsBackend;
 pub use bind::{BindError, BindingStatus, Manager};
+pub use export::{ExportRefusal, ExportReservation, ExportTable, Unexported};
 pub use sysfs::{ExportStatus, LocalDevice, LocalError, LocalInterface, NotExportable, Roots};

@@ -12,8 +12,8 @@ use std::fs;
 use std::io;
 use std::path::{Component, Path, PathBuf};
 
-use usbwire_devices::TransferType;
 use usbwire_proto::{DeviceInfo, InterfaceInfo, Speed};
+use usbwire_usb::TransferType;
 
 /// Where the system's trees are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -502,35 +502,26 @@ pub struct EndpointTypes {
     alts: BTreeMap<(u8, u8, u8), Vec<(u8, TransferType)>>,
 }
 
-/// The one walk over a descriptor blob in this crate (the `descriptors`
-/// sysfs file): configuration, interface and endpoint descriptors.
+/// The endpoints of every (configuration, interface, alternate setting) in
+/// a descriptor blob (the `descriptors` sysfs file), read with the
+/// workspace's one descriptor parser.
 fn walk_descriptors(raw: &[u8]) -> BTreeMap<(u8, u8, u8), Vec<(u8, TransferType)>> {
+    use usbwire_usb::descriptor::{self, Descriptor};
     let mut alts: BTreeMap<(u8, u8, u8), Vec<(u8, TransferType)>> = BTreeMap::new();
-    let mut at = 0;
     let (mut config, mut iface, mut alt) = (0u8, 0u8, 0u8);
-    while at + 2 <= raw.len() {
-        let len = raw[at] as usize;
-        if len < 2 || at + len > raw.len() {
-            break;
-        }
-        let b = &raw[at..at + len];
-        match b[1] {
-            2 if len >= 9 => {
-                config = b[5];
-            }
-            4 if len >= 9 => {
-                iface = b[2];
-                alt = b[3];
+    for desc in descriptor::walk(raw).parsed() {
+        match desc {
+            Descriptor::Configuration(c) => config = c.value,
+            Descriptor::Interface(i) => {
+                (iface, alt) = (i.number, i.alt_setting);
                 alts.entry((config, iface, alt)).or_default();
             }
-            5 if len >= 7 => {
-                alts.entry((config, iface, alt))
-                    .or_default()
-                    .push((b[2], TransferType::from_attributes(b[3])));
-            }
+            Descriptor::Endpoint(e) => alts
+                .entry((config, iface, alt))
+                .or_default()
+                .push((e.address, e.transfer_type())),
             _ => {}
         }
-        at += len;
     }
     alts
 }

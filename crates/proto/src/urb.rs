@@ -116,16 +116,6 @@ impl SetupPacket {
             Direction::Out
         }
     }
-
-    /// 0 standard, 1 class, 2 vendor, 3 reserved.
-    pub fn kind(self) -> u8 {
-        (self.request_type >> 5) & 3
-    }
-
-    /// 0 device, 1 interface, 2 endpoint, 3 other.
-    pub fn recipient(self) -> u8 {
-        self.request_type & 0x1f
-    }
 }
 
 /// One `usbip_iso_packet_descriptor`.
@@ -454,15 +444,15 @@ impl UrbCommand {
             i32_at(b, 24),
             limits.max_transfer_length,
         )?;
-        let raw_np = u32_at(b, 32);
-        let np = if is_iso(direction, ep) {
-            iso_count(raw_np, limits)?
+        let raw_packet_count = u32_at(b, 32);
+        let packet_count = if is_iso(direction, ep) {
+            iso_count(raw_packet_count, limits)?
         } else {
             0
         };
         let data_len = if direction == Direction::Out { tbl } else { 0 } as usize;
         let data = URB_HEADER_LEN..URB_HEADER_LEN + data_len;
-        let iso = data.end..data.end + np as usize * ISO_PACKET_LEN;
+        let iso = data.end..data.end + packet_count as usize * ISO_PACKET_LEN;
         let mut setup = [0u8; 8];
         setup.copy_from_slice(&b[40..48]);
         let cmd = CmdSubmit {
@@ -473,7 +463,7 @@ impl UrbCommand {
             transfer_flags: u32_at(b, 20),
             transfer_buffer_length: tbl,
             start_frame: i32_at(b, 28),
-            number_of_packets: raw_np,
+            number_of_packets: raw_packet_count,
             interval: i32_at(b, 36),
             setup,
         };
@@ -526,9 +516,9 @@ impl UrbReply {
                     i32_at(b, 24),
                     limits.max_transfer_length.min(urb.length),
                 )?;
-                let raw_np = u32_at(b, 32);
-                let np = if urb.iso {
-                    iso_count(raw_np, limits)?
+                let raw_packet_count = u32_at(b, 32);
+                let packet_count = if urb.iso {
+                    iso_count(raw_packet_count, limits)?
                 } else {
                     0
                 };
@@ -538,7 +528,7 @@ impl UrbReply {
                     0
                 } as usize;
                 let data = URB_HEADER_LEN..URB_HEADER_LEN + data_len;
-                let iso = data.end..data.end + np as usize * ISO_PACKET_LEN;
+                let iso = data.end..data.end + packet_count as usize * ISO_PACKET_LEN;
                 if b.len() < iso.end {
                     return Ok(Decoded::NeedMore(iso.end));
                 }
@@ -559,7 +549,7 @@ impl UrbReply {
                     status: i32_at(b, 20),
                     actual_length: actual,
                     start_frame: i32_at(b, 28),
-                    number_of_packets: raw_np,
+                    number_of_packets: raw_packet_count,
                     error_count: i32_at(b, 36),
                 };
                 let end = iso.end;

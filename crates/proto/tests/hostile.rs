@@ -94,7 +94,7 @@ fn urb_header(words: [u32; 12]) -> Vec<u8> {
     words.iter().flat_map(|w| w.to_be_bytes()).collect()
 }
 
-fn cmd_submit(dir: u32, ep: u32, tbl: u32, np: u32) -> Vec<u8> {
+fn cmd_submit(dir: u32, ep: u32, tbl: u32, packet_count: u32) -> Vec<u8> {
     urb_header([
         USBIP_CMD_SUBMIT,
         9,
@@ -104,15 +104,28 @@ fn cmd_submit(dir: u32, ep: u32, tbl: u32, np: u32) -> Vec<u8> {
         0,
         tbl,
         0,
-        np,
+        packet_count,
         0,
         0,
         0,
     ])
 }
 
-fn ret_submit(actual: u32, np: u32) -> Vec<u8> {
-    urb_header([USBIP_RET_SUBMIT, 9, 0, 0, 0, 0, actual, 0, np, 0, 0, 0])
+fn ret_submit(actual: u32, packet_count: u32) -> Vec<u8> {
+    urb_header([
+        USBIP_RET_SUBMIT,
+        9,
+        0,
+        0,
+        0,
+        0,
+        actual,
+        0,
+        packet_count,
+        0,
+        0,
+        0,
+    ])
 }
 
 fn iso_desc(offset: u32, length: u32, actual: u32, status: i32) -> Vec<u8> {
@@ -309,19 +322,19 @@ fn iso_packet_count_at_kernel_limit_is_accepted() {
 
 #[test]
 fn number_of_packets_ignored_on_non_iso_endpoints() {
-    for np in [0xffff_ffffu32, 0, 12345, 0x7fff_ffff, 0x8000_0000] {
+    for packet_count in [0xffff_ffffu32, 0, 12345, 0x7fff_ffff, 0x8000_0000] {
         // IN: header only.
-        let b = cmd_submit(1, 1, 64, np);
+        let b = cmd_submit(1, 1, 64, packet_count);
         match UrbCommand::decode(&b, &limits(), never_iso).unwrap() {
             Decoded::Message(UrbCommand::Submit { cmd, data, iso }, 48) => {
-                assert_eq!(cmd.number_of_packets, np, "kept as sent");
+                assert_eq!(cmd.number_of_packets, packet_count, "kept as sent");
                 assert!(data.is_empty());
                 assert_eq!(iso, 48..48, "no descriptors expected");
             }
-            other => panic!("np {np:#x}: {other:?}"),
+            other => panic!("packet_count {packet_count:#x}: {other:?}"),
         }
         // OUT: header and payload, nothing after.
-        let mut b = cmd_submit(0, 2, 4, np);
+        let mut b = cmd_submit(0, 2, 4, packet_count);
         b.extend_from_slice(&[1, 2, 3, 4]);
         b.extend_from_slice(&[0xee; 32]); // the next frame, not descriptors
         match UrbCommand::decode(&b, &limits(), never_iso).unwrap() {
@@ -329,18 +342,18 @@ fn number_of_packets_ignored_on_non_iso_endpoints() {
                 assert_eq!(data, 48..52);
                 assert_eq!(iso, 52..52);
             }
-            other => panic!("np {np:#x}: {other:?}"),
+            other => panic!("packet_count {packet_count:#x}: {other:?}"),
         }
         // The reply side, likewise.
-        let mut b = ret_submit(4, np);
+        let mut b = ret_submit(4, packet_count);
         b.extend_from_slice(&[1, 2, 3, 4]);
         match UrbReply::decode(&b, &limits(), in_flight(Direction::In, false)).unwrap() {
             Decoded::Message(UrbReply::Submit { ret, data, iso }, 52) => {
-                assert_eq!(ret.number_of_packets, np);
+                assert_eq!(ret.number_of_packets, packet_count);
                 assert_eq!(data, 48..52);
                 assert!(iso.is_empty());
             }
-            other => panic!("np {np:#x}: {other:?}"),
+            other => panic!("packet_count {packet_count:#x}: {other:?}"),
         }
     }
 }

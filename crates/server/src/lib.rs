@@ -5,7 +5,6 @@
 //! future resolves, in the manner of mini-redis.
 #![deny(unsafe_code)]
 
-pub mod backend;
 pub mod queue;
 pub mod registry;
 mod session;
@@ -25,10 +24,10 @@ use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 use usbwire_proto::{DecodeError, Limits};
 
-pub use backend::{Backend, Completion, EmulatedBackend, Urb, UrbId};
 pub use registry::{
     EndRequest, Importer, Registry, RegistryError, Removed, Reservation, WaitBounds,
 };
+pub use usbwire_usb::{Backend, Completion, TransferType, Urb, UrbId};
 
 /// Bounds and policies of a server. [`ServerConfig::validate`] refuses
 /// values that would let a client exhaust the machine.

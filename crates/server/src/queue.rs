@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 
 use tokio::time::Instant;
 
-use crate::backend::Urb;
+use crate::Urb;
 
 #[derive(Default)]
 pub struct EndpointQueue {

@@ -29,7 +29,7 @@ use tokio::sync::{watch, Notify};
 use tracing::info;
 use usbwire_proto::{BusId, DeviceInfo, Errno, OpStatus};
 
-use crate::backend::Backend;
+use crate::Backend;
 
 /// Why a registry operation was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -625,10 +625,9 @@ fn placeholder_info(busid: &str) -> DeviceInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{Completion, Urb};
+    use crate::{Completion, TransferType, Urb};
     use std::io::Read;
     use std::task::{Context, Poll};
-    use usbwire_devices::TransferType;
 
     /// A backend that only says which one it is.
     struct Marker(u16);
@@ -645,7 +644,6 @@ mod tests {
         fn poll_urb(&mut self, _: &mut Urb, _: &mut Context<'_>) -> Poll<Completion> {
             Poll::Ready(Completion::failed(Errno::EPIPE))
         }
-        fn reset(&mut self) {}
         fn release(&mut self) {}
         fn flush(&mut self) -> io::Result<()> {
             Ok(())

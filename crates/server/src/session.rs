@@ -17,7 +17,6 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
-use usbwire_devices::TransferType;
 use usbwire_proto::op::OP_HEADER_LEN;
 use usbwire_proto::urb::{flags, URB_HEADER_LEN};
 use usbwire_proto::{
@@ -25,9 +24,11 @@ use usbwire_proto::{
     OpStatus, RetSubmit, RetUnlink, UrbCommand, USBIP_VERSION,
 };
 
-use crate::backend::{is_reset_request, Backend, Completion, Urb, UrbId};
+use usbwire_usb::StateChange;
+
 use crate::queue::EndpointQueue;
 use crate::registry::Importer;
+use crate::{Backend, Completion, TransferType, Urb, UrbId};
 use crate::{SessionError, Shared};
 
 const READ_CHUNK: usize = 256 * 1024;
@@ -877,23 +878,26 @@ impl Session {
     /// Control requests that change endpoint state also end error holds,
     /// as they do on a local host controller.
     fn after_control(&mut self, urb: &Urb) {
-        let s = urb.setup;
-        let clear_halt = s.request_type == 0x02 && s.request == 1 && s.value == 0;
-        let set_interface = s.request_type == 0x01 && s.request == 11;
-        let set_config = s.request_type == 0x00 && s.request == 9;
-        if clear_halt {
-            let ep = s.index as u8;
-            let dir = if ep & 0x80 != 0 {
-                Direction::In
-            } else {
-                Direction::Out
-            };
-            let q = ep_index(ep & 0x0f, dir);
-            self.queues[q].release();
-        } else if set_interface || set_config || is_reset_request(&s) {
-            for q in &mut self.queues {
-                q.release();
+        match StateChange::recognise(&urb.setup) {
+            Some(StateChange::ClearHalt { endpoint }) => {
+                let dir = if endpoint & 0x80 != 0 {
+                    Direction::In
+                } else {
+                    Direction::Out
+                };
+                let q = ep_index(endpoint & 0x0f, dir);
+                self.queues[q].release();
             }
+            Some(
+                StateChange::SetInterface { .. }
+                | StateChange::SetConfiguration { .. }
+                | StateChange::PortReset,
+            ) => {
+                for q in &mut self.queues {
+                    q.release();
+                }
+            }
+            None => {}
         }
         self.recount_holds();
     }

@@ -317,7 +317,7 @@ impl ControlPlane {
         let manager = Arc::new(
             Manager::new(
                 Roots::default(),
-                registry.clone(),
+                control::RegistryExports(registry.clone()),
                 Some(args.state_file.clone()),
             )
             .map_err(|e| format!("cannot read the state file: {e}"))?,

@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::task::{Context, Poll};
 
 use usbwire_proto::{Errno, SetupPacket, Speed};
+use usbwire_usb::Request;
 
 use crate::core::Function;
 use crate::descriptors::{self, Descriptors, DeviceDescriptor, TransferType};
@@ -370,5 +371,5 @@ impl Function for CdcAcm {
 
 /// A class request to the communication interface (interface 0).
 fn is_acm_request(s: &SetupPacket) -> bool {
-    s.kind() == 1 && s.recipient() == 1 && s.index & 0xff == 0
+    Request::from(s).class_to_interface(0).is_some()
 }

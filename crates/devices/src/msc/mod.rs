@@ -32,6 +32,7 @@ use std::path::Path;
 use std::task::{Context, Poll, Waker};
 
 use usbwire_proto::{Errno, SetupPacket, Speed};
+use usbwire_usb::Request;
 
 use crate::core::Function;
 use crate::descriptors::{self, Descriptors, DeviceDescriptor, TransferType};
@@ -302,16 +303,16 @@ impl Function for MassStorage {
     }
 
     fn control_in(&mut self, setup: &SetupPacket, buf: &mut [u8]) -> Option<Result<usize, Errno>> {
-        const GET_DESCRIPTOR: u8 = 6;
-        if setup.kind() == 0 && setup.request == GET_DESCRIPTOR && setup.recipient() == 0 {
-            if (setup.value >> 8) as u8 != descriptors::DT_BOS {
+        let request = Request::from(setup);
+        if let Some((descriptor_type, _)) = request.device_descriptor_request() {
+            if descriptor_type != descriptors::DT_BOS {
                 return None;
             }
             let bos = self.bos.as_ref()?;
             let n = crate::core::reply(bos, buf);
             return Some(Ok(n));
         }
-        if setup.kind() != 1 || setup.recipient() != 1 || setup.request != REQ_GET_MAX_LUN {
+        if request.interface_class_request() != Some(REQ_GET_MAX_LUN) {
             return None;
         }
         if setup.index != 0 || setup.value != 0 || buf.is_empty() {
@@ -323,7 +324,8 @@ impl Function for MassStorage {
     }
 
     fn control_out(&mut self, setup: &SetupPacket, _data: &[u8]) -> Option<Result<(), Errno>> {
-        if setup.kind() != 1 || setup.recipient() != 1 || setup.request != REQ_BOT_RESET {
+        let request = Request::from(setup);
+        if request.interface_class_request() != Some(REQ_BOT_RESET) {
             return None;
         }
         if setup.index != 0 || setup.value != 0 || setup.length != 0 {

@@ -3,8 +3,9 @@
 use std::io;
 use std::task::{Context, Poll};
 
-use usbwire_devices::{EmulatedDevice, TransferType};
 use usbwire_proto::{DeviceInfo, Direction, Errno, IsoPacket, SetupPacket};
+
+use crate::descriptor::TransferType;
 
 /// The server's name for an URB: unique among the URBs of one import.
 /// Backends key what they keep per URB on it, never on the client's
@@ -58,7 +59,11 @@ impl Urb {
 /// `poll_urb` runs the URB at the front of an endpoint's queue in the manner
 /// of `Future::poll`: `Pending` means nothing was consumed or produced yet
 /// and the backend will wake `cx` when it can make progress. The session,
-/// not the backend, decides which URB may run (see `queue.rs`).
+/// not the backend, decides which URB may run (the server's `queue.rs`).
+///
+/// Control transfers reach the backend through `poll_urb` on endpoint 0,
+/// a port reset included; [`crate::StateChange::recognise`] names the
+/// requests among them that change device state.
 pub trait Backend: Send + 'static {
     /// The device record for devlist and import, with this bus id.
     fn device_info(&self, busid: &str, busnum: u32, devnum: u32) -> DeviceInfo;
@@ -92,9 +97,6 @@ pub trait Backend: Send + 'static {
     fn is_gone(&self) -> bool {
         false
     }
-
-    /// A port reset asked for by the importer.
-    fn reset(&mut self);
 
     /// The importer went away: back to a state a new importer expects.
     /// It may block (drain a real device, flush a disk): the server calls
@@ -140,123 +142,5 @@ impl From<Result<usize, Errno>> for Completion {
             },
             Err(e) => Completion::failed(e),
         }
-    }
-}
-
-/// `SET_FEATURE(PORT_RESET)` to a hub port, which is how the kernel's stub
-/// recognises a device reset request (`is_reset_device_cmd` in stub_rx.c).
-pub fn is_reset_request(s: &SetupPacket) -> bool {
-    s.request_type == 0x23 && s.request == 3 && s.value == 4
-}
-
-/// An emulated device exported as is.
-pub struct EmulatedBackend {
-    dev: EmulatedDevice,
-}
-
-impl EmulatedBackend {
-    pub fn new(dev: EmulatedDevice) -> Self {
-        EmulatedBackend { dev }
-    }
-
-    pub fn device(&mut self) -> &mut EmulatedDevice {
-        &mut self.dev
-    }
-
-    /// An isochronous URB: per-packet results in `urb.iso`, and for IN the
-    /// packets' data back to back at the front of the buffer, as usbip-host
-    /// sends it (vhci spreads it out again, usbip_pad_iso). The URB itself
-    /// succeeds; failed packets carry their own status.
-    fn iso(&mut self, urb: &mut Urb, len: usize) -> Completion {
-        let ep = urb.ep_address();
-        let r = match urb.direction {
-            Direction::In => self.dev.iso_in(ep, &mut urb.iso, &mut urb.buf[..len]),
-            Direction::Out => self.dev.iso_out(ep, &mut urb.iso, &urb.buf[..len]),
-        };
-        if let Err(e) = r {
-            return Completion::failed(e);
-        }
-        let mut actual = 0;
-        for p in &urb.iso {
-            let n = p.actual_length.min(p.length) as usize;
-            if urb.direction == Direction::In {
-                // Packets lie in ascending order (all a host builds), so the
-                // packed data never overtakes data not yet moved; other
-                // layouts garble only their own reply.
-                let from = p.offset as usize;
-                urb.buf.copy_within(from..from + n, actual);
-            }
-            actual += n;
-        }
-        Completion::Ran {
-            actual,
-            error: None,
-        }
-    }
-}
-
-impl Backend for EmulatedBackend {
-    fn device_info(&self, busid: &str, busnum: u32, devnum: u32) -> DeviceInfo {
-        let d = self.dev.descriptors();
-        DeviceInfo {
-            path: format!("/sys/devices/platform/usbwire/usb{busnum}/{busid}").into(),
-            busid: busid.into(),
-            busnum,
-            devnum,
-            speed: d.speed,
-            id_vendor: d.device.vendor_id,
-            id_product: d.device.product_id,
-            bcd_device: d.device.device_version,
-            device_class: d.device.class,
-            device_subclass: d.device.subclass,
-            device_protocol: d.device.protocol,
-            configuration_value: d.config_value(),
-            num_configurations: 1,
-            num_interfaces: d.interfaces().len() as u8,
-            interfaces: d.interfaces().to_vec(),
-        }
-    }
-
-    fn transfer_type(&self, ep_address: u8) -> Option<TransferType> {
-        self.dev.endpoint_type(ep_address)
-    }
-
-    fn poll_urb(&mut self, urb: &mut Urb, cx: &mut Context<'_>) -> Poll<Completion> {
-        let len = urb.length.min(urb.buf.len());
-        if urb.ep == 0 {
-            if is_reset_request(&urb.setup) {
-                self.dev.reset();
-                return Poll::Ready(Ok(0).into());
-            }
-            let r = match urb.setup.direction() {
-                Direction::In => self.dev.control(&urb.setup, &[], &mut urb.buf[..len]),
-                Direction::Out => self.dev.control(&urb.setup, &urb.buf[..len], &mut []),
-            };
-            return Poll::Ready(r.into());
-        }
-        let ep = urb.ep_address();
-        if self.dev.endpoint_type(ep) == Some(TransferType::Isochronous) {
-            return Poll::Ready(self.iso(urb, len));
-        }
-        match urb.direction {
-            Direction::In => self.dev.poll_in(ep, &mut urb.buf[..len], cx),
-            Direction::Out => self.dev.poll_out(ep, &urb.buf[..len], cx),
-        }
-        .map(Completion::from)
-    }
-
-    fn reset(&mut self) {
-        self.dev.reset();
-    }
-
-    fn release(&mut self) {
-        self.dev.reset();
-        if let Err(e) = self.dev.flush() {
-            tracing::error!("flushing a released device failed: {e}");
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.dev.flush()
     }
 }
