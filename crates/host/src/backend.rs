@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
-use usbwire_proto::urb::flags as lf;
+use usbwire_proto::urb::flags as urb_flags;
 use usbwire_proto::{DeviceInfo, Direction, Errno};
 use usbwire_usb::{Backend, Completion, StateChange, TransferType, Urb, UrbId};
 
@@ -47,20 +47,20 @@ pub fn usbfs_flags(
 ) -> u32 {
     let is_in = dir == Direction::In;
     let mut f = 0;
-    if transfer_flags & lf::URB_NO_INTERRUPT != 0 {
+    if transfer_flags & urb_flags::URB_NO_INTERRUPT != 0 {
         f |= usbfs::URB_NO_INTERRUPT;
     }
     match tt {
         TransferType::Isochronous => {
-            if transfer_flags & lf::URB_ISO_ASAP != 0 {
+            if transfer_flags & urb_flags::URB_ISO_ASAP != 0 {
                 f |= usbfs::URB_ISO_ASAP;
             }
         }
         TransferType::Bulk | TransferType::Interrupt => {
-            if !is_in && transfer_flags & lf::URB_ZERO_PACKET != 0 {
+            if !is_in && transfer_flags & urb_flags::URB_ZERO_PACKET != 0 {
                 f |= usbfs::URB_ZERO_PACKET;
             }
-            if is_in && transfer_flags & lf::URB_SHORT_NOT_OK != 0 {
+            if is_in && transfer_flags & urb_flags::URB_SHORT_NOT_OK != 0 {
                 f |= usbfs::URB_SHORT_NOT_OK;
             }
             if tt == TransferType::Bulk && continuation {
@@ -68,7 +68,7 @@ pub fn usbfs_flags(
             }
         }
         TransferType::Control => {
-            if is_in && transfer_flags & lf::URB_SHORT_NOT_OK != 0 {
+            if is_in && transfer_flags & urb_flags::URB_SHORT_NOT_OK != 0 {
                 f |= usbfs::URB_SHORT_NOT_OK;
             }
         }
@@ -704,13 +704,13 @@ mod tests {
 
     #[test]
     fn flags_are_masked_like_the_kernel() {
-        let all = lf::URB_SHORT_NOT_OK
-            | lf::URB_ZERO_PACKET
-            | lf::URB_ISO_ASAP
-            | lf::URB_NO_INTERRUPT
-            | lf::URB_DIR_IN
-            | lf::URB_FREE_BUFFER
-            | lf::URB_NO_TRANSFER_DMA_MAP;
+        let all = urb_flags::URB_SHORT_NOT_OK
+            | urb_flags::URB_ZERO_PACKET
+            | urb_flags::URB_ISO_ASAP
+            | urb_flags::URB_NO_INTERRUPT
+            | urb_flags::URB_DIR_IN
+            | urb_flags::URB_FREE_BUFFER
+            | urb_flags::URB_NO_TRANSFER_DMA_MAP;
         // Bulk OUT: ZERO_PACKET kept, SHORT_NOT_OK and ISO_ASAP dropped.
         assert_eq!(
             usbfs_flags(all, TransferType::Bulk, Direction::Out, false),
@@ -725,7 +725,7 @@ mod tests {
         // the kernel then cancels it, unrun, if an earlier one fails.
         assert_eq!(
             usbfs_flags(
-                lf::URB_SHORT_NOT_OK,
+                urb_flags::URB_SHORT_NOT_OK,
                 TransferType::Bulk,
                 Direction::In,
                 true
@@ -739,7 +739,7 @@ mod tests {
         assert_eq!(usbfs_flags(0, TransferType::Bulk, Direction::In, false), 0);
         assert_eq!(
             usbfs_flags(
-                lf::URB_SHORT_NOT_OK,
+                urb_flags::URB_SHORT_NOT_OK,
                 TransferType::Interrupt,
                 Direction::In,
                 true
@@ -749,7 +749,7 @@ mod tests {
         // ISO: only ISO_ASAP.
         assert_eq!(
             usbfs_flags(
-                all & !lf::URB_NO_INTERRUPT,
+                all & !urb_flags::URB_NO_INTERRUPT,
                 TransferType::Isochronous,
                 Direction::In,
                 false
@@ -759,7 +759,7 @@ mod tests {
         // Control OUT: nothing.
         assert_eq!(
             usbfs_flags(
-                lf::URB_SHORT_NOT_OK | lf::URB_ZERO_PACKET,
+                urb_flags::URB_SHORT_NOT_OK | urb_flags::URB_ZERO_PACKET,
                 TransferType::Control,
                 Direction::Out,
                 false
