@@ -201,15 +201,23 @@ echo "== unplug during transfer"
 usbip attach -r 127.0.0.1 -b "$ms"
 dev=$(disk)
 echo "IMPORTED=$dev"
-(if dd if=$dev of=/dev/null bs=4k 2>/tmp/dd.err; then echo DD-RC=0; else echo DD-RC=1; fi > /tmp/dd.rc) &
+dd if=$dev of=/dev/null bs=4k 2>/tmp/dd.err &
 ddpid=$!
-sleep 1
+# Pull the plug while dd waits in a read: once data flows (dd has read
+# something), the server is stopped, so dd cannot reach the end of the disk
+# and soon blocks (state D) on commands the server holds; the server goes on
+# once the device is gone.
+usbwire_wait_cmd 60 sh -c "grep -q '^rchar: [1-9]' /proc/$ddpid/io"
+kill -STOP $DAEMON
+usbwire_wait_stopped $DAEMON 20
+usbwire_wait_blocked $ddpid 60 || echo "dd is not blocked in a read: $(cat /proc/$ddpid/stat 2>&1)"
 t0=$(cat /proc/uptime | cut -d' ' -f1)
 echo '' > /sys/kernel/config/usb_gadget/ms/UDC
+kill -CONT $DAEMON
 for i in $(seq 1 600); do kill -0 $ddpid 2>/dev/null || break; sleep 0.1; done
 t1=$(cat /proc/uptime | cut -d' ' -f1)
 echo "DD-ENDED-AFTER=$t0..$t1"
-cat /tmp/dd.rc || echo "DD-HUNG"
+if kill -0 $ddpid 2>/dev/null; then echo "DD-HUNG"; elif wait $ddpid; then echo DD-RC=0; else echo DD-RC=1; fi
 cat /tmp/dd.err | tail -n 3
 kill -0 $DAEMON && echo "DAEMON-ALIVE"
 # The server closes the import of an unplugged device by itself: vhci sees
