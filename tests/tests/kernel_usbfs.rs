@@ -475,22 +475,19 @@ fn json_objects(text: &str) -> Vec<&str> {
     out
 }
 
-/// The first of `ins` to complete within `ms` milliseconds, if any.
-async fn first_done(
-    ins: &mut [usbwire_client::Transfer],
-    ms: u64,
+/// The first of `transfers` that has completed, polled once each: this
+/// does not wait for anything.
+fn completed_now(
+    transfers: &mut [usbwire_client::Transfer],
 ) -> Option<(usize, usbwire_client::Completion)> {
-    let any = std::future::poll_fn(|cx| {
-        for (k, t) in ins.iter_mut().enumerate() {
-            if let std::task::Poll::Ready(c) = std::pin::Pin::new(t).poll(cx) {
-                return std::task::Poll::Ready((k, c));
-            }
-        }
-        std::task::Poll::Pending
-    });
-    tokio::time::timeout(Duration::from_millis(ms), any)
-        .await
-        .ok()
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    transfers
+        .iter_mut()
+        .enumerate()
+        .find_map(|(k, t)| match std::pin::Pin::new(t).poll(&mut cx) {
+            std::task::Poll::Ready(c) => Some((k, c)),
+            std::task::Poll::Pending => None,
+        })
 }
 
 /// The object for `busid` in a `usbip list -l --json` line, if listed.
@@ -584,8 +581,14 @@ echo DONE
             let mut ins: Vec<_> = (0..3)
                 .map(|_| dev.submit(TransferRequest::bulk_in(ep_in, 512)))
                 .collect();
-            // Nothing written: all three stay queued on the device.
-            if let Some((k, c)) = first_done(&mut ins, 300).await {
+            // A round trip on ep0: the server takes a connection's commands in
+            // order and hands each URB to the device as it takes it, so once
+            // this is answered the three INs have reached the device.
+            dev.device_descriptor().await.expect("device descriptor");
+            // Nothing written: all three stay queued (and the messages below
+            // come back in the two that stay, which they could not if either
+            // had completed early).
+            if let Some((k, c)) = completed_now(&mut ins) {
                 panic!("loopback IN {k} completed with nothing written: {c:?}");
             }
             let t = Instant::now();
@@ -603,7 +606,8 @@ echo DONE
             let cancelled = ins.remove(1);
             drop(cancelled);
             // The other two are still queued, untouched.
-            if let Some((k, c)) = first_done(&mut ins, 300).await {
+            dev.device_descriptor().await.expect("device descriptor");
+            if let Some((k, c)) = completed_now(&mut ins) {
                 panic!("IN {k} completed after the unlink of another: {c:?}");
             }
             let msgs: [&[u8]; 2] = [b"first loopback message", b"the second one, longer"];
