@@ -210,7 +210,7 @@ ddpid=$!
 usbwire_wait_cmd 60 sh -c "grep -q '^rchar: [1-9]' /proc/$ddpid/io"
 kill -STOP $DAEMON
 usbwire_wait_stopped $DAEMON 20
-usbwire_wait_blocked $ddpid 60 || echo "dd is not blocked in a read: $(cat /proc/$ddpid/stat 2>&1)"
+usbwire_wait_blocked $ddpid 60 || {{ echo "dd is not blocked in a read: $(cat /proc/$ddpid/stat 2>&1)"; exit 6; }}
 t0=$(cat /proc/uptime | cut -d' ' -f1)
 echo '' > /sys/kernel/config/usb_gadget/ms/UDC
 kill -CONT $DAEMON
