@@ -116,6 +116,28 @@ impl Usbipd {
         self.stdout = None;
     }
 
+    /// SIGSTOP, and returns once every thread has stopped: from then on
+    /// the process, its sockets still open, answers nothing until it is
+    /// killed ([`Usbipd::kill`] works on a stopped process), so what a
+    /// client has in flight stays in flight.
+    pub fn pause(&mut self) {
+        let Some(c) = &self.child else { return };
+        let pid = c.id() as libc::pid_t;
+        let mut status = 0;
+        // SAFETY: kill(2) and waitpid(2) on our own child, not reaped yet;
+        // WUNTRACED reports the group stop, which SIGSTOP cannot escape,
+        // and leaves the child to be reaped by `Child::wait` later.
+        let stopped = unsafe {
+            libc::kill(pid, libc::SIGSTOP) == 0
+                && libc::waitpid(pid, &mut status, libc::WUNTRACED) == pid
+        };
+        assert!(
+            stopped && libc::WIFSTOPPED(status),
+            "usbipd did not stop (wait status {status:#x}):\n{}",
+            self.log_text()
+        );
+    }
+
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) -> bool {
         self.terminate().is_some_and(|s| s.success())

@@ -14,6 +14,7 @@ use usbwire_tests::support::{output_value, sha256_hex};
 
 const SIGNAL_PORT: u16 = 5555;
 const SIGNAL_PORT_2: u16 = 5556;
+const SIGNAL_PORT_3: u16 = 5557;
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd
@@ -195,7 +196,10 @@ catpid=$!
 usbwire_wait_cmd 20 sh -c "ls -l /proc/$catpid/fd | grep -q /dev/input/$ev"
 echo KBD-READY
 usbwire_wait_signal {sig} 120
-sleep 3
+# The last of the typed events is the release of Enter (EV_KEY, KEY_ENTER,
+# value 0, the tail of a 24-byte input_event); evdev hands cat whole packets,
+# so once it is in the file every event before it is too.
+usbwire_wait_cmd 60 sh -c 'od -An -tx1 -v -w24 /tmp/events | grep -q " 01 00 1c 00 00 00 00 00$"' || echo "no release of Enter seen"
 kill $catpid || true
 echo EV-BEGIN
 od -An -tx1 -v /tmp/events
@@ -324,7 +328,15 @@ attach 1-1
 dev=$(disk)
 dd if="$dev" of=/dev/null bs=65536 &
 ddpid=$!
+# Data flows: dd has read something (rchar counts what read(2) returned).
+usbwire_wait_cmd 60 sh -c "grep -q '^rchar: [1-9]' /proc/$ddpid/io"
 echo DD-RUNNING
+# The host stops the server: nothing completes any more, so dd, far from
+# the end of the disk, is soon blocked (state D) in a read whose URBs are in
+# flight, and stays so until the server is killed.
+usbwire_wait_signal {sig_stopped} 120
+usbwire_wait_blocked $ddpid 60 || {{ echo "dd is not blocked in a read: $(cat /proc/$ddpid/stat 2>&1)"; exit 6; }}
+echo DD-BLOCKED
 usbwire_wait_signal {sig1} 120
 n=0
 while kill -0 $ddpid 2>/dev/null; do
@@ -332,6 +344,7 @@ while kill -0 $ddpid 2>/dev/null; do
   sleep 0.1
 done
 echo DD-ENDED
+if wait $ddpid; then echo "dd read the whole disk: the server died after the read, not during it"; exit 7; fi
 dmesg | grep -iE 'vhci|disconnect|connection' | tail -n 20
 usbwire_wait_cmd 30 sh -c '[ -z "$(usbip port | grep "^Port")" ]'
 echo PORT-FREED
@@ -345,6 +358,7 @@ umount /mnt/disk
 detach_all
 echo REATTACHED-OK
 "#,
+            sig_stopped = SIGNAL_PORT_3,
             sig1 = SIGNAL_PORT,
             sig2 = SIGNAL_PORT_2
         );
@@ -353,12 +367,19 @@ echo REATTACHED-OK
         .guestfwd(port)
         .hostfwd(SIGNAL_PORT)
         .hostfwd(SIGNAL_PORT_2)
+        .hostfwd(SIGNAL_PORT_3)
         .timeout(Duration::from_secs(400))
         .spawn()
         .expect("boot the guest");
     g.wait_for_output("DD-RUNNING", Duration::from_secs(300))
         .unwrap_or_else(|e| panic!("{e}\n--- usbipd log ---\n{}", daemon.log_text()));
-    std::thread::sleep(Duration::from_millis(1500));
+    // Kill it while a read waits on it: stopped first, so the read cannot
+    // finish before the kill, and killed once the guest sees dd blocked.
+    daemon.pause();
+    g.signal(SIGNAL_PORT_3, "stopped", Duration::from_secs(30))
+        .expect("signal the guest");
+    g.wait_for_output("DD-BLOCKED", Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}\n--- usbipd log ---\n{}", daemon.log_text()));
     daemon.kill();
     g.signal(SIGNAL_PORT, "killed", Duration::from_secs(30))
         .expect("signal the guest");

@@ -201,15 +201,23 @@ echo "== unplug during transfer"
 usbip attach -r 127.0.0.1 -b "$ms"
 dev=$(disk)
 echo "IMPORTED=$dev"
-(if dd if=$dev of=/dev/null bs=4k 2>/tmp/dd.err; then echo DD-RC=0; else echo DD-RC=1; fi > /tmp/dd.rc) &
+dd if=$dev of=/dev/null bs=4k 2>/tmp/dd.err &
 ddpid=$!
-sleep 1
+# Pull the plug while dd waits in a read: once data flows (dd has read
+# something), the server is stopped, so dd cannot reach the end of the disk
+# and soon blocks (state D) on commands the server holds; the server goes on
+# once the device is gone.
+usbwire_wait_cmd 60 sh -c "grep -q '^rchar: [1-9]' /proc/$ddpid/io"
+kill -STOP $DAEMON
+usbwire_wait_stopped $DAEMON 20
+usbwire_wait_blocked $ddpid 60 || {{ echo "dd is not blocked in a read: $(cat /proc/$ddpid/stat 2>&1)"; exit 6; }}
 t0=$(cat /proc/uptime | cut -d' ' -f1)
 echo '' > /sys/kernel/config/usb_gadget/ms/UDC
+kill -CONT $DAEMON
 for i in $(seq 1 600); do kill -0 $ddpid 2>/dev/null || break; sleep 0.1; done
 t1=$(cat /proc/uptime | cut -d' ' -f1)
 echo "DD-ENDED-AFTER=$t0..$t1"
-cat /tmp/dd.rc || echo "DD-HUNG"
+if kill -0 $ddpid 2>/dev/null; then echo "DD-HUNG"; elif wait $ddpid; then echo DD-RC=0; else echo DD-RC=1; fi
 cat /tmp/dd.err | tail -n 3
 kill -0 $DAEMON && echo "DAEMON-ALIVE"
 # The server closes the import of an unplugged device by itself: vhci sees
@@ -467,22 +475,19 @@ fn json_objects(text: &str) -> Vec<&str> {
     out
 }
 
-/// The first of `ins` to complete within `ms` milliseconds, if any.
-async fn first_done(
-    ins: &mut [usbwire_client::Transfer],
-    ms: u64,
+/// The first of `transfers` that has completed, polled once each: this
+/// does not wait for anything.
+fn completed_now(
+    transfers: &mut [usbwire_client::Transfer],
 ) -> Option<(usize, usbwire_client::Completion)> {
-    let any = std::future::poll_fn(|cx| {
-        for (k, t) in ins.iter_mut().enumerate() {
-            if let std::task::Poll::Ready(c) = std::pin::Pin::new(t).poll(cx) {
-                return std::task::Poll::Ready((k, c));
-            }
-        }
-        std::task::Poll::Pending
-    });
-    tokio::time::timeout(Duration::from_millis(ms), any)
-        .await
-        .ok()
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    transfers
+        .iter_mut()
+        .enumerate()
+        .find_map(|(k, t)| match std::pin::Pin::new(t).poll(&mut cx) {
+            std::task::Poll::Ready(c) => Some((k, c)),
+            std::task::Poll::Pending => None,
+        })
 }
 
 /// The object for `busid` in a `usbip list -l --json` line, if listed.
@@ -576,8 +581,14 @@ echo DONE
             let mut ins: Vec<_> = (0..3)
                 .map(|_| dev.submit(TransferRequest::bulk_in(ep_in, 512)))
                 .collect();
-            // Nothing written: all three stay queued on the device.
-            if let Some((k, c)) = first_done(&mut ins, 300).await {
+            // A round trip on ep0: the server takes a connection's commands in
+            // order and hands each URB to the device as it takes it, so once
+            // this is answered the three INs have reached the device.
+            dev.device_descriptor().await.expect("device descriptor");
+            // Nothing written: all three stay queued (and the messages below
+            // come back in the two that stay, which they could not if either
+            // had completed early).
+            if let Some((k, c)) = completed_now(&mut ins) {
                 panic!("loopback IN {k} completed with nothing written: {c:?}");
             }
             let t = Instant::now();
@@ -595,7 +606,8 @@ echo DONE
             let cancelled = ins.remove(1);
             drop(cancelled);
             // The other two are still queued, untouched.
-            if let Some((k, c)) = first_done(&mut ins, 300).await {
+            dev.device_descriptor().await.expect("device descriptor");
+            if let Some((k, c)) = completed_now(&mut ins) {
                 panic!("IN {k} completed after the unlink of another: {c:?}");
             }
             let msgs: [&[u8]; 2] = [b"first loopback message", b"the second one, longer"];

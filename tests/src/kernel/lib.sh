@@ -21,6 +21,29 @@ usbwire_wait_cmd() {
 	done
 }
 
+# usbwire_task_states PID: the state letter (R, S, D, T, ...) of each thread of PID.
+usbwire_task_states() {
+	cat /proc/"$1"/task/*/stat 2>/dev/null | sed 's/.*) \(.\).*/\1/'
+}
+
+# usbwire_is_blocked PID: PID sleeps uninterruptibly (state D), as a reader
+# waiting for its device's I/O does.
+usbwire_is_blocked() {
+	[ "$(sed 's/.*) \(.\).*/\1/' /proc/"$1"/stat 2>/dev/null)" = D ]
+}
+
+# usbwire_is_stopped PID: every thread of PID has stopped (SIGSTOP took effect),
+# so it does nothing more until SIGCONT or SIGKILL.
+usbwire_is_stopped() {
+	_states=$(usbwire_task_states "$1")
+	[ -n "$_states" ] && ! echo "$_states" | grep -qv T
+}
+
+# usbwire_wait_blocked PID [TIMEOUT_SECS=10] and usbwire_wait_stopped PID [TIMEOUT_SECS=10]:
+# wait for the above.
+usbwire_wait_blocked() { usbwire_wait_cmd "${2:-10}" usbwire_is_blocked "$1"; }
+usbwire_wait_stopped() { usbwire_wait_cmd "${2:-10}" usbwire_is_stopped "$1"; }
+
 # usbwire_wait_listen PORT [TIMEOUT_SECS=10]: wait until a TCP socket listens on PORT.
 usbwire_wait_listen() {
 	usbwire_wait_cmd "${2:-10}" sh -c "netstat -ltn | grep -q ':$1 '"

@@ -2,7 +2,6 @@ use super::*;
 use crate::core::EmulatedDevice;
 use crate::test_util::{setup, CountWaker};
 use std::future::poll_fn;
-use std::io::{Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Waker;
@@ -236,40 +235,61 @@ fn pty_and_tcp_need_a_runtime() {
     assert!(CdcAcm::new(cfg).is_err());
 }
 
+/// How long a wait for an event that must come may last before the test
+/// fails instead of hanging. Reaching it is a failure, never a result: no
+/// assertion here depends on how long anything took.
+const HANG_GUARD: Duration = Duration::from_secs(30);
+
+/// Awaits `fut`, failing the test (instead of hanging it) if the event it
+/// waits for never comes.
+async fn event<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(HANG_GUARD, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: did not happen within {HANG_GUARD:?}"))
+}
+
 /// Polls `dev` IN until `want` bytes arrived, driving it the way the
-/// server does: re-poll only after a wake (or a short timeout).
+/// server does: re-poll only after a wake, so a lost wake-up hangs here
+/// (and fails at the guard) instead of being papered over.
 async fn read_in(dev: &mut EmulatedDevice, want: usize) -> Vec<u8> {
     let mut got = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while got.len() < want {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out, got {got:?}"
-        );
         let mut buf = [0u8; 512];
-        let r = tokio::time::timeout(
-            Duration::from_millis(200),
+        let n = event(
+            "IN data",
             poll_fn(|cx| dev.poll_in(EP_DATA_IN, &mut buf, cx)),
         )
-        .await;
-        if let Ok(r) = r {
-            let n = r.unwrap();
-            assert!(n > 0, "IN must not complete empty");
-            got.extend_from_slice(&buf[..n]);
-        }
+        .await
+        .unwrap();
+        assert!(n > 0, "IN must not complete empty");
+        got.extend_from_slice(&buf[..n]);
     }
     got
 }
 
 async fn write_out(dev: &mut EmulatedDevice, data: &[u8]) {
-    let n = tokio::time::timeout(
-        Duration::from_secs(5),
+    let n = event(
+        "OUT accepted",
         poll_fn(|cx| dev.poll_out(EP_DATA_OUT, data, cx)),
     )
     .await
-    .expect("OUT timed out")
     .unwrap();
     assert_eq!(n, data.len());
+}
+
+async fn read_exact<R: AsyncReadExt + Unpin>(from: &mut R, len: usize) -> Vec<u8> {
+    let mut got = vec![0u8; len];
+    event("bytes from the bridge", from.read_exact(&mut got))
+        .await
+        .unwrap();
+    got
+}
+
+/// Waits until the peer closes `stream` (end of file, or a reset).
+async fn closed_by_peer(stream: &mut tokio::net::TcpStream) {
+    let mut buf = [0u8; 64];
+    let r = event("close by the bridge", stream.read(&mut buf)).await;
+    assert!(matches!(r, Ok(0) | Err(_)), "expected a close, got {r:?}");
 }
 
 #[tokio::test]
@@ -284,69 +304,38 @@ async fn tcp_backend_bridges_both_ways() {
     assert_ne!(addr.port(), 0);
     let mut dev = configured(acm);
 
-    // Without a client, host bytes are dropped, not queued.
+    // Without a client, host bytes are dropped, not queued: "ping" below is
+    // the first thing the client receives.
     write_out(&mut dev, b"lost").await;
 
-    let t = Duration::from_secs(5);
-    let mut client = tokio::time::timeout(t, TcpStream::connect(addr))
-        .await
-        .unwrap()
-        .unwrap();
+    let mut client = event("connect", TcpStream::connect(addr)).await.unwrap();
     client.write_all(b"from client").await.unwrap();
+    // The bridge stops discarding before it starts reading its client, so
+    // once the client's bytes are here the host's next OUT reaches it.
     assert_eq!(read_in(&mut dev, 11).await, b"from client");
-
-    // The accept may lag the connect; retry the OUT until the client sees it.
-    let mut got = Vec::new();
-    for _ in 0..50 {
-        write_out(&mut dev, b"ping").await;
-        let mut buf = [0u8; 64];
-        if let Ok(Ok(n)) =
-            tokio::time::timeout(Duration::from_millis(100), client.read(&mut buf)).await
-        {
-            got.extend_from_slice(&buf[..n]);
-            break;
-        }
-    }
-    assert!(got.starts_with(b"ping"), "client got {got:?}");
-    assert!(!got.windows(4).any(|w| w == b"lost"));
+    write_out(&mut dev, b"ping").await;
+    assert_eq!(read_exact(&mut client, 4).await, b"ping");
 
     // A second client is turned away while the first is connected.
-    let mut second = tokio::time::timeout(t, TcpStream::connect(addr))
-        .await
-        .unwrap()
-        .unwrap();
-    let mut buf = [0u8; 8];
-    let r = tokio::time::timeout(t, second.read(&mut buf))
-        .await
-        .unwrap();
-    assert!(matches!(r, Ok(0) | Err(_)), "second client must be closed");
+    let mut second = event("connect", TcpStream::connect(addr)).await.unwrap();
+    closed_by_peer(&mut second).await;
 
-    // After the first leaves, a new client is served.
-    drop(client);
-    let mut third = None;
-    for _ in 0..50 {
-        let mut c = tokio::time::timeout(t, TcpStream::connect(addr))
-            .await
-            .unwrap()
-            .unwrap();
-        c.write_all(b"3").await.unwrap();
-        let mut b = [0u8; 1];
-        // Refused connections get closed; a served one stays open.
-        match tokio::time::timeout(Duration::from_millis(100), c.read(&mut b)).await {
-            Err(_) => {
-                third = Some(c);
-                break;
-            }
-            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
-    assert!(third.is_some(), "no client accepted after the first left");
+    // The first leaves. The bridge closes its side only once it has
+    // finished with that client, and then has nothing left to accept with
+    // but its main loop: from here on a new client is served, not refused.
+    client.shutdown().await.unwrap();
+    closed_by_peer(&mut client).await;
+    let mut third = event("connect", TcpStream::connect(addr)).await.unwrap();
+    third.write_all(b"3").await.unwrap();
     assert_eq!(read_in(&mut dev, 1).await, b"3");
+    write_out(&mut dev, b"back").await;
+    assert_eq!(read_exact(&mut third, 4).await, b"back");
 }
 
 #[tokio::test]
 async fn pty_backend_bridges_both_ways() {
     use std::os::unix::fs::OpenOptionsExt;
+    use tokio::net::unix::pipe;
     let dir = tempfile::tempdir().unwrap();
     let link = dir.path().join("ttyUSBWIRE");
     let cfg = AcmConfig {
@@ -360,40 +349,33 @@ async fn pty_backend_bridges_both_ways() {
     assert_eq!(std::fs::read_link(&link).unwrap(), path);
     let mut dev = configured(acm);
 
+    // The local program's side, non-blocking and registered with tokio so
+    // that reads wait for readiness, the way the bridge reads the master.
     let slave = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(&link)
         .unwrap();
-    (&slave).write_all(b"from pty\n").unwrap();
+    let slave_for_writes = slave.try_clone().unwrap();
+    let mut slave_rx = pipe::Receiver::from_file_unchecked(slave).unwrap();
+    let mut slave_tx = pipe::Sender::from_file_unchecked(slave_for_writes).unwrap();
+
+    slave_tx.write_all(b"from pty\n").await.unwrap();
     assert_eq!(read_in(&mut dev, 9).await, b"from pty\n");
 
     write_out(&mut dev, b"to pty").await;
-    // The slave is non-blocking so that this bounded loop cannot hang.
-    let mut got = Vec::new();
-    for _ in 0..500 {
-        let mut buf = [0u8; 64];
-        match (&slave).read(&mut buf) {
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                tokio::time::sleep(Duration::from_millis(10)).await
-            }
-            Err(e) => panic!("slave read: {e}"),
-        }
-        if got.len() >= 6 {
-            break;
-        }
-    }
-    assert_eq!(got, b"to pty");
-    // Raw mode: the host's bytes were not echoed back to it.
-    let mut buf = [0u8; 64];
-    let r = tokio::time::timeout(
-        Duration::from_millis(200),
-        poll_fn(|cx| dev.poll_in(EP_DATA_IN, &mut buf, cx)),
-    )
-    .await;
-    assert!(r.is_err(), "unexpected echo: {r:?}");
+    assert_eq!(read_exact(&mut slave_rx, 6).await, b"to pty");
+    // Raw mode: the host's bytes are not echoed back to it. An echo is
+    // queued towards the master when the slave's line discipline takes the
+    // bytes in, before the reader above could see them, so it would come
+    // ahead of a marker written now.
+    slave_tx.write_all(b"marker").await.unwrap();
+    assert_eq!(
+        read_in(&mut dev, 6).await,
+        b"marker",
+        "echo of the host's bytes"
+    );
 
     drop(dev);
     assert!(
