@@ -469,9 +469,9 @@ fn json_objects(text: &str) -> Vec<&str> {
 
 /// The first of `ins` to complete within `ms` milliseconds, if any.
 async fn first_done(
-    ins: &mut [usbwire_client::Transfer],
+    ins: &mut [usbwire_client::PendingTransfer],
     ms: u64,
-) -> Option<(usize, usbwire_client::Completion)> {
+) -> Option<(usize, usbwire_client::TransferOutcome)> {
     let any = std::future::poll_fn(|cx| {
         for (k, t) in ins.iter_mut().enumerate() {
             if let std::task::Poll::Ready(c) = std::pin::Pin::new(t).poll(cx) {
