@@ -284,6 +284,9 @@ impl<T> Connection<T> {
 
     /// Test and driver convenience: copies `bytes` in as if read.
     pub fn handle_bytes(&mut self, mut bytes: &[u8]) -> Result<(), ConnectionError> {
+        if let Some(e) = &self.error {
+            return Err(e.clone());
+        }
         while !bytes.is_empty() {
             let spare = self.read_buffer();
             let n = spare.len().min(bytes.len());
@@ -367,6 +370,7 @@ impl<T> Connection<T> {
         }
         self.error = Some(error);
         self.unlinks.clear();
+        self.input.clear();
         self.output.clear();
         let mut failed: Vec<(u32, Urb<T>)> = self.in_flight.drain().collect();
         failed.sort_by_key(|(seqnum, _)| *seqnum);
@@ -462,3 +466,6 @@ impl Output {
         self.sent = 0;
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -105,6 +105,13 @@ impl InputBuffer {
         &self.bytes[frame]
     }
 
+    /// Drops every byte received: the stream is out of step and done.
+    pub(crate) fn clear(&mut self) {
+        self.start = 0;
+        self.end = 0;
+        self.need = 1;
+    }
+
     /// Bytes received but not yet decoded.
     pub(crate) fn buffered(&self) -> usize {
         self.end - self.start

@@ -154,3 +154,201 @@ impl OpExchange {
         self.input.buffered()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use usbwire_proto::{InterfaceInfo, Speed};
+
+    use super::*;
+
+    fn device(busid: &str, interfaces: usize) -> DeviceInfo {
+        DeviceInfo {
+            path: format!("/sys/devices/usb1/{busid}").as_str().into(),
+            busid: busid.into(),
+            busnum: 1,
+            devnum: 3,
+            speed: Speed::Super,
+            id_vendor: 0x1d6b,
+            id_product: 0x0104,
+            bcd_device: 0x0510,
+            device_class: 0xef,
+            device_subclass: 2,
+            device_protocol: 1,
+            configuration_value: 1,
+            num_configurations: 1,
+            num_interfaces: interfaces as u8,
+            interfaces: (0..interfaces)
+                .map(|i| InterfaceInfo {
+                    class: 8,
+                    subclass: 6,
+                    protocol: 0x50 + i as u8,
+                })
+                .collect(),
+        }
+    }
+
+    /// Runs `op` against a peer that answers `stream`, at most `max_read`
+    /// bytes per read; returns the reply and how many bytes were read.
+    fn run(
+        op: &mut OpExchange,
+        stream: &[u8],
+        max_read: usize,
+    ) -> (Result<OpReply, DecodeError>, usize) {
+        assert!(!op.poll_transmit().is_empty());
+        op.transmitted(op.poll_transmit().len());
+        assert!(op.poll_transmit().is_empty());
+        let mut read = 0;
+        // Bounded: each pass reads at least one byte of `stream`.
+        while read < stream.len() {
+            let buffer = op.read_buffer();
+            assert!(!buffer.is_empty());
+            let n = buffer.len().min(max_read).min(stream.len() - read);
+            buffer[..n].copy_from_slice(&stream[read..read + n]);
+            read += n;
+            match op.handle_input(n) {
+                Ok(Some(reply)) => return (Ok(reply), read),
+                Ok(None) => {}
+                Err(e) => return (Err(e), read),
+            }
+        }
+        panic!("the stream ended before the reply did");
+    }
+
+    #[test]
+    fn requests_are_the_c_tools_bytes() {
+        let mut devlist = Vec::new();
+        OpRequest::Devlist {
+            version: USBIP_VERSION,
+        }
+        .encode(&mut devlist);
+        assert_eq!(OpExchange::devlist().poll_transmit(), &devlist[..]);
+        let mut import = Vec::new();
+        OpRequest::Import {
+            version: USBIP_VERSION,
+            busid: "3-1.2".into(),
+        }
+        .encode(&mut import);
+        let mut op = OpExchange::import("3-1.2");
+        assert_eq!(op.poll_transmit(), &import[..]);
+        op.transmitted(5);
+        assert_eq!(op.poll_transmit(), &import[5..], "a partial write resumes");
+    }
+
+    #[test]
+    fn devlist_reply_read_exactly_at_every_byte_boundary() {
+        let devices = vec![device("1-1", 3), device("1-2", 0), device("2-1", 1)];
+        let mut reply = Vec::new();
+        OpReply::Devlist {
+            version: USBIP_VERSION,
+            status: OpStatus::Ok,
+            devices: devices.clone(),
+        }
+        .encode(&mut reply);
+        // What follows the reply is not the exchange's to read.
+        let stream = [&reply[..], b"not yours"].concat();
+        for max_read in 1..=reply.len() {
+            let mut op = OpExchange::devlist();
+            let (decoded, read) = run(&mut op, &stream, max_read);
+            assert_eq!(read, reply.len(), "reads of {max_read}");
+            assert_eq!(op.buffered(), 0);
+            let got = op.devices(decoded.unwrap(), "server").unwrap();
+            assert_eq!(got, devices, "reads of {max_read}");
+        }
+    }
+
+    #[test]
+    fn import_reply_read_exactly_at_every_byte_boundary() {
+        let mut reply = Vec::new();
+        OpReply::Import {
+            version: USBIP_VERSION,
+            status: OpStatus::Ok,
+            device: Some(device("1-1", 0)),
+        }
+        .encode(&mut reply);
+        // The URB phase's first bytes follow at once.
+        let stream = [&reply[..], &[0, 0, 0, 3][..]].concat();
+        for max_read in 1..=reply.len() {
+            let mut op = OpExchange::import("1-1");
+            let (decoded, read) = run(&mut op, &stream, max_read);
+            assert_eq!(read, reply.len(), "reads of {max_read}");
+            let got = op.imported(decoded.unwrap(), "server").unwrap();
+            assert_eq!(got.busid.to_string(), "1-1");
+            assert_eq!(got.devid(), 0x0001_0003);
+        }
+    }
+
+    #[test]
+    fn refusals_and_wrong_replies_are_typed() {
+        let mut refused = Vec::new();
+        OpReply::Import {
+            version: USBIP_VERSION,
+            status: OpStatus::DevBusy,
+            device: None,
+        }
+        .encode(&mut refused);
+        let mut op = OpExchange::import("1-1");
+        let (decoded, read) = run(&mut op, &refused, 3);
+        assert_eq!(read, 8, "a refusal is a bare header");
+        match op.imported(decoded.unwrap(), "server:3240") {
+            Err(ClientError::ImportRefused { busid, status, .. }) => {
+                assert_eq!((busid.as_str(), status), ("1-1", OpStatus::DevBusy));
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let mut list_failed = Vec::new();
+        OpReply::Devlist {
+            version: USBIP_VERSION,
+            status: OpStatus::Error,
+            devices: Vec::new(),
+        }
+        .encode(&mut list_failed);
+        let mut op = OpExchange::devlist();
+        let (decoded, _) = run(&mut op, &list_failed, 64);
+        assert!(matches!(
+            op.devices(decoded.unwrap(), "server"),
+            Err(ClientError::ListRefused {
+                status: OpStatus::Error,
+                ..
+            })
+        ));
+
+        // A devlist answered with an import reply, and the other way round.
+        let mut op = OpExchange::devlist();
+        let (decoded, _) = run(&mut op, &refused, 64);
+        assert!(matches!(
+            op.devices(decoded.unwrap(), "server"),
+            Err(ClientError::Protocol {
+                source: DecodeError::UnknownOpCode(OP_REP_IMPORT),
+                ..
+            })
+        ));
+        let mut op = OpExchange::import("1-1");
+        let (decoded, _) = run(&mut op, &list_failed, 64);
+        assert!(matches!(
+            op.imported(decoded.unwrap(), "server"),
+            Err(ClientError::Protocol {
+                source: DecodeError::UnknownOpCode(OP_REP_DEVLIST),
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn hostile_replies_fail_before_anything_is_allocated_for_them() {
+        let mut op = OpExchange::devlist();
+        let (decoded, read) = run(&mut op, b"HTTP/1.1 400 Bad", 64);
+        assert_eq!(
+            decoded,
+            Err(DecodeError::UnknownOpCode(u16::from_be_bytes(*b"TP")))
+        );
+        assert_eq!(read, 8, "the header alone was read");
+        // A devlist claiming more devices than the limit.
+        let mut huge = vec![0x01, 0x11, 0x00, 0x05, 0, 0, 0, 0];
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        let mut op = OpExchange::devlist();
+        let (decoded, read) = run(&mut op, &huge, 64);
+        assert!(matches!(decoded, Err(DecodeError::TooLong { .. })));
+        assert_eq!(read, 12);
+    }
+}
