@@ -427,3 +427,170 @@ async fn recv<T>(rx: &mut Option<mpsc::UnboundedReceiver<T>>) -> Option<T> {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The tokio driver against a peer the test plays on loopback: it only
+    //! moves bytes, so these check that it moves them and shuts down.
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use usbwire_proto::{
+        Limits, OpRequest, OpStatus, RetSubmit, RetUnlink, Speed, UrbCommand, USBIP_VERSION,
+    };
+
+    use super::*;
+
+    fn device() -> DeviceInfo {
+        DeviceInfo {
+            path: "/sys/devices/usb1/1-1".into(),
+            busid: "1-1".into(),
+            busnum: 1,
+            devnum: 2,
+            speed: Speed::High,
+            id_vendor: 1,
+            id_product: 2,
+            bcd_device: 3,
+            device_class: 0,
+            device_subclass: 0,
+            device_protocol: 0,
+            configuration_value: 1,
+            num_configurations: 1,
+            num_interfaces: 0,
+            interfaces: Vec::new(),
+        }
+    }
+
+    /// Reads whole frames until `decode` returns one.
+    async fn read_frame<T>(
+        peer: &mut TcpStream,
+        buffer: &mut Vec<u8>,
+        decode: impl Fn(&[u8]) -> Option<(T, usize)>,
+    ) -> T {
+        loop {
+            if let Some((frame, used)) = decode(buffer) {
+                buffer.drain(..used);
+                return frame;
+            }
+            let n = peer.read_buf(buffer).await.unwrap();
+            assert!(n > 0, "the client closed mid-frame");
+        }
+    }
+
+    async fn read_command(peer: &mut TcpStream, buffer: &mut Vec<u8>) -> UrbCommand {
+        read_frame(peer, buffer, |b| {
+            UrbCommand::decode(b, &Limits::default(), |_, _| false)
+                .unwrap()
+                .message()
+        })
+        .await
+    }
+
+    /// A peer that answers the import, then hands its socket to the test.
+    async fn imported() -> (RemoteDevice, TcpStream, Vec<u8>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = async {
+            let (mut peer, _) = listener.accept().await.unwrap();
+            let mut buffer = Vec::new();
+            let request = read_frame(&mut peer, &mut buffer, |b| {
+                OpRequest::decode(b).unwrap().message()
+            })
+            .await;
+            assert!(matches!(request, OpRequest::Import { .. }), "{request:?}");
+            let mut reply = Vec::new();
+            OpReply::Import {
+                version: USBIP_VERSION,
+                status: OpStatus::Ok,
+                device: Some(device()),
+            }
+            .encode(&mut reply);
+            peer.write_all(&reply).await.unwrap();
+            (peer, buffer)
+        };
+        let (device, (peer, buffer)) = tokio::join!(import(addr, "1-1"), peer);
+        (device.unwrap(), peer, buffer)
+    }
+
+    #[tokio::test]
+    async fn transfers_cancel_and_complete_through_the_socket() {
+        let (device, mut peer, mut buffer) = imported().await;
+        let mut long = device.submit(TransferRequest::bulk_in(1, 8));
+        let out = device.submit(TransferRequest::bulk_out(2, vec![4; 40_000]));
+        let Some(long_seqnum) = long.seqnum().await else {
+            panic!("never submitted")
+        };
+        long.cancel().await;
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            seen.push(read_command(&mut peer, &mut buffer).await);
+        }
+        let UrbCommand::Submit { cmd: out_cmd, .. } = &seen[1] else {
+            panic!("{seen:?}")
+        };
+        assert_eq!(out_cmd.transfer_buffer_length, 40_000);
+        let UrbCommand::Unlink(unlink) = &seen[2] else {
+            panic!("{seen:?}")
+        };
+        assert_eq!(unlink.unlink_seqnum, long_seqnum);
+        let mut replies = Vec::new();
+        RetSubmit {
+            seqnum: out_cmd.seqnum,
+            actual_length: 40_000,
+            ..Default::default()
+        }
+        .encode(&[], &[], &mut replies);
+        RetUnlink {
+            seqnum: unlink.seqnum,
+            status: -104,
+            ..Default::default()
+        }
+        .encode(&mut replies);
+        peer.write_all(&replies).await.unwrap();
+        assert_eq!(out.await.status, Ok(()));
+        assert_eq!(long.await.status, Err(TransferError::Cancelled));
+        // Every handle gone: the client closes, which releases the device.
+        drop(device);
+        assert_eq!(peer.read(&mut [0; 1]).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_departed_server_fails_transfers_in_flight() {
+        let (device, mut peer, mut buffer) = imported().await;
+        let first = device.submit(TransferRequest::bulk_in(1, 8));
+        let second = device.submit(TransferRequest::bulk_in(1, 8));
+        read_command(&mut peer, &mut buffer).await;
+        read_command(&mut peer, &mut buffer).await;
+        drop(peer);
+        for transfer in [first, second] {
+            assert_eq!(
+                transfer.await,
+                TransferOutcome::failed(TransferError::Disconnected(None))
+            );
+        }
+        assert_eq!(
+            device.bulk_in(1, 1).await,
+            Err(TransferError::Disconnected(None)),
+            "a transfer after the connection ended"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reply_for_no_urb_ends_the_connection() {
+        let (device, mut peer, mut buffer) = imported().await;
+        let pending = device.submit(TransferRequest::bulk_in(1, 8));
+        read_command(&mut peer, &mut buffer).await;
+        let mut stray = Vec::new();
+        RetSubmit {
+            seqnum: 4242,
+            ..Default::default()
+        }
+        .encode(&[], &[], &mut stray);
+        peer.write_all(&stray).await.unwrap();
+        assert_eq!(pending.await.status, Err(TransferError::Disconnected(None)));
+        // The client hung up on the out-of-step stream.
+        let mut rest = Vec::new();
+        peer.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "nothing sent after the stray reply");
+    }
+}
