@@ -48,18 +48,23 @@ impl InputBuffer {
             self.start = 0;
             self.end = 0;
         }
-        let frame_end = self.start + self.need;
         let cramped = !exact && self.bytes.len() - self.end < MIN_READ;
-        if self.start > 0 && (frame_end > self.bytes.len() || cramped) {
+        if self.start > 0 && (self.start + self.need > self.bytes.len() || cramped) {
             self.bytes.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
         }
         let frame_end = self.start + self.need;
-        if frame_end > self.bytes.len() {
-            // `need` comes from a decoder that bounded every declared
-            // length by its Limits before asking for it.
-            self.bytes.resize(frame_end, 0);
+        // `need` comes from a decoder that bounded every declared length by
+        // its Limits before asking for it, and `end` < `frame_end`: the
+        // buffer stays within the largest frame plus MIN_READ.
+        let wanted = if exact {
+            frame_end
+        } else {
+            frame_end.max(self.end + MIN_READ)
+        };
+        if wanted > self.bytes.len() {
+            self.bytes.resize(wanted, 0);
         }
         debug_assert!(self.end < frame_end, "spare() with a whole frame buffered");
         if exact {

@@ -24,9 +24,11 @@ enum Asked {
 /// [`OpExchange::read_buffer`] and reports each read to
 /// [`OpExchange::handle_input`] until that returns the reply.
 ///
-/// Reads are exact: the buffer lent is never longer than what the reply
-/// still lacks, so no byte after the reply is taken from the stream. After
-/// an import those bytes belong to the URB phase, which may be vhci-hcd's.
+/// An import's reads are exact: the buffer lent is never longer than what
+/// the reply still lacks, so no byte after the reply is taken from the
+/// stream, since those belong to the URB phase, which may be vhci-hcd's. A
+/// device list ends the connection, so its reads take what there is (a
+/// list of a thousand devices is then a few reads, not two per device).
 #[derive(Debug)]
 pub struct OpExchange {
     asked: Asked,
@@ -80,9 +82,11 @@ impl OpExchange {
         self.sent = (self.sent + n).min(self.request.len());
     }
 
-    /// Where the next read goes: exactly the bytes the reply still lacks.
+    /// Where the next read goes: for an import, exactly the bytes the
+    /// reply still lacks.
     pub fn read_buffer(&mut self) -> &mut [u8] {
-        self.input.spare(true)
+        let exact = matches!(self.asked, Asked::Import { .. });
+        self.input.spare(exact)
     }
 
     /// `n` bytes were read into [`OpExchange::read_buffer`]. `Some` once
@@ -235,7 +239,7 @@ mod tests {
     }
 
     #[test]
-    fn devlist_reply_read_exactly_at_every_byte_boundary() {
+    fn devlist_reply_at_every_byte_boundary() {
         let devices = vec![device("1-1", 3), device("1-2", 0), device("2-1", 1)];
         let mut reply = Vec::new();
         OpReply::Devlist {
@@ -244,16 +248,42 @@ mod tests {
             devices: devices.clone(),
         }
         .encode(&mut reply);
-        // What follows the reply is not the exchange's to read.
-        let stream = [&reply[..], b"not yours"].concat();
         for max_read in 1..=reply.len() {
             let mut op = OpExchange::devlist();
-            let (decoded, read) = run(&mut op, &stream, max_read);
+            let (decoded, read) = run(&mut op, &reply, max_read);
             assert_eq!(read, reply.len(), "reads of {max_read}");
             assert_eq!(op.buffered(), 0);
             let got = op.devices(decoded.unwrap(), "server").unwrap();
             assert_eq!(got, devices, "reads of {max_read}");
         }
+    }
+
+    #[test]
+    fn a_long_devlist_takes_few_reads() {
+        let devices: Vec<DeviceInfo> = (0..1000).map(|i| device(&format!("1-{i}"), 2)).collect();
+        let mut reply = Vec::new();
+        OpReply::Devlist {
+            version: USBIP_VERSION,
+            status: OpStatus::Ok,
+            devices,
+        }
+        .encode(&mut reply);
+        let mut op = OpExchange::devlist();
+        let mut reads = 0;
+        let mut at = 0;
+        let decoded = loop {
+            let buffer = op.read_buffer();
+            let n = buffer.len().min(reply.len() - at);
+            buffer[..n].copy_from_slice(&reply[at..at + n]);
+            at += n;
+            reads += 1;
+            if let Some(decoded) = op.handle_input(n).unwrap() {
+                break decoded;
+            }
+        };
+        assert_eq!(op.devices(decoded, "server").unwrap().len(), 1000);
+        // 320 KiB in reads of at least 16 KiB, not two reads per device.
+        assert!(reads <= 1 + reply.len() / (16 * 1024) + 1, "{reads} reads");
     }
 
     #[test]
@@ -336,7 +366,7 @@ mod tests {
 
     #[test]
     fn hostile_replies_fail_before_anything_is_allocated_for_them() {
-        let mut op = OpExchange::devlist();
+        let mut op = OpExchange::import("1-1");
         let (decoded, read) = run(&mut op, b"HTTP/1.1 400 Bad", 64);
         assert_eq!(
             decoded,
