@@ -478,8 +478,8 @@ fn json_objects(text: &str) -> Vec<&str> {
 /// The first of `transfers` that has completed, polled once each: this
 /// does not wait for anything.
 fn completed_now(
-    transfers: &mut [usbwire_client::Transfer],
-) -> Option<(usize, usbwire_client::Completion)> {
+    transfers: &mut [usbwire_client::PendingTransfer],
+) -> Option<(usize, usbwire_client::TransferOutcome)> {
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     transfers
         .iter_mut()

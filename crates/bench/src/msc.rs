@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use usbwire_client::{RemoteDevice, Transfer, TransferRequest};
+use usbwire_client::{PendingTransfer, RemoteDevice, TransferRequest};
 
 pub const BLOCK: u64 = 512;
 const CBW_SIG: u32 = 0x4342_5355;
@@ -93,9 +93,9 @@ struct Pending {
     tag: u32,
     lba: u64,
     at: Instant,
-    cbw: Transfer,
-    data: Transfer,
-    csw: Transfer,
+    cbw: PendingTransfer,
+    data: PendingTransfer,
+    csw: PendingTransfer,
 }
 
 pub async fn prepare(addr: SocketAddr, busid: &str) -> Result<RemoteDevice, String> {

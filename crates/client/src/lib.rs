@@ -6,18 +6,32 @@
 //! transfers in flight, cancellation with Linux's unlink semantics, and
 //! typed errors.
 //!
+//! The protocol lives in sans-IO cores that any transport can drive:
+//! [`OpExchange`] for the OP phase and [`Connection`] for the URB phase.
+//! The tokio driver behind [`RemoteDevice`] and the blocking one behind
+//! [`import_blocking`] only move bytes.
+//!
 //! [`vhci`] hands an imported device to the kernel's vhci-hcd instead
 //! (`usbip attach/detach/port`). Local USB devices (`usbip list -l`) are
 //! `usbwire_host::sysfs`'s.
 
+mod blocking;
+mod connection;
 mod error;
+mod input;
+mod op;
 mod remote;
+mod transfer;
 pub mod vhci;
 
-pub use error::{ClientError, TransferError};
-pub use remote::{
-    import, import_stream, list, Completion, RemoteDevice, Transfer, TransferRequest,
+pub use blocking::import_blocking;
+pub use connection::{
+    Completed, Connection, ConnectionConfig, ConnectionError, SubmitError, MAX_TRANSMIT_SLICES,
 };
+pub use error::{ClientError, TransferError};
+pub use op::OpExchange;
+pub use remote::{import, import_stream, list, PendingTransfer, RemoteDevice};
+pub use transfer::{TransferOutcome, TransferRequest};
 pub use usbwire_proto::{DeviceInfo, Direction, Errno, IsoPacket, SetupPacket, Speed};
 pub use vhci::{
     AttachError, Attached, AttrWriter, Hub, ImportedDevice, PortRecord, PortState, PortStatus,

@@ -1,21 +1,28 @@
-//! Importing a device and running transfers on it over TCP.
+//! The tokio driver: `list`, `import`, and a [`RemoteDevice`] whose
+//! connection task moves bytes between a `TcpStream` and the sans-IO
+//! cores ([`OpExchange`], [`Connection`]).
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::io::IoSlice;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::sync::{mpsc, oneshot};
-use usbwire_proto::urb::{InFlight, URB_HEADER_LEN};
-use usbwire_proto::{
-    CmdSubmit, CmdUnlink, Decoded, DeviceInfo, Direction, IsoPacket, Limits, OpReply, OpRequest,
-    OpStatus, SetupPacket, UrbReply, USBIP_VERSION,
-};
+use usbwire_proto::{DeviceInfo, OpReply, SetupPacket};
 
+use crate::connection::{Connection, ConnectionConfig, ConnectionError, MAX_TRANSMIT_SLICES};
 use crate::error::{ClientError, TransferError};
+use crate::op::OpExchange;
+use crate::transfer::{TransferOutcome, TransferRequest};
+
+/// Reads one wake of the connection task takes at most before it looks at
+/// its other sources again.
+const MAX_READS_PER_WAKE: usize = 16;
+
+/// Writes one flush makes at most before it looks at its other sources again.
+const MAX_WRITES_PER_FLUSH: usize = 16;
 
 async fn connect(
     addr: impl ToSocketAddrs + std::fmt::Display,
@@ -31,31 +38,34 @@ async fn connect(
     Ok((s, name))
 }
 
-async fn read_reply(stream: &mut TcpStream, name: &str) -> Result<OpReply, ClientError> {
-    let limits = Limits::default();
-    let mut buf = Vec::with_capacity(4096);
+/// Runs one OP exchange on `stream`: sends the request, reads the reply.
+async fn exchange(
+    stream: &mut TcpStream,
+    op: &mut OpExchange,
+    name: &str,
+) -> Result<OpReply, ClientError> {
+    let io_error = |source| ClientError::Io {
+        addr: name.into(),
+        source,
+    };
+    stream
+        .write_all(op.poll_transmit())
+        .await
+        .map_err(io_error)?;
+    op.transmitted(op.poll_transmit().len());
+    // Bounded: each read brings at least one byte of a reply whose length
+    // the decoder bounds.
     loop {
-        match OpReply::decode(&buf, &limits) {
-            Ok(Decoded::Message(m, _)) => return Ok(m),
-            Ok(Decoded::NeedMore(n)) => {
-                buf.reserve(n - buf.len());
-                let got = stream
-                    .read_buf(&mut buf)
-                    .await
-                    .map_err(|source| ClientError::Io {
-                        addr: name.into(),
-                        source,
-                    })?;
-                if got == 0 {
-                    return Err(ClientError::Closed { addr: name.into() });
-                }
-            }
-            Err(source) => {
-                return Err(ClientError::Protocol {
-                    addr: name.into(),
-                    source,
-                })
-            }
+        let n = stream.read(op.read_buffer()).await.map_err(io_error)?;
+        if n == 0 {
+            return Err(ClientError::Closed { addr: name.into() });
+        }
+        let decoded = op.handle_input(n).map_err(|source| ClientError::Protocol {
+            addr: name.into(),
+            source,
+        })?;
+        if let Some(reply) = decoded {
+            return Ok(reply);
         }
     }
 }
@@ -65,30 +75,9 @@ pub async fn list(
     addr: impl ToSocketAddrs + std::fmt::Display,
 ) -> Result<Vec<DeviceInfo>, ClientError> {
     let (mut stream, name) = connect(addr).await?;
-    let mut out = Vec::new();
-    OpRequest::Devlist {
-        version: USBIP_VERSION,
-    }
-    .encode(&mut out);
-    stream
-        .write_all(&out)
-        .await
-        .map_err(|source| ClientError::Io {
-            addr: name.clone(),
-            source,
-        })?;
-    match read_reply(&mut stream, &name).await? {
-        OpReply::Devlist {
-            status: OpStatus::Ok,
-            devices,
-            ..
-        } => Ok(devices),
-        OpReply::Devlist { status, .. } => Err(ClientError::ListRefused { addr: name, status }),
-        OpReply::Import { .. } => Err(ClientError::Protocol {
-            addr: name,
-            source: usbwire_proto::DecodeError::UnknownOpCode(usbwire_proto::OP_REP_IMPORT),
-        }),
-    }
+    let mut op = OpExchange::devlist();
+    let reply = exchange(&mut stream, &mut op, &name).await?;
+    op.devices(reply, &name)
 }
 
 /// Imports `busid` and returns the device with the connection ready for URBs.
@@ -106,161 +95,37 @@ pub async fn import_stream(
     name: &str,
     busid: &str,
 ) -> Result<RemoteDevice, ClientError> {
-    let mut out = Vec::new();
-    OpRequest::Import {
-        version: USBIP_VERSION,
-        busid: busid.into(),
-    }
-    .encode(&mut out);
-    stream
-        .write_all(&out)
-        .await
-        .map_err(|source| ClientError::Io {
-            addr: name.into(),
-            source,
-        })?;
-    match read_reply(&mut stream, name).await? {
-        OpReply::Import {
-            status: OpStatus::Ok,
-            device: Some(info),
-            ..
-        } => Ok(RemoteDevice::start(stream, info, name.to_string())),
-        OpReply::Import { status, .. } => Err(ClientError::ImportRefused {
-            addr: name.into(),
-            busid: busid.into(),
-            status,
-        }),
-        OpReply::Devlist { .. } => Err(ClientError::Protocol {
-            addr: name.into(),
-            source: usbwire_proto::DecodeError::UnknownOpCode(usbwire_proto::OP_REP_DEVLIST),
-        }),
-    }
+    let mut op = OpExchange::import(busid);
+    let reply = exchange(&mut stream, &mut op, name).await?;
+    let info = op.imported(reply, name)?;
+    Ok(RemoteDevice::start(stream, info, name.to_string()))
 }
 
-/// One transfer to submit.
-#[derive(Debug, Clone, Default)]
-pub struct TransferRequest {
-    /// Endpoint address: 0x80 set for IN. Control is 0x00 (OUT) or 0x80 (IN).
-    pub endpoint: u8,
-    /// Linux URB_* transfer flags (e.g. URB_SHORT_NOT_OK).
-    pub flags: u32,
-    /// Setup packet, for control transfers.
-    pub setup: Option<SetupPacket>,
-    /// OUT payload.
-    pub data: Vec<u8>,
-    /// IN length to ask for.
-    pub length: u32,
-    pub iso: Vec<IsoPacket>,
-    pub start_frame: i32,
-    pub interval: i32,
+/// What the connection task needs to finish a transfer.
+struct Waiter {
+    seqnum: oneshot::Sender<u32>,
+    done: oneshot::Sender<TransferOutcome>,
 }
 
-impl TransferRequest {
-    pub fn bulk_in(endpoint: u8, length: u32) -> Self {
-        TransferRequest {
-            endpoint: endpoint | 0x80,
-            length,
-            ..Default::default()
-        }
-    }
-
-    pub fn bulk_out(endpoint: u8, data: Vec<u8>) -> Self {
-        TransferRequest {
-            endpoint: endpoint & 0x7f,
-            data,
-            ..Default::default()
-        }
-    }
-
-    pub fn control(setup: SetupPacket, data: Vec<u8>) -> Self {
-        let dir_in = setup.direction() == Direction::In;
-        TransferRequest {
-            endpoint: if dir_in { 0x80 } else { 0 },
-            length: if dir_in {
-                setup.length.into()
-            } else {
-                data.len() as u32
-            },
-            setup: Some(setup),
-            data,
-            ..Default::default()
-        }
-    }
-
-    pub fn with_flags(mut self, flags: u32) -> Self {
-        self.flags |= flags;
-        self
-    }
-
-    fn direction(&self) -> Direction {
-        if self.endpoint & 0x80 != 0 {
-            Direction::In
-        } else {
-            Direction::Out
-        }
-    }
-}
-
-/// The outcome of a transfer. A failed IN transfer may still carry data
-/// (a short transfer under URB_SHORT_NOT_OK does).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Completion {
-    pub status: Result<(), TransferError>,
-    /// IN data.
-    pub data: Vec<u8>,
-    pub actual_length: u32,
-    pub iso: Vec<IsoPacket>,
-    pub start_frame: i32,
-    /// Isochronous packets that failed (each has its status in `iso`).
-    pub error_count: i32,
-}
-
-impl Completion {
-    /// The data, or the error.
-    pub fn into_result(self) -> Result<Vec<u8>, TransferError> {
-        self.status.map(|()| self.data)
-    }
-
-    fn failed(e: TransferError) -> Self {
-        Completion {
-            status: Err(e),
-            data: Vec::new(),
-            actual_length: 0,
-            iso: Vec::new(),
-            start_frame: 0,
-            error_count: 0,
-        }
-    }
-}
-
-enum Command {
-    Submit {
-        req: TransferRequest,
-        seqnum_tx: oneshot::Sender<u32>,
-        done: oneshot::Sender<Completion>,
-    },
-    Unlink {
-        seqnum: u32,
-    },
-}
-
-/// A device imported from a server. Dropping it (and every [`Transfer`])
-/// closes the connection, which releases the device on the server.
+/// A device imported from a server. Dropping it (and every
+/// [`PendingTransfer`]) closes the connection, which releases the device
+/// on the server.
 pub struct RemoteDevice {
     info: DeviceInfo,
-    tx: mpsc::UnboundedSender<Command>,
+    submits: mpsc::UnboundedSender<(TransferRequest, Waiter)>,
+    unlinks: mpsc::UnboundedSender<u32>,
 }
 
-/// A submitted transfer: await it for the [`Completion`], or cancel it.
-pub struct Transfer {
+/// A submitted transfer: await it for its [`TransferOutcome`], or cancel it.
+pub struct PendingTransfer {
     seqnum: oneshot::Receiver<u32>,
     known_seqnum: Option<u32>,
-    done: oneshot::Receiver<Completion>,
-    tx: mpsc::UnboundedSender<Command>,
+    done: oneshot::Receiver<TransferOutcome>,
+    unlinks: mpsc::UnboundedSender<u32>,
 }
 
-impl Transfer {
-    /// The URB's seqnum on the wire, once it has been sent.
+impl PendingTransfer {
+    /// The URB's seqnum on the wire, once the connection took it.
     pub async fn seqnum(&mut self) -> Option<u32> {
         if self.known_seqnum.is_none() {
             self.known_seqnum = (&mut self.seqnum).await.ok();
@@ -273,30 +138,45 @@ impl Transfer {
     /// if it had already completed, its real result arrives instead.
     pub async fn cancel(&mut self) {
         if let Some(seqnum) = self.seqnum().await {
-            let _ = self.tx.send(Command::Unlink { seqnum });
+            let _ = self.unlinks.send(seqnum);
         }
     }
 }
 
-impl Future for Transfer {
-    type Output = Completion;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Completion> {
-        Pin::new(&mut self.done)
-            .poll(cx)
-            .map(|r| r.unwrap_or_else(|_| Completion::failed(TransferError::Disconnected(None))))
+impl Future for PendingTransfer {
+    type Output = TransferOutcome;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<TransferOutcome> {
+        Pin::new(&mut self.done).poll(cx).map(|r| {
+            r.unwrap_or_else(|_| TransferOutcome::failed(TransferError::Disconnected(None)))
+        })
     }
 }
 
 impl RemoteDevice {
     fn start(stream: TcpStream, info: DeviceInfo, addr: String) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let devid = info.devid();
+        let (submits, submit_rx) = mpsc::unbounded_channel();
+        let (unlinks, unlink_rx) = mpsc::unbounded_channel();
+        let connection = Connection::new(&info, ConnectionConfig::default());
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, rx, devid).await {
-                tracing::debug!(%addr, "connection ended: {e}");
+            let mut task = ConnectionTask {
+                stream,
+                connection,
+                submits: Some(submit_rx),
+                unlinks: Some(unlink_rx),
+            };
+            match task.run().await {
+                Ok(()) => tracing::debug!(%addr, "connection closed"),
+                Err(e @ ConnectionError::PeerClosed) => tracing::debug!(%addr, "{e}"),
+                Err(e) => tracing::warn!(%addr, "connection ended: {e}"),
             }
+            task.connection.close();
+            task.deliver_completions();
         });
-        RemoteDevice { info, tx }
+        RemoteDevice {
+            info,
+            submits,
+            unlinks,
+        }
     }
 
     pub fn info(&self) -> &DeviceInfo {
@@ -304,19 +184,21 @@ impl RemoteDevice {
     }
 
     /// Submits a transfer; many may be in flight at once.
-    pub fn submit(&self, req: TransferRequest) -> Transfer {
+    pub fn submit(&self, req: TransferRequest) -> PendingTransfer {
         let (seqnum_tx, seqnum) = oneshot::channel();
         let (done_tx, done) = oneshot::channel();
-        let _ = self.tx.send(Command::Submit {
+        let _ = self.submits.send((
             req,
-            seqnum_tx,
-            done: done_tx,
-        });
-        Transfer {
+            Waiter {
+                seqnum: seqnum_tx,
+                done: done_tx,
+            },
+        ));
+        PendingTransfer {
             seqnum,
             known_seqnum: None,
             done,
-            tx: self.tx.clone(),
+            unlinks: self.unlinks.clone(),
         }
     }
 
@@ -419,159 +301,296 @@ impl RemoteDevice {
     }
 }
 
-struct Pending {
-    direction: Direction,
-    iso: bool,
-    length: u32,
-    done: oneshot::Sender<Completion>,
+/// The task that owns a [`RemoteDevice`]'s socket. Each source is `None`
+/// once every sender of it is gone.
+struct ConnectionTask {
+    stream: TcpStream,
+    connection: Connection<oneshot::Sender<TransferOutcome>>,
+    submits: Option<mpsc::UnboundedReceiver<(TransferRequest, Waiter)>>,
+    unlinks: Option<mpsc::UnboundedReceiver<u32>>,
 }
 
-async fn connection(
-    mut stream: TcpStream,
-    mut rx: mpsc::UnboundedReceiver<Command>,
-    devid: u32,
-) -> std::io::Result<()> {
-    let limits = Limits::default();
-    let mut next_seq: u32 = 1;
-    let mut pending: HashMap<u32, Pending> = HashMap::new();
-    // CMD_UNLINK seqnum -> the URB it cancels: RET_UNLINK names only the former.
-    let mut unlinks: HashMap<u32, u32> = HashMap::new();
-    let mut rbuf: Vec<u8> = Vec::with_capacity(256 * 1024);
-    let mut wbuf: Vec<u8> = Vec::with_capacity(64 * 1024);
-    let mut payloads: Vec<(usize, Vec<u8>)> = Vec::new();
-    loop {
-        tokio::select! {
-            cmd = rx.recv() => {
-                let Some(cmd) = cmd else {
-                    // Every handle is gone: close, which releases the device.
-                    let _ = stream.shutdown().await;
-                    return Ok(());
-                };
-                // Batch every command already queued into one write.
-                let mut cmd = Some(cmd);
-                while let Some(c) = cmd.take().or_else(|| rx.try_recv().ok()) {
-                    match c {
-                        Command::Submit { req, seqnum_tx, done } => {
-                            let seqnum = next_seq;
-                            next_seq = next_seq.wrapping_add(1).max(1);
-                            let direction = req.direction();
-                            let sub = CmdSubmit {
-                                seqnum,
-                                devid,
-                                direction,
-                                ep: u32::from(req.endpoint & 0x0f),
-                                transfer_flags: req.flags,
-                                transfer_buffer_length: if direction == Direction::Out { req.data.len() as u32 } else { req.length },
-                                start_frame: req.start_frame,
-                                number_of_packets: req.iso.len() as u32,
-                                interval: req.interval,
-                                setup: req.setup.unwrap_or_default().to_bytes(),
-                            };
-                            let start = wbuf.len();
-                            wbuf.resize(start + URB_HEADER_LEN, 0);
-                            sub.write_header(&mut wbuf[start..]);
-                            if direction == Direction::Out && !req.data.is_empty() {
-                                // Large payloads are written from their own buffer
-                                // (vectored) rather than copied into wbuf.
-                                payloads.push((wbuf.len(), req.data));
-                            }
-                            for p in &req.iso {
-                                p.encode(&mut wbuf);
-                            }
-                            pending.insert(seqnum, Pending { direction, iso: !req.iso.is_empty(), length: sub.transfer_buffer_length, done });
-                            let _ = seqnum_tx.send(seqnum);
-                        }
-                        Command::Unlink { seqnum } => {
-                            if pending.contains_key(&seqnum) {
-                                let s = next_seq;
-                                next_seq = next_seq.wrapping_add(1).max(1);
-                                CmdUnlink { seqnum: s, devid, unlink_seqnum: seqnum, ..Default::default() }.encode(&mut wbuf);
-                                unlinks.insert(s, seqnum);
-                            }
-                        }
+impl ConnectionTask {
+    /// Until every handle is gone (then the queued commands are flushed and
+    /// the socket shut down, which releases the device) or the connection fails.
+    async fn run(&mut self) -> Result<(), ConnectionError> {
+        while self.submits.is_some() || self.unlinks.is_some() {
+            tokio::select! {
+                submit = recv(&mut self.submits), if self.connection.can_submit() => {
+                    match submit {
+                        Some(first) => self.take_submits(first),
+                        None => self.submits = None,
                     }
                 }
-                write_batch(&mut stream, &wbuf, &payloads).await?;
-                wbuf.clear();
-                payloads.clear();
-            }
-            r = stream.read_buf(&mut rbuf) => {
-                if r? == 0 {
-                    // Server closed: every pending transfer fails as disconnected.
-                    return Ok(());
-                }
-                let mut at = 0;
-                loop {
-                    let decoded = UrbReply::decode(&rbuf[at..], &limits, |seq| {
-                        pending.get(&seq).map(|p| InFlight { direction: p.direction, iso: p.iso, length: p.length })
-                    });
-                    match decoded {
-                        Ok(Decoded::NeedMore(n)) => {
-                            if rbuf.capacity() < at + n { rbuf.reserve(at + n - rbuf.len()); }
-                            break;
-                        }
-                        Ok(Decoded::Message(reply, used)) => {
-                            let base = at;
-                            at += used;
-                            match reply {
-                                UrbReply::Submit { ret, data, iso } => {
-                                    if let Some(p) = pending.remove(&ret.seqnum) {
-                                        let c = Completion {
-                                            status: TransferError::from_status(ret.status),
-                                            data: rbuf[base + data.start..base + data.end].to_vec(),
-                                            actual_length: ret.actual_length,
-                                            iso: IsoPacket::iter(&rbuf[base + iso.start..base + iso.end]).collect(),
-                                            start_frame: ret.start_frame,
-                                            error_count: ret.error_count,
-                                        };
-                                        let _ = p.done.send(c);
-                                    }
-                                }
-                                UrbReply::Unlink(u) => {
-                                    // -ECONNRESET: the URB will never get a RET_SUBMIT.
-                                    // 0: its RET_SUBMIT already came.
-                                    let target = unlinks.remove(&u.seqnum);
-                                    if let (Some(target), Err(e)) = (target, TransferError::from_status(u.status)) {
-                                        if let Some(p) = pending.remove(&target) {
-                                            let _ = p.done.send(Completion::failed(e));
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!("server sent an invalid reply: {e}");
-                            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
-                        }
+                unlink = recv(&mut self.unlinks) => {
+                    match unlink {
+                        Some(first) => self.take_unlinks(first),
+                        None => self.unlinks = None,
                     }
                 }
-                rbuf.drain(..at);
+                readable = self.stream.readable() => {
+                    readable.map_err(|e| self.lost(e))?;
+                    self.read()?;
+                }
+                writable = self.stream.writable(), if self.connection.has_transmit() => {
+                    writable.map_err(|e| self.lost(e))?;
+                }
             }
+            self.flush()?;
+            self.deliver_completions();
+        }
+        // Bounded by what was queued: no more commands can come.
+        while self.connection.has_transmit() {
+            self.stream.writable().await.map_err(|e| self.lost(e))?;
+            self.flush()?;
+        }
+        let _ = self.stream.shutdown().await;
+        Ok(())
+    }
+
+    /// Takes `first` and every submit already queued behind it, as far as
+    /// the in-flight bound allows, so that they go out in one write.
+    fn take_submits(&mut self, first: (TransferRequest, Waiter)) {
+        let mut next = Some(first);
+        while let Some((request, waiter)) = next.take() {
+            match self.connection.submit(request, waiter.done) {
+                Ok(seqnum) => {
+                    let _ = waiter.seqnum.send(seqnum);
+                }
+                // Dropping the waiter fails the transfer as disconnected.
+                Err((e, _)) => tracing::debug!("transfer not submitted: {e}"),
+            }
+            if self.connection.can_submit() {
+                next = self.submits.as_mut().and_then(|rx| rx.try_recv().ok());
+            }
+        }
+    }
+
+    fn take_unlinks(&mut self, first: u32) {
+        let mut next = Some(first);
+        while let Some(seqnum) = next.take() {
+            self.connection.unlink(seqnum);
+            next = self.unlinks.as_mut().and_then(|rx| rx.try_recv().ok());
+        }
+    }
+
+    fn read(&mut self) -> Result<(), ConnectionError> {
+        for _ in 0..MAX_READS_PER_WAKE {
+            match self.stream.try_read(self.connection.read_buffer()) {
+                Ok(0) => return Err(self.lost(io::ErrorKind::UnexpectedEof.into())),
+                Ok(n) => self.connection.handle_input(n)?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.lost(e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), ConnectionError> {
+        for _ in 0..MAX_WRITES_PER_FLUSH {
+            if !self.connection.has_transmit() {
+                break;
+            }
+            let mut slices = [IoSlice::new(&[]); MAX_TRANSMIT_SLICES];
+            let filled = self.connection.poll_transmit(&mut slices);
+            match self.stream.try_write_vectored(&slices[..filled]) {
+                Ok(0) => return Err(self.lost(io::ErrorKind::WriteZero.into())),
+                Ok(n) => self.connection.transmitted(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.lost(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The socket failed or the server closed it.
+    fn lost(&mut self, e: io::Error) -> ConnectionError {
+        tracing::debug!("connection lost: {e}");
+        self.connection.peer_closed();
+        ConnectionError::PeerClosed
+    }
+
+    fn deliver_completions(&mut self) {
+        while let Some(completed) = self.connection.poll_completed() {
+            let _ = completed.token.send(completed.outcome);
         }
     }
 }
 
-async fn write_batch(
-    stream: &mut TcpStream,
-    wbuf: &[u8],
-    payloads: &[(usize, Vec<u8>)],
-) -> std::io::Result<()> {
-    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(payloads.len() * 2 + 1);
-    let mut at = 0;
-    for (pos, data) in payloads {
-        slices.push(IoSlice::new(&wbuf[at..*pos]));
-        slices.push(IoSlice::new(data));
-        at = *pos;
+/// Receives from a source that may be gone; a gone source never resolves
+/// (its `select!` branch is disabled by the caller's loop condition).
+async fn recv<T>(rx: &mut Option<mpsc::UnboundedReceiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
-    slices.push(IoSlice::new(&wbuf[at..]));
-    let mut slices: Vec<IoSlice<'_>> = slices.into_iter().filter(|s| !s.is_empty()).collect();
-    let mut bufs = &mut slices[..];
-    while !bufs.is_empty() {
-        let n = stream.write_vectored(bufs).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
+}
+
+#[cfg(test)]
+mod tests {
+    //! The tokio driver against a peer the test plays on loopback: it only
+    //! moves bytes, so these check that it moves them and shuts down.
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use usbwire_proto::{
+        Limits, OpRequest, OpStatus, RetSubmit, RetUnlink, Speed, UrbCommand, USBIP_VERSION,
+    };
+
+    use super::*;
+
+    fn device() -> DeviceInfo {
+        DeviceInfo {
+            path: "/sys/devices/usb1/1-1".into(),
+            busid: "1-1".into(),
+            busnum: 1,
+            devnum: 2,
+            speed: Speed::High,
+            id_vendor: 1,
+            id_product: 2,
+            bcd_device: 3,
+            device_class: 0,
+            device_subclass: 0,
+            device_protocol: 0,
+            configuration_value: 1,
+            num_configurations: 1,
+            num_interfaces: 0,
+            interfaces: Vec::new(),
         }
-        IoSlice::advance_slices(&mut bufs, n);
     }
-    Ok(())
+
+    /// Reads whole frames until `decode` returns one.
+    async fn read_frame<T>(
+        peer: &mut TcpStream,
+        buffer: &mut Vec<u8>,
+        decode: impl Fn(&[u8]) -> Option<(T, usize)>,
+    ) -> T {
+        loop {
+            if let Some((frame, used)) = decode(buffer) {
+                buffer.drain(..used);
+                return frame;
+            }
+            let n = peer.read_buf(buffer).await.unwrap();
+            assert!(n > 0, "the client closed mid-frame");
+        }
+    }
+
+    async fn read_command(peer: &mut TcpStream, buffer: &mut Vec<u8>) -> UrbCommand {
+        read_frame(peer, buffer, |b| {
+            UrbCommand::decode(b, &Limits::default(), |_, _| false)
+                .unwrap()
+                .message()
+        })
+        .await
+    }
+
+    /// A peer that answers the import, then hands its socket to the test.
+    async fn imported() -> (RemoteDevice, TcpStream, Vec<u8>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = async {
+            let (mut peer, _) = listener.accept().await.unwrap();
+            let mut buffer = Vec::new();
+            let request = read_frame(&mut peer, &mut buffer, |b| {
+                OpRequest::decode(b).unwrap().message()
+            })
+            .await;
+            assert!(matches!(request, OpRequest::Import { .. }), "{request:?}");
+            let mut reply = Vec::new();
+            OpReply::Import {
+                version: USBIP_VERSION,
+                status: OpStatus::Ok,
+                device: Some(device()),
+            }
+            .encode(&mut reply);
+            peer.write_all(&reply).await.unwrap();
+            (peer, buffer)
+        };
+        let (device, (peer, buffer)) = tokio::join!(import(addr, "1-1"), peer);
+        (device.unwrap(), peer, buffer)
+    }
+
+    #[tokio::test]
+    async fn transfers_cancel_and_complete_through_the_socket() {
+        let (device, mut peer, mut buffer) = imported().await;
+        let mut long = device.submit(TransferRequest::bulk_in(1, 8));
+        let out = device.submit(TransferRequest::bulk_out(2, vec![4; 40_000]));
+        let Some(long_seqnum) = long.seqnum().await else {
+            panic!("never submitted")
+        };
+        long.cancel().await;
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            seen.push(read_command(&mut peer, &mut buffer).await);
+        }
+        let UrbCommand::Submit { cmd: out_cmd, .. } = &seen[1] else {
+            panic!("{seen:?}")
+        };
+        assert_eq!(out_cmd.transfer_buffer_length, 40_000);
+        let UrbCommand::Unlink(unlink) = &seen[2] else {
+            panic!("{seen:?}")
+        };
+        assert_eq!(unlink.unlink_seqnum, long_seqnum);
+        let mut replies = Vec::new();
+        RetSubmit {
+            seqnum: out_cmd.seqnum,
+            actual_length: 40_000,
+            ..Default::default()
+        }
+        .encode(&[], &[], &mut replies);
+        RetUnlink {
+            seqnum: unlink.seqnum,
+            status: -104,
+            ..Default::default()
+        }
+        .encode(&mut replies);
+        peer.write_all(&replies).await.unwrap();
+        assert_eq!(out.await.status, Ok(()));
+        assert_eq!(long.await.status, Err(TransferError::Cancelled));
+        // Every handle gone: the client closes, which releases the device.
+        drop(device);
+        assert_eq!(peer.read(&mut [0; 1]).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_departed_server_fails_transfers_in_flight() {
+        let (device, mut peer, mut buffer) = imported().await;
+        let first = device.submit(TransferRequest::bulk_in(1, 8));
+        let second = device.submit(TransferRequest::bulk_in(1, 8));
+        read_command(&mut peer, &mut buffer).await;
+        read_command(&mut peer, &mut buffer).await;
+        drop(peer);
+        for transfer in [first, second] {
+            assert_eq!(
+                transfer.await,
+                TransferOutcome::failed(TransferError::Disconnected(None))
+            );
+        }
+        assert_eq!(
+            device.bulk_in(1, 1).await,
+            Err(TransferError::Disconnected(None)),
+            "a transfer after the connection ended"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reply_for_no_urb_ends_the_connection() {
+        let (device, mut peer, mut buffer) = imported().await;
+        let pending = device.submit(TransferRequest::bulk_in(1, 8));
+        read_command(&mut peer, &mut buffer).await;
+        let mut stray = Vec::new();
+        RetSubmit {
+            seqnum: 4242,
+            ..Default::default()
+        }
+        .encode(&[], &[], &mut stray);
+        peer.write_all(&stray).await.unwrap();
+        assert_eq!(pending.await.status, Err(TransferError::Disconnected(None)));
+        // The client hung up on the out-of-step stream.
+        let mut rest = Vec::new();
+        peer.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "nothing sent after the stray reply");
+    }
 }
