@@ -206,6 +206,8 @@ struct KeyQueue {
     reports: VecDeque<[u8; REPORT_LEN]>,
     /// The IN transfer waiting for a report.
     waker: Option<Waker>,
+    /// Typists waiting for the host to make room in a full queue.
+    room: Arc<tokio::sync::Notify>,
     leds: u8,
 }
 
@@ -330,6 +332,7 @@ impl HidKeyboard {
         let queue = Arc::new(Mutex::new(KeyQueue {
             reports: VecDeque::new(),
             waker: None,
+            room: Arc::new(tokio::sync::Notify::new()),
             leds: 0,
         }));
         let kbd = HidKeyboard {
@@ -474,6 +477,7 @@ impl Function for HidKeyboard {
             }
             return Poll::Pending;
         };
+        s.room.notify_waiters();
         drop(s);
         if buf.len() < REPORT_LEN {
             // Babble, as a real keyboard would: the report is lost rather
@@ -571,13 +575,17 @@ async fn type_waiting(handle: &KeyboardHandle, text: &str) {
 }
 
 async fn type_chunk(handle: &KeyboardHandle, chunk: &str) {
+    let room = lock(&handle.queue).room.clone();
     loop {
+        // Registered before the attempt, so that a report the host takes
+        // between a refusal and the wait still wakes it.
+        let made_room = room.notified();
+        tokio::pin!(made_room);
+        made_room.as_mut().enable();
         match handle.type_text(chunk) {
             Ok(()) => return,
-            // The host drains the queue at its own pace; poll for room.
-            Err(KeyboardError::QueueFull { .. }) => {
-                tokio::time::sleep(Duration::from_millis(20)).await
-            }
+            // The host drains the queue at its own pace.
+            Err(KeyboardError::QueueFull { .. }) => made_room.await,
             Err(e) => {
                 tracing::warn!(error = %e, "keyboard: text dropped");
                 return;
@@ -941,6 +949,26 @@ mod tests {
         let keys: Vec<u8> = drain(&mut dev).iter().step_by(2).map(|r| r[2]).collect();
         // 'é' is skipped, CRLF is one Enter, the unterminated last line is typed.
         assert_eq!(keys, vec![0x04, 0x05, 0x28, 0x06, 0x07, 0x28, 0x28, 0x1d]);
+    }
+
+    /// Text longer than the queue waits for the host to take reports, woken
+    /// by each report taken, and loses nothing.
+    #[tokio::test]
+    async fn typing_past_a_full_queue_waits_for_room() {
+        let (mut dev, h) = configured();
+        let text = "a".repeat(QUEUE_CAPACITY);
+        let typist = tokio::spawn(async move { type_waiting(&h, &text).await });
+        let mut presses = 0;
+        for _ in 0..100_000 {
+            presses += drain(&mut dev).iter().step_by(2).count();
+            if typist.is_finished() && presses == QUEUE_CAPACITY {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        presses += drain(&mut dev).iter().step_by(2).count();
+        assert!(typist.is_finished(), "the typist still waits for room");
+        assert_eq!(presses, QUEUE_CAPACITY);
     }
 
     #[tokio::test]
