@@ -19,14 +19,9 @@ fn configured(acm: CdcAcm) -> EmulatedDevice {
     dev
 }
 
+/// The descriptors of a blob, each as its bytes, read with the one parser.
 fn walk(b: &[u8]) -> Vec<&[u8]> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    while at + 2 <= b.len() && b[at] >= 2 && at + b[at] as usize <= b.len() {
-        out.push(&b[at..at + b[at] as usize]);
-        at += b[at] as usize;
-    }
-    out
+    usbwire_usb::descriptor::walk(b).map(|d| d.bytes()).collect()
 }
 
 #[test]
