@@ -297,8 +297,10 @@ impl UrbSession {
                 }
             }
         }
-        self.input.copy_within(at..self.filled, 0);
-        self.filled -= at;
+        if at > 0 {
+            self.input.copy_within(at..self.filled, 0);
+            self.filled -= at;
+        }
         Ok(())
     }
 
