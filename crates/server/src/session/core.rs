@@ -150,7 +150,10 @@ impl UrbSession {
             early_unlinks: VecDeque::new(),
             pending_unlinks: HashMap::new(),
             held: 0,
-            pool: BufferPool::new(config.limits.max_transfer_length as usize),
+            pool: BufferPool::new(
+                config.limits.max_transfer_length as usize,
+                config.max_bytes_in_flight,
+            ),
         }
     }
 
