@@ -24,7 +24,10 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use usbwire_proto::urb::{ISO_PACKET_LEN, USBIP_RET_SUBMIT, USBIP_RET_UNLINK};
-use usbwire_proto::{Decoded, DeviceInfo, Direction, Errno, Limits, UrbCommand, URB_HEADER_LEN};
+use usbwire_proto::{
+    CmdSubmit, CmdUnlink, Decoded, DeviceInfo, Direction, Errno, IsoPacket, Limits, UrbCommand,
+    URB_HEADER_LEN,
+};
 use usbwire_server::session::{SessionConfig, UrbSession, READ_CHUNK};
 use usbwire_server::{Backend, Completion, TransferType, Urb, UrbId};
 
@@ -352,7 +355,8 @@ fn run(input: &[u8], baseline: usize) {
         + (config.max_urbs_in_flight + 1) * per_urb
         + 1024 * 4 // unlinks that overtook their submit
         + 64 * 1024 // the session's fixed state
-        + 64 * input.0.len();
+        + 64 * input.0.len()
+        + 3 * (URB_HEADER_LEN + max_transfer + 16 * ISO_PACKET_LEN); // commands built here
 
     let mut steps = 0;
     while let Some(op) = input.byte() {
@@ -360,7 +364,7 @@ fn run(input: &[u8], baseline: usize) {
         if steps > 10_000 {
             break;
         }
-        let result = match op % 10 {
+        let result = match op % 12 {
             // Receive: a chunk of the rest of the input, of any length.
             0..=3 => {
                 let len = match input.byte() {
@@ -416,6 +420,29 @@ fn run(input: &[u8], baseline: usize) {
                 let room = usize::from(input.byte().unwrap_or(0)) * 97 + 1;
                 transmit(&mut session, &mut client, now, room)
             }
+            // Whole commands built from a few input bytes, so that runs
+            // reach deep states sooner; they go in as bytes like the rest.
+            10 | 11 => {
+                let mut frame = Vec::new();
+                if op % 12 == 10 {
+                    build_submit(&mut input, max_transfer, &mut frame);
+                } else {
+                    let (seqnum, target) = (input.byte().unwrap_or(0), input.byte().unwrap_or(0));
+                    CmdUnlink {
+                        seqnum: u32::from(seqnum),
+                        unlink_seqnum: u32::from(target),
+                        ..CmdUnlink::default()
+                    }
+                    .encode(&mut frame);
+                }
+                match session.handle_input(now, &frame) {
+                    Ok(taken) => {
+                        client.sent(&frame[..taken], &limits);
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                }
+            }
             8 => {
                 let mut d = device.lock().unwrap();
                 d.cancel_is_asynchronous = !d.cancel_is_asynchronous;
@@ -438,6 +465,60 @@ fn run(input: &[u8], baseline: usize) {
     // The peer reads everything that is left.
     let _ = transmit(&mut session, &mut client, now, usize::MAX);
     drop(session.into_backend());
+}
+
+/// Control requests that matter to the session (they end error holds),
+/// and one that does not.
+const SETUPS: [[u8; 8]; 6] = [
+    [0x02, 1, 0, 0, 0x81, 0, 0, 0], // CLEAR_FEATURE(ENDPOINT_HALT) of 0x81
+    [0x02, 1, 0, 0, 0x01, 0, 0, 0], // CLEAR_FEATURE(ENDPOINT_HALT) of 0x01
+    [0x01, 11, 0, 0, 0, 0, 0, 0],   // SET_INTERFACE
+    [0x00, 9, 1, 0, 0, 0, 0, 0],    // SET_CONFIGURATION
+    [0x23, 3, 4, 0, 1, 0, 0, 0],    // SET_FEATURE(PORT_RESET)
+    [0x80, 6, 0, 1, 0, 0, 18, 0],   // GET_DESCRIPTOR(DEVICE)
+];
+
+/// A CMD_SUBMIT from four input bytes: seqnum, endpoint and direction,
+/// length, flags and the rest.
+fn build_submit(input: &mut Input<'_>, max_transfer: usize, frame: &mut Vec<u8>) {
+    let seqnum = input.byte().unwrap_or(0);
+    let endpoint = input.byte().unwrap_or(0);
+    let length = input.byte().unwrap_or(0);
+    let extra = input.byte().unwrap_or(0);
+    let direction = if endpoint & 0x80 != 0 {
+        Direction::In
+    } else {
+        Direction::Out
+    };
+    let ep = u32::from(endpoint & 0x1f).min(16);
+    let length = (usize::from(length) * max_transfer / 255) as u32;
+    let iso = ep < 16 && endpoint_type(ep as u8 | direction.ep_bit()) == Some(TransferType::Isochronous);
+    let packets: Vec<IsoPacket> = if iso {
+        let count = u32::from(extra >> 4).min(length);
+        (0..count)
+            .map(|i| IsoPacket {
+                offset: i * (length / count.max(1)),
+                length: length / count.max(1),
+                ..IsoPacket::default()
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let cmd = CmdSubmit {
+        seqnum: u32::from(seqnum),
+        devid: 0,
+        direction,
+        ep,
+        transfer_flags: u32::from(extra & 1), // URB_SHORT_NOT_OK
+        transfer_buffer_length: length,
+        start_frame: 0,
+        number_of_packets: if iso { packets.len() as u32 } else { u32::MAX },
+        interval: 0,
+        setup: SETUPS[usize::from(extra >> 1) % SETUPS.len()],
+    };
+    let payload = vec![0x5a; length as usize];
+    cmd.encode(&payload, &packets, frame);
 }
 
 /// Hands the client up to `room` bytes of output, in vectored writes of
