@@ -342,21 +342,28 @@ fn run(input: &[u8], baseline: usize) {
         now,
     );
     let mut client = Client::default();
-    // Every heap byte the session may hold: its read buffer, the URBs in
-    // flight and the replies not yet sent (each bounded, plus the one
-    // command that may cross the bound, with the spare room a pooled
-    // buffer may have), the pool, and per URB and reply its bookkeeping;
-    // plus what this harness keeps, which grows with the input.
-    let per_urb = 1024 + 64 * 1024;
+    // Every heap byte the session may hold, from its configuration: the
+    // read buffer; a large OUT payload being read; the URBs in flight
+    // (their lengths are bounded, and a pooled buffer may have up to its
+    // length or 64 KiB more room); the replies not yet sent (bounded by
+    // the memory they hold, plus what completes after the last check, and
+    // the queue's growth); the pool; per URB and unlink its bookkeeping.
+    // Then what this harness keeps, which grows with the input.
+    let (t, b, urbs) = (max_transfer, config.max_bytes_in_flight, config.max_urbs_in_flight);
+    let spare_room = 64 * 1024;
+    let urb_buffers = 2 * (b + t) + spare_room * (urbs + 1);
     let bound = config.read_limit()
         + READ_CHUNK
-        + 3 * (config.max_bytes_in_flight + max_transfer)
-        + config.max_bytes_in_flight
-        + (config.max_urbs_in_flight + 1) * per_urb
-        + 1024 * 4 // unlinks that overtook their submit
-        + 64 * 1024 // the session's fixed state
+        + 2 * t
+        + spare_room
+        + urb_buffers
+        + 2 * (b + urb_buffers)
+        + b
+        + urbs * 1024
+        + 2 * 1024 * 4
+        + 64 * 1024
         + 64 * input.0.len()
-        + 3 * (URB_HEADER_LEN + max_transfer + 16 * ISO_PACKET_LEN); // commands built here
+        + 3 * (URB_HEADER_LEN + t + 16 * ISO_PACKET_LEN);
 
     let mut steps = 0;
     while let Some(op) = input.byte() {

@@ -53,6 +53,16 @@ fn seq_after(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) > 0
 }
 
+/// Grows `buf` to `len` initialised bytes, if it is shorter, without the
+/// doubling of `Vec`'s amortised growth: the read buffer's size is part of
+/// the session's memory bound.
+fn grow_exactly(buf: &mut Vec<u8>, len: usize) {
+    if buf.len() < len {
+        buf.reserve_exact(len - buf.len());
+        buf.resize(len, 0);
+    }
+}
+
 /// Statuses of an URB stopped by its own unlink: not endpoint errors.
 fn is_unlinked_status(status: i32) -> bool {
     status == Errno::ECONNRESET.to_status() || status == Errno::ENOENT.to_status()
@@ -182,7 +192,7 @@ impl UrbSession {
             ];
         }
         if self.input.len() - self.filled < READ_CHUNK / 4 {
-            self.input.resize(self.filled + READ_CHUNK, 0);
+            grow_exactly(&mut self.input, self.filled + READ_CHUNK);
         }
         [
             IoSliceMut::new(&mut self.input[self.filled..]),
@@ -206,9 +216,7 @@ impl UrbSession {
         let header_bytes = (n - to_payload).min(URB_HEADER_LEN);
         // The read buffer was emptied up to this payload when it started.
         debug_assert_eq!(self.filled, 0);
-        if self.input.len() < URB_HEADER_LEN {
-            self.input.resize(READ_CHUNK, 0);
-        }
+        grow_exactly(&mut self.input, URB_HEADER_LEN);
         self.input[..header_bytes].copy_from_slice(&p.next_header[..header_bytes]);
         self.filled = header_bytes;
         if p.filled == len {
@@ -247,7 +255,7 @@ impl UrbSession {
     fn may_take_command(&self) -> bool {
         self.inflight < self.config.max_urbs_in_flight
             && self.inflight_bytes < self.config.max_bytes_in_flight
-            && self.output.bytes() < self.config.max_bytes_in_flight
+            && self.output.footprint() < self.config.max_bytes_in_flight
     }
 
     /// Decodes and handles every complete frame in the read buffer, as long
@@ -276,10 +284,7 @@ impl UrbSession {
                         }
                     }
                     // Room for the whole frame, once the handled part is gone.
-                    let room = (self.filled - at).max(n);
-                    if self.input.len() < room {
-                        self.input.resize(room, 0);
-                    }
+                    grow_exactly(&mut self.input, (self.filled - at).max(n));
                     break;
                 }
                 Ok(Decoded::Message(cmd, used)) => {
@@ -751,10 +756,10 @@ impl UrbSession {
         Ok(())
     }
 
-    /// URBs in flight and the bytes their buffers hold, and reply bytes
-    /// not yet sent: what the configured bounds limit.
+    /// URBs in flight, their transfer lengths, and the memory the replies
+    /// not yet sent hold: what the configured bounds limit.
     pub fn in_flight(&self) -> (usize, usize, usize) {
-        (self.inflight, self.inflight_bytes, self.output.bytes())
+        (self.inflight, self.inflight_bytes, self.output.footprint())
     }
 
     /// Heap bytes the session holds for input and spare buffers.

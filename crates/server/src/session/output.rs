@@ -23,6 +23,11 @@ impl OutFrame {
         URB_HEADER_LEN + self.payload_len + self.iso.len()
     }
 
+    /// Heap and queue memory the frame holds until it is sent.
+    fn footprint(&self) -> usize {
+        std::mem::size_of::<OutFrame>() + self.payload.capacity() + self.iso.capacity()
+    }
+
     fn parts(&self) -> [&[u8]; 3] {
         [&self.header, &self.payload[..self.payload_len], &self.iso]
     }
@@ -35,6 +40,9 @@ pub(super) struct Output {
     written: usize,
     /// Bytes queued and not yet written.
     bytes: usize,
+    /// Memory the queued frames hold: a short reply can keep a large URB
+    /// buffer, so what bounds the queue is this, not the bytes to send.
+    footprint: usize,
 }
 
 impl Output {
@@ -42,8 +50,8 @@ impl Output {
         self.frames.is_empty()
     }
 
-    pub fn bytes(&self) -> usize {
-        self.bytes
+    pub fn footprint(&self) -> usize {
+        self.footprint
     }
 
     /// Queues a RET_SUBMIT. `payload` is the URB's buffer, of which the
@@ -87,6 +95,7 @@ impl Output {
 
     fn push(&mut self, frame: OutFrame) {
         self.bytes += frame.len();
+        self.footprint += frame.footprint();
         self.frames.push_back(frame);
     }
 
@@ -122,6 +131,7 @@ impl Output {
                 break;
             }
             self.written -= frame.len();
+            self.footprint -= frame.footprint();
             let frame = self.frames.pop_front().expect("front exists");
             pool.give(frame.payload);
         }

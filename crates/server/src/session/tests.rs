@@ -688,10 +688,34 @@ fn bytes_in_flight_and_unsent_replies_are_bounded() {
     // 1 completes, but its reply (max bytes) is not sent yet: still bounded.
     h.finish_ok(1, max);
     assert_eq!(h.started(), Vec::<u32>::new());
-    assert_eq!(h.session.in_flight(), (0, 0, URB_HEADER_LEN + max));
+    let (urbs, bytes, unsent) = h.session.in_flight();
+    assert_eq!((urbs, bytes), (0, 0));
+    assert!(unsent >= URB_HEADER_LEN + max);
     // Sending the reply makes room.
     assert_eq!(h.replies().len(), 1);
     assert_eq!(h.started(), vec![2]);
+}
+
+#[test]
+fn short_replies_count_the_buffers_they_hold() {
+    // A peer that asks for large IN transfers, gets a byte from each and
+    // reads no replies must not make the server keep a large buffer per
+    // reply: the unsent replies count at the memory they hold.
+    let mut h = Harness::with_config(SessionConfig {
+        max_bytes_in_flight: 1 << 20,
+        ..config()
+    });
+    for seqnum in 1..=4 {
+        h.submit(seqnum, BULK_IN, 256 << 10);
+        h.finish_ok(seqnum, 1);
+    }
+    h.submit(5, BULK_IN, 64);
+    let (urbs, _, unsent) = h.session.in_flight();
+    assert_eq!(urbs, 0);
+    assert!(unsent >= 1 << 20, "four replies hold four 256 KiB buffers");
+    assert!(h.started().is_empty(), "the fifth command waits");
+    assert_eq!(h.replies().len(), 4);
+    assert_eq!(h.started(), vec![5], "sent replies make room again");
 }
 
 #[test]
