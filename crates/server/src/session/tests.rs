@@ -918,3 +918,91 @@ fn waker_given_by_the_driver_reaches_the_backend() {
     session.handle_input(now, &frame).unwrap();
     assert!(wakes.0.load(Ordering::Relaxed) > 0);
 }
+
+// ---- the OP phase ----
+
+mod op_phase {
+    use std::time::{Duration, Instant};
+
+    use usbwire_proto::{OpRequest, USBIP_VERSION};
+
+    use crate::session::{OpEvent, OpSession, OP_TIMEOUT};
+    use crate::SessionError;
+
+    /// Feeds `bytes` through the buffers the OP phase lends, as a transport
+    /// would; returns the event and how many bytes it read.
+    fn feed(op: &mut OpSession, bytes: &[u8]) -> (Result<Option<OpEvent>, SessionError>, usize) {
+        let mut at = 0;
+        while at < bytes.len() {
+            let buf = op.read_buffer();
+            let n = buf.len().min(bytes.len() - at);
+            buf[..n].copy_from_slice(&bytes[at..at + n]);
+            at += n;
+            match op.input_filled(n) {
+                Ok(None) => {}
+                other => return (other, at),
+            }
+        }
+        (Ok(None), at)
+    }
+
+    #[test]
+    fn import_request_is_read_to_its_end_and_no_further() {
+        let mut op = OpSession::new(Instant::now());
+        let mut bytes = Vec::new();
+        OpRequest::Import {
+            version: USBIP_VERSION,
+            busid: "1-1".into(),
+        }
+        .encode(&mut bytes);
+        let request_len = bytes.len();
+        bytes.extend_from_slice(&[0xee; 100]); // the first URB command, say
+        let (event, read) = feed(&mut op, &bytes);
+        assert_eq!(event.unwrap(), Some(OpEvent::ImportRequested("1-1".into())));
+        assert_eq!(read, request_len, "nothing of the URB phase is read here");
+    }
+
+    #[test]
+    fn devlist_request_is_answered_then_the_connection_ends() {
+        let mut op = OpSession::new(Instant::now());
+        let mut bytes = Vec::new();
+        OpRequest::Devlist {
+            version: USBIP_VERSION,
+        }
+        .encode(&mut bytes);
+        let (event, _) = feed(&mut op, &bytes);
+        assert_eq!(event.unwrap(), Some(OpEvent::DevlistRequested));
+        op.answer_devlist(Vec::new());
+        let reply = op.poll_transmit().to_vec();
+        assert_eq!(reply.len(), 12, "header and a device count of zero");
+        op.transmitted(5);
+        assert_eq!(op.poll_transmit(), &reply[5..]);
+    }
+
+    #[test]
+    fn unknown_request_gets_a_failure_reply_and_ends_the_connection() {
+        let mut op = OpSession::new(Instant::now());
+        let bytes = [0x01, 0x11, 0x80, 0x42, 0, 0, 0, 0];
+        let (event, _) = feed(&mut op, &bytes);
+        assert!(matches!(event, Err(SessionError::Protocol(_))));
+        assert_eq!(
+            op.poll_transmit(),
+            &[0x01, 0x11, 0x00, 0x42, 0, 0, 0, 1],
+            "the reply code of the same request, status ST_NA"
+        );
+    }
+
+    #[test]
+    fn request_not_sent_in_time_ends_the_connection() {
+        let start = Instant::now();
+        let mut op = OpSession::new(start);
+        assert_eq!(op.poll_timeout(), start + OP_TIMEOUT);
+        assert!(op
+            .handle_timeout(start + OP_TIMEOUT - Duration::from_millis(1))
+            .is_ok());
+        assert!(matches!(
+            op.handle_timeout(start + OP_TIMEOUT),
+            Err(SessionError::Timeout)
+        ));
+    }
+}
