@@ -166,7 +166,7 @@ struct Sent {
 #[derive(Default)]
 struct Client {
     /// The command stream as sent, decoded on its own: which commands the
-    /// session can have seen.
+    /// session can have seen. What is decoded is dropped.
     sent: Vec<u8>,
     decoded_to: usize,
     stream_broken: bool,
@@ -210,6 +210,13 @@ impl Client {
                 Err(_) => self.stream_broken = true,
             }
         }
+        // Only a partial command is kept, and nothing once the stream broke.
+        if self.stream_broken {
+            self.sent = Vec::new();
+        } else {
+            self.sent.drain(..self.decoded_to);
+        }
+        self.decoded_to = 0;
     }
 
     /// Checks every complete reply received so far against the commands.
@@ -287,7 +294,12 @@ impl Client {
                 other => panic!("not a reply: command {other:#x}"),
             }
         }
-        self.received.drain(..at);
+        if self.ambiguous {
+            // Nothing more can be framed: nothing more is kept.
+            self.received = Vec::new();
+        } else {
+            self.received.drain(..at);
+        }
     }
 }
 
@@ -462,7 +474,13 @@ fn run(input: &[u8], baseline: usize) {
             }
         };
         let peak = PEAK.load(Ordering::Relaxed) - baseline;
-        assert!(peak <= bound, "{peak} heap bytes held, bound {bound}");
+        assert!(
+            peak <= bound,
+            "{peak} heap bytes held, bound {bound}; {config:?}; in flight (URBs, bytes, \
+             unsent reply memory) {:?}; read buffer and pool {}",
+            session.in_flight(),
+            session.buffered_bytes()
+        );
         if result.is_err() {
             // The driver closes the connection: the device goes back.
             drop(session.into_backend());
@@ -546,7 +564,9 @@ fn transmit(
         let mut n = 0;
         for s in &slices[..used] {
             let take = s.len().min(left - n);
-            client.received.extend_from_slice(&s[..take]);
+            if !client.ambiguous {
+                client.received.extend_from_slice(&s[..take]);
+            }
             n += take;
         }
         left -= n;
