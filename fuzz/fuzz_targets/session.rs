@@ -469,7 +469,7 @@ fn run(input: &[u8], baseline: usize) {
             }
             _ => {
                 device.lock().unwrap().gone = true;
-                let _ = session.poll_device_gone(now);
+                let _ = session.poll_device_gone();
                 Ok(())
             }
         };

@@ -562,12 +562,13 @@ impl UrbSession {
 
     /// Whether the device is gone and the import is over: every URB not
     /// yet started is answered with -ENODEV (started ones complete through
-    /// the backend), and every reply has been sent.
-    pub fn poll_device_gone(&mut self, now: Instant) -> bool {
+    /// the backend), and every reply has been sent. The driver asks every
+    /// turn, so it takes no time argument: the holds its -ENODEV answers
+    /// start (at the last time given) keep nothing from a gone device.
+    pub fn poll_device_gone(&mut self) -> bool {
         if !self.backend.is_gone() {
             return false;
         }
-        self.now = now;
         for q in 0..self.queues.len() {
             while let Some(urb) = self.queues[q].waiting.pop_front() {
                 self.complete(urb, 0, Some(Errno::ENODEV));

@@ -200,7 +200,7 @@ async fn run(
         if eof {
             return Ok(());
         }
-        if session.poll_device_gone(Instant::now()) {
+        if session.poll_device_gone() {
             return Ok(());
         }
         let want_read = session.wants_input();
