@@ -203,7 +203,17 @@ dev=$(disk)
 echo "IMPORTED=$dev"
 (if dd if=$dev of=/dev/null bs=4k 2>/tmp/dd.err; then echo DD-RC=0; else echo DD-RC=1; fi > /tmp/dd.rc) &
 ddpid=$!
-sleep 1
+# Unplug once dd is reading (64 KiB in), not after a guessed delay.
+dd_reading() {{
+  for p in /proc/[0-9]*; do
+    [ "$(cat $p/comm 2>/dev/null)" = dd ] || continue
+    r=$(grep '^rchar' $p/io 2>/dev/null | cut -d' ' -f2)
+    [ "${{r:-0}}" -gt 65536 ] && return 0
+  done
+  return 1
+}}
+for i in $(seq 1 600); do dd_reading && break; sleep 0.1; done
+dd_reading && echo "DD-READING"
 t0=$(cat /proc/uptime | cut -d' ' -f1)
 echo '' > /sys/kernel/config/usb_gadget/ms/UDC
 for i in $(seq 1 600); do kill -0 $ddpid 2>/dev/null || break; sleep 0.1; done
@@ -389,6 +399,7 @@ echo DONE
         "dd read the whole disk after the unplug"
     );
     for needle in [
+        "DD-READING",
         "DAEMON-ALIVE",
         "SS-STILL-EXPORTED",
         "IMPORT-CLOSED-BY-SERVER",
