@@ -324,6 +324,13 @@ attach 1-1
 dev=$(disk)
 dd if="$dev" of=/dev/null bs=65536 &
 ddpid=$!
+# The host kills the server on DD-RUNNING: say it once dd is mid-read
+# (1 MiB in, by its /proc io counter), not after a guessed delay.
+n=0
+until [ "$(grep '^rchar' /proc/$ddpid/io 2>/dev/null | cut -d' ' -f2)" -gt 1048576 ] 2>/dev/null; do
+  n=$((n + 1)); [ $n -gt 1200 ] && {{ echo "dd read nothing in 120 s"; exit 6; }}
+  sleep 0.1
+done
 echo DD-RUNNING
 usbwire_wait_signal {sig1} 120
 n=0
@@ -358,7 +365,6 @@ echo REATTACHED-OK
         .expect("boot the guest");
     g.wait_for_output("DD-RUNNING", Duration::from_secs(300))
         .unwrap_or_else(|e| panic!("{e}\n--- usbipd log ---\n{}", daemon.log_text()));
-    std::thread::sleep(Duration::from_millis(1500));
     daemon.kill();
     g.signal(SIGNAL_PORT, "killed", Duration::from_secs(30))
         .expect("signal the guest");
