@@ -1,5 +1,6 @@
 #!/bin/sh
-# Builds the cargo-fuzz targets for usbwire-proto on a stable toolchain.
+# Builds the cargo-fuzz targets (the codec's decoders, the server's session core)
+# on a stable toolchain.
 #
 #   fuzz/build.sh            AddressSanitizer build (the cargo-fuzz default)
 #   fuzz/build.sh --no-asan  coverage-instrumented build without a sanitizer

@@ -7,7 +7,7 @@
 
 pub mod queue;
 pub mod registry;
-mod session;
+pub mod session;
 mod sys;
 mod workers;
 
@@ -170,12 +170,14 @@ pub enum SessionError {
     DuplicateSeqnum(u32),
 }
 
-pub(crate) struct Shared {
+/// What every connection of a server shares: the exported devices and
+/// the bounds they are served with.
+pub(crate) struct ServerState {
     pub registry: Registry,
     pub config: ServerConfig,
 }
 
-impl Shared {
+impl ServerState {
     /// Puts the device back in the registry once `Backend::release` has
     /// readied it for the next importer. Waiters already know it is coming
     /// ([`Registry::ending`]). Releasing may block (a usbfs drain waits for
@@ -184,11 +186,11 @@ impl Shared {
     /// device is back the moment it is done.
     pub async fn release(self: &Arc<Self>, busid: &str, conn: u64, mut backend: Box<dyn Backend>) {
         self.registry.ending(busid, conn);
-        let shared = self.clone();
+        let state = self.clone();
         let slot = busid.to_string();
         let released = tokio::task::spawn_blocking(move || {
             backend.release();
-            shared.registry.release(&slot, conn, backend);
+            state.registry.release(&slot, conn, backend);
         })
         .await;
         if let Err(e) = released {
@@ -202,7 +204,7 @@ impl Shared {
 /// A server: a registry of exported devices and the bounds it serves them with.
 #[derive(Clone)]
 pub struct Server {
-    shared: Arc<Shared>,
+    state: Arc<ServerState>,
     next_conn: Arc<AtomicU64>,
 }
 
@@ -210,17 +212,17 @@ impl Server {
     pub fn new(registry: Registry, config: ServerConfig) -> Result<Self, ConfigError> {
         config.validate()?;
         Ok(Server {
-            shared: Arc::new(Shared { registry, config }),
+            state: Arc::new(ServerState { registry, config }),
             next_conn: Arc::new(AtomicU64::new(1)),
         })
     }
 
     pub fn registry(&self) -> &Registry {
-        &self.shared.registry
+        &self.state.registry
     }
 
     pub fn config(&self) -> &ServerConfig {
-        &self.shared.config
+        &self.state.config
     }
 
     /// Serves `listeners` until `shutdown` resolves, then ends every
@@ -228,8 +230,8 @@ impl Server {
     /// acknowledged write is lost.
     pub async fn run(&self, listeners: Vec<TcpListener>, shutdown: impl Future) {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let permits = Arc::new(Semaphore::new(self.shared.config.max_connections));
-        let workers = Arc::new(Workers::start(self.worker_count(), &self.shared, &stop_rx));
+        let permits = Arc::new(Semaphore::new(self.state.config.max_connections));
+        let workers = Arc::new(Workers::start(self.worker_count(), &self.state, &stop_rx));
         // Only if no worker thread could start.
         let local = Arc::new(std::sync::Mutex::new(JoinSet::new()));
         let mut accepters = JoinSet::new();
@@ -257,7 +259,7 @@ impl Server {
     }
 
     fn worker_count(&self) -> usize {
-        match self.shared.config.workers {
+        match self.state.config.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         }
@@ -265,12 +267,12 @@ impl Server {
 
     /// Flushes every device that is not imported.
     pub fn flush_all(&self) {
-        for (busid, mut b) in self.shared.registry.drain_available() {
+        for (busid, mut b) in self.state.registry.drain_available() {
             if let Err(e) = b.flush() {
                 error!(%busid, "flushing device failed: {e}");
             }
             // Put it back so that a later run on the same registry still sees it.
-            self.shared.registry.restore(&busid, b);
+            self.state.registry.restore(&busid, b);
         }
     }
 
@@ -316,12 +318,12 @@ impl Server {
                 permit,
             };
             if let Err(job) = workers.dispatch(job) {
-                let (shared, stop) = (self.shared.clone(), stop.clone());
+                let (state, stop) = (self.state.clone(), stop.clone());
                 let load = Arc::new(AtomicUsize::new(0));
                 local
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .spawn(workers::serve(job, shared, stop, load));
+                    .spawn(workers::serve(job, state, stop, load));
             }
         }
     }

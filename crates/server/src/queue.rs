@@ -16,7 +16,7 @@
 
 use std::collections::VecDeque;
 
-use tokio::time::Instant;
+use std::time::Instant;
 
 use crate::Urb;
 

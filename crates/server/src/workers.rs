@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 use tracing::{error, info};
 
-use crate::{session, Shared};
+use crate::{session, ServerState};
 
 /// One accepted connection on its way to a worker.
 pub(crate) struct Job {
@@ -44,16 +44,16 @@ impl Workers {
     /// Starts `n` worker threads. A thread that cannot start (out of
     /// threads, say) is logged and skipped; if none starts, connections
     /// are served on the caller's runtime instead.
-    pub fn start(n: usize, shared: &Arc<Shared>, stop: &watch::Receiver<bool>) -> Workers {
+    pub fn start(n: usize, state: &Arc<ServerState>, stop: &watch::Receiver<bool>) -> Workers {
         let mut workers = Vec::with_capacity(n);
         for i in 0..n {
             let (tx, rx) = mpsc::unbounded_channel();
             let load = Arc::new(AtomicUsize::new(0));
             let (done_tx, done_rx) = oneshot::channel();
-            let (shared, stop, load2) = (shared.clone(), stop.clone(), load.clone());
+            let (state, stop, load2) = (state.clone(), stop.clone(), load.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("usbipd-worker-{i}"))
-                .spawn(move || worker_main(rx, shared, stop, load2, done_tx));
+                .spawn(move || worker_main(rx, state, stop, load2, done_tx));
             match spawned {
                 Ok(_) => workers.push(Worker {
                     jobs: tx,
@@ -101,7 +101,7 @@ impl Workers {
 
 fn worker_main(
     mut jobs: mpsc::UnboundedReceiver<Job>,
-    shared: Arc<Shared>,
+    state: Arc<ServerState>,
     stop: watch::Receiver<bool>,
     load: Arc<AtomicUsize>,
     done: oneshot::Sender<()>,
@@ -123,7 +123,7 @@ fn worker_main(
             tokio::select! {
                 job = jobs.recv() => match job {
                     Some(job) => {
-                        sessions.spawn(serve(job, shared.clone(), stop.clone(), load.clone()));
+                        sessions.spawn(serve(job, state.clone(), stop.clone(), load.clone()));
                     }
                     None => break,
                 },
@@ -138,7 +138,7 @@ fn worker_main(
 /// Serves one connection on the current runtime.
 pub(crate) async fn serve(
     job: Job,
-    shared: Arc<Shared>,
+    state: Arc<ServerState>,
     stop: watch::Receiver<bool>,
     load: Arc<AtomicUsize>,
 ) {
@@ -150,7 +150,7 @@ pub(crate) async fn serve(
     } = job;
     match tokio::net::TcpStream::from_std(stream) {
         Ok(stream) => {
-            if let Err(e) = session::serve(stream, shared, conn, stop).await {
+            if let Err(e) = session::driver::serve(stream, state, conn, stop).await {
                 info!(conn, %peer, "connection ended: {e}");
             }
         }
@@ -176,12 +176,12 @@ mod tests {
 
     #[tokio::test]
     async fn connections_go_to_the_least_busy_worker_and_end_on_stop() {
-        let shared = Arc::new(Shared {
+        let state = Arc::new(ServerState {
             registry: Registry::new(),
             config: ServerConfig::default(),
         });
         let (stop_tx, stop_rx) = watch::channel(false);
-        let workers = Workers::start(2, &shared, &stop_rx);
+        let workers = Workers::start(2, &state, &stop_rx);
         assert_eq!(workers.workers.len(), 2);
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();

@@ -21,7 +21,9 @@ fn configured(acm: CdcAcm) -> EmulatedDevice {
 
 /// The descriptors of a blob, each as its bytes, read with the one parser.
 fn walk(b: &[u8]) -> Vec<&[u8]> {
-    usbwire_usb::descriptor::walk(b).map(|d| d.bytes()).collect()
+    usbwire_usb::descriptor::walk(b)
+        .map(|d| d.bytes())
+        .collect()
 }
 
 #[test]
