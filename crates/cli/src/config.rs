@@ -20,6 +20,12 @@
 //! [[device]]
 //! kind = "test"
 //! pattern = 0               # source/sink data: 0 zeros, 1 mod63, 2 none
+//!
+//! [tls]                     # mutual TLS 1.3; plaintext is then refused...
+//! cert = "server.pem"
+//! key = "server.key"
+//! client_ca = "clients-ca.pem"
+//! allow_plaintext = ["127.0.0.0/8"]   # ...except from these sources
 //! ```
 
 use std::net::SocketAddr;
@@ -37,6 +43,24 @@ pub struct Config {
     pub server: ServerSection,
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,
+    #[serde(default)]
+    pub tls: TlsSection,
+}
+
+/// TLS 1.3 with client certificates; the flags of the same names override
+/// each field.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// The server's certificate chain (PEM).
+    pub cert: Option<PathBuf>,
+    /// The server's private key (PEM).
+    pub key: Option<PathBuf>,
+    /// The CA (PEM) that client certificates must be signed by.
+    pub client_ca: Option<PathBuf>,
+    /// Sources that may still use plaintext once TLS is on.
+    #[serde(default)]
+    pub allow_plaintext: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -178,6 +202,14 @@ impl Config {
             source,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
+        for file in [&mut c.tls.cert, &mut c.tls.key, &mut c.tls.client_ca]
+            .into_iter()
+            .flatten()
+        {
+            if file.is_relative() {
+                *file = base.join(&*file);
+            }
+        }
         for d in &mut c.devices {
             if let DeviceConfig::MassStorage { image, .. } = d {
                 if image.is_relative() {

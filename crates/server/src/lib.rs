@@ -9,6 +9,7 @@ pub mod queue;
 pub mod registry;
 pub mod session;
 mod sys;
+pub mod tls;
 mod workers;
 
 use workers::{Job, Workers};
@@ -53,6 +54,8 @@ pub struct ServerConfig {
     pub workers: usize,
     /// How long an import waits for the device's previous import to end.
     pub import_wait: WaitBounds,
+    /// TLS, and which sources may still use plaintext.
+    pub access: tls::Access,
 }
 
 impl Default for ServerConfig {
@@ -67,6 +70,7 @@ impl Default for ServerConfig {
             hold_ceiling: Duration::from_secs(1),
             workers: 0,
             import_wait: WaitBounds::default(),
+            access: tls::Access::default(),
         }
     }
 }

@@ -11,12 +11,13 @@ use std::time::Duration;
 
 use clap::Parser;
 use tokio::net::TcpListener;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use usbwire_cli::config::Config;
 use usbwire_cli::control;
 use usbwire_cli::devices::{self, Exported};
 use usbwire_cli::listen::{self, ListenError, Listener, Origin};
 use usbwire_host::{Manager, Roots};
+use usbwire_server::tls::{self, Access, TlsFiles};
 use usbwire_server::{Registry, Server, ServerConfig};
 
 /// USB/IP server: exports emulated USB devices (and, later, local ones) to
@@ -75,6 +76,21 @@ struct Args {
     /// plugged in (ms). With uevents, hotplug is followed as it happens.
     #[arg(long = "hotplug-interval-ms", default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
     hotplug_interval_ms: u64,
+    /// Serve TLS 1.3 with this certificate chain (PEM); needs --tls-key and
+    /// --tls-client-ca. Plaintext connections are then refused unless
+    /// --allow-plaintext lets their source in.
+    #[arg(long = "tls-cert", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long = "tls-key", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// Clients must present a certificate signed by this CA (PEM).
+    #[arg(long = "tls-client-ca", value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
+    /// With TLS on, let plaintext USB/IP in from this source network (may
+    /// be repeated), e.g. 127.0.0.0/8 for local tools.
+    #[arg(long = "allow-plaintext", value_name = "CIDR")]
+    allow_plaintext: Vec<ipnet::IpNet>,
 }
 
 const DEFAULT_STATE_FILE: &str = "/var/lib/usbwire/bindings.json";
@@ -147,10 +163,76 @@ fn load_config(args: &Args) -> Result<(Config, ServerConfig), String> {
     };
     let mut server_config = ServerConfig::default();
     config.server.apply(&mut server_config);
+    server_config.access = access(args, &config)?;
     server_config
         .validate()
         .map_err(|e| format!("invalid configuration: {e}"))?;
     Ok((config, server_config))
+}
+
+/// TLS and the plaintext policy, from the flags over the `[tls]` section.
+fn access(args: &Args, config: &Config) -> Result<Access, String> {
+    let t = &config.tls;
+    let cert = args.tls_cert.clone().or_else(|| t.cert.clone());
+    let key = args.tls_key.clone().or_else(|| t.key.clone());
+    let client_ca = args.tls_client_ca.clone().or_else(|| t.client_ca.clone());
+    let mut allow_plaintext = t.allow_plaintext.clone();
+    allow_plaintext.extend(args.allow_plaintext.iter().copied());
+    let tls = match (cert, key, client_ca) {
+        (None, None, None) => {
+            if !allow_plaintext.is_empty() {
+                return Err("--allow-plaintext only means something with TLS on: \
+                     also give --tls-cert, --tls-key and --tls-client-ca"
+                    .into());
+            }
+            warn!(
+                "no TLS configured: every exported device is open to anyone who can \
+                 reach this port, unauthenticated and unencrypted \
+                 (see --tls-cert, --tls-key, --tls-client-ca)"
+            );
+            None
+        }
+        (Some(cert), Some(key), Some(client_ca)) => {
+            let files = TlsFiles {
+                cert,
+                key,
+                client_ca,
+            };
+            let tls = tls::server_config(&files).map_err(|e| format!("TLS: {e}"))?;
+            info!(
+                "TLS 1.3 with client certificates from {}; plaintext allowed from: {}",
+                files.client_ca.display(),
+                if allow_plaintext.is_empty() {
+                    "nowhere".to_string()
+                } else {
+                    allow_plaintext
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            );
+            Some(tls)
+        }
+        (cert, key, ca) => {
+            let missing: Vec<&str> = [
+                (cert.is_none(), "--tls-cert (tls.cert)"),
+                (key.is_none(), "--tls-key (tls.key)"),
+                (ca.is_none(), "--tls-client-ca (tls.client_ca)"),
+            ]
+            .into_iter()
+            .filter_map(|(m, name)| m.then_some(name))
+            .collect();
+            return Err(format!(
+                "TLS needs a certificate, its key and a client CA; missing: {}",
+                missing.join(", ")
+            ));
+        }
+    };
+    Ok(Access {
+        tls,
+        allow_plaintext,
+    })
 }
 
 /// The sockets the service manager passed, or else new ones bound as the

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::task::{Wake, Waker};
 use std::time::Instant;
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
@@ -15,6 +14,7 @@ use usbwire_proto::BusId;
 
 use super::{OpEvent, OpSession, SessionConfig, UrbSession};
 use crate::registry::Importer;
+use crate::tls::{TlsStream, TLS_HANDSHAKE_RECORD};
 use crate::{ServerState, SessionError};
 
 /// Replies per vectored write, at most: a fixed array, so no allocation
@@ -28,6 +28,20 @@ pub(crate) trait Transport {
     fn writable(&self) -> impl Future<Output = io::Result<()>>;
     fn try_read_vectored(&self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize>;
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+    /// Whether bytes the transport took still wait for the socket (TLS
+    /// records).
+    fn wants_flush(&self) -> bool {
+        false
+    }
+    /// Sends what [`Transport::wants_flush`] reports; `WouldBlock` if some
+    /// remains.
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    /// Queues the transport's own end-of-stream message, if it has one.
+    fn close(&self) {}
+    /// The TCP connection underneath.
+    fn socket(&self) -> &TcpStream;
 }
 
 impl Transport for TcpStream {
@@ -43,16 +57,76 @@ impl Transport for TcpStream {
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         TcpStream::try_write_vectored(self, bufs)
     }
+    fn socket(&self) -> &TcpStream {
+        self
+    }
 }
 
-/// Serves one connection: its OP request, and the import that may follow.
+/// Serves one connection: TLS or plaintext by its first byte, as the
+/// server's access policy allows, then its OP request and the import that
+/// may follow.
 pub(crate) async fn serve(
-    mut stream: TcpStream,
+    stream: TcpStream,
     state: Arc<ServerState>,
     conn: u64,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), SessionError> {
     let _ = stream.set_nodelay(true);
+    let peer = stream.peer_addr()?;
+    let mut first = [0u8; 1];
+    let peeked = tokio::select! {
+        r = tokio::time::timeout(super::OP_TIMEOUT, stream.peek(&mut first)) => r,
+        _ = shutdown.changed() => return Ok(()),
+    };
+    match peeked {
+        Err(_) => return Err(SessionError::Timeout),
+        Ok(Ok(0)) => return Ok(()),
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(e.into()),
+    }
+    let access = &state.config.access;
+    if first[0] == TLS_HANDSHAKE_RECORD {
+        let Some(tls) = access.tls.clone() else {
+            warn!(
+                conn, %peer,
+                "refused a TLS connection: this server has no TLS configured \
+                 (start it with --tls-cert, --tls-key and --tls-client-ca, or connect without TLS)"
+            );
+            return Ok(());
+        };
+        let accepted = tokio::select! {
+            r = TlsStream::accept(stream, tls) => r,
+            _ = shutdown.changed() => return Ok(()),
+        };
+        let stream = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(conn, %peer, "refused a TLS connection: {e}");
+                return Ok(());
+            }
+        };
+        info!(conn, %peer, "TLS client authenticated");
+        return serve_on(stream, state, conn, shutdown).await;
+    }
+    if !access.plaintext_allowed(peer.ip()) {
+        warn!(
+            conn, %peer,
+            "refused a plaintext connection: this server requires TLS; \
+             to let this source use plaintext, add --allow-plaintext {}/{}",
+            peer.ip(),
+            if peer.is_ipv4() { 32 } else { 128 }
+        );
+        return Ok(());
+    }
+    serve_on(stream, state, conn, shutdown).await
+}
+
+async fn serve_on(
+    stream: impl Transport,
+    state: Arc<ServerState>,
+    conn: u64,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), SessionError> {
     let mut op = OpSession::new(Instant::now());
     let request = tokio::select! {
         r = read_request(&stream, &mut op) => r,
@@ -63,24 +137,50 @@ pub(crate) async fn serve(
         Ok(None) => return Ok(()),
         Err(e) => {
             // A parting reply (to an unknown request), best effort.
-            let _ = stream.write_all(op.poll_transmit()).await;
+            let _ = write_all(&stream, op.poll_transmit()).await;
             return Err(e);
         }
     };
     match event {
         OpEvent::DevlistRequested => {
             op.answer_devlist(state.registry.devlist());
-            stream.write_all(op.poll_transmit()).await?;
-            let _ = stream.shutdown().await;
+            write_all(&stream, op.poll_transmit()).await?;
+            stream.close();
+            write_all(&stream, &[]).await?;
+            let _ = socket2::SockRef::from(stream.socket()).shutdown(std::net::Shutdown::Write);
             Ok(())
         }
         OpEvent::ImportRequested(busid) => import(stream, op, busid, state, conn, shutdown).await,
     }
 }
 
+/// Writes all of `bytes` and whatever the transport still holds.
+async fn write_all(transport: &impl Transport, mut bytes: &[u8]) -> io::Result<()> {
+    // Bounded by the bytes to send: every turn sends some or waits.
+    loop {
+        if !bytes.is_empty() {
+            match transport.try_write_vectored(&[IoSlice::new(bytes)]) {
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        } else {
+            match transport.flush() {
+                Ok(()) if !transport.wants_flush() => return Ok(()),
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if !bytes.is_empty() || transport.wants_flush() {
+            transport.writable().await?;
+        }
+    }
+}
+
 /// Reads the OP request. `None` if the peer closed first.
 async fn read_request(
-    stream: &TcpStream,
+    stream: &impl Transport,
     op: &mut OpSession,
 ) -> Result<Option<OpEvent>, SessionError> {
     loop {
@@ -92,7 +192,7 @@ async fn read_request(
                 continue;
             }
         }
-        match stream.try_read(op.read_buffer()) {
+        match stream.try_read_vectored(&mut [IoSliceMut::new(op.read_buffer())]) {
             Ok(0) => return Ok(None),
             Ok(n) => {
                 if let Some(event) = op.input_filled(n)? {
@@ -106,14 +206,14 @@ async fn read_request(
 }
 
 async fn import(
-    mut stream: TcpStream,
+    stream: impl Transport,
     mut op: OpSession,
     busid: BusId,
     state: Arc<ServerState>,
     conn: u64,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), SessionError> {
-    let (importer, end) = match Importer::new(conn, &stream) {
+    let (importer, end) = match Importer::new(conn, stream.socket()) {
         Ok(x) => x,
         Err(e) => {
             // Out of descriptors, or the client is gone already.
@@ -130,22 +230,23 @@ async fn import(
         Err(e) => {
             info!(conn, %busid, "import refused: {e}");
             op.refuse_import(e.op_status());
-            stream.write_all(op.poll_transmit()).await?;
+            write_all(&stream, op.poll_transmit()).await?;
             return Ok(());
         }
     };
     // It named an exported device: from here on, that device's name.
     let busid = busid.to_string();
     op.accept_import(info);
-    if let Err(e) = stream.write_all(op.poll_transmit()).await {
+    if let Err(e) = write_all(&stream, op.poll_transmit()).await {
         state.release(&busid, conn, backend).await;
         return Err(e.into());
     }
     info!(conn, %busid, "imported");
-    let config = SessionConfig::new(&state.config, crate::sys::rtt(&stream));
+    let config = SessionConfig::new(&state.config, crate::sys::rtt(stream.socket()));
     tracing::debug!(grace = ?config.hold_grace, "error hold grace window");
     let wake = Arc::new(SessionWake(Notify::new()));
     let client = stream
+        .socket()
         .peer_addr()
         .map_or_else(|e| format!("unknown ({e})"), |a| a.to_string());
     let mut session = UrbSession::new(
@@ -194,7 +295,7 @@ async fn run(
 ) -> Result<(), SessionError> {
     let mut eof = false;
     loop {
-        if session.has_output() {
+        if session.has_output() || transport.wants_flush() {
             write_some(transport, session)?;
         }
         if eof {
@@ -204,7 +305,7 @@ async fn run(
             return Ok(());
         }
         let want_read = session.wants_input();
-        let want_write = session.has_output();
+        let want_write = session.has_output() || transport.wants_flush();
         let deadline = session.poll_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
             // Fixed order: no random draw per turn, and input first.
@@ -242,7 +343,10 @@ fn write_some(transport: &impl Transport, session: &mut UrbSession) -> Result<()
         };
         session.transmitted(Instant::now(), n)?;
     }
-    Ok(())
+    match transport.flush() {
+        Err(e) if e.kind() != io::ErrorKind::WouldBlock => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {

@@ -1,0 +1,380 @@
+//! TLS 1.3 with mutual authentication, in user space (rustls), and the
+//! policy that decides which connections may speak plaintext.
+//!
+//! One port serves both: a connection whose first byte is 0x16 (a TLS
+//! handshake record) is a TLS client, anything else plaintext USB/IP.
+//!
+//! The server sends nothing after the handshake but application data: no
+//! TLS 1.3 session tickets and no KeyUpdate of its own. A client may hand
+//! its socket to its kernel (vhci-hcd over kernel TLS), whose receive path
+//! fails on any other record type.
+
+use std::fmt;
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConnection};
+use tokio::net::TcpStream;
+
+use crate::session::driver::Transport;
+
+/// The first byte of a TLS record carrying a handshake message.
+pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+/// How long a client may take to complete the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who may connect how: the TLS configuration, if any, and the sources
+/// that may still use plaintext once TLS is on.
+#[derive(Clone, Default)]
+pub struct Access {
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Sources allowed to use plaintext USB/IP although TLS is configured.
+    pub allow_plaintext: Vec<IpNet>,
+}
+
+impl fmt::Debug for Access {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Access")
+            .field("tls", &self.tls.is_some())
+            .field("allow_plaintext", &self.allow_plaintext)
+            .finish()
+    }
+}
+
+impl Access {
+    /// Whether a plaintext connection from `ip` may be served.
+    pub fn plaintext_allowed(&self, ip: IpAddr) -> bool {
+        if self.tls.is_none() {
+            return true;
+        }
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        self.allow_plaintext.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// The files a TLS server identity and its client policy come from.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+/// Why a TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsConfigError {
+    #[error("cannot read {what} from {path}: {source}")]
+    Pem {
+        what: &'static str,
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{path} holds no {what}")]
+    Empty { what: &'static str, path: PathBuf },
+    #[error("a client CA certificate in {path} is unusable: {source}")]
+    BadCa {
+        path: PathBuf,
+        source: rustls::Error,
+    },
+    #[error("cannot build the client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("the server certificate or key is unusable: {0}")]
+    Identity(rustls::Error),
+}
+
+fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
+    let pem = |source| TlsConfigError::Pem {
+        what,
+        path: path.to_owned(),
+        source,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(pem)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem)?;
+    if certs.is_empty() {
+        return Err(TlsConfigError::Empty {
+            what,
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+/// A TLS 1.3-only server configuration that requires a client
+/// certificate signed by the CA in `files.client_ca`, and sends no session
+/// tickets.
+pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
+    let chain = certs("certificate", &files.cert)?;
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|source| TlsConfigError::Pem {
+        what: "private key",
+        path: files.key.clone(),
+        source,
+    })?;
+    let mut roots = RootCertStore::empty();
+    for ca in certs("CA certificate", &files.client_ca)? {
+        roots.add(ca).map_err(|source| TlsConfigError::BadCa {
+            path: files.client_ca.clone(),
+            source,
+        })?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsConfigError::Identity)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(TlsConfigError::Identity)?;
+    // A ticket after the handshake would break a client that handed its
+    // socket to kernel TLS.
+    config.send_tls13_tickets = 0;
+    config.max_early_data_size = 0;
+    Ok(Arc::new(config))
+}
+
+/// Words a person can act on for a failed handshake.
+pub fn explain_handshake_error(e: &rustls::Error) -> String {
+    use rustls::{CertificateError, Error};
+    match e {
+        Error::NoCertificatesPresented => {
+            "the client presented no certificate; this server requires one \
+             (give the client a certificate signed by the CA in --tls-client-ca)"
+                .into()
+        }
+        Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            "the client's certificate is not signed by the CA in --tls-client-ca".into()
+        }
+        Error::InvalidCertificate(c) => format!("the client's certificate is not acceptable: {c}"),
+        Error::PeerIncompatible(p) => {
+            format!("the client cannot speak what this server requires (TLS 1.3): {p:?}")
+        }
+        Error::AlertReceived(a) => format!("the client aborted the handshake with alert {a:?}"),
+        other => format!("TLS handshake failed: {other}"),
+    }
+}
+
+/// Why a TLS handshake did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("{}", explain_handshake_error(.0))]
+    Tls(#[from] rustls::Error),
+    #[error("network I/O failed during the TLS handshake: {0}")]
+    Io(#[from] io::Error),
+    #[error("the client closed the connection during the TLS handshake")]
+    Closed,
+    #[error("the client did not complete the TLS handshake within {HANDSHAKE_TIMEOUT:?}")]
+    Timeout,
+}
+
+/// Non-blocking reads and writes on a tokio socket, as `std::io` for
+/// rustls' `read_tls`/`write_tls`.
+struct Socket<'a>(&'a TcpStream);
+
+impl Read for Socket<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+}
+
+impl Write for Socket<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.0.try_write_vectored(bufs)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A TCP connection with TLS in user space: a [`Transport`] whose reads
+/// and writes are plaintext.
+pub(crate) struct TlsStream {
+    tcp: TcpStream,
+    // A mutex, not a RefCell: the session future must stay `Send`. It is
+    // never contended (one task) and never held across an await.
+    tls: Mutex<ServerConnection>,
+}
+
+impl TlsStream {
+    fn tls(&self) -> MutexGuard<'_, ServerConnection> {
+        self.tls.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs the server side of the handshake on `tcp`, within
+    /// [`HANDSHAKE_TIMEOUT`].
+    pub async fn accept(
+        tcp: TcpStream,
+        config: Arc<rustls::ServerConfig>,
+    ) -> Result<TlsStream, HandshakeError> {
+        let stream = TlsStream {
+            tcp,
+            tls: Mutex::new(ServerConnection::new(config)?),
+        };
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.handshake()).await {
+            Ok(r) => r.map(|()| stream),
+            Err(_) => Err(HandshakeError::Timeout),
+        }
+    }
+
+    async fn handshake(&self) -> Result<(), HandshakeError> {
+        // Each turn makes progress or waits for the socket; the deadline
+        // bounds the whole.
+        loop {
+            let blocked_on_write = {
+                let mut tls = self.tls();
+                let mut blocked = false;
+                while tls.wants_write() {
+                    match tls.write_tls(&mut Socket(&self.tcp)) {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            blocked = true;
+                            break;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                if !tls.is_handshaking() && !blocked {
+                    return Ok(());
+                }
+                blocked
+            };
+            if blocked_on_write {
+                self.tcp.writable().await?;
+                continue;
+            }
+            self.tcp.readable().await?;
+            let mut tls = self.tls();
+            match tls.read_tls(&mut Socket(&self.tcp)) {
+                Ok(0) => return Err(HandshakeError::Closed),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e.into()),
+            }
+            if let Err(e) = tls.process_new_packets() {
+                // The alert that tells the client why, best effort.
+                let _ = tls.write_tls(&mut Socket(&self.tcp));
+                return Err(e.into());
+            }
+        }
+    }
+
+    /// Whether decrypted bytes wait to be read, or the peer has closed.
+    fn input_pending(&self) -> bool {
+        match self.tls().process_new_packets() {
+            Ok(state) => state.plaintext_bytes_to_read() > 0 || state.peer_has_closed(),
+            // The next read reports it.
+            Err(_) => true,
+        }
+    }
+
+    /// Sends buffered records; `WouldBlock` if some remain.
+    fn flush_records(tls: &mut ServerConnection, tcp: &TcpStream) -> io::Result<()> {
+        while tls.wants_write() {
+            tls.write_tls(&mut Socket(tcp))?;
+        }
+        Ok(())
+    }
+}
+
+impl Transport for TlsStream {
+    async fn readable(&self) -> io::Result<()> {
+        if self.input_pending() {
+            return Ok(());
+        }
+        self.tcp.readable().await
+    }
+
+    async fn writable(&self) -> io::Result<()> {
+        self.tcp.writable().await
+    }
+
+    fn try_read_vectored(&self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        let mut tls = self.tls();
+        // Bounded: each turn either returns or reads new bytes, and
+        // read_tls returns WouldBlock once the socket is drained.
+        loop {
+            match tls.reader().read_vectored(bufs) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // Closed without close_notify: USB/IP frames itself, so a
+                // cut is an ordinary end of the connection.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
+                Err(e) => return Err(e),
+            }
+            if tls.read_tls(&mut Socket(&self.tcp))? == 0 {
+                return Ok(0);
+            }
+            if let Err(e) = tls.process_new_packets() {
+                let _ = tls.write_tls(&mut Socket(&self.tcp));
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+        }
+    }
+
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let mut tls = self.tls();
+        // Records still waiting for the socket come first: the session's
+        // backpressure is the socket's.
+        Self::flush_records(&mut tls, &self.tcp)?;
+        let n = tls.writer().write_vectored(bufs)?;
+        match Self::flush_records(&mut tls, &self.tcp) {
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
+            _ => Ok(n),
+        }
+    }
+
+    fn wants_flush(&self) -> bool {
+        self.tls().wants_write()
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Self::flush_records(&mut self.tls(), &self.tcp)
+    }
+
+    fn close(&self) {
+        self.tls().send_close_notify();
+    }
+
+    fn socket(&self) -> &TcpStream {
+        &self.tcp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plaintext_policy() {
+        let mut a = Access::default();
+        assert!(a.plaintext_allowed("192.0.2.1".parse().unwrap()));
+        let files_free = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(rustls::server::ResolvesServerCertUsingSni::new()));
+        a.tls = Some(Arc::new(files_free));
+        assert!(!a.plaintext_allowed("127.0.0.1".parse().unwrap()));
+        a.allow_plaintext.push("127.0.0.0/8".parse().unwrap());
+        assert!(a.plaintext_allowed("127.0.0.1".parse().unwrap()));
+        assert!(a.plaintext_allowed("::ffff:127.0.0.2".parse().unwrap()));
+        assert!(!a.plaintext_allowed("192.0.2.1".parse().unwrap()));
+        assert!(!a.plaintext_allowed("::1".parse().unwrap()));
+    }
+}
