@@ -214,20 +214,31 @@ impl TlsStream {
         self.tls.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs the server side of the handshake on `tcp`, within
-    /// [`HANDSHAKE_TIMEOUT`].
-    pub async fn accept(
+    /// A server connection on `tcp`, before its handshake.
+    pub fn new(
         tcp: TcpStream,
         config: Arc<rustls::ServerConfig>,
     ) -> Result<TlsStream, HandshakeError> {
-        let stream = TlsStream {
+        Ok(TlsStream {
             tcp,
             tls: Mutex::new(ServerConnection::new(config)?),
-        };
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.handshake()).await {
-            Ok(r) => r.map(|()| stream),
+        })
+    }
+
+    /// Runs the server side of the handshake, within [`HANDSHAKE_TIMEOUT`].
+    /// On failure, [`TlsStream::send_alert`] tells the client why.
+    pub async fn accept(&self) -> Result<(), HandshakeError> {
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake()).await {
+            Ok(r) => r,
             Err(_) => Err(HandshakeError::Timeout),
         }
+    }
+
+    /// Sends what rustls queued (the alert of a failed handshake), best
+    /// effort: the connection is being dropped.
+    pub fn send_alert(&self) {
+        let mut tls = self.tls();
+        let _ = Self::flush_records(&mut tls, &self.tcp);
     }
 
     async fn handshake(&self) -> Result<(), HandshakeError> {
@@ -264,11 +275,9 @@ impl TlsStream {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e.into()),
             }
-            if let Err(e) = tls.process_new_packets() {
-                // The alert that tells the client why, best effort.
-                let _ = tls.write_tls(&mut Socket(&self.tcp));
-                return Err(e.into());
-            }
+            // The alert that tells the client why goes out after the
+            // refusal is logged (send_alert).
+            tls.process_new_packets()?;
         }
     }
 

@@ -94,17 +94,22 @@ pub(crate) async fn serve(
             );
             return Ok(());
         };
-        let accepted = tokio::select! {
-            r = TlsStream::accept(stream, tls) => r,
-            _ = shutdown.changed() => return Ok(()),
-        };
-        let stream = match accepted {
+        let stream = match TlsStream::new(stream, tls) {
             Ok(s) => s,
             Err(e) => {
-                warn!(conn, %peer, "refused a TLS connection: {e}");
+                warn!(conn, %peer, "cannot start a TLS session: {e}");
                 return Ok(());
             }
         };
+        let accepted = tokio::select! {
+            r = stream.accept() => r,
+            _ = shutdown.changed() => return Ok(()),
+        };
+        if let Err(e) = accepted {
+            warn!(conn, %peer, "refused a TLS connection: {e}");
+            stream.send_alert();
+            return Ok(());
+        }
         info!(conn, %peer, "TLS client authenticated");
         return serve_on(stream, state, conn, shutdown).await;
     }
