@@ -73,6 +73,8 @@ pub(crate) async fn serve(
 ) -> Result<(), SessionError> {
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr()?;
+    // The OP deadline runs from here: peeking is part of the OP phase.
+    let started = Instant::now();
     let mut first = [0u8; 1];
     let peeked = tokio::select! {
         r = tokio::time::timeout(super::OP_TIMEOUT, stream.peek(&mut first)) => r,
@@ -111,7 +113,7 @@ pub(crate) async fn serve(
             return Ok(());
         }
         info!(conn, %peer, "TLS client authenticated");
-        return serve_on(stream, state, conn, shutdown).await;
+        return serve_on(stream, Instant::now(), state, conn, shutdown).await;
     }
     if !access.plaintext_allowed(peer.ip()) {
         warn!(
@@ -123,16 +125,17 @@ pub(crate) async fn serve(
         );
         return Ok(());
     }
-    serve_on(stream, state, conn, shutdown).await
+    serve_on(stream, started, state, conn, shutdown).await
 }
 
 async fn serve_on(
     stream: impl Transport,
+    started: Instant,
     state: Arc<ServerState>,
     conn: u64,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), SessionError> {
-    let mut op = OpSession::new(Instant::now());
+    let mut op = OpSession::new(started);
     let request = tokio::select! {
         r = read_request(&stream, &mut op) => r,
         _ = shutdown.changed() => return Ok(()),
