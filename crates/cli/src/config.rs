@@ -24,7 +24,8 @@
 //! [tls]                     # mutual TLS 1.3; plaintext is then refused...
 //! cert = "server.pem"
 //! key = "server.key"
-//! client_ca = "clients-ca.pem"
+//! client_ca = "clients-ca.pem"            # and/or pinned client certificates:
+//! client_fingerprints = ["3F:A2:...:09"]   # SHA-256, 64 hex digits
 //! allow_plaintext = ["127.0.0.0/8"]   # ...except from these sources
 //! ```
 
@@ -58,6 +59,9 @@ pub struct TlsSection {
     pub key: Option<PathBuf>,
     /// The CA (PEM) that client certificates must be signed by.
     pub client_ca: Option<PathBuf>,
+    /// SHA-256 fingerprints of client certificates accepted without a CA.
+    #[serde(default)]
+    pub client_fingerprints: Vec<String>,
     /// Sources that may still use plaintext once TLS is on.
     #[serde(default)]
     pub allow_plaintext: Vec<ipnet::IpNet>,

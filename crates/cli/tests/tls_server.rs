@@ -14,12 +14,14 @@ use std::time::Duration;
 
 use common::*;
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+use rustls::client::{ClientSessionMemoryCache, ClientSessionStore, Resumption};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use rustls::{AlertDescription, ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 use usbwire_proto::urb::InFlight;
 use usbwire_proto::{
     Decoded, Direction, Limits, OpReply, OpRequest, OpStatus, UrbReply, USBIP_VERSION,
 };
+use usbwire_server::tls::Fingerprint;
 use usbwire_tests::support::{set_configuration, submit};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(20);
@@ -104,8 +106,17 @@ impl Setup {
         }
     }
 
-    /// usbipd exporting the test device (1-1) with TLS on, plus `extra`.
+    /// usbipd exporting the test device (1-1) with TLS on, clients
+    /// accepted by the CA, plus `extra`.
     fn daemon(&self, extra: &[&str]) -> Daemon {
+        let mut args = vec!["--tls-client-ca", self.pki.ca_file.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        self.daemon_without_ca(&args)
+    }
+
+    /// usbipd exporting the test device (1-1) with TLS on, `extra` saying
+    /// which clients it accepts.
+    fn daemon_without_ca(&self, extra: &[&str]) -> Daemon {
         let config = self.dir.path().join("usbipd.toml");
         std::fs::write(&config, "[[device]]\nkind = \"test\"\n").unwrap();
         let mut args = vec![
@@ -116,8 +127,6 @@ impl Setup {
             self.server.cert_file.to_str().unwrap(),
             "--tls-key",
             self.server.key_file.to_str().unwrap(),
-            "--tls-client-ca",
-            self.pki.ca_file.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
         Daemon::start(&args, self.dir.path())
@@ -297,6 +306,50 @@ fn mutual_tls_devlist_import_and_urbs() {
     let log = d.log_text();
     assert!(log.contains("TLS client authenticated"), "{log}");
     assert!(log.contains("imported"), "{log}");
+    d.stop();
+}
+
+#[test]
+fn the_server_sends_no_session_ticket() {
+    // A ticket after the handshake would break a client that hands its
+    // socket to kernel TLS (vhci-hcd): its receive path takes only data.
+    let setup = Setup::new();
+    let d = setup.daemon(&[]);
+    let store = Arc::new(ClientSessionMemoryCache::new(8));
+    let mut config = (*setup.client_config(Some(&setup.client))).clone();
+    config.resumption = Resumption::store(store.clone());
+    let mut p = TlsPeer::connect(&d, Arc::new(config));
+    p.devlist().expect("devlist over TLS");
+    // The whole connection was read, to the server's close_notify.
+    assert_eq!(p.fill().expect("read to the end"), 0);
+    let name = ServerName::try_from("localhost").unwrap();
+    assert!(
+        store.take_tls13_ticket(&name).is_none(),
+        "usbipd sent a TLS 1.3 session ticket"
+    );
+    d.stop();
+}
+
+#[test]
+fn pinned_client_fingerprint_without_ca() {
+    let setup = Setup::new();
+    let pin = Fingerprint::of(&setup.client.cert).to_string();
+    let d = setup.daemon_without_ca(&["--tls-client-fingerprint", &pin]);
+    let mut p = TlsPeer::connect(&d, setup.client_config(Some(&setup.client)));
+    assert!(matches!(
+        p.devlist().expect("devlist for a pinned client"),
+        OpReply::Devlist { .. }
+    ));
+    let mut p = TlsPeer::connect(&d, setup.client_config(Some(&setup.stranger)));
+    let e = p
+        .devlist()
+        .expect_err("a client with an unpinned certificate was served");
+    assert!(alert(&e).is_some(), "{e:?}");
+    let log = d.log_text();
+    assert!(
+        log.contains("the client's certificate matches no --tls-client-fingerprint"),
+        "{log}"
+    );
     d.stop();
 }
 

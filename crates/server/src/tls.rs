@@ -62,12 +62,131 @@ impl Access {
     }
 }
 
-/// The files a TLS server identity and its client policy come from.
+/// The files a TLS server identity comes from, and which clients it
+/// accepts: those with a certificate signed by `client_ca`, and those
+/// whose certificate has one of `client_fingerprints`. At least one of the
+/// two must be given.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
-    pub client_ca: PathBuf,
+    pub client_ca: Option<PathBuf>,
+    pub client_fingerprints: Vec<Fingerprint>,
+}
+
+/// The SHA-256 of a certificate's DER encoding, as pinned by a person.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl Fingerprint {
+    pub fn of(cert: &[u8]) -> Fingerprint {
+        let d = ring::digest::digest(&ring::digest::SHA256, cert);
+        let mut f = [0u8; 32];
+        f.copy_from_slice(d.as_ref());
+        Fingerprint(f)
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, b) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(":")?;
+            }
+            write!(f, "{b:02X}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A fingerprint that is not 64 hex digits.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "{0:?} is not a SHA-256 fingerprint: give 64 hex digits, with or without colons \
+     (openssl x509 -noout -fingerprint -sha256 -in CERT prints one)"
+)]
+pub struct FingerprintError(String);
+
+impl std::str::FromStr for Fingerprint {
+    type Err = FingerprintError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let digits: Vec<u8> = s.bytes().filter(|&b| b != b':').collect();
+        let bad = || FingerprintError(s.to_string());
+        if digits.len() != 64 {
+            return Err(bad());
+        }
+        let mut f = [0u8; 32];
+        for (out, pair) in f.iter_mut().zip(digits.chunks(2)) {
+            let pair = std::str::from_utf8(pair).map_err(|_| bad())?;
+            *out = u8::from_str_radix(pair, 16).map_err(|_| bad())?;
+        }
+        Ok(Fingerprint(f))
+    }
+}
+
+/// Accepts a client whose certificate is pinned by fingerprint, or else
+/// one the CA verifier (if any) accepts. The handshake signature is
+/// checked either way: it proves the client holds the certificate's key.
+#[derive(Debug)]
+struct PinnedOrCa {
+    pins: Vec<Fingerprint>,
+    ca: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl rustls::server::danger::ClientCertVerifier for PinnedOrCa {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.ca.as_ref().map_or(&[], |ca| ca.root_hint_subjects())
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        if self.pins.contains(&Fingerprint::of(end_entity)) {
+            return Ok(rustls::server::danger::ClientCertVerified::assertion());
+        }
+        match &self.ca {
+            Some(ca) => ca.verify_client_cert(end_entity, intermediates, now),
+            None => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
 }
 
 /// Why a TLS configuration could not be built.
@@ -90,6 +209,11 @@ pub enum TlsConfigError {
     Verifier(#[from] rustls::server::VerifierBuilderError),
     #[error("the server certificate or key is unusable: {0}")]
     Identity(rustls::Error),
+    #[error(
+        "no way to accept a client: give a client CA (--tls-client-ca) \
+         or pinned client fingerprints (--tls-client-fingerprint), or both"
+    )]
+    NoClientPolicy,
 }
 
 fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
@@ -112,7 +236,7 @@ fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>
 }
 
 /// A TLS 1.3-only server configuration that requires a client
-/// certificate signed by the CA in `files.client_ca`, and sends no session
+/// certificate (signed by the client CA, or pinned), and sends no session
 /// tickets.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
     let chain = certs("certificate", &files.cert)?;
@@ -121,16 +245,33 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsC
         path: files.key.clone(),
         source,
     })?;
-    let mut roots = RootCertStore::empty();
-    for ca in certs("CA certificate", &files.client_ca)? {
-        roots.add(ca).map_err(|source| TlsConfigError::BadCa {
-            path: files.client_ca.clone(),
-            source,
-        })?;
-    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    let ca = match &files.client_ca {
+        Some(path) => {
+            let mut roots = RootCertStore::empty();
+            for ca in certs("CA certificate", path)? {
+                roots.add(ca).map_err(|source| TlsConfigError::BadCa {
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+            Some(
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                    .build()?,
+            )
+        }
+        None => None,
+    };
+    let verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> =
+        match (ca, files.client_fingerprints.is_empty()) {
+            (None, true) => return Err(TlsConfigError::NoClientPolicy),
+            (Some(ca), true) => ca,
+            (ca, false) => Arc::new(PinnedOrCa {
+                pins: files.client_fingerprints.clone(),
+                ca,
+                algorithms: provider.signature_verification_algorithms,
+            }),
+        };
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsConfigError::Identity)?
@@ -155,6 +296,11 @@ pub fn explain_handshake_error(e: &rustls::Error) -> String {
         }
         Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
             "the client's certificate is not signed by the CA in --tls-client-ca".into()
+        }
+        Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure) => {
+            "the client's certificate matches no --tls-client-fingerprint \
+             (and no client CA is configured)"
+                .into()
         }
         Error::InvalidCertificate(c) => format!("the client's certificate is not acceptable: {c}"),
         Error::PeerIncompatible(p) => {
@@ -385,5 +531,15 @@ mod tests {
         assert!(a.plaintext_allowed("::ffff:127.0.0.2".parse().unwrap()));
         assert!(!a.plaintext_allowed("192.0.2.1".parse().unwrap()));
         assert!(!a.plaintext_allowed("::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn fingerprints_parse_with_or_without_colons() {
+        let plain = "00112233445566778899aabbccddeeff00112233445566778899AABBCCDDEEFF";
+        let f: Fingerprint = plain.parse().unwrap();
+        assert_eq!(f.0[1], 0x11);
+        assert_eq!(f.to_string().parse::<Fingerprint>().unwrap(), f);
+        assert!("0011".parse::<Fingerprint>().is_err());
+        assert!(plain.replace('0', "g").parse::<Fingerprint>().is_err());
     }
 }

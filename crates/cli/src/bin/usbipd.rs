@@ -17,7 +17,7 @@ use usbwire_cli::control;
 use usbwire_cli::devices::{self, Exported};
 use usbwire_cli::listen::{self, ListenError, Listener, Origin};
 use usbwire_host::{Manager, Roots};
-use usbwire_server::tls::{self, Access, TlsFiles};
+use usbwire_server::tls::{self, Access, Fingerprint, TlsFiles};
 use usbwire_server::{Registry, Server, ServerConfig};
 
 /// USB/IP server: exports emulated USB devices (and, later, local ones) to
@@ -87,6 +87,11 @@ struct Args {
     /// Clients must present a certificate signed by this CA (PEM).
     #[arg(long = "tls-client-ca", value_name = "FILE")]
     tls_client_ca: Option<PathBuf>,
+    /// Also accept the client certificate with this SHA-256 fingerprint
+    /// (64 hex digits, colons optional; may be repeated), with or instead
+    /// of a client CA.
+    #[arg(long = "tls-client-fingerprint", value_name = "HEX")]
+    tls_client_fingerprint: Vec<Fingerprint>,
     /// With TLS on, let plaintext USB/IP in from this source network (may
     /// be repeated), e.g. 127.0.0.0/8 for local tools.
     #[arg(long = "allow-plaintext", value_name = "CIDR")]
@@ -176,10 +181,20 @@ fn access(args: &Args, config: &Config) -> Result<Access, String> {
     let cert = args.tls_cert.clone().or_else(|| t.cert.clone());
     let key = args.tls_key.clone().or_else(|| t.key.clone());
     let client_ca = args.tls_client_ca.clone().or_else(|| t.client_ca.clone());
+    let mut client_fingerprints = t
+        .client_fingerprints
+        .iter()
+        .map(|f| {
+            f.parse()
+                .map_err(|e| format!("tls.client_fingerprints: {e}"))
+        })
+        .collect::<Result<Vec<Fingerprint>, String>>()?;
+    client_fingerprints.extend(args.tls_client_fingerprint.iter().copied());
     let mut allow_plaintext = t.allow_plaintext.clone();
     allow_plaintext.extend(args.allow_plaintext.iter().copied());
-    let tls = match (cert, key, client_ca) {
-        (None, None, None) => {
+    let any_client_policy = client_ca.is_some() || !client_fingerprints.is_empty();
+    let tls = match (cert, key) {
+        (None, None) if !any_client_policy => {
             if !allow_plaintext.is_empty() {
                 return Err("--allow-plaintext only means something with TLS on: \
                      also give --tls-cert, --tls-key and --tls-client-ca"
@@ -192,16 +207,27 @@ fn access(args: &Args, config: &Config) -> Result<Access, String> {
             );
             None
         }
-        (Some(cert), Some(key), Some(client_ca)) => {
+        (Some(cert), Some(key)) if any_client_policy => {
             let files = TlsFiles {
                 cert,
                 key,
                 client_ca,
+                client_fingerprints,
             };
             let tls = tls::server_config(&files).map_err(|e| format!("TLS: {e}"))?;
+            let clients = match (&files.client_ca, files.client_fingerprints.len()) {
+                (Some(ca), 0) => format!("signed by {}", ca.display()),
+                (None, n) => format!("with one of {n} pinned fingerprint(s)"),
+                (Some(ca), n) => {
+                    format!(
+                        "signed by {} or with one of {n} pinned fingerprint(s)",
+                        ca.display()
+                    )
+                }
+            };
             info!(
-                "TLS 1.3 with client certificates from {}; plaintext allowed from: {}",
-                files.client_ca.display(),
+                "TLS 1.3 required, for clients with a certificate {clients}; \
+                 plaintext allowed from: {}",
                 if allow_plaintext.is_empty() {
                     "nowhere".to_string()
                 } else {
@@ -214,17 +240,21 @@ fn access(args: &Args, config: &Config) -> Result<Access, String> {
             );
             Some(tls)
         }
-        (cert, key, ca) => {
+        (cert, key) => {
             let missing: Vec<&str> = [
                 (cert.is_none(), "--tls-cert (tls.cert)"),
                 (key.is_none(), "--tls-key (tls.key)"),
-                (ca.is_none(), "--tls-client-ca (tls.client_ca)"),
+                (
+                    !any_client_policy,
+                    "--tls-client-ca or --tls-client-fingerprint \
+                     (tls.client_ca, tls.client_fingerprints)",
+                ),
             ]
             .into_iter()
             .filter_map(|(m, name)| m.then_some(name))
             .collect();
             return Err(format!(
-                "TLS needs a certificate, its key and a client CA; missing: {}",
+                "TLS needs a certificate, its key and a way to accept clients; missing: {}",
                 missing.join(", ")
             ));
         }
