@@ -463,6 +463,48 @@ fn plaintext_is_served_from_an_allowed_network() {
 }
 
 #[test]
+fn tls_section_of_the_config_file() {
+    let setup = Setup::new();
+    // Relative paths: relative to the file, not to usbipd's directory.
+    let config = setup.dir.path().join("tls.toml");
+    std::fs::write(
+        &config,
+        "[tls]\n\
+         cert = \"server.pem\"\n\
+         key = \"server.key\"\n\
+         client_ca = \"usbwire-ca.pem\"\n\
+         allow_plaintext = [\"127.0.0.0/8\"]\n\
+         [[device]]\n\
+         kind = \"test\"\n",
+    )
+    .unwrap();
+    let d = Daemon::start(
+        &["--no-control", "--config", config.to_str().unwrap()],
+        setup.dir.path(),
+    );
+    let mut p = TlsPeer::connect(&d, setup.client_config(Some(&setup.client)));
+    assert!(matches!(
+        p.devlist().expect("devlist over TLS"),
+        OpReply::Devlist { .. }
+    ));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let listed = rt
+        .block_on(usbwire_client::list(d.addr()))
+        .expect("plaintext devlist from 127.0.0.0/8");
+    assert_eq!(listed.len(), 1);
+    let log = d.log_text();
+    let pin = Fingerprint::of(&setup.server.cert).to_string();
+    assert!(
+        log.contains(&format!("server certificate SHA-256 fingerprint: {pin}")),
+        "{log}"
+    );
+    d.stop();
+}
+
+#[test]
 fn without_tls_the_log_says_the_devices_are_open() {
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(&["--demo", "--no-control"], dir.path());

@@ -235,6 +235,12 @@ fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>
     Ok(certs)
 }
 
+/// The fingerprint of the first (the server's own) certificate in a PEM
+/// chain, for clients that pin it.
+pub fn cert_fingerprint(path: &Path) -> Result<Fingerprint, TlsConfigError> {
+    Ok(Fingerprint::of(&certs("certificate", path)?[0]))
+}
+
 /// A TLS 1.3-only server configuration that requires a client
 /// certificate (signed by the client CA, or pinned), and sends no session
 /// tickets.

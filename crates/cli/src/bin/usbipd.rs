@@ -215,6 +215,8 @@ fn access(args: &Args, config: &Config) -> Result<Access, String> {
                 client_fingerprints,
             };
             let tls = tls::server_config(&files).map_err(|e| format!("TLS: {e}"))?;
+            let own = tls::cert_fingerprint(&files.cert).map_err(|e| format!("TLS: {e}"))?;
+            info!("server certificate SHA-256 fingerprint: {own} (clients may pin it)");
             let clients = match (&files.client_ca, files.client_fingerprints.len()) {
                 (Some(ca), 0) => format!("signed by {}", ca.display()),
                 (None, n) => format!("with one of {n} pinned fingerprint(s)"),
