@@ -518,19 +518,69 @@ impl Transport for TlsStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{Registry, ServerConfig, ServerState};
+    use tokio::io::AsyncReadExt;
+    use tokio::io::AsyncWriteExt;
+    use tokio::sync::watch;
+
+    /// A TLS configuration that no handshake in these tests gets far
+    /// enough to use.
+    fn unused_tls() -> Arc<rustls::ServerConfig> {
+        Arc::new(
+            rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(rustls::server::ResolvesServerCertUsingSni::new())),
+        )
+    }
+
+    /// Serves one connection whose client sends `first` and then nothing;
+    /// returns how long (in virtual time) the server kept it open.
+    async fn stalled_client(first: &[u8]) -> Duration {
+        let mut config = ServerConfig::default();
+        config.access.tls = Some(unused_tls());
+        let state = Arc::new(ServerState {
+            registry: Registry::new(),
+            config,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        client.write_all(first).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let (_stop, stop_rx) = watch::channel(false);
+        let start = tokio::time::Instant::now();
+        let served = tokio::spawn(crate::session::driver::serve(server, state, 1, stop_rx));
+        let mut rest = Vec::new();
+        // The server's close ends this read.
+        let _ = client.read_to_end(&mut rest).await;
+        let _ = served.await.unwrap();
+        start.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_handshake_is_cut_at_its_deadline() {
+        // A record header that announces more than ever comes.
+        let open = stalled_client(&[TLS_HANDSHAKE_RECORD, 3, 1, 0, 200, 1]).await;
+        assert!(open >= HANDSHAKE_TIMEOUT, "{open:?}");
+        assert!(open < crate::session::OP_TIMEOUT, "{open:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_is_cut_at_the_op_deadline() {
+        let open = stalled_client(&[]).await;
+        assert!(open >= crate::session::OP_TIMEOUT, "{open:?}");
+    }
 
     #[test]
     fn plaintext_policy() {
         let mut a = Access::default();
         assert!(a.plaintext_allowed("192.0.2.1".parse().unwrap()));
-        let files_free = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(rustls::server::ResolvesServerCertUsingSni::new()));
-        a.tls = Some(Arc::new(files_free));
+        a.tls = Some(unused_tls());
         assert!(!a.plaintext_allowed("127.0.0.1".parse().unwrap()));
         a.allow_plaintext.push("127.0.0.0/8".parse().unwrap());
         assert!(a.plaintext_allowed("127.0.0.1".parse().unwrap()));
