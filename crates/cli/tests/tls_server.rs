@@ -577,11 +577,24 @@ fn openssl_s_client_agrees() {
     ]);
     assert!(stdout.contains("TLSv1.3"), "{stdout}\n{stderr}");
     assert!(stdout.contains("Verification: OK"), "{stdout}\n{stderr}");
+
+    // TLS 1.2 is not spoken at all.
+    let out = Command::new(&openssl)
+        .args(["s_client", "-connect", &connect, "-tls1_2"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("running openssl s_client -tls1_2");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "TLS 1.2 negotiated: {stdout}");
     let log = d.log_text();
     assert!(
         log.contains("refused a TLS connection: the client presented no certificate"),
         "{log}"
     );
     assert!(log.contains("TLS client authenticated"), "{log}");
+    assert!(
+        log.contains("the client cannot speak what this server requires (TLS 1.3)"),
+        "{log}"
+    );
     d.stop();
 }
