@@ -54,10 +54,8 @@ impl Access {
         if self.tls.is_none() {
             return true;
         }
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
+        // A dual-stack socket shows IPv4 peers as ::ffff:a.b.c.d.
+        let ip = ip.to_canonical();
         self.allow_plaintext.iter().any(|net| net.contains(&ip))
     }
 }

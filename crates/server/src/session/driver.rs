@@ -120,8 +120,8 @@ pub(crate) async fn serve(
             conn, %peer,
             "refused a plaintext connection: this server requires TLS; \
              to let this source use plaintext, add --allow-plaintext {}/{}",
-            peer.ip(),
-            if peer.is_ipv4() { 32 } else { 128 }
+            peer.ip().to_canonical(),
+            if peer.ip().to_canonical().is_ipv4() { 32 } else { 128 }
         );
         return Ok(());
     }
