@@ -80,8 +80,36 @@ pub enum ClientError {
         busid: String,
         status: OpStatus,
     },
+    #[error("TLS with {addr}: {source}")]
+    Tls {
+        addr: String,
+        #[source]
+        source: crate::tls::TlsError,
+    },
     #[error("{addr} answered the device list with {} ({})", .status.name(), .status.describe())]
     ListRefused { addr: String, status: OpStatus },
+}
+
+impl ClientError {
+    /// A transport failure: a TLS one keeps its type (the TLS layer wraps
+    /// it in the `io::Error`), anything else is a network error.
+    pub(crate) fn from_io(addr: &str, e: std::io::Error) -> ClientError {
+        if e.get_ref()
+            .is_some_and(|inner| inner.is::<crate::tls::TlsError>())
+        {
+            if let Ok(tls) = e.into_inner().unwrap().downcast::<crate::tls::TlsError>() {
+                return ClientError::Tls {
+                    addr: addr.to_string(),
+                    source: *tls,
+                };
+            }
+            unreachable!("checked to be a TlsError");
+        }
+        ClientError::Io {
+            addr: addr.to_string(),
+            source: e,
+        }
+    }
 }
 
 fn import_reason(s: OpStatus) -> String {
