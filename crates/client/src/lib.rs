@@ -35,7 +35,10 @@ pub use op::OpExchange;
 pub use remote::{
     import, import_stream, import_tls, list, list_tls, PendingTransfer, RemoteDevice,
 };
-pub use tls::{self_signed, Fingerprint, SelfSigned, ServerTrust, TlsClientConfig, TlsError};
+pub use tls::{
+    certificate_fingerprint, self_signed, Fingerprint, SelfSigned, ServerTrust, TlsClientConfig,
+    TlsError,
+};
 pub use transfer::{TransferOutcome, TransferRequest};
 pub use usbwire_proto::{DeviceInfo, Direction, Errno, IsoPacket, SetupPacket, Speed};
 pub use vhci::{

@@ -336,6 +336,12 @@ impl ServerCertVerifier for PinnedServer {
     }
 }
 
+/// The fingerprint of the first certificate in a PEM file, as the
+/// pinning options take it.
+pub fn certificate_fingerprint(path: &Path) -> Result<Fingerprint, TlsError> {
+    Ok(Fingerprint::of(&certificates(path)?[0]))
+}
+
 /// A new key and a self-signed certificate for it, in PEM.
 pub struct SelfSigned {
     pub cert_pem: String,
