@@ -5,127 +5,17 @@
 //! what happened, and that a plaintext server is never used silently.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig as TlsServerConfig};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
-use usbwire_client::{ClientError, Fingerprint, ServerTrust, TlsClientConfig, TlsError};
+use usbwire_client::{ClientError, ServerTrust, TlsClientConfig, TlsError};
 use usbwire_devices::testdev::{Pattern, TestDevice};
 use usbwire_devices::EmulatedDevice;
 use usbwire_server::ServerConfig;
 use usbwire_tests::support::TestServer;
+use usbwire_tests::tls::{self_signed, server_tls, tls_front, Ca, Pem};
 
 /// Every network step of these tests is bounded by this.
 const LIMIT: Duration = Duration::from_secs(30);
-
-struct Pem {
-    cert: String,
-    key: String,
-}
-
-impl Pem {
-    fn write(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-        let cert = dir.join(format!("{name}.crt"));
-        let key = dir.join(format!("{name}.key"));
-        std::fs::write(&cert, &self.cert).unwrap();
-        std::fs::write(&key, &self.key).unwrap();
-        (cert, key)
-    }
-
-    fn fingerprint(&self) -> Fingerprint {
-        Fingerprint::of(&CertificateDer::from_pem_slice(self.cert.as_bytes()).unwrap())
-    }
-}
-
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        Ca { cert, key }
-    }
-
-    fn issue(&self, names: &[&str]) -> Pem {
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let mut params = CertificateParams::new(names.clone()).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, &names[0]);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-        Pem {
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-        }
-    }
-
-    fn pem(&self) -> String {
-        self.cert.pem()
-    }
-}
-
-fn self_signed(name: &str) -> Pem {
-    let made = usbwire_client::self_signed(name).unwrap();
-    Pem {
-        cert: made.cert_pem,
-        key: made.key_pem,
-    }
-}
-
-/// TLS 1.3 only, client certificates required and checked against `client_ca`.
-fn server_tls(server: &Pem, client_ca: &Ca) -> Arc<TlsServerConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = RootCertStore::empty();
-    roots.add(client_ca.cert.der().clone()).unwrap();
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .unwrap();
-    let chain = vec![CertificateDer::from_pem_slice(server.cert.as_bytes()).unwrap()];
-    let key = PrivateKeyDer::from_pem_slice(server.key.as_bytes()).unwrap();
-    let config = TlsServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .unwrap();
-    Arc::new(config)
-}
-
-/// Terminates TLS on an ephemeral loopback port and relays each
-/// connection to the plaintext server at `backend`.
-async fn tls_front(config: Arc<TlsServerConfig>, backend: SocketAddr) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let acceptor = TlsAcceptor::from(config);
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                // A refused handshake ends here: rustls has sent its alert.
-                let Ok(mut tls) = acceptor.accept(client).await else {
-                    return;
-                };
-                let mut plain = TcpStream::connect(backend).await.unwrap();
-                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
-            });
-        }
-    });
-    addr
-}
 
 /// A plaintext usbwire server exporting one test device (1-1).
 async fn usbwire_server() -> TestServer {
