@@ -2,6 +2,8 @@
 
 use usbwire_proto::{DecodeError, Errno, OpStatus};
 
+use crate::tls::TlsError;
+
 /// Why a transfer did not complete normally. Mapped from the wire's
 /// negative errno by [`TransferError::from_status`] and nowhere else.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -84,7 +86,7 @@ pub enum ClientError {
     Tls {
         addr: String,
         #[source]
-        source: crate::tls::TlsError,
+        source: TlsError,
     },
     #[error("{addr} answered the device list with {} ({})", .status.name(), .status.describe())]
     ListRefused { addr: String, status: OpStatus },
@@ -94,20 +96,21 @@ impl ClientError {
     /// A transport failure: a TLS one keeps its type (the TLS layer wraps
     /// it in the `io::Error`), anything else is a network error.
     pub(crate) fn from_io(addr: &str, e: std::io::Error) -> ClientError {
-        if e.get_ref()
-            .is_some_and(|inner| inner.is::<crate::tls::TlsError>())
-        {
-            if let Ok(tls) = e.into_inner().unwrap().downcast::<crate::tls::TlsError>() {
-                return ClientError::Tls {
-                    addr: addr.to_string(),
-                    source: *tls,
-                };
-            }
-            unreachable!("checked to be a TlsError");
+        let addr = addr.to_string();
+        if !e.get_ref().is_some_and(|inner| inner.is::<TlsError>()) {
+            return ClientError::Io { addr, source: e };
         }
-        ClientError::Io {
-            addr: addr.to_string(),
-            source: e,
+        let kind = e.kind();
+        match e.into_inner().map(|inner| inner.downcast::<TlsError>()) {
+            Some(Ok(tls)) => ClientError::Tls { addr, source: *tls },
+            Some(Err(inner)) => ClientError::Io {
+                addr,
+                source: std::io::Error::new(kind, inner),
+            },
+            None => ClientError::Io {
+                addr,
+                source: kind.into(),
+            },
         }
     }
 }
