@@ -214,3 +214,27 @@ async fn a_plaintext_server_is_a_tls_error_not_a_listing() {
         import.map(|d| d.info().busid.clone())
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_server_that_stalls_the_handshake_is_given_up_on() {
+    let setup = Setup::new().await;
+    let tls = setup.known_client(&setup.ca_trust());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Accepts and holds the connection without a word, until the test ends.
+    let mute = tokio::spawn(async move {
+        let (socket, _) = listener.accept().await.unwrap();
+        std::future::pending::<()>().await;
+        drop(socket);
+    });
+    // Virtual time: the deadline passes once nothing else can happen.
+    let e = usbwire_client::list_tls("127.0.0.1", port, &tls).await;
+    match e {
+        Err(ClientError::Tls {
+            source: TlsError::HandshakeTimeout(_),
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    mute.abort();
+}

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::sync::{mpsc, oneshot};
@@ -14,7 +15,7 @@ use usbwire_proto::{DeviceInfo, OpReply, SetupPacket};
 use crate::connection::{Connection, ConnectionConfig, ConnectionError, MAX_TRANSMIT_SLICES};
 use crate::error::{ClientError, TransferError};
 use crate::op::OpExchange;
-use crate::tls::TlsClientConfig;
+use crate::tls::{TlsClientConfig, TlsError};
 use crate::transfer::{TransferOutcome, TransferRequest};
 use crate::transport::{TlsTransport, Transport};
 
@@ -147,6 +148,33 @@ async fn connect_tls(
     Ok((TlsTransport::new(stream, session), name))
 }
 
+/// How long a TLS server may take to complete the handshake and answer
+/// the OP request, as the blocking import bounds its wait.
+const TLS_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// [`exchange`] with a deadline: a server that accepts and then stalls the
+/// handshake is an error, not a client that waits forever.
+async fn exchange_tls(
+    transport: &mut TlsTransport,
+    op: &mut OpExchange,
+    name: &str,
+) -> Result<OpReply, ClientError> {
+    match tokio::time::timeout(TLS_EXCHANGE_TIMEOUT, exchange(transport, op, name)).await {
+        Ok(reply) => reply,
+        Err(_) if transport.is_handshaking() => Err(ClientError::Tls {
+            addr: name.into(),
+            source: TlsError::HandshakeTimeout(TLS_EXCHANGE_TIMEOUT),
+        }),
+        Err(_) => Err(ClientError::Io {
+            addr: name.into(),
+            source: io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {TLS_EXCHANGE_TIMEOUT:?}"),
+            ),
+        }),
+    }
+}
+
 /// [`list`] over TLS 1.3 with a client certificate; never in plaintext.
 pub async fn list_tls(
     host: &str,
@@ -155,7 +183,7 @@ pub async fn list_tls(
 ) -> Result<Vec<DeviceInfo>, ClientError> {
     let (mut transport, name) = connect_tls(host, port, tls).await?;
     let mut op = OpExchange::devlist();
-    let reply = exchange(&mut transport, &mut op, &name).await;
+    let reply = exchange_tls(&mut transport, &mut op, &name).await;
     transport.shutdown().await;
     op.devices(reply?, &name)
 }
@@ -170,7 +198,7 @@ pub async fn import_tls(
 ) -> Result<RemoteDevice, ClientError> {
     let (mut transport, name) = connect_tls(host, port, tls).await?;
     let mut op = OpExchange::import(busid);
-    let reply = exchange(&mut transport, &mut op, &name).await?;
+    let reply = exchange_tls(&mut transport, &mut op, &name).await?;
     let info = op.imported(reply, &name)?;
     Ok(RemoteDevice::start(transport, info, name))
 }

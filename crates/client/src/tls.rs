@@ -59,6 +59,8 @@ pub enum TlsError {
     ServerCertInvalid(CertificateError),
     #[error("server closed the connection during the TLS handshake: it may not speak TLS (a plaintext USB/IP server?) or it refused this client; see its log")]
     ClosedDuringHandshake,
+    #[error("server did not complete the TLS handshake within {0:?}: is this the USB/IP port, and does the server speak TLS?")]
+    HandshakeTimeout(std::time::Duration),
     #[error("server did not answer in TLS ({0}): it may be a plaintext USB/IP server")]
     NotTls(rustls::Error),
     #[error("server and client share no TLS 1.3 parameters ({0:?})")]

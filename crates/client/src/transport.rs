@@ -100,6 +100,10 @@ impl TlsTransport {
         }
     }
 
+    pub(crate) fn is_handshaking(&self) -> bool {
+        self.tls.is_handshaking()
+    }
+
     /// Reads one batch of records from the socket and decrypts it.
     fn receive(&mut self) -> io::Result<()> {
         let n = self.tls.read_tls(&mut TryIo(&self.stream))?;
