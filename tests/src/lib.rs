@@ -4,3 +4,4 @@ pub mod activation;
 pub mod daemon;
 pub mod kernel;
 pub mod support;
+pub mod tls;

@@ -2,6 +2,8 @@
 
 use usbwire_proto::{DecodeError, Errno, OpStatus};
 
+use crate::tls::TlsError;
+
 /// Why a transfer did not complete normally. Mapped from the wire's
 /// negative errno by [`TransferError::from_status`] and nowhere else.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -80,8 +82,37 @@ pub enum ClientError {
         busid: String,
         status: OpStatus,
     },
+    #[error("TLS with {addr}: {source}")]
+    Tls {
+        addr: String,
+        #[source]
+        source: TlsError,
+    },
     #[error("{addr} answered the device list with {} ({})", .status.name(), .status.describe())]
     ListRefused { addr: String, status: OpStatus },
+}
+
+impl ClientError {
+    /// A transport failure: a TLS one keeps its type (the TLS layer wraps
+    /// it in the `io::Error`), anything else is a network error.
+    pub(crate) fn from_io(addr: &str, e: std::io::Error) -> ClientError {
+        let addr = addr.to_string();
+        if !e.get_ref().is_some_and(|inner| inner.is::<TlsError>()) {
+            return ClientError::Io { addr, source: e };
+        }
+        let kind = e.kind();
+        match e.into_inner().map(|inner| inner.downcast::<TlsError>()) {
+            Some(Ok(tls)) => ClientError::Tls { addr, source: *tls },
+            Some(Err(inner)) => ClientError::Io {
+                addr,
+                source: std::io::Error::new(kind, inner),
+            },
+            None => ClientError::Io {
+                addr,
+                source: kind.into(),
+            },
+        }
+    }
 }
 
 fn import_reason(s: OpStatus) -> String {

@@ -21,7 +21,9 @@ mod error;
 mod input;
 mod op;
 mod remote;
+mod tls;
 mod transfer;
+mod transport;
 pub mod vhci;
 
 pub use blocking::import_blocking;
@@ -30,7 +32,13 @@ pub use connection::{
 };
 pub use error::{ClientError, TransferError};
 pub use op::OpExchange;
-pub use remote::{import, import_stream, list, PendingTransfer, RemoteDevice};
+pub use remote::{
+    import, import_stream, import_tls, list, list_tls, PendingTransfer, RemoteDevice,
+};
+pub use tls::{
+    certificate_fingerprint, self_signed, Fingerprint, SelfSigned, ServerTrust, TlsClientConfig,
+    TlsError,
+};
 pub use transfer::{TransferOutcome, TransferRequest};
 pub use usbwire_proto::{DeviceInfo, Direction, Errno, IsoPacket, SetupPacket, Speed};
 pub use vhci::{

@@ -6,8 +6,8 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::sync::{mpsc, oneshot};
 use usbwire_proto::{DeviceInfo, OpReply, SetupPacket};
@@ -15,7 +15,9 @@ use usbwire_proto::{DeviceInfo, OpReply, SetupPacket};
 use crate::connection::{Connection, ConnectionConfig, ConnectionError, MAX_TRANSMIT_SLICES};
 use crate::error::{ClientError, TransferError};
 use crate::op::OpExchange;
+use crate::tls::{TlsClientConfig, TlsError};
 use crate::transfer::{TransferOutcome, TransferRequest};
+use crate::transport::{TlsTransport, Transport};
 
 /// Reads one wake of the connection task takes at most before it looks at
 /// its other sources again.
@@ -38,25 +40,48 @@ async fn connect(
     Ok((s, name))
 }
 
-/// Runs one OP exchange on `stream`: sends the request, reads the reply.
-async fn exchange(
-    stream: &mut TcpStream,
+/// Runs one OP exchange on `transport`: sends the request, reads the reply.
+async fn exchange<T: Transport>(
+    transport: &mut T,
     op: &mut OpExchange,
     name: &str,
 ) -> Result<OpReply, ClientError> {
-    let io_error = |source| ClientError::Io {
-        addr: name.into(),
-        source,
-    };
-    stream
-        .write_all(op.poll_transmit())
-        .await
-        .map_err(io_error)?;
-    op.transmitted(op.poll_transmit().len());
-    // Bounded: each read brings at least one byte of a reply whose length
-    // the decoder bounds.
+    let io_error = |e| ClientError::from_io(name, e);
+    // Bounded: each write takes at least one byte of the request.
+    while !op.poll_transmit().is_empty() {
+        match transport.try_write_vectored(&[IoSlice::new(op.poll_transmit())]) {
+            Ok(0) => return Err(io_error(io::ErrorKind::WriteZero.into())),
+            Ok(n) => op.transmitted(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                transport.writable().await.map_err(io_error)?
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_error(e)),
+        }
+    }
+    // Bounded: each turn sends some of what the transport holds, or reads
+    // at least one byte of a reply whose length the decoder bounds.
     loop {
-        let n = stream.read(op.read_buffer()).await.map_err(io_error)?;
+        match transport.flush_pending() {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                transport.writable().await.map_err(io_error)?;
+                continue;
+            }
+            Err(e) => return Err(io_error(e)),
+        }
+        let n = match transport.try_read(op.read_buffer()) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // A TLS handshake may have made records to send first.
+                if !transport.wants_write() {
+                    transport.readable().await.map_err(io_error)?;
+                }
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_error(e)),
+        };
         if n == 0 {
             return Err(ClientError::Closed { addr: name.into() });
         }
@@ -99,6 +124,83 @@ pub async fn import_stream(
     let reply = exchange(&mut stream, &mut op, name).await?;
     let info = op.imported(reply, name)?;
     Ok(RemoteDevice::start(stream, info, name.to_string()))
+}
+
+/// Connects to `host:port` and starts a TLS 1.3 session with `tls`; the
+/// handshake completes with the first exchange.
+async fn connect_tls(
+    host: &str,
+    port: u16,
+    tls: &TlsClientConfig,
+) -> Result<(TlsTransport, String), ClientError> {
+    let session = tls.session(host).map_err(|source| ClientError::Tls {
+        addr: format!("{host}:{port}"),
+        source,
+    })?;
+    let name = format!("{host}:{port}");
+    let stream = TcpStream::connect((host, port))
+        .await
+        .map_err(|source| ClientError::Connect {
+            addr: name.clone(),
+            source,
+        })?;
+    let _ = stream.set_nodelay(true);
+    Ok((TlsTransport::new(stream, session), name))
+}
+
+/// How long a TLS server may take to complete the handshake and answer
+/// the OP request, as the blocking import bounds its wait.
+const TLS_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// [`exchange`] with a deadline: a server that accepts and then stalls the
+/// handshake is an error, not a client that waits forever.
+async fn exchange_tls(
+    transport: &mut TlsTransport,
+    op: &mut OpExchange,
+    name: &str,
+) -> Result<OpReply, ClientError> {
+    match tokio::time::timeout(TLS_EXCHANGE_TIMEOUT, exchange(transport, op, name)).await {
+        Ok(reply) => reply,
+        Err(_) if transport.is_handshaking() => Err(ClientError::Tls {
+            addr: name.into(),
+            source: TlsError::HandshakeTimeout(TLS_EXCHANGE_TIMEOUT),
+        }),
+        Err(_) => Err(ClientError::Io {
+            addr: name.into(),
+            source: io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {TLS_EXCHANGE_TIMEOUT:?}"),
+            ),
+        }),
+    }
+}
+
+/// [`list`] over TLS 1.3 with a client certificate; never in plaintext.
+pub async fn list_tls(
+    host: &str,
+    port: u16,
+    tls: &TlsClientConfig,
+) -> Result<Vec<DeviceInfo>, ClientError> {
+    let (mut transport, name) = connect_tls(host, port, tls).await?;
+    let mut op = OpExchange::devlist();
+    let reply = exchange_tls(&mut transport, &mut op, &name).await;
+    transport.shutdown().await;
+    op.devices(reply?, &name)
+}
+
+/// [`import`] over TLS 1.3 with a client certificate; the URBs that follow
+/// travel in the same TLS session.
+pub async fn import_tls(
+    host: &str,
+    port: u16,
+    tls: &TlsClientConfig,
+    busid: &str,
+) -> Result<RemoteDevice, ClientError> {
+    let (mut transport, name) = connect_tls(host, port, tls).await?;
+    let mut op = OpExchange::import(busid);
+    let reply = exchange_tls(&mut transport, &mut op, &name).await?;
+    let info = op.imported(reply, &name)?;
+    Ok(RemoteDevice::start(transport, info, name))
 }
 
 /// What the connection task needs to finish a transfer.
@@ -153,13 +255,13 @@ impl Future for PendingTransfer {
 }
 
 impl RemoteDevice {
-    fn start(stream: TcpStream, info: DeviceInfo, addr: String) -> Self {
+    fn start<T: Transport>(transport: T, info: DeviceInfo, addr: String) -> Self {
         let (submits, submit_rx) = mpsc::unbounded_channel();
         let (unlinks, unlink_rx) = mpsc::unbounded_channel();
         let connection = Connection::new(&info, ConnectionConfig::default());
         tokio::spawn(async move {
             let mut task = ConnectionTask {
-                stream,
+                transport,
                 connection,
                 submits: Some(submit_rx),
                 unlinks: Some(unlink_rx),
@@ -303,14 +405,14 @@ impl RemoteDevice {
 
 /// The task that owns a [`RemoteDevice`]'s socket. Each source is `None`
 /// once every sender of it is gone.
-struct ConnectionTask {
-    stream: TcpStream,
+struct ConnectionTask<T> {
+    transport: T,
     connection: Connection<oneshot::Sender<TransferOutcome>>,
     submits: Option<mpsc::UnboundedReceiver<(TransferRequest, Waiter)>>,
     unlinks: Option<mpsc::UnboundedReceiver<u32>>,
 }
 
-impl ConnectionTask {
+impl<T: Transport> ConnectionTask<T> {
     /// Until every handle is gone (then the queued commands are flushed and
     /// the socket shut down, which releases the device) or the connection fails.
     async fn run(&mut self) -> Result<(), ConnectionError> {
@@ -328,11 +430,12 @@ impl ConnectionTask {
                         None => self.unlinks = None,
                     }
                 }
-                readable = self.stream.readable() => {
+                readable = self.transport.readable() => {
                     readable.map_err(|e| self.lost(e))?;
                     self.read()?;
                 }
-                writable = self.stream.writable(), if self.connection.has_transmit() => {
+                writable = self.transport.writable(),
+                    if self.connection.has_transmit() || self.transport.wants_write() => {
                     writable.map_err(|e| self.lost(e))?;
                 }
             }
@@ -340,11 +443,11 @@ impl ConnectionTask {
             self.deliver_completions();
         }
         // Bounded by what was queued: no more commands can come.
-        while self.connection.has_transmit() {
-            self.stream.writable().await.map_err(|e| self.lost(e))?;
+        while self.connection.has_transmit() || self.transport.wants_write() {
+            self.transport.writable().await.map_err(|e| self.lost(e))?;
             self.flush()?;
         }
-        let _ = self.stream.shutdown().await;
+        self.transport.shutdown().await;
         Ok(())
     }
 
@@ -376,7 +479,7 @@ impl ConnectionTask {
 
     fn read(&mut self) -> Result<(), ConnectionError> {
         for _ in 0..MAX_READS_PER_WAKE {
-            match self.stream.try_read(self.connection.read_buffer()) {
+            match self.transport.try_read(self.connection.read_buffer()) {
                 Ok(0) => return Err(self.lost(io::ErrorKind::UnexpectedEof.into())),
                 Ok(n) => self.connection.handle_input(n)?,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -388,13 +491,17 @@ impl ConnectionTask {
     }
 
     fn flush(&mut self) -> Result<(), ConnectionError> {
+        match self.transport.flush_pending() {
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(self.lost(e)),
+            _ => {}
+        }
         for _ in 0..MAX_WRITES_PER_FLUSH {
             if !self.connection.has_transmit() {
                 break;
             }
             let mut slices = [IoSlice::new(&[]); MAX_TRANSMIT_SLICES];
             let filled = self.connection.poll_transmit(&mut slices);
-            match self.stream.try_write_vectored(&slices[..filled]) {
+            match self.transport.try_write_vectored(&slices[..filled]) {
                 Ok(0) => return Err(self.lost(io::ErrorKind::WriteZero.into())),
                 Ok(n) => self.connection.transmitted(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,

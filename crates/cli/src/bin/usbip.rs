@@ -1,11 +1,13 @@
 //! `usbip`: the USB/IP client, flag-compatible with the C usbip-utils.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{ArgGroup, Args as ClapArgs, Parser, Subcommand};
 use usbwire_cli::{control, names};
-use usbwire_client::{ImportedDevice, Vhci};
+use usbwire_client::{
+    certificate_fingerprint, self_signed, ImportedDevice, ServerTrust, TlsClientConfig, Vhci,
+};
 use usbwire_host::{ExportStatus, LocalDevice, Roots};
 use usbwire_proto::{DeviceInfo, Speed};
 
@@ -31,8 +33,66 @@ struct Cli {
     /// TCP port of the server.
     #[arg(short = 't', long = "tcp-port", default_value_t = 3240, global = true)]
     tcp_port: u16,
+    #[command(flatten)]
+    tls: TlsArgs,
     #[command(subcommand)]
     command: Command,
+}
+
+/// TLS 1.3 with a client certificate (not in the C tool). With any of
+/// these, the client never talks plaintext.
+#[derive(ClapArgs, Debug, Default)]
+struct TlsArgs {
+    /// This client's certificate (PEM), e.g. from `usbip cert new`.
+    #[arg(long = "tls-cert", value_name = "FILE", global = true)]
+    tls_cert: Option<PathBuf>,
+    /// This client's private key (PEM).
+    #[arg(long = "tls-key", value_name = "FILE", global = true)]
+    tls_key: Option<PathBuf>,
+    /// Trust a server whose certificate this CA (PEM) signed for HOST.
+    #[arg(long = "tls-ca", value_name = "FILE", global = true)]
+    tls_ca: Option<PathBuf>,
+    /// Trust only the server certificate with this SHA-256 fingerprint
+    /// (as `usbip cert new` or `usbip cert fingerprint` prints it).
+    #[arg(long = "tls-fingerprint", value_name = "HEX", global = true)]
+    tls_fingerprint: Option<String>,
+}
+
+impl TlsArgs {
+    fn given(&self) -> bool {
+        self.tls_cert.is_some()
+            || self.tls_key.is_some()
+            || self.tls_ca.is_some()
+            || self.tls_fingerprint.is_some()
+    }
+
+    /// `None` without any TLS option; an error naming what is missing
+    /// when only some are given.
+    fn config(&self) -> Result<Option<TlsClientConfig>, String> {
+        if !self.given() {
+            return Ok(None);
+        }
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Err("TLS needs both --tls-cert FILE and --tls-key FILE \
+                 (make them with `usbip cert new --out DIR`)"
+                .into());
+        };
+        let trust = match (&self.tls_ca, &self.tls_fingerprint) {
+            (Some(ca), None) => ServerTrust::CaFile(ca.clone()),
+            (None, Some(hex)) => ServerTrust::Fingerprint(
+                hex.parse().map_err(|e| format!("--tls-fingerprint: {e}"))?,
+            ),
+            (None, None) => {
+                return Err("TLS needs a way to recognise the server: \
+                     --tls-ca FILE or --tls-fingerprint HEX"
+                    .into())
+            }
+            (Some(_), Some(_)) => return Err("give --tls-ca or --tls-fingerprint, not both".into()),
+        };
+        TlsClientConfig::from_files(Some((cert, key)), &trust)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -49,6 +109,30 @@ enum Command {
     Bind(BindArgs),
     /// Stop exporting a local USB device and give it back to its drivers.
     Unbind(UnbindArgs),
+    /// Make or inspect TLS certificates (not in the C tool).
+    #[command(subcommand)]
+    Cert(CertCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum CertCommand {
+    /// Make a key and a self-signed certificate in DIR (cert.pem, key.pem)
+    /// and print the certificate's SHA-256 fingerprint, which the other
+    /// side pins.
+    New {
+        /// Where to write cert.pem and key.pem; existing files are not replaced.
+        #[arg(long = "out", value_name = "DIR")]
+        out: PathBuf,
+        /// The name the certificate holds (common name and subject
+        /// alternative name: a DNS name or an IP address); default: this host's name.
+        #[arg(long = "name", value_name = "NAME")]
+        name: Option<String>,
+    },
+    /// Print the SHA-256 fingerprint of a PEM certificate.
+    Fingerprint {
+        #[arg(value_name = "FILE")]
+        cert: PathBuf,
+    },
 }
 
 #[derive(ClapArgs, Debug)]
@@ -123,6 +207,9 @@ struct AttachArgs {
     /// Id of the virtual UDC on HOST (imported the same way).
     #[arg(short = 'd', long = "device")]
     device: Option<String>,
+    /// Import over TLS (with the --tls-* options); needs kernel TLS, not yet built.
+    #[arg(long = "tls")]
+    tls: bool,
 }
 
 #[derive(ClapArgs, Debug)]
@@ -168,7 +255,10 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::List(a) => match a.remote {
-            Some(host) => list_remote(&host, cli.tcp_port, a.parsable, a.json).await,
+            Some(host) => {
+                let tls = cli.tls.config()?;
+                list_remote(&host, cli.tcp_port, tls.as_ref(), a.parsable, a.json).await
+            }
             None if a.local => {
                 let opts = LocalListing {
                     parsable: a.parsable,
@@ -191,6 +281,9 @@ async fn run(cli: Cli) -> Result<(), String> {
             None => Err("list: give -r HOST or -l".into()),
         },
         Command::Attach(a) => {
+            if a.tls || cli.tls.given() {
+                return Err(ATTACH_TLS_UNAVAILABLE.into());
+            }
             let busid = a.busid.or(a.device).unwrap_or_default();
             attach(&Vhci::new(root()), &a.remote, cli.tcp_port, &busid)
         }
@@ -210,7 +303,63 @@ async fn run(cli: Cli) -> Result<(), String> {
                 _ => std::process::exit(1),
             }
         }
+        Command::Cert(CertCommand::New { out, name }) => cert_new(&out, name),
+        Command::Cert(CertCommand::Fingerprint { cert }) => {
+            let f = certificate_fingerprint(&cert).map_err(|e| e.to_string())?;
+            println!("{f}");
+            Ok(())
+        }
     }
+}
+
+/// Why `attach` refuses TLS options rather than attaching in plaintext.
+const ATTACH_TLS_UNAVAILABLE: &str = "attach over TLS needs kernel TLS (kTLS), so that vhci-hcd \
+     can use the encrypted socket, and that is not built yet; nothing was attached. \
+     `usbip list -r` works over TLS; attach without --tls only on a network you trust";
+
+/// `usbip cert new`: the key is written readable by its owner only, and
+/// nothing is overwritten.
+fn cert_new(out: &Path, name: Option<String>) -> Result<(), String> {
+    let name = match name {
+        Some(n) => n,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "usbwire".into()),
+    };
+    let made = self_signed(&name).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+    let cert_path = out.join("cert.pem");
+    let key_path = out.join("key.pem");
+    for path in [&cert_path, &key_path] {
+        if path.exists() {
+            return Err(format!(
+                "{} exists; not replacing it (remove it or choose another --out)",
+                path.display()
+            ));
+        }
+    }
+    write_new(&key_path, made.key_pem.as_bytes(), 0o600)?;
+    write_new(&cert_path, made.cert_pem.as_bytes(), 0o644)?;
+    println!("certificate: {}", cert_path.display());
+    println!("key: {}", key_path.display());
+    println!("name: {name}");
+    println!("SHA-256 fingerprint: {}", made.fingerprint);
+    Ok(())
+}
+
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    f.write_all(bytes)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 /// `usbip attach`: silent on success, as the C tool is.
@@ -508,10 +657,21 @@ fn host_port(host: &str, port: u16) -> String {
     }
 }
 
-async fn list_remote(host: &str, port: u16, parsable: bool, json: bool) -> Result<(), String> {
-    let devices = usbwire_client::list(host_port(host, port))
-        .await
-        .map_err(|e| e.to_string())?;
+async fn list_remote(
+    host: &str,
+    port: u16,
+    tls: Option<&TlsClientConfig>,
+    parsable: bool,
+    json: bool,
+) -> Result<(), String> {
+    let devices = match tls {
+        Some(tls) => {
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            usbwire_client::list_tls(bare, port, tls).await
+        }
+        None => usbwire_client::list(host_port(host, port)).await,
+    }
+    .map_err(|e| e.to_string())?;
     if json {
         println!("{}", devices_json(&devices));
         return Ok(());
