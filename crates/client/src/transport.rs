@@ -106,7 +106,14 @@ impl TlsTransport {
 
     /// Reads one batch of records from the socket and decrypts it.
     fn receive(&mut self) -> io::Result<()> {
-        let n = self.tls.read_tls(&mut TryIo(&self.stream))?;
+        let n = match self.tls.read_tls(&mut TryIo(&self.stream)) {
+            Ok(n) => n,
+            // A server that does not speak TLS may answer a ClientHello with
+            // a reset rather than an orderly close; to the person it is the
+            // same refusal.
+            Err(e) if self.tls.is_handshaking() && is_reset(&e) => 0,
+            Err(e) => return Err(e),
+        };
         if n == 0 && self.tls.is_handshaking() {
             return Err(tls_io_error(TlsError::ClosedDuringHandshake));
         }
@@ -193,4 +200,14 @@ impl Transport for TlsTransport {
         }
         let _ = AsyncWriteExt::shutdown(&mut self.stream).await;
     }
+}
+
+/// The peer dropped the connection without an orderly close.
+fn is_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+    )
 }
