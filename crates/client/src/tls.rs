@@ -9,7 +9,6 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -115,53 +114,11 @@ impl TlsError {
     }
 }
 
-/// The SHA-256 of a certificate's DER: what pins a peer without a CA.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Fingerprint(pub [u8; 32]);
+pub use usbwire_tls::Fingerprint;
 
-impl Fingerprint {
-    pub fn of(certificate_der: &[u8]) -> Fingerprint {
-        let digest = ring::digest::digest(&ring::digest::SHA256, certificate_der);
-        let mut bytes = [0; 32];
-        bytes.copy_from_slice(digest.as_ref());
-        Fingerprint(bytes)
-    }
-}
-
-/// `AB:CD:…`, the form `openssl x509 -fingerprint -sha256` prints.
-impl fmt::Display for Fingerprint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, b) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str(":")?;
-            }
-            write!(f, "{b:02X}")?;
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for Fingerprint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
-
-/// 64 hex digits, either case, colons anywhere between them.
-impl FromStr for Fingerprint {
-    type Err = TlsError;
-    fn from_str(s: &str) -> Result<Self, TlsError> {
-        let bad = || TlsError::BadFingerprint(s.to_string());
-        let digits: Vec<u8> = s.bytes().filter(|&b| b != b':').collect();
-        if digits.len() != 64 {
-            return Err(bad());
-        }
-        let mut bytes = [0; 32];
-        for (byte, pair) in bytes.iter_mut().zip(digits.chunks(2)) {
-            let pair = std::str::from_utf8(pair).map_err(|_| bad())?;
-            *byte = u8::from_str_radix(pair, 16).map_err(|_| bad())?;
-        }
-        Ok(Fingerprint(bytes))
+impl From<usbwire_tls::FingerprintError> for TlsError {
+    fn from(e: usbwire_tls::FingerprintError) -> Self {
+        TlsError::BadFingerprint(e.0)
     }
 }
 
@@ -370,19 +327,6 @@ pub fn self_signed(name: &str) -> Result<SelfSigned, TlsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fingerprints_read_back_as_printed() {
-        let f = Fingerprint::of(b"certificate");
-        assert_eq!(f.to_string().parse::<Fingerprint>().unwrap(), f);
-        let plain = f.to_string().replace(':', "").to_lowercase();
-        assert_eq!(plain.parse::<Fingerprint>().unwrap(), f);
-        assert!(matches!(
-            "AB:CD".parse::<Fingerprint>(),
-            Err(TlsError::BadFingerprint(_))
-        ));
-        assert!("zz".repeat(32).parse::<Fingerprint>().is_err());
-    }
 
     #[test]
     fn a_self_signed_certificate_has_the_fingerprint_printed() {

@@ -9,6 +9,7 @@ use std::io::{self, IoSlice, Read, Write};
 use rustls::ClientConnection;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use usbwire_tls::TryIo;
 
 use crate::tls::TlsError;
 
@@ -52,27 +53,6 @@ impl Transport for TcpStream {
     }
     async fn shutdown(&mut self) {
         let _ = AsyncWriteExt::shutdown(self).await;
-    }
-}
-
-/// `std::io` over a non-blocking tokio socket, for rustls' `read_tls`/`write_tls`.
-struct TryIo<'a>(&'a TcpStream);
-
-impl Read for TryIo<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.try_read(buf)
-    }
-}
-
-impl Write for TryIo<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.try_write(buf)
-    }
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        self.0.try_write_vectored(bufs)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 

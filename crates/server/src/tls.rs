@@ -22,6 +22,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConnection};
 use tokio::net::TcpStream;
+use usbwire_tls::TryIo;
 
 use crate::session::driver::Transport;
 
@@ -72,61 +73,7 @@ pub struct TlsFiles {
     pub client_fingerprints: Vec<Fingerprint>,
 }
 
-/// The SHA-256 of a certificate's DER encoding, as pinned by a person.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Fingerprint(pub [u8; 32]);
-
-impl Fingerprint {
-    pub fn of(cert: &[u8]) -> Fingerprint {
-        let d = ring::digest::digest(&ring::digest::SHA256, cert);
-        let mut f = [0u8; 32];
-        f.copy_from_slice(d.as_ref());
-        Fingerprint(f)
-    }
-}
-
-impl fmt::Display for Fingerprint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, b) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str(":")?;
-            }
-            write!(f, "{b:02X}")?;
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for Fingerprint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
-
-/// A fingerprint that is not 64 hex digits.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error(
-    "{0:?} is not a SHA-256 fingerprint: give 64 hex digits, with or without colons \
-     (openssl x509 -noout -fingerprint -sha256 -in CERT prints one)"
-)]
-pub struct FingerprintError(String);
-
-impl std::str::FromStr for Fingerprint {
-    type Err = FingerprintError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let digits: Vec<u8> = s.bytes().filter(|&b| b != b':').collect();
-        let bad = || FingerprintError(s.to_string());
-        if digits.len() != 64 {
-            return Err(bad());
-        }
-        let mut f = [0u8; 32];
-        for (out, pair) in f.iter_mut().zip(digits.chunks(2)) {
-            let pair = std::str::from_utf8(pair).map_err(|_| bad())?;
-            *out = u8::from_str_radix(pair, 16).map_err(|_| bad())?;
-        }
-        Ok(Fingerprint(f))
-    }
-}
+pub use usbwire_tls::{Fingerprint, FingerprintError};
 
 /// Accepts a client whose certificate is pinned by fingerprint, or else
 /// one the CA verifier (if any) accepts. The handshake signature is
@@ -328,28 +275,6 @@ pub enum HandshakeError {
     Timeout,
 }
 
-/// Non-blocking reads and writes on a tokio socket, as `std::io` for
-/// rustls' `read_tls`/`write_tls`.
-struct Socket<'a>(&'a TcpStream);
-
-impl Read for Socket<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.try_read(buf)
-    }
-}
-
-impl Write for Socket<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.try_write(buf)
-    }
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        self.0.try_write_vectored(bufs)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 /// A TCP connection with TLS in user space: a [`Transport`] whose reads
 /// and writes are plaintext.
 pub(crate) struct TlsStream {
@@ -399,7 +324,7 @@ impl TlsStream {
                 let mut tls = self.tls();
                 let mut blocked = false;
                 while tls.wants_write() {
-                    match tls.write_tls(&mut Socket(&self.tcp)) {
+                    match tls.write_tls(&mut TryIo(&self.tcp)) {
                         Ok(_) => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             blocked = true;
@@ -419,7 +344,7 @@ impl TlsStream {
             }
             self.tcp.readable().await?;
             let mut tls = self.tls();
-            match tls.read_tls(&mut Socket(&self.tcp)) {
+            match tls.read_tls(&mut TryIo(&self.tcp)) {
                 Ok(0) => return Err(HandshakeError::Closed),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -443,7 +368,7 @@ impl TlsStream {
     /// Sends buffered records; `WouldBlock` if some remain.
     fn flush_records(tls: &mut ServerConnection, tcp: &TcpStream) -> io::Result<()> {
         while tls.wants_write() {
-            tls.write_tls(&mut Socket(tcp))?;
+            tls.write_tls(&mut TryIo(tcp))?;
         }
         Ok(())
     }
@@ -474,11 +399,11 @@ impl Transport for TlsStream {
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
                 Err(e) => return Err(e),
             }
-            if tls.read_tls(&mut Socket(&self.tcp))? == 0 {
+            if tls.read_tls(&mut TryIo(&self.tcp))? == 0 {
                 return Ok(0);
             }
             if let Err(e) = tls.process_new_packets() {
-                let _ = tls.write_tls(&mut Socket(&self.tcp));
+                let _ = tls.write_tls(&mut TryIo(&self.tcp));
                 return Err(io::Error::new(io::ErrorKind::InvalidData, e));
             }
         }
@@ -585,15 +510,5 @@ mod tests {
         assert!(a.plaintext_allowed("::ffff:127.0.0.2".parse().unwrap()));
         assert!(!a.plaintext_allowed("192.0.2.1".parse().unwrap()));
         assert!(!a.plaintext_allowed("::1".parse().unwrap()));
-    }
-
-    #[test]
-    fn fingerprints_parse_with_or_without_colons() {
-        let plain = "00112233445566778899aabbccddeeff00112233445566778899AABBCCDDEEFF";
-        let f: Fingerprint = plain.parse().unwrap();
-        assert_eq!(f.0[1], 0x11);
-        assert_eq!(f.to_string().parse::<Fingerprint>().unwrap(), f);
-        assert!("0011".parse::<Fingerprint>().is_err());
-        assert!(plain.replace('0', "g").parse::<Fingerprint>().is_err());
     }
 }
