@@ -476,3 +476,48 @@ async fn sighup_reloads_the_rules_keeping_granted_imports_and_ending_revoked_one
     drop((device, kept, revoked));
     d.stop();
 }
+
+#[test]
+fn without_tls_rules_grant_by_source_network_and_tls_rules_are_flagged() {
+    let setup = Setup::new(
+        r#"
+        [[access]]
+        devices = ["2-1"]
+        clients = ["cidr:127.0.0.1/32", "subject:CN=alice"]
+        [[access]]
+        devices = ["*"]
+        clients = ["cidr:192.0.2.0/24"]
+        "#,
+    );
+    // The drop-in case: no TLS at all, only plaintext.
+    let d = Daemon::start(
+        &["--no-control", "--config", setup.config.to_str().unwrap()],
+        setup.dir.path(),
+    );
+    let log = d.log_text();
+    assert!(
+        log.contains(
+            "access rule 1: subject:CN=alice names a TLS client, but TLS is off: it grants nothing"
+        ),
+        "{log}"
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let listed = rt
+        .block_on(async { tokio::time::timeout(LIMIT, usbwire_client::list(d.addr())).await })
+        .unwrap()
+        .expect("plaintext devlist");
+    let busids: Vec<String> = listed.iter().map(|d| d.busid.to_string()).collect();
+    assert_eq!(busids, ["2-1"]);
+    if let Some(c_usbip) = peer_binary("/usr/sbin/usbip", "usbip") {
+        let stdout = c_list(&c_usbip, &d);
+        assert!(stdout.contains("2-1:"), "{stdout}");
+        assert!(stdout.contains("(0525:a4ac)"), "{stdout}");
+        for hidden in ["1-1:", "1-2:"] {
+            assert!(!stdout.contains(hidden), "{hidden} listed: {stdout}");
+        }
+    }
+    d.stop();
+}

@@ -171,7 +171,11 @@ impl FromStr for ClientMatch {
                     .map(|kv| {
                         let (key, value) = kv.split_once('=').ok_or_else(bad)?;
                         let key = key.trim();
-                        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                        // A name (CN) or, for an attribute without one, its
+                        // dotted OID (2.5.4.97).
+                        if key.is_empty()
+                            || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.')
+                        {
                             return Err(bad());
                         }
                         Ok(SubjectAttribute {
@@ -388,6 +392,14 @@ impl Rule {
         Ok(Rule { devices, clients })
     }
 
+    pub fn devices(&self) -> &[DeviceMatch] {
+        &self.devices
+    }
+
+    pub fn clients(&self) -> &[ClientMatch] {
+        &self.clients
+    }
+
     fn grants(&self, peer: &Peer, device: &DeviceInfo) -> bool {
         self.devices.iter().any(|d| d.matches(device))
             && self.clients.iter().any(|c| c.matches(peer))
@@ -595,6 +607,7 @@ mod tests {
             "fingerprint:00112233445566778899aabbccddeeff00112233445566778899AABBCCDDEEFF",
             "subject:CN=alice",
             "subject:cn=alice*, O=Example Corp",
+            "subject:2.5.4.97=VATDE-123",
             "cidr:127.0.0.0/8",
             "cidr:::1/128",
             "cidr:192.0.2.1",

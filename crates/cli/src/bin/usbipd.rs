@@ -17,7 +17,7 @@ use usbwire_cli::control;
 use usbwire_cli::devices::{self, Exported};
 use usbwire_cli::listen::{self, ListenError, Listener, Origin};
 use usbwire_host::{Manager, Roots};
-use usbwire_server::acl::{AccessControl, Policy, SharedPolicy};
+use usbwire_server::acl::{AccessControl, ClientMatch, Policy, SharedPolicy};
 use usbwire_server::tls::{self, Access, Fingerprint, TlsFiles};
 use usbwire_server::{Registry, Server, ServerConfig};
 
@@ -173,7 +173,11 @@ fn load_config(args: &Args) -> Result<(Config, ServerConfig), String> {
     let (access, pinned) = access(args, &config)?;
     server_config.access = access;
     let policy = config.policy();
-    log_policy(&policy, "in force");
+    log_policy(
+        &policy,
+        "in force",
+        Identities::of(args, &config, &server_config),
+    );
     server_config.acl = AccessControl {
         policy: SharedPolicy::new(policy),
         pinned,
@@ -184,8 +188,26 @@ fn load_config(args: &Args) -> Result<(Config, ServerConfig), String> {
     Ok((config, server_config))
 }
 
-/// Says which access rules are in force (`what`: how they came to be).
-fn log_policy(policy: &Policy, what: &str) {
+/// What identifies this server's clients, to tell which access rules can
+/// match.
+#[derive(Debug, Clone, Copy)]
+struct Identities {
+    tls: bool,
+    client_ca: bool,
+}
+
+impl Identities {
+    fn of(args: &Args, config: &Config, server: &ServerConfig) -> Identities {
+        Identities {
+            tls: server.access.tls.is_some(),
+            client_ca: args.tls_client_ca.is_some() || config.tls.client_ca.is_some(),
+        }
+    }
+}
+
+/// Says which access rules are in force (`what`: how they came to be), and
+/// which of their clients no connection can ever be.
+fn log_policy(policy: &Policy, what: &str, identities: Identities) {
     if policy.is_open() {
         info!(
             "access policy {what}: no [[access]] rules, every admitted client \
@@ -200,6 +222,24 @@ fn log_policy(policy: &Policy, what: &str) {
     );
     for (i, rule) in policy.rules().iter().enumerate() {
         info!("access rule {}: {rule}", i + 1);
+        for client in rule.clients() {
+            let tls_client = matches!(
+                client,
+                ClientMatch::Fingerprint(_) | ClientMatch::Subject(_)
+            );
+            if tls_client && !identities.tls {
+                warn!(
+                    "access rule {}: {client} names a TLS client, but TLS is off: it grants nothing",
+                    i + 1
+                );
+            } else if matches!(client, ClientMatch::Subject(_)) && !identities.client_ca {
+                warn!(
+                    "access rule {}: {client} matches only subjects a client CA verified, \
+                     and there is no --tls-client-ca: it grants nothing (pin by fingerprint:)",
+                    i + 1
+                );
+            }
+        }
     }
 }
 
@@ -388,11 +428,12 @@ async fn serve(
         None => None,
     };
     let policy = server_config.acl.policy.clone();
+    let identities = Identities::of(args, &config, &server_config);
     let server = Server::new(registry, server_config).map_err(|e| e.to_string())?;
     listen::announce_ready(&addrs, ready_fd);
     server
         .run(sockets, async {
-            shutdown_signal(args.config.as_deref(), &policy).await;
+            shutdown_signal(args.config.as_deref(), &policy, identities).await;
             listen::announce_stopping();
         })
         .await;
@@ -519,7 +560,11 @@ fn bind(args: &Args, port: u16) -> Result<Vec<Listener>, String> {
 
 /// Resolves on SIGINT or SIGTERM; on each SIGHUP meanwhile, reloads the
 /// access rules from `config` into `policy`.
-async fn shutdown_signal(config: Option<&std::path::Path>, policy: &SharedPolicy) {
+async fn shutdown_signal(
+    config: Option<&std::path::Path>,
+    policy: &SharedPolicy,
+    identities: Identities,
+) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
     let mut hup = signal(SignalKind::hangup()).expect("installing a SIGHUP handler");
@@ -528,7 +573,7 @@ async fn shutdown_signal(config: Option<&std::path::Path>, policy: &SharedPolicy
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return info!("SIGINT received"),
             _ = term.recv() => return info!("SIGTERM received"),
-            _ = hup.recv() => reload_policy(config, policy).await,
+            _ = hup.recv() => reload_policy(config, policy, identities).await,
         }
     }
 }
@@ -537,7 +582,11 @@ async fn shutdown_signal(config: Option<&std::path::Path>, policy: &SharedPolicy
 /// policy in force, for new connections and running imports alike (an
 /// import they no longer grant ends). Nothing else is reloaded. A file that
 /// cannot be read or is invalid leaves the policy in force as it was.
-async fn reload_policy(config: Option<&std::path::Path>, policy: &SharedPolicy) {
+async fn reload_policy(
+    config: Option<&std::path::Path>,
+    policy: &SharedPolicy,
+    identities: Identities,
+) {
     let Some(path) = config.map(|p| p.to_path_buf()) else {
         warn!("SIGHUP: no --config file to reload the access rules from; nothing changed");
         return;
@@ -547,7 +596,11 @@ async fn reload_policy(config: Option<&std::path::Path>, policy: &SharedPolicy) 
         Ok(Ok(config)) => {
             let new = config.policy();
             policy.replace(new.clone());
-            log_policy(&new, "reloaded on SIGHUP (only [[access]] is reloaded)");
+            log_policy(
+                &new,
+                "reloaded on SIGHUP (only [[access]] is reloaded)",
+                identities,
+            );
         }
         Ok(Err(e)) => warn!("SIGHUP: the access policy in force is kept: {e}"),
         Err(e) => warn!("SIGHUP: the access policy in force is kept: reading the file failed: {e}"),
