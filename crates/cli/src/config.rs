@@ -27,14 +27,25 @@
 //! client_ca = "clients-ca.pem"            # and/or pinned client certificates:
 //! client_fingerprints = ["3F:A2:...:09"]   # SHA-256, 64 hex digits
 //! allow_plaintext = ["127.0.0.0/8"]   # ...except from these sources
+//!
+//! [[access]]                # once there is a rule, only what rules grant
+//! devices = ["1-1", "046d:*", "*:c52b"]    # bus id, VID:PID (hex, * wildcard), or *
+//! clients = ["fingerprint:3F:A2:...:09",   # a TLS client certificate's SHA-256
+//!            "subject:CN=alice*,O=Example", # its CA-verified subject
+//!            "cidr:127.0.0.0/8"]            # plaintext clients from there; or *
 //! ```
+//!
+//! The `[[access]]` rules are the one part that `SIGHUP` reloads.
 
+use std::fmt::Display;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
 use usbwire_devices::testdev::Pattern;
+use usbwire_server::acl::{ClientMatch, DeviceMatch, Policy, Rule};
 use usbwire_server::ServerConfig;
 
 #[derive(Debug, Default, Deserialize)]
@@ -46,6 +57,45 @@ pub struct Config {
     pub devices: Vec<DeviceConfig>,
     #[serde(default)]
     pub tls: TlsSection,
+    /// Per-device access control: with no rule, every admitted client may
+    /// use every device.
+    #[serde(default, rename = "access")]
+    pub access: Vec<AccessRule>,
+}
+
+/// One `[[access]]` rule: these clients may see and import these devices.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "AccessSection")]
+pub struct AccessRule(pub Rule);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccessSection {
+    #[serde(deserialize_with = "parsed")]
+    devices: Vec<DeviceMatch>,
+    #[serde(deserialize_with = "parsed")]
+    clients: Vec<ClientMatch>,
+}
+
+impl TryFrom<AccessSection> for AccessRule {
+    type Error = usbwire_server::acl::RuleError;
+    fn try_from(a: AccessSection) -> Result<Self, Self::Error> {
+        Rule::new(a.devices, a.clients).map(AccessRule)
+    }
+}
+
+/// A list of strings, each read with `FromStr`; a bad one is an error of
+/// this field, which the TOML error locates.
+fn parsed<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: FromStr,
+    T::Err: Display,
+{
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| s.parse().map_err(serde::de::Error::custom))
+        .collect()
 }
 
 /// TLS 1.3 with client certificates; the flags of the same names override
@@ -195,6 +245,11 @@ pub enum ConfigFileError {
 }
 
 impl Config {
+    /// The access policy of the `[[access]]` rules.
+    pub fn policy(&self) -> Policy {
+        Policy::new(self.access.iter().map(|r| r.0.clone()).collect())
+    }
+
     /// Reads a file; relative image paths become relative to its folder.
     pub fn load(path: &Path) -> Result<Config, ConfigFileError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigFileError::Read {
@@ -291,6 +346,46 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("use 0 (zeros), 1 (mod63) or 2 (none)"), "{e}");
+    }
+
+    #[test]
+    fn access_rules() {
+        let c: Config = toml::from_str(
+            r#"
+            [[access]]
+            devices = ["1-1", "046d:*"]
+            clients = ["subject:CN=alice", "cidr:127.0.0.0/8"]
+            [[access]]
+            devices = ["*"]
+            clients = ["*"]
+            "#,
+        )
+        .unwrap();
+        let p = c.policy();
+        assert_eq!(p.rules().len(), 2);
+        assert_eq!(
+            p.rules()[0].to_string(),
+            "[1-1, 046d:*] to [subject:CN=alice, cidr:127.0.0.0/8]"
+        );
+        assert!(Config::default().policy().is_open());
+    }
+
+    #[test]
+    fn a_bad_access_rule_is_located() {
+        let bad = |text: &str| toml::from_str::<Config>(text).unwrap_err().to_string();
+        let e = bad("[server]\n\n[[access]]\ndevices = [\"1-1\"]\nclients = [\"alice\"]\n");
+        assert!(e.contains("line 5"), "{e}");
+        assert!(e.contains("\"alice\" names no client"), "{e}");
+        let e = bad("[[access]]\ndevices = [\"046d:c5\"]\nclients = [\"*\"]\n");
+        assert!(e.contains("line 2"), "{e}");
+        assert!(e.contains("names no device"), "{e}");
+        let e = bad("[[access]]\ndevices = []\nclients = [\"*\"]\n");
+        assert!(e.contains("line 1"), "{e}");
+        assert!(e.contains("the rule names no device"), "{e}");
+        let e = bad("[[access]]\ndevices = [\"1-1\"]\n");
+        assert!(e.contains("missing field `clients`"), "{e}");
+        let e = bad("[[access]]\ndevices = [\"1-1\"]\nclients = [\"*\"]\nclient = []\n");
+        assert!(e.contains("unknown field `client`"), "{e}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! future resolves, in the manner of mini-redis.
 #![deny(unsafe_code)]
 
+pub mod acl;
 pub mod queue;
 pub mod registry;
 pub mod session;
@@ -56,6 +57,8 @@ pub struct ServerConfig {
     pub import_wait: WaitBounds,
     /// TLS, and which sources may still use plaintext.
     pub access: tls::Access,
+    /// Which clients may see and import which devices.
+    pub acl: acl::AccessControl,
 }
 
 impl Default for ServerConfig {
@@ -71,6 +74,7 @@ impl Default for ServerConfig {
             workers: 0,
             import_wait: WaitBounds::default(),
             access: tls::Access::default(),
+            acl: acl::AccessControl::default(),
         }
     }
 }

@@ -476,6 +476,20 @@ impl Registry {
         importer: Importer,
         bounds: WaitBounds,
     ) -> Result<(DeviceInfo, Box<dyn Backend>), RegistryError> {
+        self.import_granted(busid, importer, bounds, |_| true).await
+    }
+
+    /// [`Registry::import`] of a device that `granted` accepts: one it
+    /// refuses is [`RegistryError::NotFound`] at once, whatever its state,
+    /// so that the importer learns nothing of it. Asked under the same lock
+    /// that takes the device, so what it accepted is what is imported.
+    pub async fn import_granted(
+        &self,
+        busid: &BusId,
+        importer: Importer,
+        bounds: WaitBounds,
+        granted: impl Fn(&DeviceInfo) -> bool,
+    ) -> Result<(DeviceInfo, Box<dyn Backend>), RegistryError> {
         let Some(busid) = busid.as_str() else {
             return Err(RegistryError::NotFound(busid.to_string()));
         };
@@ -485,7 +499,8 @@ impl Registry {
             let mut changes = self.inner.changes.subscribe();
             let deadline = {
                 let mut map = self.lock();
-                match wait.turn(busid, map.get(busid)) {
+                let slot = map.get(busid).filter(|s| granted(&s.info));
+                match wait.turn(busid, slot) {
                     Turn::Take => {
                         let slot = map
                             .get_mut(busid)
@@ -602,7 +617,7 @@ impl Registry {
     }
 }
 
-fn placeholder_info(busid: &str) -> DeviceInfo {
+pub(crate) fn placeholder_info(busid: &str) -> DeviceInfo {
     DeviceInfo {
         path: Default::default(),
         busid: busid.into(),
@@ -840,6 +855,37 @@ mod tests {
             r.remove("1-1").err(),
             Some(RegistryError::NotFound("1-1".into()))
         );
+    }
+
+    #[tokio::test]
+    async fn a_device_not_granted_is_not_found_whatever_its_state() {
+        let r = registry_with(7);
+        let (_c1, _s1, _end1, backend) = import(&r, 1).await;
+        // Imported by another client: refused at once, not after the wait
+        // (which would tell that it exists and is in use).
+        let (_c2, imp2) = second_importer(2);
+        let e = r
+            .import_granted(&BusId::from("1-1"), imp2, LONG, |_| false)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e, RegistryError::NotFound("1-1".into()));
+        r.ending("1-1", 1);
+        r.release("1-1", 1, backend);
+        let (_c3, imp3) = second_importer(3);
+        let e = r
+            .import_granted(&BusId::from("1-1"), imp3, SHORT, |d| d.id_product != 7)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e, RegistryError::NotFound("1-1".into()));
+        let (_c4, imp4) = second_importer(4);
+        let (info, _) = r
+            .import_granted(&BusId::from("1-1"), imp4, SHORT, |d| d.id_product == 7)
+            .await
+            .map_err(|e| e.to_string())
+            .unwrap();
+        assert_eq!(info.id_product, 7);
     }
 
     #[tokio::test]

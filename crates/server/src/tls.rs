@@ -356,6 +356,12 @@ impl TlsStream {
         }
     }
 
+    /// The client's own certificate (DER), once the handshake verified it.
+    pub fn peer_certificate(&self) -> Option<CertificateDer<'static>> {
+        let tls = self.tls();
+        Some(tls.peer_certificates()?.first()?.clone().into_owned())
+    }
+
     /// Whether decrypted bytes wait to be read, or the peer has closed.
     fn input_pending(&self) -> bool {
         match self.tls().process_new_packets() {

@@ -17,6 +17,7 @@ use usbwire_cli::control;
 use usbwire_cli::devices::{self, Exported};
 use usbwire_cli::listen::{self, ListenError, Listener, Origin};
 use usbwire_host::{Manager, Roots};
+use usbwire_server::acl::{AccessControl, ClientMatch, Policy, SharedPolicy};
 use usbwire_server::tls::{self, Access, Fingerprint, TlsFiles};
 use usbwire_server::{Registry, Server, ServerConfig};
 
@@ -52,7 +53,8 @@ struct Args {
     /// Print debugging information.
     #[arg(short = 'd', long = "debug")]
     debug: bool,
-    /// TOML file listing the emulated devices to export.
+    /// TOML file listing the emulated devices to export, and the access
+    /// rules (its [[access]] rules are reloaded on SIGHUP).
     #[arg(long = "config", value_name = "FILE")]
     config: Option<PathBuf>,
     /// Export a demo set with no files needed: a 64 MiB disk, a keyboard,
@@ -168,15 +170,82 @@ fn load_config(args: &Args) -> Result<(Config, ServerConfig), String> {
     };
     let mut server_config = ServerConfig::default();
     config.server.apply(&mut server_config);
-    server_config.access = access(args, &config)?;
+    let (access, pinned) = access(args, &config)?;
+    server_config.access = access;
+    let policy = config.policy();
+    log_policy(
+        &policy,
+        "in force",
+        Identities::of(args, &config, &server_config),
+    );
+    server_config.acl = AccessControl {
+        policy: SharedPolicy::new(policy),
+        pinned,
+    };
     server_config
         .validate()
         .map_err(|e| format!("invalid configuration: {e}"))?;
     Ok((config, server_config))
 }
 
-/// TLS and the plaintext policy, from the flags over the `[tls]` section.
-fn access(args: &Args, config: &Config) -> Result<Access, String> {
+/// What identifies this server's clients, to tell which access rules can
+/// match.
+#[derive(Debug, Clone, Copy)]
+struct Identities {
+    tls: bool,
+    client_ca: bool,
+}
+
+impl Identities {
+    fn of(args: &Args, config: &Config, server: &ServerConfig) -> Identities {
+        Identities {
+            tls: server.access.tls.is_some(),
+            client_ca: args.tls_client_ca.is_some() || config.tls.client_ca.is_some(),
+        }
+    }
+}
+
+/// Says which access rules are in force (`what`: how they came to be), and
+/// which of their clients no connection can ever be.
+fn log_policy(policy: &Policy, what: &str, identities: Identities) {
+    if policy.is_open() {
+        info!(
+            "access policy {what}: no [[access]] rules, every admitted client \
+             may see and import every device"
+        );
+        return;
+    }
+    info!(
+        "access policy {what}: {} rule(s); a device is listed to and importable \
+         by only the clients a rule grants it to",
+        policy.rules().len()
+    );
+    for (i, rule) in policy.rules().iter().enumerate() {
+        info!("access rule {}: {rule}", i + 1);
+        for client in rule.clients() {
+            let tls_client = matches!(
+                client,
+                ClientMatch::Fingerprint(_) | ClientMatch::Subject(_)
+            );
+            if tls_client && !identities.tls {
+                warn!(
+                    "access rule {}: {client} names a TLS client, but TLS is off: it grants nothing",
+                    i + 1
+                );
+            } else if matches!(client, ClientMatch::Subject(_)) && !identities.client_ca {
+                warn!(
+                    "access rule {}: {client} matches only subjects a client CA verified, \
+                     and there is no --tls-client-ca: it grants nothing (pin by fingerprint:)",
+                    i + 1
+                );
+            }
+        }
+    }
+}
+
+/// TLS and the plaintext policy, from the flags over the `[tls]` section,
+/// and the client fingerprints accepted without the client CA.
+fn access(args: &Args, config: &Config) -> Result<(Access, Vec<Fingerprint>), String> {
     let t = &config.tls;
     let cert = args.tls_cert.clone().or_else(|| t.cert.clone());
     let key = args.tls_key.clone().or_else(|| t.key.clone());
@@ -212,7 +281,7 @@ fn access(args: &Args, config: &Config) -> Result<Access, String> {
                 cert,
                 key,
                 client_ca,
-                client_fingerprints,
+                client_fingerprints: client_fingerprints.clone(),
             };
             let tls = tls::server_config(&files).map_err(|e| format!("TLS: {e}"))?;
             let own = tls::cert_fingerprint(&files.cert).map_err(|e| format!("TLS: {e}"))?;
@@ -261,10 +330,13 @@ fn access(args: &Args, config: &Config) -> Result<Access, String> {
             ));
         }
     };
-    Ok(Access {
-        tls,
-        allow_plaintext,
-    })
+    Ok((
+        Access {
+            tls,
+            allow_plaintext,
+        },
+        client_fingerprints,
+    ))
 }
 
 /// The sockets the service manager passed, or else new ones bound as the
@@ -355,11 +427,13 @@ async fn serve(
         Some(socket) => Some(ControlPlane::start(socket, &registry, args).await?),
         None => None,
     };
+    let policy = server_config.acl.policy.clone();
+    let identities = Identities::of(args, &config, &server_config);
     let server = Server::new(registry, server_config).map_err(|e| e.to_string())?;
     listen::announce_ready(&addrs, ready_fd);
     server
         .run(sockets, async {
-            shutdown_signal().await;
+            shutdown_signal(args.config.as_deref(), &policy, identities).await;
             listen::announce_stopping();
         })
         .await;
@@ -484,13 +558,51 @@ fn bind(args: &Args, port: u16) -> Result<Vec<Listener>, String> {
     Ok(listeners)
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGINT or SIGTERM; on each SIGHUP meanwhile, reloads the
+/// access rules from `config` into `policy`.
+async fn shutdown_signal(
+    config: Option<&std::path::Path>,
+    policy: &SharedPolicy,
+    identities: Identities,
+) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
     let mut hup = signal(SignalKind::hangup()).expect("installing a SIGHUP handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = hup.recv() => info!("SIGHUP received"),
+    // Each turn waits for a signal; only SIGINT and SIGTERM end it.
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return info!("SIGINT received"),
+            _ = term.recv() => return info!("SIGTERM received"),
+            _ = hup.recv() => reload_policy(config, policy, identities).await,
+        }
+    }
+}
+
+/// SIGHUP: the `[[access]]` rules of the configuration file replace the
+/// policy in force, for new connections and running imports alike (an
+/// import they no longer grant ends). Nothing else is reloaded. A file that
+/// cannot be read or is invalid leaves the policy in force as it was.
+async fn reload_policy(
+    config: Option<&std::path::Path>,
+    policy: &SharedPolicy,
+    identities: Identities,
+) {
+    let Some(path) = config.map(|p| p.to_path_buf()) else {
+        warn!("SIGHUP: no --config file to reload the access rules from; nothing changed");
+        return;
+    };
+    let loaded = tokio::task::spawn_blocking(move || Config::load(&path)).await;
+    match loaded {
+        Ok(Ok(config)) => {
+            let new = config.policy();
+            policy.replace(new.clone());
+            log_policy(
+                &new,
+                "reloaded on SIGHUP (only [[access]] is reloaded)",
+                identities,
+            );
+        }
+        Ok(Err(e)) => warn!("SIGHUP: the access policy in force is kept: {e}"),
+        Err(e) => warn!("SIGHUP: the access policy in force is kept: reading the file failed: {e}"),
     }
 }

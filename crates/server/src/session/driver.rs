@@ -3,17 +3,19 @@
 
 use std::future::Future;
 use std::io::{self, IoSlice, IoSliceMut};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Wake, Waker};
 use std::time::Instant;
 
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
-use tracing::{info, warn};
-use usbwire_proto::BusId;
+use tracing::{debug, info, warn};
+use usbwire_proto::{BusId, OpStatus};
 
 use super::{OpEvent, OpSession, SessionConfig, UrbSession};
-use crate::registry::Importer;
+use crate::acl::{self, ClientIdentity, Peer};
+use crate::registry::{Importer, RegistryError};
 use crate::tls::{TlsStream, TLS_HANDSHAKE_RECORD};
 use crate::{ServerState, SessionError};
 
@@ -112,8 +114,14 @@ pub(crate) async fn serve(
             stream.send_alert();
             return Ok(());
         }
-        info!(conn, %peer, "TLS client authenticated");
-        return serve_on(stream, Instant::now(), state, conn, shutdown).await;
+        let peer = Peer {
+            addr: peer,
+            tls: stream
+                .peer_certificate()
+                .map(|cert| ClientIdentity::of(&cert, &state.config.acl.pinned)),
+        };
+        info!(conn, client = %peer, "TLS client authenticated");
+        return serve_on(stream, Instant::now(), state, conn, peer, shutdown).await;
     }
     if !access.plaintext_allowed(peer.ip()) {
         warn!(
@@ -125,7 +133,15 @@ pub(crate) async fn serve(
         );
         return Ok(());
     }
-    serve_on(stream, started, state, conn, shutdown).await
+    serve_on(
+        stream,
+        started,
+        state,
+        conn,
+        Peer::plaintext(peer),
+        shutdown,
+    )
+    .await
 }
 
 async fn serve_on(
@@ -133,6 +149,7 @@ async fn serve_on(
     started: Instant,
     state: Arc<ServerState>,
     conn: u64,
+    peer: Peer,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), SessionError> {
     let mut op = OpSession::new(started);
@@ -151,14 +168,25 @@ async fn serve_on(
     };
     match event {
         OpEvent::DevlistRequested => {
-            op.answer_devlist(state.registry.devlist());
+            let policy = state.config.acl.policy.current();
+            let mut devices = state.registry.devlist();
+            let exported = devices.len();
+            devices.retain(|d| policy.allows(&peer, d));
+            debug!(
+                conn, client = %peer,
+                "device list: {} of {exported} available device(s) granted",
+                devices.len()
+            );
+            op.answer_devlist(devices);
             write_all(&stream, op.poll_transmit()).await?;
             stream.close();
             write_all(&stream, &[]).await?;
             let _ = socket2::SockRef::from(stream.socket()).shutdown(std::net::Shutdown::Write);
             Ok(())
         }
-        OpEvent::ImportRequested(busid) => import(stream, op, busid, state, conn, shutdown).await,
+        OpEvent::ImportRequested(busid) => {
+            import(stream, op, busid, state, conn, peer, shutdown).await
+        }
     }
 }
 
@@ -219,8 +247,13 @@ async fn import(
     busid: BusId,
     state: Arc<ServerState>,
     conn: u64,
+    peer: Peer,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), SessionError> {
+    // Subscribed before the policy is read: a reload from here on reaches
+    // the session.
+    let mut policy_updates = state.config.acl.policy.subscribe();
+    let policy = policy_updates.borrow().clone();
     let (importer, end) = match Importer::new(conn, stream.socket()) {
         Ok(x) => x,
         Err(e) => {
@@ -229,27 +262,51 @@ async fn import(
             return Err(e.into());
         }
     };
+    let denied = AtomicBool::new(false);
+    let granted = |info: &usbwire_proto::DeviceInfo| {
+        let allowed = policy.allows(&peer, info);
+        denied.store(!allowed, Ordering::Relaxed);
+        allowed
+    };
     let imported = tokio::select! {
-        r = state.registry.import(&busid, importer, state.config.import_wait) => r,
+        r = state.registry.import_granted(&busid, importer, state.config.import_wait, granted) => r,
         _ = shutdown.changed() => return Ok(()),
     };
     let (info, backend) = match imported {
         Ok(x) => x,
         Err(e) => {
-            info!(conn, %busid, "import refused: {e}");
-            op.refuse_import(e.op_status());
+            // Under access control, a device this client may not use and
+            // one that does not exist get the same answer: it learns
+            // nothing of devices it was not granted.
+            let status = match &e {
+                RegistryError::NotFound(_) | RegistryError::BadBusid(_) if !policy.is_open() => {
+                    OpStatus::Na
+                }
+                e => e.op_status(),
+            };
+            if denied.load(Ordering::Relaxed) {
+                info!(
+                    conn, %busid, client = %peer,
+                    "import refused: the access policy does not grant this device to this client \
+                     (answered {})", status.name()
+                );
+            } else {
+                info!(conn, %busid, client = %peer, "import refused: {e} (answered {})", status.name());
+            }
+            op.refuse_import(status);
             write_all(&stream, op.poll_transmit()).await?;
             return Ok(());
         }
     };
     // It named an exported device: from here on, that device's name.
     let busid = busid.to_string();
+    let device = info.clone();
     op.accept_import(info);
     if let Err(e) = write_all(&stream, op.poll_transmit()).await {
         state.release(&busid, conn, backend).await;
         return Err(e.into());
     }
-    info!(conn, %busid, "imported");
+    info!(conn, %busid, client = %peer, "imported");
     let config = SessionConfig::new(&state.config, crate::sys::rtt(stream.socket()));
     tracing::debug!(grace = ?config.hold_grace, "error hold grace window");
     let wake = Arc::new(SessionWake(Notify::new()));
@@ -269,6 +326,14 @@ async fn import(
         r = run(&stream, &mut session, &wake, &mut shutdown) => r,
         () = end.requested() => {
             info!(conn, %busid, "import ended from outside");
+            Ok(())
+        }
+        () = acl::revoked(&mut policy_updates, &peer, &device) => {
+            // As if unbound: the client sees the connection close.
+            info!(
+                conn, %busid, client = %peer,
+                "import ended: the reloaded access policy no longer grants this device to this client"
+            );
             Ok(())
         }
     };
