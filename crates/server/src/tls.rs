@@ -13,6 +13,7 @@ use std::fmt;
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -22,7 +23,12 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConnection};
 use tokio::net::TcpStream;
-use usbwire_tls::TryIo;
+use tracing::{debug, error, info, warn};
+use usbwire_tls::ktls::{self, Cipher};
+
+/// Whether this kernel can run TLS connections (see [`KernelTls::On`]).
+pub use usbwire_tls::ktls::{probe as probe_kernel_tls, KtlsError};
+use usbwire_tls::{RecordBoundary, TryIo};
 
 use crate::session::driver::Transport;
 
@@ -38,6 +44,48 @@ pub struct Access {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Sources allowed to use plaintext USB/IP although TLS is configured.
     pub allow_plaintext: Vec<IpNet>,
+    /// Whether an import's URB phase moves to kernel TLS.
+    pub kernel: KernelTls,
+}
+
+/// Set once kernel TLS was found missing: that is said once per process,
+/// not once per connection.
+static KERNEL_TLS_MISSING_TOLD: AtomicBool = AtomicBool::new(false);
+
+/// Whether the URB phase of a TLS import runs on kernel TLS (the data path
+/// stays `readv`/`writev` on the socket, URB payloads land straight in
+/// their buffers) or on rustls in user space.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KernelTls {
+    /// Kernel TLS where the kernel offers it, user space where not.
+    #[default]
+    Auto,
+    /// Kernel TLS or nothing: a kernel without it is an error at start.
+    On,
+    /// Always user space.
+    Off,
+}
+
+impl std::str::FromStr for KernelTls {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(KernelTls::Auto),
+            "on" => Ok(KernelTls::On),
+            "off" => Ok(KernelTls::Off),
+            _ => Err(format!("{s:?}: kernel TLS is \"auto\", \"on\" or \"off\"")),
+        }
+    }
+}
+
+impl fmt::Display for KernelTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KernelTls::Auto => "auto",
+            KernelTls::On => "on",
+            KernelTls::Off => "off",
+        })
+    }
 }
 
 impl fmt::Debug for Access {
@@ -45,6 +93,7 @@ impl fmt::Debug for Access {
         f.debug_struct("Access")
             .field("tls", &self.tls.is_some())
             .field("allow_plaintext", &self.allow_plaintext)
+            .field("kernel", &self.kernel)
             .finish()
     }
 }
@@ -233,6 +282,11 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsC
     // socket to kernel TLS.
     config.send_tls13_tickets = 0;
     config.max_early_data_size = 0;
+    // The URB phase may move to kernel TLS, which takes the keys.
+    config.enable_secret_extraction = true;
+    // AES-GCM first, whatever the client prefers: every kernel with TLS
+    // has it (the gcm module), ChaCha20-Poly1305 needs one more.
+    config.ignore_client_order = true;
     Ok(Arc::new(config))
 }
 
@@ -275,17 +329,65 @@ pub enum HandshakeError {
     Timeout,
 }
 
+/// The most plaintext rustls puts in one record (it is configured with
+/// no smaller `max_fragment_size`).
+const MAX_RECORD_PLAINTEXT: usize = 16 * 1024;
+
 /// A TCP connection with TLS in user space: a [`Transport`] whose reads
 /// and writes are plaintext.
 pub(crate) struct TlsStream {
     tcp: TcpStream,
+    conn: u64,
     // A mutex, not a RefCell: the session future must stay `Send`. It is
     // never contended (one task) and never held across an await.
-    tls: Mutex<ServerConnection>,
+    tls: Mutex<Session>,
+}
+
+struct Session {
+    tls: ServerConnection,
+    /// Where the client's bytes stand relative to record ends: what user
+    /// space has read must end at one for the kernel to take over.
+    boundary: RecordBoundary,
+    /// Application-data records sent with the current keys.
+    records_sent: u64,
+    /// Records the keys may encrypt before rustls would renew them with a
+    /// KeyUpdate (the AEAD's confidentiality limit); `None` until known.
+    record_limit: Option<u64>,
+}
+
+/// Why a user-space TLS connection was closed rather than rekeyed.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "closed the TLS connection after {records} records, at its cipher's limit of {limit}: \
+     rustls would renew the keys with a TLS KeyUpdate, which a client whose kernel holds \
+     the connection (kernel TLS, usbip attach --tls) cannot take; the client may reconnect"
+)]
+pub(crate) struct RecordLimitReached {
+    records: u64,
+    limit: u64,
+}
+
+impl Session {
+    /// The records this connection may still send, keeping one for its
+    /// close_notify alert.
+    fn records_left(&mut self) -> u64 {
+        let limit = *self.record_limit.get_or_insert_with(|| {
+            self.tls
+                .negotiated_cipher_suite()
+                .and_then(|s| s.tls13())
+                .map_or(u64::MAX, |s| s.common.confidentiality_limit)
+        });
+        limit.saturating_sub(1).saturating_sub(self.records_sent)
+    }
+}
+
+/// The records rustls makes of `n` bytes written at once.
+fn records_for(n: usize) -> u64 {
+    n.div_ceil(MAX_RECORD_PLAINTEXT) as u64
 }
 
 impl TlsStream {
-    fn tls(&self) -> MutexGuard<'_, ServerConnection> {
+    fn session(&self) -> MutexGuard<'_, Session> {
         self.tls.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -293,10 +395,17 @@ impl TlsStream {
     pub fn new(
         tcp: TcpStream,
         config: Arc<rustls::ServerConfig>,
+        conn: u64,
     ) -> Result<TlsStream, HandshakeError> {
         Ok(TlsStream {
             tcp,
-            tls: Mutex::new(ServerConnection::new(config)?),
+            conn,
+            tls: Mutex::new(Session {
+                tls: ServerConnection::new(config)?,
+                boundary: RecordBoundary::default(),
+                records_sent: 0,
+                record_limit: None,
+            }),
         })
     }
 
@@ -312,8 +421,16 @@ impl TlsStream {
     /// Sends what rustls queued (the alert of a failed handshake), best
     /// effort: the connection is being dropped.
     pub fn send_alert(&self) {
-        let mut tls = self.tls();
-        let _ = Self::flush_records(&mut tls, &self.tcp);
+        let mut s = self.session();
+        let _ = Self::flush_records(&mut s.tls, &self.tcp);
+    }
+
+    /// The negotiated cipher suite, for the log.
+    pub fn cipher_suite(&self) -> String {
+        self.session()
+            .tls
+            .negotiated_cipher_suite()
+            .map_or_else(|| "none".into(), |s| format!("{:?}", s.suite()))
     }
 
     async fn handshake(&self) -> Result<(), HandshakeError> {
@@ -321,10 +438,10 @@ impl TlsStream {
         // bounds the whole.
         loop {
             let blocked_on_write = {
-                let mut tls = self.tls();
+                let mut s = self.session();
                 let mut blocked = false;
-                while tls.wants_write() {
-                    match tls.write_tls(&mut TryIo(&self.tcp)) {
+                while s.tls.wants_write() {
+                    match s.tls.write_tls(&mut TryIo(&self.tcp)) {
                         Ok(_) => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             blocked = true;
@@ -333,7 +450,7 @@ impl TlsStream {
                         Err(e) => return Err(e.into()),
                     }
                 }
-                if !tls.is_handshaking() && !blocked {
+                if !s.tls.is_handshaking() && !blocked {
                     return Ok(());
                 }
                 blocked
@@ -343,8 +460,8 @@ impl TlsStream {
                 continue;
             }
             self.tcp.readable().await?;
-            let mut tls = self.tls();
-            match tls.read_tls(&mut TryIo(&self.tcp)) {
+            let mut s = self.session();
+            match Self::read_records(&mut s, &self.tcp) {
                 Ok(0) => return Err(HandshakeError::Closed),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -352,13 +469,20 @@ impl TlsStream {
             }
             // The alert that tells the client why goes out after the
             // refusal is logged (send_alert).
-            tls.process_new_packets()?;
+            s.tls.process_new_packets()?;
         }
+    }
+
+    /// Reads from the socket into rustls, never past the end of the
+    /// record under way (what follows may be for kernel TLS).
+    fn read_records(s: &mut Session, tcp: &TcpStream) -> io::Result<usize> {
+        let Session { tls, boundary, .. } = s;
+        tls.read_tls(&mut boundary.reader(TryIo(tcp)))
     }
 
     /// Whether decrypted bytes wait to be read, or the peer has closed.
     fn input_pending(&self) -> bool {
-        match self.tls().process_new_packets() {
+        match self.session().tls.process_new_packets() {
             Ok(state) => state.plaintext_bytes_to_read() > 0 || state.peer_has_closed(),
             // The next read reports it.
             Err(_) => true,
@@ -372,6 +496,60 @@ impl TlsStream {
         }
         Ok(())
     }
+
+    /// Moves the connection to kernel TLS for the URB phase, if `access`
+    /// wants it and the kernel can: see [`KernelTls`].
+    fn into_urb_carrier(self, access: &Access) -> UrbCarrier<TlsStream> {
+        if access.kernel == KernelTls::Off {
+            return UrbCarrier::Same(self);
+        }
+        let conn = self.conn;
+        let ready = {
+            let mut s = self.session();
+            let Session { tls, boundary, .. } = &mut *s;
+            ktls::check_ready(tls, boundary)
+        };
+        if let Err(e) = ready {
+            // A client that sent URBs before the import's reply: what user
+            // space holds of them could not reach the kernel.
+            debug!(conn, "this connection stays in user-space TLS: {e}");
+            return UrbCarrier::Same(self);
+        }
+        if let Err(e) = ktls::attach_ulp(&self.tcp) {
+            if access.kernel == KernelTls::On {
+                error!(conn, "closing the connection: kernel TLS is required ([tls] kernel = \"on\"): {e}");
+                return UrbCarrier::Closed;
+            }
+            if !KERNEL_TLS_MISSING_TOLD.swap(true, Ordering::Relaxed) {
+                info!(
+                    "{e}; TLS connections use user-space TLS (rustls) instead \
+                     (said once; [tls] kernel = \"off\" stops trying)"
+                );
+            } else {
+                debug!(conn, "kernel TLS is not available: {e}");
+            }
+            return UrbCarrier::Same(self);
+        }
+        let TlsStream { tcp, tls, .. } = self;
+        let s = tls.into_inner().unwrap_or_else(|e| e.into_inner());
+        match ktls::handoff(&tcp, s.tls, &s.boundary) {
+            Ok(cipher) => UrbCarrier::Kernel(KernelTlsStream { tcp, cipher, conn }),
+            Err(e) => {
+                // The keys are out of rustls: there is no way back.
+                error!(conn, "closing the connection: cannot hand it to kernel TLS: {e}");
+                UrbCarrier::Closed
+            }
+        }
+    }
+}
+
+/// What carries an import's URB phase.
+pub(crate) enum UrbCarrier<T> {
+    /// The transport of the OP phase.
+    Same(T),
+    Kernel(KernelTlsStream),
+    /// The connection could not go on: said in the log.
+    Closed,
 }
 
 impl Transport for TlsStream {
@@ -387,11 +565,11 @@ impl Transport for TlsStream {
     }
 
     fn try_read_vectored(&self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
-        let mut tls = self.tls();
+        let mut s = self.session();
         // Bounded: each turn either returns or reads new bytes, and
         // read_tls returns WouldBlock once the socket is drained.
         loop {
-            match tls.reader().read_vectored(bufs) {
+            match s.tls.reader().read_vectored(bufs) {
                 Ok(n) => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 // Closed without close_notify: USB/IP frames itself, so a
@@ -399,42 +577,110 @@ impl Transport for TlsStream {
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
                 Err(e) => return Err(e),
             }
-            if tls.read_tls(&mut TryIo(&self.tcp))? == 0 {
+            if Self::read_records(&mut s, &self.tcp)? == 0 {
                 return Ok(0);
             }
-            if let Err(e) = tls.process_new_packets() {
-                let _ = tls.write_tls(&mut TryIo(&self.tcp));
+            if let Err(e) = s.tls.process_new_packets() {
+                let _ = s.tls.write_tls(&mut TryIo(&self.tcp));
                 return Err(io::Error::new(io::ErrorKind::InvalidData, e));
             }
         }
     }
 
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        let mut tls = self.tls();
+        let mut s = self.session();
         // Records still waiting for the socket come first: the session's
         // backpressure is the socket's.
-        Self::flush_records(&mut tls, &self.tcp)?;
-        let n = tls.writer().write_vectored(bufs)?;
-        match Self::flush_records(&mut tls, &self.tcp) {
+        Self::flush_records(&mut s.tls, &self.tcp)?;
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        // Close before rustls would renew its keys with a KeyUpdate.
+        let left = s.records_left();
+        if records_for(len) > left {
+            let e = RecordLimitReached {
+                records: s.records_sent,
+                limit: s.record_limit.unwrap_or(u64::MAX),
+            };
+            warn!(conn = self.conn, "{e}");
+            return Err(io::Error::other(e));
+        }
+        let n = s.tls.writer().write_vectored(bufs)?;
+        s.records_sent += records_for(n);
+        match Self::flush_records(&mut s.tls, &self.tcp) {
             Err(e) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
             _ => Ok(n),
         }
     }
 
     fn wants_flush(&self) -> bool {
-        self.tls().wants_write()
+        self.session().tls.wants_write()
     }
 
     fn flush(&self) -> io::Result<()> {
-        Self::flush_records(&mut self.tls(), &self.tcp)
+        Self::flush_records(&mut self.session().tls, &self.tcp)
     }
 
     fn close(&self) {
-        self.tls().send_close_notify();
+        self.session().tls.send_close_notify();
     }
 
     fn socket(&self) -> &TcpStream {
         &self.tcp
+    }
+
+    fn urb_carrier(self, access: &Access) -> UrbCarrier<Self> {
+        self.into_urb_carrier(access)
+    }
+
+    fn carrier(&self) -> String {
+        format!("user-space TLS, {}", self.cipher_suite())
+    }
+}
+
+/// A connection whose TLS the kernel runs: reads and writes on the socket
+/// are plaintext, as on a plaintext connection.
+pub(crate) struct KernelTlsStream {
+    tcp: TcpStream,
+    cipher: Cipher,
+    conn: u64,
+}
+
+impl Transport for KernelTlsStream {
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> {
+        self.tcp.readable()
+    }
+
+    fn writable(&self) -> impl std::future::Future<Output = io::Result<()>> {
+        self.tcp.writable()
+    }
+
+    fn try_read_vectored(&self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        match self.tcp.try_read_vectored(bufs) {
+            // A record other than application data, which a read without
+            // room for its type cannot take: the client's close_notify,
+            // or a KeyUpdate the kernel cannot follow. Either way the
+            // connection is over.
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => {
+                debug!(
+                    conn = self.conn,
+                    "the client sent a TLS record other than application data \
+                     (close_notify, or a KeyUpdate): end of the connection"
+                );
+                Ok(0)
+            }
+            r => r,
+        }
+    }
+
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.tcp.try_write_vectored(bufs)
+    }
+
+    fn socket(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    fn carrier(&self) -> String {
+        format!("kernel TLS, {}", self.cipher)
     }
 }
 

@@ -14,7 +14,7 @@ use usbwire_proto::BusId;
 
 use super::{OpEvent, OpSession, SessionConfig, UrbSession};
 use crate::registry::Importer;
-use crate::tls::{TlsStream, TLS_HANDSHAKE_RECORD};
+use crate::tls::{Access, TlsStream, UrbCarrier, TLS_HANDSHAKE_RECORD};
 use crate::{ServerState, SessionError};
 
 /// Replies per vectored write, at most: a fixed array, so no allocation
@@ -42,6 +42,18 @@ pub(crate) trait Transport {
     fn close(&self) {}
     /// The TCP connection underneath.
     fn socket(&self) -> &TcpStream;
+    /// What carries the URB phase that follows a successful import: this
+    /// transport, or kernel TLS in its place.
+    fn urb_carrier(self, _access: &Access) -> UrbCarrier<Self>
+    where
+        Self: Sized,
+    {
+        UrbCarrier::Same(self)
+    }
+    /// What protects the bytes, for the log.
+    fn carrier(&self) -> String {
+        "plaintext".into()
+    }
 }
 
 impl Transport for TcpStream {
@@ -96,7 +108,7 @@ pub(crate) async fn serve(
             );
             return Ok(());
         };
-        let stream = match TlsStream::new(stream, tls) {
+        let stream = match TlsStream::new(stream, tls, conn) {
             Ok(s) => s,
             Err(e) => {
                 warn!(conn, %peer, "cannot start a TLS session: {e}");
@@ -249,7 +261,31 @@ async fn import(
         state.release(&busid, conn, backend).await;
         return Err(e.into());
     }
-    info!(conn, %busid, "imported");
+    match stream.urb_carrier(&state.config.access) {
+        UrbCarrier::Same(stream) => {
+            urb_phase(stream, busid, backend, end, state, conn, shutdown).await
+        }
+        UrbCarrier::Kernel(stream) => {
+            urb_phase(stream, busid, backend, end, state, conn, shutdown).await
+        }
+        UrbCarrier::Closed => {
+            state.release(&busid, conn, backend).await;
+            Ok(())
+        }
+    }
+}
+
+/// Runs an import's URB phase, then gives its device back.
+async fn urb_phase(
+    stream: impl Transport,
+    busid: String,
+    backend: Box<dyn crate::Backend>,
+    end: crate::registry::EndRequest,
+    state: Arc<ServerState>,
+    conn: u64,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), SessionError> {
+    info!(conn, %busid, via = %stream.carrier(), "imported");
     let config = SessionConfig::new(&state.config, crate::sys::rtt(stream.socket()));
     tracing::debug!(grace = ?config.hold_grace, "error hold grace window");
     let wake = Arc::new(SessionWake(Notify::new()));
