@@ -517,7 +517,10 @@ impl TlsStream {
         }
         if let Err(e) = ktls::attach_ulp(&self.tcp) {
             if access.kernel == KernelTls::On {
-                error!(conn, "closing the connection: kernel TLS is required ([tls] kernel = \"on\"): {e}");
+                error!(
+                    conn,
+                    "closing the connection: kernel TLS is required ([tls] kernel = \"on\"): {e}"
+                );
                 return UrbCarrier::Closed;
             }
             if !KERNEL_TLS_MISSING_TOLD.swap(true, Ordering::Relaxed) {
@@ -536,7 +539,10 @@ impl TlsStream {
             Ok(cipher) => UrbCarrier::Kernel(KernelTlsStream { tcp, cipher, conn }),
             Err(e) => {
                 // The keys are out of rustls: there is no way back.
-                error!(conn, "closing the connection: cannot hand it to kernel TLS: {e}");
+                error!(
+                    conn,
+                    "closing the connection: cannot hand it to kernel TLS: {e}"
+                );
                 UrbCarrier::Closed
             }
         }
@@ -688,6 +694,7 @@ impl Transport for KernelTlsStream {
 mod tests {
     use super::*;
     use crate::{Registry, ServerConfig, ServerState};
+    use std::io::Write;
     use tokio::io::AsyncReadExt;
     use tokio::io::AsyncWriteExt;
     use tokio::sync::watch;
@@ -756,5 +763,257 @@ mod tests {
         assert!(a.plaintext_allowed("::ffff:127.0.0.2".parse().unwrap()));
         assert!(!a.plaintext_allowed("192.0.2.1".parse().unwrap()));
         assert!(!a.plaintext_allowed("::1".parse().unwrap()));
+    }
+
+    /// Counts the TLS records that pass through a reader.
+    struct RecordTap<R> {
+        inner: R,
+        header: Vec<u8>,
+        body_left: usize,
+        records: usize,
+    }
+
+    impl<R: Write> Write for RecordTap<R> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.inner.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.inner.flush()
+        }
+    }
+
+    impl<R: Read> Read for RecordTap<R> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            for &b in &buf[..n] {
+                if self.body_left > 0 {
+                    self.body_left -= 1;
+                    continue;
+                }
+                self.header.push(b);
+                if self.header.len() == 5 {
+                    self.body_left =
+                        usize::from(u16::from_be_bytes([self.header[3], self.header[4]]));
+                    self.header.clear();
+                    self.records += 1;
+                }
+            }
+            Ok(n)
+        }
+    }
+
+    /// A server configuration whose one cipher suite, AES-128-GCM, has
+    /// its confidentiality limit lowered to `limit` records: rustls renews
+    /// the keys (KeyUpdate) after that many.
+    fn low_limit_config(limit: u64) -> (Arc<rustls::ServerConfig>, rcgen::Certificate) {
+        let base = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
+            .tls13()
+            .unwrap();
+        let low: &'static rustls::Tls13CipherSuite =
+            Box::leak(Box::new(rustls::Tls13CipherSuite {
+                common: rustls::crypto::CipherSuiteCommon {
+                    suite: base.common.suite,
+                    hash_provider: base.common.hash_provider,
+                    confidentiality_limit: limit,
+                },
+                hkdf_provider: base.hkdf_provider,
+                aead_alg: base.aead_alg,
+                quic: base.quic,
+            }));
+        let mut provider = rustls::crypto::ring::default_provider();
+        provider.cipher_suites = vec![rustls::SupportedCipherSuite::Tls13(low)];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["usbwire.test".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(
+                    rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()),
+                ),
+            )
+            .unwrap();
+        config.send_tls13_tickets = 0;
+        (Arc::new(config), cert)
+    }
+
+    /// A blocking rustls client on `addr`: handshakes, sends a KeyUpdate
+    /// request first if `request_key_update`, then reads to the end.
+    /// Returns the plaintext and how many records came after the handshake.
+    fn client(
+        addr: std::net::SocketAddr,
+        cert: &rcgen::Certificate,
+        request_key_update: bool,
+    ) -> std::thread::JoinHandle<(Vec<u8>, usize)> {
+        let mut roots = RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        std::thread::spawn(move || {
+            let tcp = std::net::TcpStream::connect(addr).unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let mut tls =
+                rustls::ClientConnection::new(Arc::new(config), "usbwire.test".try_into().unwrap())
+                    .unwrap();
+            let mut tap = RecordTap {
+                inner: tcp,
+                header: Vec::new(),
+                body_left: 0,
+                records: 0,
+            };
+            // The server writes nothing until the handshake is done.
+            while tls.is_handshaking() {
+                tls.complete_io(&mut tap).unwrap();
+            }
+            tap.records = 0;
+            if request_key_update {
+                tls.refresh_traffic_keys().unwrap();
+            }
+            tls.writer().write_all(b"go").unwrap();
+            while tls.wants_write() {
+                tls.write_tls(&mut tap.inner).unwrap();
+            }
+            let mut got = Vec::new();
+            // Bounded by the server's close.
+            loop {
+                match tls.reader().read_to_end(&mut got) {
+                    Ok(_) => break,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+                if tls.read_tls(&mut tap).unwrap() == 0 {
+                    break;
+                }
+                tls.process_new_packets().unwrap();
+                while tls.wants_write() {
+                    tls.write_tls(&mut tap.inner).unwrap();
+                }
+            }
+            (got, tap.records)
+        })
+    }
+
+    /// Serves one client with a TlsStream: reads its "go", then writes
+    /// `writes` messages of 16 bytes; returns how many went out before the
+    /// record guard closed the connection, and the guard's error.
+    async fn serve_writes(
+        config: Arc<rustls::ServerConfig>,
+        listener: tokio::net::TcpListener,
+        writes: usize,
+    ) -> (usize, Option<io::Error>) {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let stream = TlsStream::new(tcp, config, 1).unwrap();
+        stream.accept().await.unwrap();
+        let mut go = [0u8; 2];
+        let mut got = 0;
+        while got < 2 {
+            stream.readable().await.unwrap();
+            match stream.try_read_vectored(&mut [IoSliceMut::new(&mut go[got..])]) {
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(&go, b"go");
+        let mut sent = 0;
+        let mut error = None;
+        for _ in 0..writes {
+            match stream.try_write_vectored(&[IoSlice::new(&[0x5a; 16])]) {
+                Ok(16) => sent += 1,
+                Ok(n) => panic!("a 16-byte write took {n}"),
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        stream.close();
+        while stream.wants_flush() {
+            stream.writable().await.unwrap();
+            let _ = stream.flush();
+        }
+        (sent, error)
+    }
+
+    #[tokio::test]
+    async fn user_space_tls_closes_before_rustls_would_send_a_key_update() {
+        const LIMIT: u64 = 8;
+        let (config, cert) = low_limit_config(LIMIT);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = client(listener.local_addr().unwrap(), &cert, false);
+        let (sent, error) = serve_writes(config, listener, 20).await;
+        let (got, records) = tokio::task::spawn_blocking(move || client.join().unwrap())
+            .await
+            .unwrap();
+        // One record is kept for the close_notify alert.
+        assert_eq!(sent as u64, LIMIT - 1);
+        let error = error.expect("the guard refused a write");
+        assert!(
+            error
+                .to_string()
+                .contains("closed the TLS connection after 7 records")
+                && error.to_string().contains("KeyUpdate"),
+            "{error}"
+        );
+        assert_eq!(got, vec![0x5a; 16 * sent]);
+        // Only the data and the close_notify: no KeyUpdate among them.
+        assert_eq!(records, sent + 1);
+    }
+
+    #[test]
+    fn rustls_alone_sends_a_key_update_at_the_limit() {
+        // What the guard prevents, seen with the same record count.
+        const LIMIT: u64 = 8;
+        let (config, cert) = low_limit_config(LIMIT);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = client(listener.local_addr().unwrap(), &cert, false);
+        let (tcp, _) = listener.accept().unwrap();
+        let mut server = rustls::StreamOwned::new(ServerConnection::new(config).unwrap(), tcp);
+        let mut go = [0u8; 2];
+        server.read_exact(&mut go).unwrap();
+        for _ in 0..LIMIT {
+            server.write_all(&[0x5a; 16]).unwrap();
+        }
+        server.conn.send_close_notify();
+        server.conn.complete_io(&mut server.sock).unwrap();
+        drop(server);
+        let (got, records) = client.join().unwrap();
+        assert_eq!(got.len(), 16 * LIMIT as usize);
+        assert_eq!(
+            records,
+            LIMIT as usize + 2,
+            "the data, a KeyUpdate, close_notify"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_key_update_request_is_answered_with_one_key_update() {
+        // rustls answers a client's KeyUpdate(update_requested) with its
+        // own KeyUpdate: a client that asks runs TLS in user space and can
+        // take it. The connection goes on.
+        let (config, cert) = low_limit_config(1 << 24);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = client(listener.local_addr().unwrap(), &cert, true);
+        let (sent, error) = serve_writes(config, listener, 3).await;
+        let (got, records) = tokio::task::spawn_blocking(move || client.join().unwrap())
+            .await
+            .unwrap();
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(got, vec![0x5a; 16 * sent]);
+        assert_eq!(
+            records,
+            sent + 2,
+            "the data, the KeyUpdate answer, close_notify"
+        );
     }
 }

@@ -211,9 +211,11 @@ fn access(args: &Args, config: &Config) -> Result<Access, String> {
                     .into());
             }
             if kernel.is_some() {
-                return Err("--tls-kernel (tls.kernel) only means something with TLS on: \
+                return Err(
+                    "--tls-kernel (tls.kernel) only means something with TLS on: \
                      also give --tls-cert, --tls-key and --tls-client-ca"
-                    .into());
+                        .into(),
+                );
             }
             warn!(
                 "no TLS configured: every exported device is open to anyone who can \
@@ -258,7 +260,9 @@ fn access(args: &Args, config: &Config) -> Result<Access, String> {
             match kernel.unwrap_or_default() {
                 KernelTls::On => {
                     tls::probe_kernel_tls().map_err(|e| {
-                        format!("kernel TLS is required (--tls-kernel on, tls.kernel = \"on\"): {e}")
+                        format!(
+                            "kernel TLS is required (--tls-kernel on, tls.kernel = \"on\"): {e}"
+                        )
                     })?;
                     info!("kernel TLS carries the URB phase of every TLS import");
                 }
