@@ -529,7 +529,10 @@ impl TlsStream {
                      (said once; [tls] kernel = \"off\" stops trying)"
                 );
             } else {
-                debug!(conn, "kernel TLS is not available: {e}");
+                debug!(
+                    conn,
+                    "staying in user-space TLS, as the first connection was told ({:?})", e
+                );
             }
             return UrbCarrier::Same(self);
         }
