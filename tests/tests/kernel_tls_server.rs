@@ -1,0 +1,351 @@
+//! Our usbipd inside the Debian guest, whose kernel has TLS (`tls.ko`),
+//! with `[tls] kernel = "on"`: after the TLS handshake and the import in
+//! user space, the kernel carries the URB phase. Our library client on the
+//! host (user-space TLS, through the guest's port forward) writes and reads
+//! the emulated disk through it; the log and /proc/net/tls_stat say the
+//! kernel did the work, and the image holds what was written.
+//!
+//! The same run measures 64 KiB bulk through the guest's usbipd over
+//! plaintext, kernel TLS and user-space TLS (printed, not asserted: qemu
+//! TCG timings are only good for ratios).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use usbwire_client::{RemoteDevice, ServerTrust, TlsClientConfig, TransferRequest};
+use usbwire_tests::kernel;
+use usbwire_tests::support::{bulk_endpoints, output_value, sha256_hex};
+use usbwire_tests::tls::Ca;
+
+/// usbipd with kernel TLS on: the disk and a source/sink test device.
+const KERNEL_PORT: u16 = 3240;
+/// usbipd with kernel TLS off: a test device, to compare with.
+const USER_PORT: u16 = 3241;
+const SIGNAL_STAT: u16 = 5555;
+const SIGNAL_END: u16 = 5556;
+/// Where the host writes on the disk, in 512-byte blocks.
+const LBA: u32 = 2048;
+const BLOCKS: u16 = 128;
+const WITHIN: Duration = Duration::from_secs(60);
+
+/// One bulk-only mass-storage command: CBW, data stage, CSW. Returns the
+/// IN data and the CSW status.
+async fn bot(
+    dev: &RemoteDevice,
+    (ep_in, ep_out): (u8, u8),
+    tag: u32,
+    cdb: &[u8],
+    out: Option<&[u8]>,
+    in_len: u32,
+) -> (Vec<u8>, u8) {
+    let mut cbw = Vec::with_capacity(31);
+    cbw.extend_from_slice(b"USBC");
+    cbw.extend_from_slice(&tag.to_le_bytes());
+    let len = out.map_or(in_len, |d| d.len() as u32);
+    cbw.extend_from_slice(&len.to_le_bytes());
+    cbw.push(if out.is_some() { 0x00 } else { 0x80 });
+    cbw.push(0);
+    cbw.push(cdb.len() as u8);
+    let mut block = [0u8; 16];
+    block[..cdb.len()].copy_from_slice(cdb);
+    cbw.extend_from_slice(&block);
+    tokio::time::timeout(WITHIN, dev.bulk_out(ep_out, &cbw))
+        .await
+        .expect("CBW in time")
+        .expect("CBW");
+    let data = match out {
+        Some(d) => {
+            tokio::time::timeout(WITHIN, dev.bulk_out(ep_out, d))
+                .await
+                .expect("data OUT in time")
+                .expect("data OUT");
+            Vec::new()
+        }
+        None => tokio::time::timeout(WITHIN, dev.bulk_in(ep_in, in_len))
+            .await
+            .expect("data IN in time")
+            .expect("data IN"),
+    };
+    let csw = tokio::time::timeout(WITHIN, dev.bulk_in(ep_in, 13))
+        .await
+        .expect("CSW in time")
+        .expect("CSW");
+    assert_eq!(&csw[..4], b"USBS", "CSW signature: {csw:02x?}");
+    assert_eq!(csw[4..8], tag.to_le_bytes(), "CSW tag");
+    (data, csw[12])
+}
+
+fn rw10(opcode: u8, lba: u32, blocks: u16) -> [u8; 10] {
+    let mut cdb = [0u8; 10];
+    cdb[0] = opcode;
+    cdb[2..6].copy_from_slice(&lba.to_be_bytes());
+    cdb[7..9].copy_from_slice(&blocks.to_be_bytes());
+    cdb
+}
+
+/// MB/s of 64 KiB bulk OUT, then IN, eight transfers in flight, `rounds`
+/// times each way.
+async fn bulk_rate(dev: &RemoteDevice, (ep_in, ep_out): (u8, u8), rounds: usize) -> (f64, f64) {
+    const LEN: usize = 64 * 1024;
+    const IN_FLIGHT: usize = 8;
+    let mut rates = [0.0; 2];
+    for (i, rate) in rates.iter_mut().enumerate() {
+        let start = Instant::now();
+        for _ in 0..rounds {
+            let pending: Vec<_> = (0..IN_FLIGHT)
+                .map(|_| {
+                    dev.submit(if i == 0 {
+                        TransferRequest::bulk_out(ep_out, vec![0u8; LEN])
+                    } else {
+                        TransferRequest::bulk_in(ep_in, LEN as u32)
+                    })
+                })
+                .collect();
+            for p in pending {
+                let done = tokio::time::timeout(WITHIN, p).await.expect("64 KiB bulk");
+                assert_eq!(done.status, Ok(()));
+                assert_eq!(done.actual_length as usize, LEN);
+            }
+        }
+        let bytes = (rounds * IN_FLIGHT * LEN) as f64;
+        *rate = bytes / start.elapsed().as_secs_f64() / 1e6;
+    }
+    (rates[0], rates[1])
+}
+
+/// The first exported device whose first interface has `class`.
+async fn busid_of(addr: SocketAddr, tls: &TlsClientConfig, class: u8) -> String {
+    let devices = usbwire_client::list_tls(&addr.ip().to_string(), addr.port(), tls)
+        .await
+        .expect("devlist over TLS");
+    devices
+        .iter()
+        .find(|d| d.interfaces.first().is_some_and(|i| i.class == class))
+        .unwrap_or_else(|| panic!("no device of class {class:#x} in {devices:?}"))
+        .busid
+        .to_string()
+}
+
+/// The value of `name` in /proc/net/tls_stat's text.
+fn tls_stat(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some(name)).then(|| words.next()?.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no {name} in /proc/net/tls_stat:\n{text}"))
+}
+
+#[test]
+fn usbipd_in_the_guest_carries_imports_on_kernel_tls() {
+    let Some(guest) = kernel::require() else {
+        return;
+    };
+    let ca = Ca::new("usbwire test CA");
+    let server = ca.issue(&["usbwire-guest"]);
+    let client = ca.issue(&["usbwire-host"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (client_cert, client_key) = client.write(dir.path(), "client");
+    let tls = TlsClientConfig::from_files(
+        Some((&client_cert, &client_key)),
+        &ServerTrust::Fingerprint(server.fingerprint()),
+    )
+    .unwrap();
+
+    let tls_section = |kernel: &str| {
+        format!(
+            "[tls]\ncert = \"/etc/usbwire/server.crt\"\nkey = \"/etc/usbwire/server.key\"\n\
+             client_ca = \"/etc/usbwire/ca.crt\"\nkernel = \"{kernel}\"\n"
+        )
+    };
+    // Plaintext from the host (qemu's user network shows it as 10.0.2.2),
+    // for the comparison.
+    let kernel_config = format!(
+        "[server]\ntcp_port = {KERNEL_PORT}\n\n\
+         [[device]]\nkind = \"mass-storage\"\nimage = \"/tmp/disk.img\"\n\n\
+         [[device]]\nkind = \"test\"\n\n{}allow_plaintext = [\"10.0.2.0/24\"]\n",
+        tls_section("on")
+    );
+    let user_config = format!(
+        "[server]\ntcp_port = {USER_PORT}\n\n[[device]]\nkind = \"test\"\n\n{}",
+        tls_section("off")
+    );
+    let script = format!(
+        r#"set -e
+for m in gf128mul ghash-generic ctr gcm tls; do modprobe $m; done
+dd if=/dev/zero of=/tmp/disk.img bs=1M count=4 2>/dev/null
+usbipd-rs --no-control --config /etc/usbwire/kernel.toml >/tmp/kernel.log 2>&1 &
+usbipd-rs --no-control --config /etc/usbwire/user.toml >/tmp/user.log 2>&1 &
+usbwire_wait_listen {KERNEL_PORT} 60
+usbwire_wait_listen {USER_PORT} 60
+echo READY
+usbwire_wait_signal {SIGNAL_STAT} 600 >/dev/null
+echo TLS_STAT-BEGIN
+cat /proc/net/tls_stat
+echo TLS_STAT-END
+usbwire_wait_signal {SIGNAL_END} 600 >/dev/null
+echo "IMAGE=$(dd if=/tmp/disk.img bs=512 skip={LBA} count={BLOCKS} 2>/dev/null | sha256sum | cut -d' ' -f1)"
+echo KERNEL-LOG-BEGIN
+cat /tmp/kernel.log
+echo USER-LOG-BEGIN
+cat /tmp/user.log
+"#
+    );
+    let g = guest
+        .script(&script)
+        .file("/etc/usbwire/server.crt", server.cert.as_bytes(), 0o644)
+        .file("/etc/usbwire/server.key", server.key.as_bytes(), 0o600)
+        .file("/etc/usbwire/ca.crt", ca.pem().as_bytes(), 0o644)
+        .file("/etc/usbwire/kernel.toml", kernel_config.as_bytes(), 0o644)
+        .file("/etc/usbwire/user.toml", user_config.as_bytes(), 0o644)
+        .host_binary(&kernel::stripped_bin("usbipd"), "/usr/bin/usbipd-rs")
+        .memory_mib(768)
+        .hostfwd(KERNEL_PORT)
+        .hostfwd(USER_PORT)
+        .hostfwd(SIGNAL_STAT)
+        .hostfwd(SIGNAL_END)
+        .timeout(Duration::from_secs(900))
+        .spawn()
+        .expect("boot the guest");
+    g.wait_for_output("READY", Duration::from_secs(300))
+        .expect("usbipd listening in the guest");
+    let kernel_addr = SocketAddr::from(([127, 0, 0, 1], g.host_port(KERNEL_PORT)));
+    let user_addr = SocketAddr::from(([127, 0, 0, 1], g.host_port(USER_PORT)));
+
+    // A block pattern no zeroed image holds by chance.
+    let pattern: Vec<u8> = (0..usize::from(BLOCKS) * 512)
+        .map(|i| (i / 512) as u8 ^ (i as u8).wrapping_mul(31) ^ 0xa5)
+        .collect();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let rates = rt.block_on(async {
+        let host = kernel_addr.ip().to_string();
+        let disk = busid_of(kernel_addr, &tls, 0x08).await;
+        let dev = usbwire_client::import_tls(&host, kernel_addr.port(), &tls, &disk)
+            .await
+            .expect("import the disk over TLS");
+        dev.set_configuration(1).await.expect("SET_CONFIGURATION");
+        let eps = bulk_endpoints(&dev.config_descriptor().await.unwrap());
+        let (_, status) = bot(&dev, eps, 1, &rw10(0x2a, LBA, BLOCKS), Some(&pattern), 0).await;
+        assert_eq!(status, 0, "WRITE(10)");
+        let (back, status) = bot(
+            &dev,
+            eps,
+            2,
+            &rw10(0x28, LBA, BLOCKS),
+            None,
+            pattern.len() as u32,
+        )
+        .await;
+        assert_eq!(status, 0, "READ(10)");
+        assert!(back == pattern, "the disk gave back other data");
+
+        // The connection is open: the kernel holds its TLS state now.
+        g.signal(SIGNAL_STAT, "stat", WITHIN).expect("signal stat");
+        g.wait_for_output("TLS_STAT-END", WITHIN)
+            .expect("/proc/net/tls_stat");
+        drop(dev);
+
+        // Throughput, for the report: the same test device through one
+        // usbipd, plaintext then kernel TLS, and through the other in
+        // user-space TLS.
+        let test_dev = busid_of(kernel_addr, &tls, 0xff).await;
+        let plain = usbwire_client::import(kernel_addr, &test_dev)
+            .await
+            .expect("plaintext import from 10.0.2.0/24");
+        plain.set_configuration(1).await.unwrap();
+        let eps = bulk_endpoints(&plain.config_descriptor().await.unwrap());
+        bulk_rate(&plain, eps, 1).await;
+        let plaintext = bulk_rate(&plain, eps, 8).await;
+        drop(plain);
+        let ktls = usbwire_client::import_tls(&host, kernel_addr.port(), &tls, &test_dev)
+            .await
+            .expect("import the test device over kernel TLS");
+        ktls.set_configuration(1).await.unwrap();
+        bulk_rate(&ktls, eps, 1).await;
+        let kernel_tls = bulk_rate(&ktls, eps, 8).await;
+        drop(ktls);
+        let user_dev = busid_of(user_addr, &tls, 0xff).await;
+        let user = usbwire_client::import_tls(&host, user_addr.port(), &tls, &user_dev)
+            .await
+            .expect("import the test device over user-space TLS");
+        user.set_configuration(1).await.unwrap();
+        let eps = bulk_endpoints(&user.config_descriptor().await.unwrap());
+        bulk_rate(&user, eps, 1).await;
+        let user_tls = bulk_rate(&user, eps, 8).await;
+        drop(user);
+        (plaintext, kernel_tls, user_tls)
+    });
+    g.signal(SIGNAL_END, "end", WITHIN).expect("signal end");
+    let out = g.wait().expect("guest run");
+    out.assert_success();
+    let text = out.output.clone();
+
+    let stat = text
+        .split("TLS_STAT-BEGIN")
+        .nth(1)
+        .and_then(|s| s.split("TLS_STAT-END").next())
+        .expect("tls_stat printed");
+    // While the disk's connection was open: its TLS was the kernel's, in
+    // software (no NIC offload under qemu), both ways.
+    assert!(tls_stat(stat, "TlsCurrTxSw") >= 1, "{stat}");
+    assert!(tls_stat(stat, "TlsCurrRxSw") >= 1, "{stat}");
+    assert_eq!(tls_stat(stat, "TlsDecryptError"), 0, "{stat}");
+
+    assert_eq!(
+        output_value(&text, "IMAGE="),
+        sha256_hex(&pattern),
+        "the image holds what was written through kernel TLS"
+    );
+    let (kernel_log, user_log) = text
+        .split("KERNEL-LOG-BEGIN")
+        .nth(1)
+        .and_then(|s| s.split_once("USER-LOG-BEGIN"))
+        .expect("usbipd logs printed");
+    assert!(
+        kernel_log.contains("kernel TLS carries the URB phase of every TLS import"),
+        "{kernel_log}"
+    );
+    let imports: Vec<&str> = kernel_log
+        .lines()
+        .filter(|l| l.contains(" imported"))
+        .collect();
+    assert_eq!(
+        imports.len(),
+        3,
+        "disk, test device plaintext and TLS:\n{kernel_log}"
+    );
+    assert_eq!(
+        imports
+            .iter()
+            .filter(|l| l.contains("via=kernel TLS, AES-256-GCM"))
+            .count(),
+        2,
+        "{kernel_log}"
+    );
+    assert_eq!(
+        imports
+            .iter()
+            .filter(|l| l.contains("via=plaintext"))
+            .count(),
+        1,
+        "{kernel_log}"
+    );
+    assert!(!kernel_log.contains("WARN"), "{kernel_log}");
+    assert!(!kernel_log.contains("ERROR"), "{kernel_log}");
+    assert!(
+        user_log.contains("via=user-space TLS, TLS13_AES_256_GCM_SHA384"),
+        "{user_log}"
+    );
+
+    let ((p_out, p_in), (k_out, k_in), (u_out, u_in)) = rates;
+    eprintln!(
+        "64 KiB bulk through usbipd in the guest (qemu TCG, 8 in flight, 4 MiB each way), MB/s:\n\
+         plaintext        OUT {p_out:6.2}  IN {p_in:6.2}\n\
+         kernel TLS       OUT {k_out:6.2}  IN {k_in:6.2}  ({:.0} % / {:.0} % of plaintext)\n\
+         user-space TLS   OUT {u_out:6.2}  IN {u_in:6.2}  ({:.0} % / {:.0} % of plaintext)",
+        100.0 * k_out / p_out,
+        100.0 * k_in / p_in,
+        100.0 * u_out / p_out,
+        100.0 * u_in / p_in,
+    );
+}
