@@ -659,7 +659,10 @@ fn kernel_tls_auto_uses_the_kernel_or_else_user_space_and_says_so_once() {
                 .matches("kernel TLS is not available: modprobe tls")
                 .count();
             assert_eq!(told, 1, "said once per process, not per connection:\n{log}");
-            assert!(log.contains("TLS connections use user-space TLS (rustls) instead"));
+            assert!(
+                log.contains("TLS imports use user-space TLS (rustls) instead"),
+                "{log}"
+            );
         }
     }
     d.stop();

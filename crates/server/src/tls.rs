@@ -497,17 +497,24 @@ impl TlsStream {
         Ok(())
     }
 
-    /// Moves the connection to kernel TLS for the URB phase, if `access`
+    /// Moves the connection to kernel TLS for the URB phase, if `kernel`
     /// wants it and the kernel can: see [`KernelTls`].
-    fn into_urb_carrier(self, access: &Access) -> UrbCarrier<TlsStream> {
-        if access.kernel == KernelTls::Off {
+    async fn into_urb_carrier(self, kernel: KernelTls) -> UrbCarrier<TlsStream> {
+        if kernel == KernelTls::Off {
             return UrbCarrier::Same(self);
         }
         let conn = self.conn;
-        let ready = {
+        let (ready, aes_gcm) = {
             let mut s = self.session();
             let Session { tls, boundary, .. } = &mut *s;
-            ktls::check_ready(tls, boundary)
+            let aes_gcm = tls.negotiated_cipher_suite().is_some_and(|c| {
+                matches!(
+                    c.suite(),
+                    rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+                        | rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+                )
+            });
+            (ktls::check_ready(tls, boundary), aes_gcm)
         };
         if let Err(e) = ready {
             // A client that sent URBs before the import's reply: what user
@@ -515,25 +522,30 @@ impl TlsStream {
             debug!(conn, "this connection stays in user-space TLS: {e}");
             return UrbCarrier::Same(self);
         }
+        if kernel == KernelTls::Auto {
+            if !aes_gcm {
+                // A client that offered no AES-GCM: the probe did not look
+                // for its cipher in the kernel.
+                debug!(
+                    conn,
+                    "this connection stays in user-space TLS: its cipher is not AES-GCM"
+                );
+                return UrbCarrier::Same(self);
+            }
+            if let Err(why) = kernel_tls_usable().await {
+                say_kernel_tls_missing(conn, why);
+                return UrbCarrier::Same(self);
+            }
+        }
         if let Err(e) = ktls::attach_ulp(&self.tcp) {
-            if access.kernel == KernelTls::On {
+            if kernel == KernelTls::On {
                 error!(
                     conn,
                     "closing the connection: kernel TLS is required ([tls] kernel = \"on\"): {e}"
                 );
                 return UrbCarrier::Closed;
             }
-            if !KERNEL_TLS_MISSING_TOLD.swap(true, Ordering::Relaxed) {
-                info!(
-                    "{e}; TLS connections use user-space TLS (rustls) instead \
-                     (said once; [tls] kernel = \"off\" stops trying)"
-                );
-            } else {
-                debug!(
-                    conn,
-                    "staying in user-space TLS, as the first connection was told ({:?})", e
-                );
-            }
+            say_kernel_tls_missing(conn, &e.to_string());
             return UrbCarrier::Same(self);
         }
         let TlsStream { tcp, tls, .. } = self;
@@ -550,6 +562,38 @@ impl TlsStream {
             }
         }
     }
+}
+
+/// Says once per process, not once per connection, that kernel TLS is
+/// missing and why.
+fn say_kernel_tls_missing(conn: u64, why: &str) {
+    if !KERNEL_TLS_MISSING_TOLD.swap(true, Ordering::Relaxed) {
+        info!(
+            "{why}; TLS imports use user-space TLS (rustls) instead \
+             (said once; [tls] kernel = \"off\" stops trying)"
+        );
+    } else {
+        debug!(
+            conn,
+            "this connection stays in user-space TLS: no kernel TLS"
+        );
+    }
+}
+
+/// Whether this kernel runs TLS with AES-GCM, found once per process on
+/// the blocking pool (the probe makes a loopback connection).
+async fn kernel_tls_usable() -> Result<(), &'static str> {
+    static PROBE: tokio::sync::OnceCell<Result<(), String>> = tokio::sync::OnceCell::const_new();
+    PROBE
+        .get_or_init(|| async {
+            tokio::task::spawn_blocking(|| ktls::probe().map_err(|e| e.to_string()))
+                .await
+                .unwrap_or_else(|e| Err(format!("the kernel TLS probe failed: {e}")))
+        })
+        .await
+        .as_ref()
+        .map(|_| ())
+        .map_err(String::as_str)
 }
 
 /// What carries an import's URB phase.
@@ -636,8 +680,8 @@ impl Transport for TlsStream {
         &self.tcp
     }
 
-    fn urb_carrier(self, access: &Access) -> UrbCarrier<Self> {
-        self.into_urb_carrier(access)
+    async fn urb_carrier(self, kernel: KernelTls) -> UrbCarrier<Self> {
+        self.into_urb_carrier(kernel).await
     }
 
     fn carrier(&self) -> String {

@@ -14,7 +14,7 @@ use usbwire_proto::BusId;
 
 use super::{OpEvent, OpSession, SessionConfig, UrbSession};
 use crate::registry::Importer;
-use crate::tls::{Access, TlsStream, UrbCarrier, TLS_HANDSHAKE_RECORD};
+use crate::tls::{KernelTls, TlsStream, UrbCarrier, TLS_HANDSHAKE_RECORD};
 use crate::{ServerState, SessionError};
 
 /// Replies per vectored write, at most: a fixed array, so no allocation
@@ -44,11 +44,11 @@ pub(crate) trait Transport {
     fn socket(&self) -> &TcpStream;
     /// What carries the URB phase that follows a successful import: this
     /// transport, or kernel TLS in its place.
-    fn urb_carrier(self, _access: &Access) -> UrbCarrier<Self>
+    fn urb_carrier(self, _kernel: KernelTls) -> impl Future<Output = UrbCarrier<Self>>
     where
         Self: Sized,
     {
-        UrbCarrier::Same(self)
+        async move { UrbCarrier::Same(self) }
     }
     /// What protects the bytes, for the log.
     fn carrier(&self) -> String {
@@ -261,7 +261,7 @@ async fn import(
         state.release(&busid, conn, backend).await;
         return Err(e.into());
     }
-    match stream.urb_carrier(&state.config.access) {
+    match stream.urb_carrier(state.config.access.kernel).await {
         UrbCarrier::Same(stream) => {
             urb_phase(stream, busid, backend, end, state, conn, shutdown).await
         }
