@@ -7,7 +7,8 @@
 //!
 //! The same run measures 64 KiB bulk through the guest's usbipd over
 //! plaintext, kernel TLS and user-space TLS (printed, not asserted: qemu
-//! TCG timings are only good for ratios).
+//! TCG timings are only good for ratios; `USBWIRE_GUEST_USBIPD=PATH` runs
+//! another usbipd build in the guest, e.g. a stripped release build).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -191,6 +192,11 @@ echo USER-LOG-BEGIN
 cat /tmp/user.log
 "#
     );
+    // The throughput of user-space TLS is that of this build's rustls
+    // and ring: a debug build's is no measure of it.
+    let usbipd = std::env::var_os("USBWIRE_GUEST_USBIPD")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| kernel::stripped_bin("usbipd"));
     let g = guest
         .script(&script)
         .file("/etc/usbwire/server.crt", server.cert.as_bytes(), 0o644)
@@ -198,7 +204,7 @@ cat /tmp/user.log
         .file("/etc/usbwire/ca.crt", ca.pem().as_bytes(), 0o644)
         .file("/etc/usbwire/kernel.toml", kernel_config.as_bytes(), 0o644)
         .file("/etc/usbwire/user.toml", user_config.as_bytes(), 0o644)
-        .host_binary(&kernel::stripped_bin("usbipd"), "/usr/bin/usbipd-rs")
+        .host_binary(&usbipd, "/usr/bin/usbipd-rs")
         .memory_mib(768)
         .hostfwd(KERNEL_PORT)
         .hostfwd(USER_PORT)
@@ -339,10 +345,11 @@ cat /tmp/user.log
 
     let ((p_out, p_in), (k_out, k_in), (u_out, u_in)) = rates;
     eprintln!(
-        "64 KiB bulk through usbipd in the guest (qemu TCG, 8 in flight, 4 MiB each way), MB/s:\n\
+        "64 KiB bulk through usbipd ({}) in the guest (qemu TCG, 8 in flight, 4 MiB each way), MB/s:\n\
          plaintext        OUT {p_out:6.2}  IN {p_in:6.2}\n\
          kernel TLS       OUT {k_out:6.2}  IN {k_in:6.2}  ({:.0} % / {:.0} % of plaintext)\n\
          user-space TLS   OUT {u_out:6.2}  IN {u_in:6.2}  ({:.0} % / {:.0} % of plaintext)",
+        usbipd.display(),
         100.0 * k_out / p_out,
         100.0 * k_in / p_in,
         100.0 * u_out / p_out,

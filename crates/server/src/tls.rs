@@ -7,7 +7,14 @@
 //! The server sends nothing after the handshake but application data: no
 //! TLS 1.3 session tickets and no KeyUpdate of its own. A client may hand
 //! its socket to its kernel (vhci-hcd over kernel TLS), whose receive path
-//! fails on any other record type.
+//! fails on any other record type. Nor can the server's own rustls renew
+//! its keys: near the AEAD's record limit it closes the connection instead.
+//!
+//! Once an import is accepted, the server's side may move to kernel TLS
+//! too ([`KernelTls`]): the URB phase then reads and writes plaintext on
+//! the socket, and the kernel encrypts below. Reads during the handshake
+//! and the OP phase stop at record ends, so that what the client sent
+//! after its import request is still whole in the socket for the kernel.
 
 use std::fmt;
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
