@@ -13,9 +13,19 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use usbwire_client::{RemoteDevice, ServerTrust, TlsClientConfig, TransferRequest};
+use usbwire_proto::urb::InFlight;
+use usbwire_proto::{
+    Decoded, Direction, Limits, OpReply, OpRequest, OpStatus, UrbReply, USBIP_VERSION,
+};
 use usbwire_tests::kernel;
-use usbwire_tests::support::{bulk_endpoints, output_value, sha256_hex};
+use usbwire_tests::support::{bulk_endpoints, output_value, set_configuration, sha256_hex};
 use usbwire_tests::tls::Ca;
 
 /// usbipd with kernel TLS on: the disk and a source/sink test device.
@@ -125,6 +135,99 @@ async fn busid_of(addr: SocketAddr, tls: &TlsClientConfig, class: u8) -> String 
         .unwrap_or_else(|| panic!("no device of class {class:#x} in {devices:?}"))
         .busid
         .to_string()
+}
+
+/// A rustls client that sends OP_REQ_IMPORT and, without waiting for its
+/// reply, a SET_CONFIGURATION CMD_SUBMIT: in one TLS record (user space
+/// then holds the URB when the import is answered, so the server must stay
+/// in user space) or in two (the second must stay whole in the socket for
+/// the server's kernel). Returns the URB's status.
+fn pipelined_import(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    busid: &str,
+    one_record: bool,
+) -> i32 {
+    let tcp = TcpStream::connect(addr).expect("connect");
+    tcp.set_read_timeout(Some(WITHIN)).unwrap();
+    tcp.set_write_timeout(Some(WITHIN)).unwrap();
+    let conn = rustls::ClientConnection::new(config, "usbwire-guest".try_into().unwrap()).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    // Bounded: a TLS 1.3 handshake is a few flights, each read in time.
+    for _ in 0..8 {
+        if !tls.conn.is_handshaking() {
+            break;
+        }
+        tls.conn.complete_io(&mut tls.sock).expect("TLS handshake");
+    }
+    let mut import = Vec::new();
+    OpRequest::Import {
+        version: USBIP_VERSION,
+        busid: busid.into(),
+    }
+    .encode(&mut import);
+    let mut urb = Vec::new();
+    set_configuration(1).encode(&[], &[], &mut urb);
+    if one_record {
+        import.extend_from_slice(&urb);
+        tls.conn.writer().write_all(&import).unwrap();
+    } else {
+        tls.conn.writer().write_all(&import).unwrap();
+        tls.conn.writer().write_all(&urb).unwrap();
+    }
+    // Both records in one write to the socket.
+    let mut wire = Vec::new();
+    while tls.conn.wants_write() {
+        tls.conn.write_tls(&mut wire).unwrap();
+    }
+    tls.sock.write_all(&wire).unwrap();
+
+    let mut buf = Vec::new();
+    let fill = |tls: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+                buf: &mut Vec<u8>| {
+        let mut chunk = [0u8; 4096];
+        let n = tls.read(&mut chunk).expect("read over TLS");
+        assert!(n > 0, "usbipd closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    // Bounded: every turn reads at least one byte, each in time.
+    let reply = loop {
+        match OpReply::decode(&buf, &Limits::default()).expect("an OP reply") {
+            Decoded::Message(m, n) => {
+                buf.drain(..n);
+                break m;
+            }
+            _ => fill(&mut tls, &mut buf),
+        }
+    };
+    assert!(
+        matches!(
+            reply,
+            OpReply::Import {
+                status: OpStatus::Ok,
+                ..
+            }
+        ),
+        "{reply:?}"
+    );
+    loop {
+        let decoded = UrbReply::decode(&buf, &Limits::default(), |_| {
+            Some(InFlight {
+                direction: Direction::Out,
+                iso: false,
+                length: 0,
+            })
+        })
+        .expect("a URB reply");
+        match decoded {
+            Decoded::Message(UrbReply::Submit { ret, .. }, _) => {
+                assert_eq!(ret.seqnum, 1);
+                return ret.status;
+            }
+            Decoded::Message(other, _) => panic!("{other:?}"),
+            _ => fill(&mut tls, &mut buf),
+        }
+    }
 }
 
 /// The value of `name` in /proc/net/tls_stat's text.
@@ -279,8 +382,36 @@ cat /tmp/user.log
         bulk_rate(&user, eps, 1).await;
         let user_tls = bulk_rate(&user, eps, 8).await;
         drop(user);
-        (plaintext, kernel_tls, user_tls)
+        (plaintext, kernel_tls, user_tls, test_dev)
     });
+    let (plaintext, kernel_tls, user_tls, test_dev) = rates;
+    let rates = (plaintext, kernel_tls, user_tls);
+    // Clients that send a URB before the import is answered.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert.der().clone()).unwrap();
+    let raw_client = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![CertificateDer::from_pem_slice(client.cert.as_bytes()).unwrap()],
+            PrivateKeyDer::from_pem_slice(client.key.as_bytes()).unwrap(),
+        )
+        .unwrap(),
+    );
+    assert_eq!(
+        pipelined_import(kernel_addr, raw_client.clone(), &test_dev, false),
+        0,
+        "URB in its own record, after the import's"
+    );
+    assert_eq!(
+        pipelined_import(kernel_addr, raw_client, &test_dev, true),
+        0,
+        "URB in the import's record"
+    );
     g.signal(SIGNAL_END, "end", WITHIN).expect("signal end");
     let out = g.wait().expect("guest run");
     out.assert_success();
@@ -315,17 +446,20 @@ cat /tmp/user.log
         .lines()
         .filter(|l| l.contains(" imported"))
         .collect();
-    assert_eq!(
-        imports.len(),
-        3,
-        "disk, test device plaintext and TLS:\n{kernel_log}"
-    );
+    eprintln!("{}", imports.join("\n"));
+    assert_eq!(imports.len(), 5, "{kernel_log}");
+    // The disk, the test device, the URB sent in its own record.
     assert_eq!(
         imports
             .iter()
             .filter(|l| l.contains("via=kernel TLS, AES-256-GCM"))
             .count(),
-        2,
+        3,
+        "{kernel_log}"
+    );
+    // The URB that shared the import's record: it was in user space.
+    assert!(
+        imports[4].contains("via=user-space TLS, TLS13_AES_256_GCM_SHA384"),
         "{kernel_log}"
     );
     assert_eq!(
