@@ -276,7 +276,22 @@ fn usbipd_in_the_guest_carries_imports_on_kernel_tls() {
     );
     let script = format!(
         r#"set -e
-for m in gf128mul ghash-generic ctr gcm tls; do modprobe $m; done
+# The kernel loads no module by itself: each refusal below is for the
+# module named.
+echo /bin/false > /proc/sys/kernel/modprobe
+set +e
+timeout 120 usbipd-rs --no-control --config /etc/usbwire/kernel.toml >/tmp/no-tls.log 2>&1
+echo "NO_TLS_RC=$?"
+modprobe tls
+timeout 120 usbipd-rs --no-control --config /etc/usbwire/kernel.toml >/tmp/no-gcm.log 2>&1
+echo "NO_GCM_RC=$?"
+set -e
+echo NO-TLS-LOG-BEGIN
+cat /tmp/no-tls.log
+echo NO-GCM-LOG-BEGIN
+cat /tmp/no-gcm.log
+echo NO-LOGS-END
+for m in gf128mul ghash-generic ctr gcm; do modprobe $m; done
 dd if=/dev/zero of=/tmp/disk.img bs=1M count=4 2>/dev/null
 usbipd-rs --no-control --config /etc/usbwire/kernel.toml >/tmp/kernel.log 2>&1 &
 usbipd-rs --no-control --config /etc/usbwire/user.toml >/tmp/user.log 2>&1 &
@@ -416,6 +431,31 @@ cat /tmp/user.log
     let out = g.wait().expect("guest run");
     out.assert_success();
     let text = out.output.clone();
+
+    // kernel = "on" without the tls module, then without gcm: no start,
+    // and the modprobe that is missing.
+    assert_eq!(output_value(&text, "NO_TLS_RC="), "1");
+    assert_eq!(output_value(&text, "NO_GCM_RC="), "1");
+    let (no_tls, no_gcm) = text
+        .split("NO-TLS-LOG-BEGIN")
+        .nth(1)
+        .and_then(|s| s.split("NO-LOGS-END").next())
+        .and_then(|s| s.split_once("NO-GCM-LOG-BEGIN"))
+        .expect("the refusals' logs");
+    assert!(
+        no_tls.contains(
+            "kernel TLS is required (--tls-kernel on, tls.kernel = \"on\"): \
+             kernel TLS is not available: modprobe tls"
+        ),
+        "{no_tls}"
+    );
+    assert!(
+        no_gcm.contains(
+            "kernel TLS is required (--tls-kernel on, tls.kernel = \"on\"): \
+             kernel TLS has no AES-128-GCM cipher: modprobe gcm (TLS_TX failed: ENOENT"
+        ),
+        "{no_gcm}"
+    );
 
     let stat = text
         .split("TLS_STAT-BEGIN")

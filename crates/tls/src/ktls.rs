@@ -79,7 +79,7 @@ pub enum KtlsError {
     )]
     UlpRefused(Errno),
     #[error(
-        "kernel TLS has no {cipher:?} cipher: modprobe {} ({direction} failed: {errno})",
+        "kernel TLS has no {cipher} cipher: modprobe {} ({direction} failed: {errno})",
         cipher.module()
     )]
     CipherUnavailable {
