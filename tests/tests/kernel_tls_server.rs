@@ -34,6 +34,9 @@ const KERNEL_PORT: u16 = 3240;
 const USER_PORT: u16 = 3241;
 const SIGNAL_STAT: u16 = 5555;
 const SIGNAL_END: u16 = 5556;
+/// usbipd with kernel TLS "auto", while the kernel has tls but not gcm.
+const AUTO_PORT: u16 = 3242;
+const SIGNAL_AUTO: u16 = 5557;
 /// Where the host writes on the disk, in 512-byte blocks.
 const LBA: u32 = 2048;
 const BLOCKS: u16 = 128;
@@ -274,6 +277,10 @@ fn usbipd_in_the_guest_carries_imports_on_kernel_tls() {
         "[server]\ntcp_port = {USER_PORT}\n\n[[device]]\nkind = \"test\"\n\n{}",
         tls_section("off")
     );
+    let auto_config = format!(
+        "[server]\ntcp_port = {AUTO_PORT}\n\n[[device]]\nkind = \"test\"\n\n{}",
+        tls_section("auto")
+    );
     let script = format!(
         r#"set -e
 # The kernel loads no module by itself: each refusal below is for the
@@ -291,13 +298,23 @@ cat /tmp/no-tls.log
 echo NO-GCM-LOG-BEGIN
 cat /tmp/no-gcm.log
 echo NO-LOGS-END
+usbipd-rs --no-control --config /etc/usbwire/auto.toml >/tmp/auto.log 2>&1 &
+auto=$!
+usbwire_wait_listen {AUTO_PORT} 60
+echo AUTO-LISTENING
+usbwire_wait_signal {SIGNAL_AUTO} 600 >/dev/null
+kill $auto
+wait $auto || true
+echo AUTO-LOG-BEGIN
+cat /tmp/auto.log
+echo AUTO-LOG-END
 for m in gf128mul ghash-generic ctr gcm; do modprobe $m; done
 dd if=/dev/zero of=/tmp/disk.img bs=1M count=4 2>/dev/null
 usbipd-rs --no-control --config /etc/usbwire/kernel.toml >/tmp/kernel.log 2>&1 &
 usbipd-rs --no-control --config /etc/usbwire/user.toml >/tmp/user.log 2>&1 &
 usbwire_wait_listen {KERNEL_PORT} 60
 usbwire_wait_listen {USER_PORT} 60
-echo READY
+echo SERVING
 usbwire_wait_signal {SIGNAL_STAT} 600 >/dev/null
 echo TLS_STAT-BEGIN
 cat /proc/net/tls_stat
@@ -322,16 +339,41 @@ cat /tmp/user.log
         .file("/etc/usbwire/ca.crt", ca.pem().as_bytes(), 0o644)
         .file("/etc/usbwire/kernel.toml", kernel_config.as_bytes(), 0o644)
         .file("/etc/usbwire/user.toml", user_config.as_bytes(), 0o644)
+        .file("/etc/usbwire/auto.toml", auto_config.as_bytes(), 0o644)
         .host_binary(&usbipd, "/usr/bin/usbipd-rs")
         .memory_mib(768)
         .hostfwd(KERNEL_PORT)
         .hostfwd(USER_PORT)
         .hostfwd(SIGNAL_STAT)
         .hostfwd(SIGNAL_END)
+        .hostfwd(AUTO_PORT)
+        .hostfwd(SIGNAL_AUTO)
         .timeout(Duration::from_secs(900))
         .spawn()
         .expect("boot the guest");
-    g.wait_for_output("READY", Duration::from_secs(300))
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    // kernel = "auto" on a kernel with tls but without gcm: the imports
+    // are served in user space, and the log says why once.
+    g.wait_for_output("AUTO-LISTENING", Duration::from_secs(300))
+        .expect("usbipd (auto) listening in the guest");
+    let auto_addr = SocketAddr::from(([127, 0, 0, 1], g.host_port(AUTO_PORT)));
+    rt.block_on(async {
+        let busid = busid_of(auto_addr, &tls, 0xff).await;
+        for _ in 0..2 {
+            let dev = usbwire_client::import_tls("127.0.0.1", auto_addr.port(), &tls, &busid)
+                .await
+                .expect("import over TLS from usbipd (auto)");
+            dev.set_configuration(1).await.unwrap();
+            let (ep_in, ep_out) = bulk_endpoints(&dev.config_descriptor().await.unwrap());
+            dev.bulk_out(ep_out, &[0u8; 4096]).await.expect("bulk OUT");
+            let data = dev.bulk_in(ep_in, 4096).await.expect("bulk IN");
+            assert_eq!(data, vec![0u8; 4096]);
+        }
+    });
+    g.signal(SIGNAL_AUTO, "done", WITHIN).expect("signal auto");
+
+    g.wait_for_output("SERVING", Duration::from_secs(300))
         .expect("usbipd listening in the guest");
     let kernel_addr = SocketAddr::from(([127, 0, 0, 1], g.host_port(KERNEL_PORT)));
     let user_addr = SocketAddr::from(([127, 0, 0, 1], g.host_port(USER_PORT)));
@@ -340,7 +382,6 @@ cat /tmp/user.log
     let pattern: Vec<u8> = (0..usize::from(BLOCKS) * 512)
         .map(|i| (i / 512) as u8 ^ (i as u8).wrapping_mul(31) ^ 0xa5)
         .collect();
-    let rt = tokio::runtime::Runtime::new().unwrap();
     let rates = rt.block_on(async {
         let host = kernel_addr.ip().to_string();
         let disk = busid_of(kernel_addr, &tls, 0x08).await;
@@ -455,6 +496,32 @@ cat /tmp/user.log
              kernel TLS has no AES-128-GCM cipher: modprobe gcm (TLS_TX failed: ENOENT"
         ),
         "{no_gcm}"
+    );
+
+    let auto_log = text
+        .split("AUTO-LOG-BEGIN")
+        .nth(1)
+        .and_then(|s| s.split("AUTO-LOG-END").next())
+        .expect("the auto usbipd's log");
+    assert_eq!(
+        auto_log
+            .matches("kernel TLS has no AES-128-GCM cipher: modprobe gcm (TLS_TX failed: ENOENT")
+            .count(),
+        1,
+        "said once:\n{auto_log}"
+    );
+    assert!(
+        auto_log.contains("TLS imports use user-space TLS (rustls) instead"),
+        "{auto_log}"
+    );
+    assert_eq!(
+        auto_log
+            .lines()
+            .filter(|l| l.contains(" imported")
+                && l.contains("via=user-space TLS, TLS13_AES_256_GCM_SHA384"))
+            .count(),
+        2,
+        "{auto_log}"
     );
 
     let stat = text
