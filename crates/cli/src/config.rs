@@ -27,6 +27,8 @@
 //! client_ca = "clients-ca.pem"            # and/or pinned client certificates:
 //! client_fingerprints = ["3F:A2:...:09"]   # SHA-256, 64 hex digits
 //! allow_plaintext = ["127.0.0.0/8"]   # ...except from these sources
+//! kernel = "auto"           # URB phase on kernel TLS where the kernel has it;
+//!                           # "on": required (no start without it), "off": never
 //!
 //! [[access]]                # once there is a rule, only what rules grant
 //! devices = ["1-1", "046d:*", "*:c52b"]    # bus id, VID:PID (hex, * wildcard), or *
@@ -115,6 +117,8 @@ pub struct TlsSection {
     /// Sources that may still use plaintext once TLS is on.
     #[serde(default)]
     pub allow_plaintext: Vec<ipnet::IpNet>,
+    /// Kernel TLS for the URB phase: "auto" (default), "on" or "off".
+    pub kernel: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -598,3 +598,132 @@ fn openssl_s_client_agrees() {
     );
     d.stop();
 }
+
+/// Imports the test device over `p` and runs a control and a bulk URB
+/// each way through it.
+fn import_and_run(p: &mut TlsPeer) {
+    let mut out = Vec::new();
+    OpRequest::Import {
+        version: USBIP_VERSION,
+        busid: "1-1".into(),
+    }
+    .encode(&mut out);
+    p.send(&out).unwrap();
+    assert!(matches!(
+        p.op_reply().expect("import reply over TLS"),
+        OpReply::Import {
+            status: OpStatus::Ok,
+            ..
+        }
+    ));
+    assert_eq!(p.urb(set_configuration(1), &[]).0, 0);
+    let (status, _) = p.urb(submit(2, 2, Direction::Out, 4096), &[0u8; 4096]);
+    assert_eq!(status, 0);
+    let (status, data) = p.urb(submit(3, 1, Direction::In, 4096), &[]);
+    assert_eq!((status, data), (0, vec![0u8; 4096]));
+}
+
+#[test]
+fn kernel_tls_auto_uses_the_kernel_or_else_user_space_and_says_so_once() {
+    // This machine's kernel may or may not have TLS (`modprobe tls`);
+    // either way every import is served, and the log says how.
+    let kernel = usbwire_server::tls::probe_kernel_tls();
+    let setup = Setup::new();
+    let d = setup.daemon(&["--tls-kernel", "auto"]);
+    // Each import's URBs ran, so each import was logged before the log
+    // is read.
+    for _ in 0..3 {
+        let mut p = TlsPeer::connect(&d, setup.client_config(Some(&setup.client)));
+        import_and_run(&mut p);
+        drop(p);
+    }
+    let log = d.log_text();
+    let imports: Vec<&str> = log.lines().filter(|l| l.contains(" imported")).collect();
+    assert_eq!(imports.len(), 3, "{log}");
+    match kernel {
+        Ok(()) => assert!(
+            imports
+                .iter()
+                .all(|l| l.contains("via=kernel TLS, AES-256-GCM")),
+            "{log}"
+        ),
+        Err(e) => {
+            assert!(e.to_string().contains("modprobe tls"), "{e}");
+            assert!(
+                imports
+                    .iter()
+                    .all(|l| l.contains("via=user-space TLS, TLS13_AES_256_GCM_SHA384")),
+                "{log}"
+            );
+            let told = log
+                .matches("kernel TLS is not available: modprobe tls")
+                .count();
+            assert_eq!(told, 1, "said once per process, not per connection:\n{log}");
+            assert!(
+                log.contains("TLS imports use user-space TLS (rustls) instead"),
+                "{log}"
+            );
+        }
+    }
+    d.stop();
+}
+
+#[test]
+fn kernel_tls_on_refuses_to_start_without_it() {
+    let setup = Setup::new();
+    match usbwire_server::tls::probe_kernel_tls() {
+        Ok(()) => {
+            let d = setup.daemon(&["--tls-kernel", "on"]);
+            let mut p = TlsPeer::connect(&d, setup.client_config(Some(&setup.client)));
+            import_and_run(&mut p);
+            drop(p);
+            let log = d.log_text();
+            assert!(log.contains("via=kernel TLS"), "{log}");
+            d.stop();
+        }
+        Err(_) => {
+            let config = setup.dir.path().join("usbipd.toml");
+            std::fs::write(
+                &config,
+                "[[device]]\nkind = \"test\"\n[tls]\nkernel = \"on\"\n",
+            )
+            .unwrap();
+            let out = Command::new(env!("CARGO_BIN_EXE_usbipd"))
+                .args([
+                    "--no-control",
+                    "--config",
+                    config.to_str().unwrap(),
+                    "--tls-cert",
+                    setup.server.cert_file.to_str().unwrap(),
+                    "--tls-key",
+                    setup.server.key_file.to_str().unwrap(),
+                    "--tls-client-ca",
+                    setup.pki.ca_file.to_str().unwrap(),
+                ])
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{stderr}");
+            assert!(
+                stderr.contains(
+                    "kernel TLS is required (--tls-kernel on, tls.kernel = \"on\"): \
+                     kernel TLS is not available: modprobe tls"
+                ),
+                "{stderr}"
+            );
+        }
+    }
+    // Without TLS the option means nothing, and says so.
+    let out = Command::new(env!("CARGO_BIN_EXE_usbipd"))
+        .args(["--demo", "--no-control", "--tls-kernel", "on"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--tls-kernel (tls.kernel) only means something with TLS on"),
+        "{stderr}"
+    );
+}

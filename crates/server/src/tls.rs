@@ -7,12 +7,20 @@
 //! The server sends nothing after the handshake but application data: no
 //! TLS 1.3 session tickets and no KeyUpdate of its own. A client may hand
 //! its socket to its kernel (vhci-hcd over kernel TLS), whose receive path
-//! fails on any other record type.
+//! fails on any other record type. Nor can the server's own rustls renew
+//! its keys: near the AEAD's record limit it closes the connection instead.
+//!
+//! Once an import is accepted, the server's side may move to kernel TLS
+//! too ([`KernelTls`]): the URB phase then reads and writes plaintext on
+//! the socket, and the kernel encrypts below. Reads during the handshake
+//! and the OP phase stop at record ends, so that what the client sent
+//! after its import request is still whole in the socket for the kernel.
 
 use std::fmt;
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -22,7 +30,12 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConnection};
 use tokio::net::TcpStream;
-use usbwire_tls::TryIo;
+use tracing::{debug, error, info, warn};
+use usbwire_tls::ktls::{self, Cipher};
+
+/// Whether this kernel can run TLS connections (see [`KernelTls::On`]).
+pub use usbwire_tls::ktls::{probe as probe_kernel_tls, KtlsError};
+use usbwire_tls::{RecordBoundary, TryIo};
 
 use crate::session::driver::Transport;
 
@@ -38,6 +51,48 @@ pub struct Access {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Sources allowed to use plaintext USB/IP although TLS is configured.
     pub allow_plaintext: Vec<IpNet>,
+    /// Whether an import's URB phase moves to kernel TLS.
+    pub kernel: KernelTls,
+}
+
+/// Set once kernel TLS was found missing: that is said once per process,
+/// not once per connection.
+static KERNEL_TLS_MISSING_TOLD: AtomicBool = AtomicBool::new(false);
+
+/// Whether the URB phase of a TLS import runs on kernel TLS (the data path
+/// stays `readv`/`writev` on the socket, URB payloads land straight in
+/// their buffers) or on rustls in user space.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KernelTls {
+    /// Kernel TLS where the kernel offers it, user space where not.
+    #[default]
+    Auto,
+    /// Kernel TLS or nothing: a kernel without it is an error at start.
+    On,
+    /// Always user space.
+    Off,
+}
+
+impl std::str::FromStr for KernelTls {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(KernelTls::Auto),
+            "on" => Ok(KernelTls::On),
+            "off" => Ok(KernelTls::Off),
+            _ => Err(format!("{s:?}: kernel TLS is \"auto\", \"on\" or \"off\"")),
+        }
+    }
+}
+
+impl fmt::Display for KernelTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KernelTls::Auto => "auto",
+            KernelTls::On => "on",
+            KernelTls::Off => "off",
+        })
+    }
 }
 
 impl fmt::Debug for Access {
@@ -45,6 +100,7 @@ impl fmt::Debug for Access {
         f.debug_struct("Access")
             .field("tls", &self.tls.is_some())
             .field("allow_plaintext", &self.allow_plaintext)
+            .field("kernel", &self.kernel)
             .finish()
     }
 }
@@ -233,6 +289,11 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsC
     // socket to kernel TLS.
     config.send_tls13_tickets = 0;
     config.max_early_data_size = 0;
+    // The URB phase may move to kernel TLS, which takes the keys.
+    config.enable_secret_extraction = true;
+    // AES-GCM first, whatever the client prefers: every kernel with TLS
+    // has it (the gcm module), ChaCha20-Poly1305 needs one more.
+    config.ignore_client_order = true;
     Ok(Arc::new(config))
 }
 
@@ -275,17 +336,65 @@ pub enum HandshakeError {
     Timeout,
 }
 
+/// The most plaintext rustls puts in one record (it is configured with
+/// no smaller `max_fragment_size`).
+const MAX_RECORD_PLAINTEXT: usize = 16 * 1024;
+
 /// A TCP connection with TLS in user space: a [`Transport`] whose reads
 /// and writes are plaintext.
 pub(crate) struct TlsStream {
     tcp: TcpStream,
+    conn: u64,
     // A mutex, not a RefCell: the session future must stay `Send`. It is
     // never contended (one task) and never held across an await.
-    tls: Mutex<ServerConnection>,
+    tls: Mutex<Session>,
+}
+
+struct Session {
+    tls: ServerConnection,
+    /// Where the client's bytes stand relative to record ends: what user
+    /// space has read must end at one for the kernel to take over.
+    boundary: RecordBoundary,
+    /// Application-data records sent with the current keys.
+    records_sent: u64,
+    /// Records the keys may encrypt before rustls would renew them with a
+    /// KeyUpdate (the AEAD's confidentiality limit); `None` until known.
+    record_limit: Option<u64>,
+}
+
+/// Why a user-space TLS connection was closed rather than rekeyed.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "closed the TLS connection after {records} records, at its cipher's limit of {limit}: \
+     rustls would renew the keys with a TLS KeyUpdate, which a client whose kernel holds \
+     the connection (kernel TLS, usbip attach --tls) cannot take; the client may reconnect"
+)]
+pub(crate) struct RecordLimitReached {
+    records: u64,
+    limit: u64,
+}
+
+impl Session {
+    /// The records this connection may still send, keeping one for its
+    /// close_notify alert.
+    fn records_left(&mut self) -> u64 {
+        let limit = *self.record_limit.get_or_insert_with(|| {
+            self.tls
+                .negotiated_cipher_suite()
+                .and_then(|s| s.tls13())
+                .map_or(u64::MAX, |s| s.common.confidentiality_limit)
+        });
+        limit.saturating_sub(1).saturating_sub(self.records_sent)
+    }
+}
+
+/// The records rustls makes of `n` bytes written at once.
+fn records_for(n: usize) -> u64 {
+    n.div_ceil(MAX_RECORD_PLAINTEXT) as u64
 }
 
 impl TlsStream {
-    fn tls(&self) -> MutexGuard<'_, ServerConnection> {
+    fn session(&self) -> MutexGuard<'_, Session> {
         self.tls.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -293,10 +402,17 @@ impl TlsStream {
     pub fn new(
         tcp: TcpStream,
         config: Arc<rustls::ServerConfig>,
+        conn: u64,
     ) -> Result<TlsStream, HandshakeError> {
         Ok(TlsStream {
             tcp,
-            tls: Mutex::new(ServerConnection::new(config)?),
+            conn,
+            tls: Mutex::new(Session {
+                tls: ServerConnection::new(config)?,
+                boundary: RecordBoundary::default(),
+                records_sent: 0,
+                record_limit: None,
+            }),
         })
     }
 
@@ -312,8 +428,16 @@ impl TlsStream {
     /// Sends what rustls queued (the alert of a failed handshake), best
     /// effort: the connection is being dropped.
     pub fn send_alert(&self) {
-        let mut tls = self.tls();
-        let _ = Self::flush_records(&mut tls, &self.tcp);
+        let mut s = self.session();
+        let _ = Self::flush_records(&mut s.tls, &self.tcp);
+    }
+
+    /// The negotiated cipher suite, for the log.
+    pub fn cipher_suite(&self) -> String {
+        self.session()
+            .tls
+            .negotiated_cipher_suite()
+            .map_or_else(|| "none".into(), |s| format!("{:?}", s.suite()))
     }
 
     async fn handshake(&self) -> Result<(), HandshakeError> {
@@ -321,10 +445,10 @@ impl TlsStream {
         // bounds the whole.
         loop {
             let blocked_on_write = {
-                let mut tls = self.tls();
+                let mut s = self.session();
                 let mut blocked = false;
-                while tls.wants_write() {
-                    match tls.write_tls(&mut TryIo(&self.tcp)) {
+                while s.tls.wants_write() {
+                    match s.tls.write_tls(&mut TryIo(&self.tcp)) {
                         Ok(_) => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             blocked = true;
@@ -333,7 +457,7 @@ impl TlsStream {
                         Err(e) => return Err(e.into()),
                     }
                 }
-                if !tls.is_handshaking() && !blocked {
+                if !s.tls.is_handshaking() && !blocked {
                     return Ok(());
                 }
                 blocked
@@ -343,8 +467,8 @@ impl TlsStream {
                 continue;
             }
             self.tcp.readable().await?;
-            let mut tls = self.tls();
-            match tls.read_tls(&mut TryIo(&self.tcp)) {
+            let mut s = self.session();
+            match Self::read_records(&mut s, &self.tcp) {
                 Ok(0) => return Err(HandshakeError::Closed),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -352,19 +476,33 @@ impl TlsStream {
             }
             // The alert that tells the client why goes out after the
             // refusal is logged (send_alert).
-            tls.process_new_packets()?;
+            s.tls.process_new_packets()?;
         }
     }
 
     /// The client's own certificate (DER), once the handshake verified it.
     pub fn peer_certificate(&self) -> Option<CertificateDer<'static>> {
-        let tls = self.tls();
-        Some(tls.peer_certificates()?.first()?.clone().into_owned())
+        let session = self.session();
+        Some(
+            session
+                .tls
+                .peer_certificates()?
+                .first()?
+                .clone()
+                .into_owned(),
+        )
+    }
+
+    /// Reads from the socket into rustls, never past the end of the
+    /// record under way (what follows may be for kernel TLS).
+    fn read_records(s: &mut Session, tcp: &TcpStream) -> io::Result<usize> {
+        let Session { tls, boundary, .. } = s;
+        tls.read_tls(&mut boundary.reader(TryIo(tcp)))
     }
 
     /// Whether decrypted bytes wait to be read, or the peer has closed.
     fn input_pending(&self) -> bool {
-        match self.tls().process_new_packets() {
+        match self.session().tls.process_new_packets() {
             Ok(state) => state.plaintext_bytes_to_read() > 0 || state.peer_has_closed(),
             // The next read reports it.
             Err(_) => true,
@@ -378,6 +516,113 @@ impl TlsStream {
         }
         Ok(())
     }
+
+    /// Moves the connection to kernel TLS for the URB phase, if `kernel`
+    /// wants it and the kernel can: see [`KernelTls`].
+    async fn into_urb_carrier(self, kernel: KernelTls) -> UrbCarrier<TlsStream> {
+        if kernel == KernelTls::Off {
+            return UrbCarrier::Same(self);
+        }
+        let conn = self.conn;
+        let (ready, aes_gcm) = {
+            let mut s = self.session();
+            let Session { tls, boundary, .. } = &mut *s;
+            let aes_gcm = tls.negotiated_cipher_suite().is_some_and(|c| {
+                matches!(
+                    c.suite(),
+                    rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+                        | rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+                )
+            });
+            (ktls::check_ready(tls, boundary), aes_gcm)
+        };
+        if let Err(e) = ready {
+            // A client that sent URBs before the import's reply: what user
+            // space holds of them could not reach the kernel.
+            debug!(conn, "this connection stays in user-space TLS: {e}");
+            return UrbCarrier::Same(self);
+        }
+        if kernel == KernelTls::Auto {
+            if !aes_gcm {
+                // A client that offered no AES-GCM: the probe did not look
+                // for its cipher in the kernel.
+                debug!(
+                    conn,
+                    "this connection stays in user-space TLS: its cipher is not AES-GCM"
+                );
+                return UrbCarrier::Same(self);
+            }
+            if let Err(why) = kernel_tls_usable().await {
+                say_kernel_tls_missing(conn, why);
+                return UrbCarrier::Same(self);
+            }
+        }
+        if let Err(e) = ktls::attach_ulp(&self.tcp) {
+            if kernel == KernelTls::On {
+                error!(
+                    conn,
+                    "closing the connection: kernel TLS is required ([tls] kernel = \"on\"): {e}"
+                );
+                return UrbCarrier::Closed;
+            }
+            say_kernel_tls_missing(conn, &e.to_string());
+            return UrbCarrier::Same(self);
+        }
+        let TlsStream { tcp, tls, .. } = self;
+        let s = tls.into_inner().unwrap_or_else(|e| e.into_inner());
+        match ktls::handoff(&tcp, s.tls, &s.boundary) {
+            Ok(cipher) => UrbCarrier::Kernel(KernelTlsStream { tcp, cipher, conn }),
+            Err(e) => {
+                // The keys are out of rustls: there is no way back.
+                error!(
+                    conn,
+                    "closing the connection: cannot hand it to kernel TLS: {e}"
+                );
+                UrbCarrier::Closed
+            }
+        }
+    }
+}
+
+/// Says once per process, not once per connection, that kernel TLS is
+/// missing and why.
+fn say_kernel_tls_missing(conn: u64, why: &str) {
+    if !KERNEL_TLS_MISSING_TOLD.swap(true, Ordering::Relaxed) {
+        info!(
+            "{why}; TLS imports use user-space TLS (rustls) instead \
+             (said once; [tls] kernel = \"off\" stops trying)"
+        );
+    } else {
+        debug!(
+            conn,
+            "this connection stays in user-space TLS: no kernel TLS"
+        );
+    }
+}
+
+/// Whether this kernel runs TLS with AES-GCM, found once per process on
+/// the blocking pool (the probe makes a loopback connection).
+async fn kernel_tls_usable() -> Result<(), &'static str> {
+    static PROBE: tokio::sync::OnceCell<Result<(), String>> = tokio::sync::OnceCell::const_new();
+    PROBE
+        .get_or_init(|| async {
+            tokio::task::spawn_blocking(|| ktls::probe().map_err(|e| e.to_string()))
+                .await
+                .unwrap_or_else(|e| Err(format!("the kernel TLS probe failed: {e}")))
+        })
+        .await
+        .as_ref()
+        .map(|_| ())
+        .map_err(String::as_str)
+}
+
+/// What carries an import's URB phase.
+pub(crate) enum UrbCarrier<T> {
+    /// The transport of the OP phase.
+    Same(T),
+    Kernel(KernelTlsStream),
+    /// The connection could not go on: said in the log.
+    Closed,
 }
 
 impl Transport for TlsStream {
@@ -393,11 +638,11 @@ impl Transport for TlsStream {
     }
 
     fn try_read_vectored(&self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
-        let mut tls = self.tls();
+        let mut s = self.session();
         // Bounded: each turn either returns or reads new bytes, and
         // read_tls returns WouldBlock once the socket is drained.
         loop {
-            match tls.reader().read_vectored(bufs) {
+            match s.tls.reader().read_vectored(bufs) {
                 Ok(n) => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 // Closed without close_notify: USB/IP frames itself, so a
@@ -405,42 +650,110 @@ impl Transport for TlsStream {
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
                 Err(e) => return Err(e),
             }
-            if tls.read_tls(&mut TryIo(&self.tcp))? == 0 {
+            if Self::read_records(&mut s, &self.tcp)? == 0 {
                 return Ok(0);
             }
-            if let Err(e) = tls.process_new_packets() {
-                let _ = tls.write_tls(&mut TryIo(&self.tcp));
+            if let Err(e) = s.tls.process_new_packets() {
+                let _ = s.tls.write_tls(&mut TryIo(&self.tcp));
                 return Err(io::Error::new(io::ErrorKind::InvalidData, e));
             }
         }
     }
 
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        let mut tls = self.tls();
+        let mut s = self.session();
         // Records still waiting for the socket come first: the session's
         // backpressure is the socket's.
-        Self::flush_records(&mut tls, &self.tcp)?;
-        let n = tls.writer().write_vectored(bufs)?;
-        match Self::flush_records(&mut tls, &self.tcp) {
+        Self::flush_records(&mut s.tls, &self.tcp)?;
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        // Close before rustls would renew its keys with a KeyUpdate.
+        let left = s.records_left();
+        if records_for(len) > left {
+            let e = RecordLimitReached {
+                records: s.records_sent,
+                limit: s.record_limit.unwrap_or(u64::MAX),
+            };
+            warn!(conn = self.conn, "{e}");
+            return Err(io::Error::other(e));
+        }
+        let n = s.tls.writer().write_vectored(bufs)?;
+        s.records_sent += records_for(n);
+        match Self::flush_records(&mut s.tls, &self.tcp) {
             Err(e) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
             _ => Ok(n),
         }
     }
 
     fn wants_flush(&self) -> bool {
-        self.tls().wants_write()
+        self.session().tls.wants_write()
     }
 
     fn flush(&self) -> io::Result<()> {
-        Self::flush_records(&mut self.tls(), &self.tcp)
+        Self::flush_records(&mut self.session().tls, &self.tcp)
     }
 
     fn close(&self) {
-        self.tls().send_close_notify();
+        self.session().tls.send_close_notify();
     }
 
     fn socket(&self) -> &TcpStream {
         &self.tcp
+    }
+
+    async fn urb_carrier(self, kernel: KernelTls) -> UrbCarrier<Self> {
+        self.into_urb_carrier(kernel).await
+    }
+
+    fn carrier(&self) -> String {
+        format!("user-space TLS, {}", self.cipher_suite())
+    }
+}
+
+/// A connection whose TLS the kernel runs: reads and writes on the socket
+/// are plaintext, as on a plaintext connection.
+pub(crate) struct KernelTlsStream {
+    tcp: TcpStream,
+    cipher: Cipher,
+    conn: u64,
+}
+
+impl Transport for KernelTlsStream {
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> {
+        self.tcp.readable()
+    }
+
+    fn writable(&self) -> impl std::future::Future<Output = io::Result<()>> {
+        self.tcp.writable()
+    }
+
+    fn try_read_vectored(&self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        match self.tcp.try_read_vectored(bufs) {
+            // A record other than application data, which a read without
+            // room for its type cannot take: the client's close_notify,
+            // or a KeyUpdate the kernel cannot follow. Either way the
+            // connection is over.
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => {
+                debug!(
+                    conn = self.conn,
+                    "the client sent a TLS record other than application data \
+                     (close_notify, or a KeyUpdate): end of the connection"
+                );
+                Ok(0)
+            }
+            r => r,
+        }
+    }
+
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.tcp.try_write_vectored(bufs)
+    }
+
+    fn socket(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    fn carrier(&self) -> String {
+        format!("kernel TLS, {}", self.cipher)
     }
 }
 
@@ -448,6 +761,7 @@ impl Transport for TlsStream {
 mod tests {
     use super::*;
     use crate::{Registry, ServerConfig, ServerState};
+    use std::io::Write;
     use tokio::io::AsyncReadExt;
     use tokio::io::AsyncWriteExt;
     use tokio::sync::watch;
@@ -516,5 +830,257 @@ mod tests {
         assert!(a.plaintext_allowed("::ffff:127.0.0.2".parse().unwrap()));
         assert!(!a.plaintext_allowed("192.0.2.1".parse().unwrap()));
         assert!(!a.plaintext_allowed("::1".parse().unwrap()));
+    }
+
+    /// Counts the TLS records that pass through a reader.
+    struct RecordTap<R> {
+        inner: R,
+        header: Vec<u8>,
+        body_left: usize,
+        records: usize,
+    }
+
+    impl<R: Write> Write for RecordTap<R> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.inner.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.inner.flush()
+        }
+    }
+
+    impl<R: Read> Read for RecordTap<R> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            for &b in &buf[..n] {
+                if self.body_left > 0 {
+                    self.body_left -= 1;
+                    continue;
+                }
+                self.header.push(b);
+                if self.header.len() == 5 {
+                    self.body_left =
+                        usize::from(u16::from_be_bytes([self.header[3], self.header[4]]));
+                    self.header.clear();
+                    self.records += 1;
+                }
+            }
+            Ok(n)
+        }
+    }
+
+    /// A server configuration whose one cipher suite, AES-128-GCM, has
+    /// its confidentiality limit lowered to `limit` records: rustls renews
+    /// the keys (KeyUpdate) after that many.
+    fn low_limit_config(limit: u64) -> (Arc<rustls::ServerConfig>, rcgen::Certificate) {
+        let base = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
+            .tls13()
+            .unwrap();
+        let low: &'static rustls::Tls13CipherSuite =
+            Box::leak(Box::new(rustls::Tls13CipherSuite {
+                common: rustls::crypto::CipherSuiteCommon {
+                    suite: base.common.suite,
+                    hash_provider: base.common.hash_provider,
+                    confidentiality_limit: limit,
+                },
+                hkdf_provider: base.hkdf_provider,
+                aead_alg: base.aead_alg,
+                quic: base.quic,
+            }));
+        let mut provider = rustls::crypto::ring::default_provider();
+        provider.cipher_suites = vec![rustls::SupportedCipherSuite::Tls13(low)];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["usbwire.test".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(
+                    rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()),
+                ),
+            )
+            .unwrap();
+        config.send_tls13_tickets = 0;
+        (Arc::new(config), cert)
+    }
+
+    /// A blocking rustls client on `addr`: handshakes, sends a KeyUpdate
+    /// request first if `request_key_update`, then reads to the end.
+    /// Returns the plaintext and how many records came after the handshake.
+    fn client(
+        addr: std::net::SocketAddr,
+        cert: &rcgen::Certificate,
+        request_key_update: bool,
+    ) -> std::thread::JoinHandle<(Vec<u8>, usize)> {
+        let mut roots = RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        std::thread::spawn(move || {
+            let tcp = std::net::TcpStream::connect(addr).unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let mut tls =
+                rustls::ClientConnection::new(Arc::new(config), "usbwire.test".try_into().unwrap())
+                    .unwrap();
+            let mut tap = RecordTap {
+                inner: tcp,
+                header: Vec::new(),
+                body_left: 0,
+                records: 0,
+            };
+            // The server writes nothing until the handshake is done.
+            while tls.is_handshaking() {
+                tls.complete_io(&mut tap).unwrap();
+            }
+            tap.records = 0;
+            if request_key_update {
+                tls.refresh_traffic_keys().unwrap();
+            }
+            tls.writer().write_all(b"go").unwrap();
+            while tls.wants_write() {
+                tls.write_tls(&mut tap.inner).unwrap();
+            }
+            let mut got = Vec::new();
+            // Bounded by the server's close.
+            loop {
+                match tls.reader().read_to_end(&mut got) {
+                    Ok(_) => break,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+                if tls.read_tls(&mut tap).unwrap() == 0 {
+                    break;
+                }
+                tls.process_new_packets().unwrap();
+                while tls.wants_write() {
+                    tls.write_tls(&mut tap.inner).unwrap();
+                }
+            }
+            (got, tap.records)
+        })
+    }
+
+    /// Serves one client with a TlsStream: reads its "go", then writes
+    /// `writes` messages of 16 bytes; returns how many went out before the
+    /// record guard closed the connection, and the guard's error.
+    async fn serve_writes(
+        config: Arc<rustls::ServerConfig>,
+        listener: tokio::net::TcpListener,
+        writes: usize,
+    ) -> (usize, Option<io::Error>) {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let stream = TlsStream::new(tcp, config, 1).unwrap();
+        stream.accept().await.unwrap();
+        let mut go = [0u8; 2];
+        let mut got = 0;
+        while got < 2 {
+            stream.readable().await.unwrap();
+            match stream.try_read_vectored(&mut [IoSliceMut::new(&mut go[got..])]) {
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(&go, b"go");
+        let mut sent = 0;
+        let mut error = None;
+        for _ in 0..writes {
+            match stream.try_write_vectored(&[IoSlice::new(&[0x5a; 16])]) {
+                Ok(16) => sent += 1,
+                Ok(n) => panic!("a 16-byte write took {n}"),
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        stream.close();
+        while stream.wants_flush() {
+            stream.writable().await.unwrap();
+            let _ = stream.flush();
+        }
+        (sent, error)
+    }
+
+    #[tokio::test]
+    async fn user_space_tls_closes_before_rustls_would_send_a_key_update() {
+        const LIMIT: u64 = 8;
+        let (config, cert) = low_limit_config(LIMIT);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = client(listener.local_addr().unwrap(), &cert, false);
+        let (sent, error) = serve_writes(config, listener, 20).await;
+        let (got, records) = tokio::task::spawn_blocking(move || client.join().unwrap())
+            .await
+            .unwrap();
+        // One record is kept for the close_notify alert.
+        assert_eq!(sent as u64, LIMIT - 1);
+        let error = error.expect("the guard refused a write");
+        assert!(
+            error
+                .to_string()
+                .contains("closed the TLS connection after 7 records")
+                && error.to_string().contains("KeyUpdate"),
+            "{error}"
+        );
+        assert_eq!(got, vec![0x5a; 16 * sent]);
+        // Only the data and the close_notify: no KeyUpdate among them.
+        assert_eq!(records, sent + 1);
+    }
+
+    #[test]
+    fn rustls_alone_sends_a_key_update_at_the_limit() {
+        // What the guard prevents, seen with the same record count.
+        const LIMIT: u64 = 8;
+        let (config, cert) = low_limit_config(LIMIT);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = client(listener.local_addr().unwrap(), &cert, false);
+        let (tcp, _) = listener.accept().unwrap();
+        let mut server = rustls::StreamOwned::new(ServerConnection::new(config).unwrap(), tcp);
+        let mut go = [0u8; 2];
+        server.read_exact(&mut go).unwrap();
+        for _ in 0..LIMIT {
+            server.write_all(&[0x5a; 16]).unwrap();
+        }
+        server.conn.send_close_notify();
+        server.conn.complete_io(&mut server.sock).unwrap();
+        drop(server);
+        let (got, records) = client.join().unwrap();
+        assert_eq!(got.len(), 16 * LIMIT as usize);
+        assert_eq!(
+            records,
+            LIMIT as usize + 2,
+            "the data, a KeyUpdate, close_notify"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_key_update_request_is_answered_with_one_key_update() {
+        // rustls answers a client's KeyUpdate(update_requested) with its
+        // own KeyUpdate: a client that asks runs TLS in user space and can
+        // take it. The connection goes on.
+        let (config, cert) = low_limit_config(1 << 24);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = client(listener.local_addr().unwrap(), &cert, true);
+        let (sent, error) = serve_writes(config, listener, 3).await;
+        let (got, records) = tokio::task::spawn_blocking(move || client.join().unwrap())
+            .await
+            .unwrap();
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(got, vec![0x5a; 16 * sent]);
+        assert_eq!(
+            records,
+            sent + 2,
+            "the data, the KeyUpdate answer, close_notify"
+        );
     }
 }

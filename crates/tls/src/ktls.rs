@@ -43,6 +43,16 @@ impl Cipher {
     }
 }
 
+impl std::fmt::Display for Cipher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Cipher::Aes128Gcm => "AES-128-GCM",
+            Cipher::Aes256Gcm => "AES-256-GCM",
+            Cipher::Chacha20Poly1305 => "ChaCha20-Poly1305",
+        })
+    }
+}
+
 /// Which direction a key was for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -69,7 +79,7 @@ pub enum KtlsError {
     )]
     UlpRefused(Errno),
     #[error(
-        "kernel TLS has no {cipher:?} cipher: modprobe {} ({direction} failed: {errno})",
+        "kernel TLS has no {cipher} cipher: modprobe {} ({direction} failed: {errno})",
         cipher.module()
     )]
     CipherUnavailable {
@@ -87,6 +97,8 @@ pub enum KtlsError {
     RecordsUnsent,
     #[error("part of the peer's next TLS record was read in user space; the kernel could not decrypt it")]
     MidRecord,
+    #[error("cannot make a loopback connection to look for kernel TLS: {0}")]
+    Probe(std::io::Error),
     #[error("TLS failed before the hand-off: {0}")]
     Tls(rustls::Error),
 }
@@ -110,6 +122,24 @@ pub fn handoff(
     boundary: &RecordBoundary,
 ) -> Result<Cipher, KtlsError> {
     let mut connection = connection.into();
+    match &mut connection {
+        rustls::Connection::Client(c) => check_ready(c, boundary)?,
+        rustls::Connection::Server(s) => check_ready(s, boundary)?,
+    }
+    let secrets = connection
+        .dangerous_extract_secrets()
+        .map_err(KtlsError::Extract)?;
+    install(socket, secrets)
+}
+
+/// Whether [`handoff`] would take the connection: every record made is
+/// sent, no decrypted byte waits unread, and no part of the peer's next
+/// record has been read. Unlike [`handoff`] it keeps the connection, so a
+/// caller that is refused can go on in user space.
+pub fn check_ready<D>(
+    connection: &mut rustls::ConnectionCommon<D>,
+    boundary: &RecordBoundary,
+) -> Result<(), KtlsError> {
     let state = connection.process_new_packets().map_err(KtlsError::Tls)?;
     if state.plaintext_bytes_to_read() > 0 {
         return Err(KtlsError::PlaintextBuffered(
@@ -122,10 +152,58 @@ pub fn handoff(
     if !boundary.at_record_start() {
         return Err(KtlsError::MidRecord);
     }
-    let secrets = connection
-        .dangerous_extract_secrets()
-        .map_err(KtlsError::Extract)?;
-    install(socket, secrets)
+    Ok(())
+}
+
+/// Whether this kernel can carry a TLS 1.3 connection with AES-GCM (128
+/// and 256 bit keys), found on a throwaway loopback connection: the `tls`
+/// upper-layer protocol, then transmit keys of each size (which load the
+/// `gcm` cipher). For a daemon told to use kernel TLS, to refuse to start
+/// rather than fail on its first client. Blocking (a loopback connect).
+pub fn probe() -> Result<(), KtlsError> {
+    let probe_io = KtlsError::Probe;
+    for cipher in [Cipher::Aes128Gcm, Cipher::Aes256Gcm] {
+        let listener =
+            std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).map_err(probe_io)?;
+        let socket = std::net::TcpStream::connect(listener.local_addr().map_err(probe_io)?)
+            .map_err(probe_io)?;
+        attach_ulp(&socket)?;
+        // Keys of zeros: nothing is ever sent with them.
+        let info = match cipher {
+            Cipher::Aes128Gcm => TlsCryptoInfo::Aes128Gcm(libc::tls12_crypto_info_aes_gcm_128 {
+                info: libc::tls_crypto_info {
+                    version: libc::TLS_1_3_VERSION,
+                    cipher_type: libc::TLS_CIPHER_AES_GCM_128,
+                },
+                iv: [0; 8],
+                key: [0; 16],
+                salt: [0; 4],
+                rec_seq: [0; 8],
+            }),
+            _ => TlsCryptoInfo::Aes256Gcm(libc::tls12_crypto_info_aes_gcm_256 {
+                info: libc::tls_crypto_info {
+                    version: libc::TLS_1_3_VERSION,
+                    cipher_type: libc::TLS_CIPHER_AES_GCM_256,
+                },
+                iv: [0; 8],
+                key: [0; 32],
+                salt: [0; 4],
+                rec_seq: [0; 8],
+            }),
+        };
+        setsockopt(&socket, TcpTlsTx, &info).map_err(|errno| match errno {
+            Errno::ENOENT => KtlsError::CipherUnavailable {
+                cipher,
+                direction: Direction::Transmit,
+                errno,
+            },
+            _ => KtlsError::Install {
+                direction: Direction::Transmit,
+                errno,
+            },
+        })?;
+    }
+    Ok(())
 }
 
 /// Installs extracted keys: transmit, then receive.
@@ -400,6 +478,26 @@ mod tests {
                     .to_string()
                     .starts_with("kernel TLS is not available: modprobe tls"));
             }
+        }
+    }
+
+    #[test]
+    fn the_probe_agrees_with_the_kernels_list_of_ulps() {
+        let ulps = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").unwrap();
+        match probe() {
+            // The probe's own connection may have loaded tls.ko (as root).
+            Ok(()) => {
+                let ulps = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").unwrap();
+                assert!(ulps.split_whitespace().any(|u| u == "tls"), "{ulps}");
+            }
+            Err(KtlsError::Unavailable(_)) => {
+                assert!(!ulps.split_whitespace().any(|u| u == "tls"), "{ulps}");
+            }
+            // tls is there but a cipher module is not: the message names it.
+            Err(e @ KtlsError::CipherUnavailable { .. }) => {
+                assert!(e.to_string().contains("modprobe gcm"), "{e}");
+            }
+            Err(e) => panic!("{e}"),
         }
     }
 }

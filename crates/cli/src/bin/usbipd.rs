@@ -18,7 +18,7 @@ use usbwire_cli::devices::{self, Exported};
 use usbwire_cli::listen::{self, ListenError, Listener, Origin};
 use usbwire_host::{Manager, Roots};
 use usbwire_server::acl::{AccessControl, ClientMatch, Policy, SharedPolicy};
-use usbwire_server::tls::{self, Access, Fingerprint, TlsFiles};
+use usbwire_server::tls::{self, Access, Fingerprint, KernelTls, TlsFiles};
 use usbwire_server::{Registry, Server, ServerConfig};
 
 /// USB/IP server: exports emulated USB devices (and, later, local ones) to
@@ -98,6 +98,11 @@ struct Args {
     /// be repeated), e.g. 127.0.0.0/8 for local tools.
     #[arg(long = "allow-plaintext", value_name = "CIDR")]
     allow_plaintext: Vec<ipnet::IpNet>,
+    /// Move each TLS import's URB phase to kernel TLS: "auto" where this
+    /// kernel has it (modprobe tls), "on" to refuse to start without it,
+    /// "off" to keep TLS in user space.
+    #[arg(long = "tls-kernel", value_name = "auto|on|off")]
+    tls_kernel: Option<KernelTls>,
 }
 
 const DEFAULT_STATE_FILE: &str = "/var/lib/usbwire/bindings.json";
@@ -262,12 +267,24 @@ fn access(args: &Args, config: &Config) -> Result<(Access, Vec<Fingerprint>), St
     let mut allow_plaintext = t.allow_plaintext.clone();
     allow_plaintext.extend(args.allow_plaintext.iter().copied());
     let any_client_policy = client_ca.is_some() || !client_fingerprints.is_empty();
+    let kernel = match (args.tls_kernel, &t.kernel) {
+        (Some(k), _) => Some(k),
+        (None, Some(k)) => Some(k.parse().map_err(|e| format!("tls.kernel: {e}"))?),
+        (None, None) => None,
+    };
     let tls = match (cert, key) {
         (None, None) if !any_client_policy => {
             if !allow_plaintext.is_empty() {
                 return Err("--allow-plaintext only means something with TLS on: \
                      also give --tls-cert, --tls-key and --tls-client-ca"
                     .into());
+            }
+            if kernel.is_some() {
+                return Err(
+                    "--tls-kernel (tls.kernel) only means something with TLS on: \
+                     also give --tls-cert, --tls-key and --tls-client-ca"
+                        .into(),
+                );
             }
             warn!(
                 "no TLS configured: every exported device is open to anyone who can \
@@ -309,6 +326,18 @@ fn access(args: &Args, config: &Config) -> Result<(Access, Vec<Fingerprint>), St
                         .join(", ")
                 }
             );
+            match kernel.unwrap_or_default() {
+                KernelTls::On => {
+                    tls::probe_kernel_tls().map_err(|e| {
+                        format!(
+                            "kernel TLS is required (--tls-kernel on, tls.kernel = \"on\"): {e}"
+                        )
+                    })?;
+                    info!("kernel TLS carries the URB phase of every TLS import");
+                }
+                KernelTls::Auto => {}
+                KernelTls::Off => info!("kernel TLS off: TLS runs in user space (rustls)"),
+            }
             Some(tls)
         }
         (cert, key) => {
@@ -334,6 +363,7 @@ fn access(args: &Args, config: &Config) -> Result<(Access, Vec<Fingerprint>), St
         Access {
             tls,
             allow_plaintext,
+            kernel: kernel.unwrap_or_default(),
         },
         client_fingerprints,
     ))

@@ -14,9 +14,9 @@ use tracing::{debug, info, warn};
 use usbwire_proto::{BusId, OpStatus};
 
 use super::{OpEvent, OpSession, SessionConfig, UrbSession};
-use crate::acl::{self, ClientIdentity, Peer};
+use crate::acl::{self, ClientIdentity, Peer, Policy};
 use crate::registry::{Importer, RegistryError};
-use crate::tls::{TlsStream, TLS_HANDSHAKE_RECORD};
+use crate::tls::{KernelTls, TlsStream, UrbCarrier, TLS_HANDSHAKE_RECORD};
 use crate::{ServerState, SessionError};
 
 /// Replies per vectored write, at most: a fixed array, so no allocation
@@ -44,6 +44,18 @@ pub(crate) trait Transport {
     fn close(&self) {}
     /// The TCP connection underneath.
     fn socket(&self) -> &TcpStream;
+    /// What carries the URB phase that follows a successful import: this
+    /// transport, or kernel TLS in its place.
+    fn urb_carrier(self, _kernel: KernelTls) -> impl Future<Output = UrbCarrier<Self>>
+    where
+        Self: Sized,
+    {
+        async move { UrbCarrier::Same(self) }
+    }
+    /// What protects the bytes, for the log.
+    fn carrier(&self) -> String {
+        "plaintext".into()
+    }
 }
 
 impl Transport for TcpStream {
@@ -98,7 +110,7 @@ pub(crate) async fn serve(
             );
             return Ok(());
         };
-        let stream = match TlsStream::new(stream, tls) {
+        let stream = match TlsStream::new(stream, tls, conn) {
             Ok(s) => s,
             Err(e) => {
                 warn!(conn, %peer, "cannot start a TLS session: {e}");
@@ -252,7 +264,7 @@ async fn import(
 ) -> Result<(), SessionError> {
     // Subscribed before the policy is read: a reload from here on reaches
     // the session.
-    let mut policy_updates = state.config.acl.policy.subscribe();
+    let policy_updates = state.config.acl.policy.subscribe();
     let policy = policy_updates.borrow().clone();
     let (importer, end) = match Importer::new(conn, stream.socket()) {
         Ok(x) => x,
@@ -306,7 +318,46 @@ async fn import(
         state.release(&busid, conn, backend).await;
         return Err(e.into());
     }
-    info!(conn, %busid, client = %peer, "imported");
+    let grant = Grant {
+        peer,
+        device,
+        updates: policy_updates,
+    };
+    match stream.urb_carrier(state.config.access.kernel).await {
+        UrbCarrier::Same(stream) => {
+            urb_phase(stream, busid, backend, end, grant, state, conn, shutdown).await
+        }
+        UrbCarrier::Kernel(stream) => {
+            urb_phase(stream, busid, backend, end, grant, state, conn, shutdown).await
+        }
+        UrbCarrier::Closed => {
+            state.release(&busid, conn, backend).await;
+            Ok(())
+        }
+    }
+}
+
+/// Who an import was granted to, and what would revoke it.
+struct Grant {
+    peer: Peer,
+    device: usbwire_proto::DeviceInfo,
+    updates: watch::Receiver<Arc<Policy>>,
+}
+
+/// Runs an import's URB phase, then gives its device back.
+#[allow(clippy::too_many_arguments)]
+async fn urb_phase(
+    stream: impl Transport,
+    busid: String,
+    backend: Box<dyn crate::Backend>,
+    end: crate::registry::EndRequest,
+    mut grant: Grant,
+    state: Arc<ServerState>,
+    conn: u64,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), SessionError> {
+    let peer = &grant.peer;
+    info!(conn, %busid, client = %peer, via = %stream.carrier(), "imported");
     let config = SessionConfig::new(&state.config, crate::sys::rtt(stream.socket()));
     tracing::debug!(grace = ?config.hold_grace, "error hold grace window");
     let wake = Arc::new(SessionWake(Notify::new()));
@@ -328,10 +379,10 @@ async fn import(
             info!(conn, %busid, "import ended from outside");
             Ok(())
         }
-        () = acl::revoked(&mut policy_updates, &peer, &device) => {
+        () = acl::revoked(&mut grant.updates, &grant.peer, &grant.device) => {
             // As if unbound: the client sees the connection close.
             info!(
-                conn, %busid, client = %peer,
+                conn, %busid, client = %grant.peer,
                 "import ended: the reloaded access policy no longer grants this device to this client"
             );
             Ok(())
