@@ -1,17 +1,23 @@
 //! The blocking std driver of the OP phase, for `usbip attach`: the socket
 //! goes to vhci-hcd right after the import, so nothing past the reply may
-//! be read from it.
+//! be read from it. Over TLS, nothing past the reply's last record either:
+//! the kernel decrypts what follows ([`usbwire_tls::RecordBoundary`]).
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use usbwire_proto::DeviceInfo;
+use rustls::ClientConnection;
+use usbwire_proto::{DeviceInfo, OpReply};
+use usbwire_tls::RecordBoundary;
 
 use crate::error::ClientError;
 use crate::op::OpExchange;
+use crate::tls::TlsError;
+use crate::transport::{is_reset, tls_io_error};
 
-/// How long the server may take to answer an import.
+/// How long the server may take to answer an import (over TLS: to
+/// complete the handshake and answer).
 const IMPORT_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// OP_REQ_IMPORT on a blocking socket, reading exactly the reply and not
@@ -21,19 +27,69 @@ pub fn import_blocking(
     name: &str,
     busid: &str,
 ) -> Result<DeviceInfo, ClientError> {
-    let io_error = |source| ClientError::Io {
-        addr: name.to_string(),
-        source,
-    };
     let mut op = OpExchange::import(busid);
-    stream.write_all(op.poll_transmit()).map_err(io_error)?;
-    op.transmitted(op.poll_transmit().len());
     // Bounded wait for the answer; cleared afterwards, as the kernel would
     // inherit SO_RCVTIMEO.
     let _ = stream.set_read_timeout(Some(IMPORT_REPLY_TIMEOUT));
+    let reply = exchange_blocking(&mut *stream, &mut op, name)?;
+    stream
+        .set_read_timeout(None)
+        .map_err(|e| ClientError::from_io(name, e))?;
+    op.imported(reply, name)
+}
+
+/// A TLS import ready for kernel TLS: the session, drained, and where the
+/// socket stands relative to the server's records.
+pub struct TlsImport {
+    pub device: DeviceInfo,
+    pub session: ClientConnection,
+    pub boundary: RecordBoundary,
+}
+
+/// OP_REQ_IMPORT over TLS 1.3 on a blocking socket: the handshake, the
+/// request and the reply, each socket read ending at a TLS record end, so
+/// that the server's next record is still whole in the socket for kernel
+/// TLS to decrypt.
+pub fn import_blocking_tls(
+    stream: &TcpStream,
+    session: ClientConnection,
+    name: &str,
+    busid: &str,
+) -> Result<TlsImport, ClientError> {
+    let mut tls = BlockingTls {
+        stream,
+        session,
+        boundary: RecordBoundary::default(),
+        deadline: Instant::now() + IMPORT_REPLY_TIMEOUT,
+    };
+    let mut op = OpExchange::import(busid);
+    let reply = exchange_blocking(&mut tls, &mut op, name);
+    // Cleared whatever happened: on success the kernel inherits the socket.
+    let cleared = stream.set_read_timeout(None);
+    let device = op.imported(reply?, name)?;
+    cleared.map_err(|e| ClientError::from_io(name, e))?;
+    Ok(TlsImport {
+        device,
+        session: tls.session,
+        boundary: tls.boundary,
+    })
+}
+
+/// The OP exchange over any blocking byte stream: sends the request, reads
+/// the reply. The one decode loop is [`OpExchange`]'s.
+fn exchange_blocking<S: Read + Write>(
+    stream: &mut S,
+    op: &mut OpExchange,
+    name: &str,
+) -> Result<OpReply, ClientError> {
+    stream
+        .write_all(op.poll_transmit())
+        .and_then(|()| stream.flush())
+        .map_err(|e| ClientError::from_io(name, e))?;
+    op.transmitted(op.poll_transmit().len());
     // Bounded: each read brings at least one byte of a reply whose length
-    // the decoder bounds.
-    let reply = loop {
+    // the decoder bounds, or fails (the socket's read timeout included).
+    loop {
         let n = match stream.read(op.read_buffer()) {
             Ok(0) => {
                 return Err(ClientError::Closed {
@@ -42,16 +98,111 @@ pub fn import_blocking(
             }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_error(e)),
+            Err(e) => return Err(ClientError::from_io(name, e)),
         };
         let decoded = op.handle_input(n).map_err(|source| ClientError::Protocol {
             addr: name.to_string(),
             source,
         })?;
         if let Some(reply) = decoded {
-            break reply;
+            return Ok(reply);
         }
-    };
-    stream.set_read_timeout(None).map_err(io_error)?;
-    op.imported(reply, name)
+    }
+}
+
+/// A rustls client session over a blocking socket whose reads stop at
+/// record ends. TLS failures come out as [`TlsError`]s inside `io::Error`
+/// ([`ClientError::from_io`] unwraps them).
+struct BlockingTls<'a> {
+    stream: &'a TcpStream,
+    session: ClientConnection,
+    boundary: RecordBoundary,
+    /// When the handshake and the reply must have arrived.
+    deadline: Instant,
+}
+
+impl BlockingTls<'_> {
+    /// Reads some of the server's records (never past the end of one) and
+    /// decrypts them.
+    fn receive(&mut self) -> io::Result<()> {
+        let handshaking = self.session.is_handshaking();
+        let timed_out = || {
+            if handshaking {
+                tls_io_error(TlsError::HandshakeTimeout(IMPORT_REPLY_TIMEOUT))
+            } else {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no answer within {IMPORT_REPLY_TIMEOUT:?}"),
+                )
+            }
+        };
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timed_out());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        let n = match self
+            .session
+            .read_tls(&mut self.boundary.reader(self.stream))
+        {
+            Ok(n) => n,
+            // SO_RCVTIMEO expired.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(timed_out())
+            }
+            // A server that does not speak TLS may answer a ClientHello with
+            // a reset rather than an orderly close.
+            Err(e) if handshaking && is_reset(&e) => 0,
+            Err(e) => return Err(e),
+        };
+        if n == 0 && handshaking {
+            return Err(tls_io_error(TlsError::ClosedDuringHandshake));
+        }
+        let processed = self.session.process_new_packets();
+        // Alerts rustls queued on failure go out before the error does.
+        let _ = self.flush();
+        processed.map_err(|e| tls_io_error(TlsError::from_rustls(e)))?;
+        Ok(())
+    }
+}
+
+impl Read for BlockingTls<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // Bounded: each turn takes plaintext, or reads at least one byte
+        // from the socket, which fails once the deadline has passed.
+        loop {
+            // Handshake records, then the request rustls held until the
+            // handshake was done.
+            self.flush()?;
+            match self.session.reader().read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            self.receive()?;
+        }
+    }
+}
+
+impl Write for BlockingTls<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.session.writer().write(buf)?;
+        self.flush()?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        // Bounded: each write takes at least one byte of what rustls holds.
+        while self.session.wants_write() {
+            if self.session.write_tls(&mut self.stream)? == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+        }
+        Ok(())
+    }
 }
