@@ -78,6 +78,13 @@ pub const GUEST_MODULES: &[&str] = &[
     "nls_utf8",
     "crc32c_generic",
     "loop",
+    // kernel TLS with AES-GCM (AES itself is built in): without gcm,
+    // setsockopt(TLS_TX) fails with ENOENT
+    "gf128mul",
+    "ghash-generic",
+    "ctr",
+    "gcm",
+    "tls",
 ];
 
 /// Host files copied into the base image (guest path = host path, but under /usr for
