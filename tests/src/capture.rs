@@ -310,7 +310,12 @@ mod tests {
 
     #[test]
     fn records_back_to_back_pass_and_usbip_does_not() {
-        let tls = [record(22, &[1; 200]), record(23, &[7; 1000]), record(23, &[])].concat();
+        let tls = [
+            record(22, &[1; 200]),
+            record(23, &[7; 1000]),
+            record(23, &[]),
+        ]
+        .concat();
         assert_eq!(walk_records(&tls), Ok((3, 1000)));
         // OP_REQ_DEVLIST: 01 11 80 05, status 0.
         let usbip = [0x01, 0x11, 0x80, 0x05, 0, 0, 0, 0];

@@ -347,7 +347,12 @@ dmesg | grep -iE 'vhci|usb-storage|tls' | tail -n 20
     );
     let plain = capture::check_tls_only(&tshark, &plain_pcap, port, pattern)
         .expect_err("the plaintext capture passed the TLS-only check");
-    for finding in ["in clear", "as USB/IP", "starts with the USB/IP version", "is not TLS records"] {
+    for finding in [
+        "in clear",
+        "as USB/IP",
+        "starts with the USB/IP version",
+        "is not TLS records",
+    ] {
         assert!(
             plain.iter().any(|f| f.contains(finding)),
             "the plaintext capture was not caught by the {finding:?} check: {plain:?}"

@@ -206,3 +206,123 @@ impl Write for BlockingTls<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::sync::Arc;
+
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    use rustls::ServerConnection;
+
+    use crate::tls::{Fingerprint, ServerTrust, TlsClientConfig};
+
+    /// OP_REP_IMPORT of busid 1-1 (high speed), as a server sends it.
+    fn import_reply() -> Vec<u8> {
+        let mut r = vec![0x01, 0x11, 0x00, 0x03, 0, 0, 0, 0];
+        r.extend_from_slice(&[0; 256]);
+        let mut busid = [0u8; 32];
+        busid[..3].copy_from_slice(b"1-1");
+        r.extend_from_slice(&busid);
+        for v in [1u32, 2, 3] {
+            r.extend_from_slice(&v.to_be_bytes());
+        }
+        r.extend_from_slice(&[0x12, 0x34, 0x56, 0x78, 0x01, 0x00, 0, 0, 0, 1, 1, 1]);
+        r
+    }
+
+    /// A TLS 1.3 server that answers the import in two records and sends
+    /// a third right behind them, all in one TCP write, as a server whose
+    /// first RET_SUBMIT follows its reply at once would.
+    fn serve(listener: TcpListener, key: rcgen::KeyPair, cert: rcgen::Certificate) {
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .unwrap();
+        config.send_tls13_tickets = 0;
+        let mut tls = ServerConnection::new(Arc::new(config)).unwrap();
+        let (mut socket, _) = listener.accept().unwrap();
+        let mut request = [0u8; 40];
+        let mut got = 0;
+        // Bounded: each turn reads at least one byte of a finite handshake and request.
+        while got < request.len() {
+            tls.complete_io(&mut socket).unwrap();
+            match tls.reader().read(&mut request[got..]) {
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(&request[..4], &[0x01, 0x11, 0x80, 0x03]);
+        let reply = import_reply();
+        tls.writer().write_all(&reply[..100]).unwrap();
+        tls.writer().write_all(&reply[100..]).unwrap();
+        tls.writer().write_all(b"NEXT-RECORD").unwrap();
+        let mut wire = Vec::new();
+        while tls.wants_write() {
+            tls.write_tls(&mut wire).unwrap();
+        }
+        socket.write_all(&wire).unwrap();
+        // Held open until the client is done.
+        let _ = socket.read(&mut [0u8; 1]);
+    }
+
+    #[test]
+    fn a_tls_import_reads_no_byte_of_the_record_after_the_reply() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["usbwire.test".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let pin = Fingerprint::of(cert.der());
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || serve(listener, key, cert));
+
+        let config = TlsClientConfig::from_files(None, &ServerTrust::Fingerprint(pin)).unwrap();
+        let session = config.kernel_tls_session("usbwire.test").unwrap();
+        let stream = TcpStream::connect(addr).unwrap();
+        let mut import = import_blocking_tls(&stream, session, "test", "1-1").unwrap();
+        assert_eq!(import.device.busid.to_string(), "1-1");
+        assert!(import.boundary.at_record_start());
+        assert_eq!(stream.read_timeout().unwrap(), None, "SO_RCVTIMEO cleared");
+
+        // Nothing decrypted waits in user space, and the socket holds the
+        // whole next record (11 bytes, its content type and a 16-byte tag,
+        // behind a 5-byte header): the server sent it in the same TCP
+        // write as the reply, so it has all arrived.
+        let state = import.session.process_new_packets().unwrap();
+        assert_eq!(state.plaintext_bytes_to_read(), 0);
+        let mut peeked = [0u8; 64];
+        assert_eq!(stream.peek(&mut peeked).unwrap(), 5 + 11 + 1 + 16);
+        assert_eq!(peeked[..5], [0x17, 0x03, 0x03, 0, 28]);
+        // The record after the reply is whole in the socket: the session
+        // (as the kernel would, with the next sequence number) decrypts it.
+        let mut next = [0u8; 11];
+        let mut got = 0;
+        // Bounded: each turn reads at least one byte of the one record.
+        while got < next.len() {
+            import.session.read_tls(&mut &stream).unwrap();
+            import.session.process_new_packets().unwrap();
+            match import.session.reader().read(&mut next[got..]) {
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(&next, b"NEXT-RECORD");
+        // Kernel TLS sessions keep their secrets: three records received.
+        let secrets = import.session.dangerous_extract_secrets().unwrap();
+        assert_eq!(secrets.rx.0, 3);
+        drop(stream);
+        server.join().unwrap();
+    }
+}
