@@ -306,7 +306,8 @@ dmesg | grep -iE 'vhci|usb-storage|tls' | tail -n 20
     // `usbip port` shows where the TLS-attached disk came from.
     let ports = &o[o.find("PORT-BEGIN").unwrap()..o.find("PORT-END").unwrap()];
     assert!(
-        ports.contains(&format!("usbip://{GUESTFWD_ADDR}:{port}/1-1")),
+        // The guest's side of the guestfwd: 10.0.2.100:3240.
+        ports.contains(&format!("usbip://{GUESTFWD_ADDR}:3240/1-1")),
         "{ports}"
     );
 

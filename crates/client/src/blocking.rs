@@ -40,6 +40,7 @@ pub fn import_blocking(
 
 /// A TLS import ready for kernel TLS: the session, drained, and where the
 /// socket stands relative to the server's records.
+#[derive(Debug)]
 pub struct TlsImport {
     pub device: DeviceInfo,
     pub session: ClientConnection,
@@ -324,5 +325,47 @@ mod tests {
         assert_eq!(secrets.rx.0, 3);
         drop(stream);
         server.join().unwrap();
+    }
+
+    fn tls_error(e: ClientError) -> TlsError {
+        match e {
+            ClientError::Tls { source, .. } => source,
+            e => panic!("not a TLS error: {e}"),
+        }
+    }
+
+    #[test]
+    fn a_plaintext_server_or_the_wrong_certificate_is_a_tls_error_that_says_so() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["usbwire.test".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let other = Fingerprint::of(b"another certificate");
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || serve(listener, key, cert));
+        let config = TlsClientConfig::from_files(None, &ServerTrust::Fingerprint(other)).unwrap();
+        let stream = TcpStream::connect(addr).unwrap();
+        let session = config.kernel_tls_session("usbwire.test").unwrap();
+        let e = tls_error(import_blocking_tls(&stream, session, "test", "1-1").unwrap_err());
+        assert!(matches!(e, TlsError::FingerprintMismatch { .. }), "{e}");
+        drop(stream);
+        // The server's handshake fails on the client's alert.
+        assert!(server.join().is_err());
+
+        // A plaintext USB/IP server reads a header, finds no USB/IP version
+        // in it and closes, as the C usbipd does.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let plaintext = std::thread::spawn(move || {
+            let (mut socket, _) = listener.accept().unwrap();
+            socket.read_exact(&mut [0u8; 8]).unwrap();
+        });
+        let stream = TcpStream::connect(addr).unwrap();
+        let session = config.kernel_tls_session("usbwire.test").unwrap();
+        let e = tls_error(import_blocking_tls(&stream, session, "test", "1-1").unwrap_err());
+        assert!(matches!(e, TlsError::ClosedDuringHandshake), "{e}");
+        plaintext.join().unwrap();
     }
 }
