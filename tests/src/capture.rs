@@ -136,8 +136,12 @@ pub fn check_tls_only(
         &[
             "-d",
             &format!("tcp.port=={port},usbip"),
+            // Frames the dissector understood: an OP header (version
+            // 01 11) or a URB header (a command). It takes anything it is
+            // given, and calls what it cannot read "Undecoded" with only
+            // usbip.unsupported_version, as it does every TLS record.
             "-Y",
-            "usbip",
+            "usbip.version || usbip.urb",
             "-T",
             "fields",
             "-e",
