@@ -183,7 +183,11 @@ echo NOTLS-STILL-EXPORTED
 echo "== disk over kernel TLS"
 modprobe tls
 for m in gf128mul ghash-generic ctr gcm; do modprobe $m; done
-usbip-rs attach -r $server -b 1-1 --tls $TLSOPTS
+usbip-rs -d attach -r $server -b 1-1 --tls $TLSOPTS 2> /tmp/attach.log
+echo "CIPHER=$(grep -o 'cipher=[A-Za-z0-9]*' /tmp/attach.log | cut -d= -f2)"
+# The kernel's count of sockets whose TLS it does in software, each way.
+echo "KTLS-TX=$(awk '$1 == "TlsCurrTxSw" {{ print $2 }}' /proc/net/tls_stat)"
+echo "KTLS-RX=$(awk '$1 == "TlsCurrRxSw" {{ print $2 }}' /proc/net/tls_stat)"
 dev=$(disk)
 mkdir -p /mnt/disk
 mount -t ext4 "$dev" /mnt/disk
@@ -228,7 +232,6 @@ od -An -tx1 -v /tmp/events
 echo EV-END
 detach_all
 usbwire_wait_cmd 30 sh -c '[ -z "$(used_ports)" ]'
-echo "CIPHER-DMESG=$(dmesg | grep -ci 'tls' || true)"
 echo TLS-DONE
 
 echo "== the same disk in plaintext, into a second capture"
@@ -303,6 +306,13 @@ dmesg | grep -iE 'vhci|usb-storage|tls' | tail -n 20
     assert!(!o.contains("TLS-LOADED-ANYWAY"), "{o}");
     assert!(o.contains("NOTLS-STILL-EXPORTED"), "{o}");
 
+    // The kernel carries the session: one socket with kernel TLS each way,
+    // with a cipher of the AES-GCM family the guest has modules for.
+    assert_eq!(output_value(o, "KTLS-TX="), "1", "{o}");
+    assert_eq!(output_value(o, "KTLS-RX="), "1", "{o}");
+    let cipher = output_value(o, "CIPHER=");
+    assert!(cipher == "Aes128Gcm" || cipher == "Aes256Gcm", "{o}");
+
     // `usbip port` shows where the TLS-attached disk came from.
     let ports = &o[o.find("PORT-BEGIN").unwrap()..o.find("PORT-END").unwrap()];
     assert!(
@@ -360,7 +370,7 @@ dmesg | grep -iE 'vhci|usb-storage|tls' | tail -n 20
         );
     }
     println!(
-        "kernel TLS test took {:.1}s (guest {:.1}s); TLS capture {tls:?}; plaintext capture: {plain:?}",
+        "kernel TLS test took {:.1}s (guest {:.1}s); cipher {cipher}; TLS capture {tls:?}; plaintext capture: {plain:?}",
         t0.elapsed().as_secs_f64(),
         out.duration.as_secs_f64(),
     );
