@@ -3,8 +3,8 @@
 //! the server pinned by fingerprint since the guest reaches it as
 //! 10.0.2.100 through a guestfwd). The disk and the keyboard work through
 //! it; a capture of the port on the host's loopback holds TLS records only;
-//! and a guest without the tls module refuses with the message and holds
-//! nothing.
+//! and a guest without the tls module, or without the cipher's, refuses
+//! with a message naming the module and holds nothing.
 
 use std::io::Write;
 use std::path::Path;
@@ -95,7 +95,7 @@ fn key_presses(output: &str) -> Vec<u16> {
 }
 
 #[test]
-fn attach_over_kernel_tls_disk_keyboard_capture_and_no_tls_module() {
+fn attach_over_kernel_tls_disk_keyboard_capture_and_missing_modules() {
     let Some(guest) = kernel::require() else {
         return;
     };
@@ -180,8 +180,23 @@ mv /tmp/tls.ko.away "$ko"
 exported 1-1
 echo NOTLS-STILL-EXPORTED
 
-echo "== disk over kernel TLS"
+echo "== attach --tls without the gcm module: refused after the import"
 modprobe tls
+if grep -q '^gcm ' /proc/modules; then rmmod gcm; fi
+gko=$(find /lib/modules -name 'gcm.ko*' | head -n 1)
+[ -n "$gko" ]
+mv "$gko" /tmp/gcm.ko.away
+rc=0
+usbip-rs attach -r $server -b 1-1 --tls $TLSOPTS > /tmp/nogcm 2>&1 || rc=$?
+echo "NOGCM-RC=$rc"
+echo "NOGCM-MSG=$(head -n 1 /tmp/nogcm)"
+echo "NOGCM-USED=$(used_ports | wc -l)"
+mv /tmp/gcm.ko.away "$gko"
+# The server saw the connection end and released the device.
+exported 1-1
+echo NOGCM-STILL-EXPORTED
+
+echo "== disk over kernel TLS"
 for m in gf128mul ghash-generic ctr gcm; do modprobe $m; done
 usbip-rs -d attach -r $server -b 1-1 --tls $TLSOPTS 2> /tmp/attach.log
 echo "CIPHER=$(grep -o 'cipher=[A-Za-z0-9]*' /tmp/attach.log | cut -d= -f2)"
@@ -306,6 +321,18 @@ dmesg | grep -iE 'vhci|usb-storage|tls' | tail -n 20
     assert!(!o.contains("TLS-LOADED-ANYWAY"), "{o}");
     assert!(o.contains("NOTLS-STILL-EXPORTED"), "{o}");
 
+    // Without the cipher's module the keys are refused after the import:
+    // the message names the module, no port is used, and the server let
+    // the device go.
+    assert_ne!(output_value(o, "NOGCM-RC="), "0", "{o}");
+    let nogcm = output_value(o, "NOGCM-MSG=");
+    assert!(
+        nogcm.starts_with("usbip: error: kernel TLS has no ") && nogcm.contains("modprobe gcm"),
+        "{o}"
+    );
+    assert_eq!(output_value(o, "NOGCM-USED="), "0", "{o}");
+    assert!(o.contains("NOGCM-STILL-EXPORTED"), "{o}");
+
     // The kernel carries the session: one socket with kernel TLS each way,
     // with a cipher of the AES-GCM family the guest has modules for.
     assert_eq!(output_value(o, "KTLS-TX="), "1", "{o}");
@@ -370,8 +397,10 @@ dmesg | grep -iE 'vhci|usb-storage|tls' | tail -n 20
         );
     }
     println!(
-        "kernel TLS test took {:.1}s (guest {:.1}s); cipher {cipher}; TLS capture {tls:?}; plaintext capture: {plain:?}",
+        "kernel TLS test took {:.1}s (guest {:.1}s); cipher {cipher}; TLS capture {tls:?}; \
+         plaintext capture: {plain:?}\nwithout tls.ko: {}\nwithout gcm.ko: {nogcm}",
         t0.elapsed().as_secs_f64(),
         out.duration.as_secs_f64(),
+        output_value(o, "NOTLS-MSG="),
     );
 }
