@@ -1,6 +1,7 @@
 //! Test support shared by the cross-crate and kernel tests in `tests/tests/`.
 
 pub mod activation;
+pub mod capture;
 pub mod daemon;
 pub mod kernel;
 pub mod support;

@@ -190,25 +190,88 @@ async fn list_over_tls_refusals_say_what_happened() {
     );
 }
 
-#[tokio::test]
-async fn attach_over_tls_says_it_needs_kernel_tls() {
-    let setup = Setup::new().await;
+/// `usbip attach -r 127.0.0.1 -t PORT -b 1-1` and `extra` against the
+/// vhci-hcd tree under `root`.
+async fn attach(root: &Path, port: u16, extra: &[String]) -> Output {
     let mut args: Vec<String> = [
         "-t",
-        &setup.front.port().to_string(),
+        &port.to_string(),
         "attach",
         "-r",
         "127.0.0.1",
         "-b",
         "1-1",
-        "--tls",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
-    args.extend(setup.pinned(&setup.fingerprint));
+    args.extend_from_slice(extra);
+    let root = root.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_usbip"))
+            .args(args)
+            .env("USBWIRE_SYSFS_ROOT", root)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// Whether this machine's kernel offers the TLS upper-layer protocol.
+fn kernel_has_tls() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")
+        .is_ok_and(|ulps| ulps.split_whitespace().any(|u| u == "tls"))
+}
+
+#[tokio::test]
+async fn attach_over_tls_without_kernel_tls_says_modprobe_tls_and_imports_nothing() {
+    let setup = Setup::new().await;
+    let root = setup.dir.path().join("root");
+    let hc = usbwire_client::vhci::fake::vhci(&root, 1, 8, &[]);
+    // Half the options, or none with --tls, is an error naming the rest.
+    let mut no_options = vec!["--tls".to_string()];
     refused(
-        &usbip(args).await,
-        "attach over TLS needs kernel TLS (kTLS)",
+        &attach(&root, setup.front.port(), &no_options).await,
+        "attach --tls needs --tls-cert FILE, --tls-key FILE and --tls-ca FILE or --tls-fingerprint HEX",
     );
+    no_options.extend(setup.client.clone());
+    refused(
+        &attach(&root, setup.front.port(), &no_options).await,
+        "--tls-ca FILE or --tls-fingerprint HEX",
+    );
+    if kernel_has_tls() {
+        // The guest tests (tests/tests/kernel_tls.rs) attach for real; a
+        // host with kernel TLS cannot show its absence.
+        eprintln!("this kernel has TLS: its absence is tested in the guest only");
+        return;
+    }
+    let mut tls = vec!["--tls".to_string()];
+    tls.extend(setup.pinned(&setup.fingerprint));
+    // The options alone mean TLS too: never a plaintext attach.
+    for args in [tls, setup.pinned(&setup.fingerprint)] {
+        let out = attach(&root, setup.front.port(), &args).await;
+        refused(&out, "kernel TLS is not available: modprobe tls");
+        assert_eq!(
+            std::fs::read_to_string(hc.join("attach")).unwrap(),
+            "",
+            "nothing was handed to vhci-hcd"
+        );
+        assert!(
+            !root.join("var/run/vhci_hcd").exists(),
+            "no port was recorded"
+        );
+    }
+    // Nothing is held on the server: the device imports at once.
+    let config = usbwire_client::TlsClientConfig::from_files(
+        Some((
+            &setup.dir.path().join("client.crt"),
+            &setup.dir.path().join("client.key"),
+        )),
+        &usbwire_client::ServerTrust::Fingerprint(setup.fingerprint.parse().unwrap()),
+    )
+    .unwrap();
+    usbwire_client::import_tls("127.0.0.1", setup.front.port(), &config, "1-1")
+        .await
+        .expect("1-1 is still importable");
 }

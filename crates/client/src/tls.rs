@@ -224,6 +224,21 @@ impl TlsClientConfig {
             .map_err(|_| TlsError::BadServerName(host.to_string()))?;
         rustls::ClientConnection::new(self.config.clone(), name).map_err(TlsError::Other)
     }
+
+    /// A session whose keys can be handed to kernel TLS once the OP phase
+    /// is over (`usbip attach --tls`). Only such sessions keep their
+    /// secrets extractable.
+    pub(crate) fn kernel_tls_session(
+        &self,
+        host: &str,
+    ) -> Result<rustls::ClientConnection, TlsError> {
+        let mut config = (*self.config).clone();
+        config.enable_secret_extraction = true;
+        TlsClientConfig {
+            config: Arc::new(config),
+        }
+        .session(host)
+    }
 }
 
 /// What a pinned-fingerprint check found, carried through rustls' error.

@@ -183,7 +183,7 @@ impl Transport for TlsTransport {
 }
 
 /// The peer dropped the connection without an orderly close.
-fn is_reset(e: &io::Error) -> bool {
+pub(crate) fn is_reset(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::ConnectionReset

@@ -207,7 +207,9 @@ struct AttachArgs {
     /// Id of the virtual UDC on HOST (imported the same way).
     #[arg(short = 'd', long = "device")]
     device: Option<String>,
-    /// Import over TLS (with the --tls-* options); needs kernel TLS, not yet built.
+    /// Import over TLS 1.3 and hand the session to kernel TLS (modprobe
+    /// tls), so that vhci-hcd's traffic is encrypted too. Implied by any
+    /// --tls-* option; never falls back to plaintext.
     #[arg(long = "tls")]
     tls: bool,
 }
@@ -281,11 +283,21 @@ async fn run(cli: Cli) -> Result<(), String> {
             None => Err("list: give -r HOST or -l".into()),
         },
         Command::Attach(a) => {
-            if a.tls || cli.tls.given() {
-                return Err(ATTACH_TLS_UNAVAILABLE.into());
-            }
+            // Any TLS option means TLS, as for `list -r`: a client given a
+            // certificate never attaches in plaintext.
+            let tls = match cli.tls.config()? {
+                Some(tls) => Some(tls),
+                None if a.tls => return Err(ATTACH_TLS_NEEDS_OPTIONS.into()),
+                None => None,
+            };
             let busid = a.busid.or(a.device).unwrap_or_default();
-            attach(&Vhci::new(root()), &a.remote, cli.tcp_port, &busid)
+            attach(
+                &Vhci::new(root()),
+                &a.remote,
+                cli.tcp_port,
+                &busid,
+                tls.as_ref(),
+            )
         }
         Command::Detach(a) => detach(&Vhci::new(root()), &a.port),
         Command::Port(a) => port(&Vhci::new(root()), &Roots::under(&root()), a.json),
@@ -312,10 +324,9 @@ async fn run(cli: Cli) -> Result<(), String> {
     }
 }
 
-/// Why `attach` refuses TLS options rather than attaching in plaintext.
-const ATTACH_TLS_UNAVAILABLE: &str = "attach over TLS needs kernel TLS (kTLS), so that vhci-hcd \
-     can use the encrypted socket, and that is not built yet; nothing was attached. \
-     `usbip list -r` works over TLS; attach without --tls only on a network you trust";
+/// `attach --tls` without anything to do TLS with.
+const ATTACH_TLS_NEEDS_OPTIONS: &str = "attach --tls needs --tls-cert FILE, --tls-key FILE and \
+     --tls-ca FILE or --tls-fingerprint HEX (make a certificate with `usbip cert new --out DIR`)";
 
 /// `usbip cert new`: the key is written readable by its owner only, and
 /// nothing is overwritten.
@@ -363,10 +374,18 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
 }
 
 /// `usbip attach`: silent on success, as the C tool is.
-fn attach(vhci: &Vhci, host: &str, tcp_port: u16, busid: &str) -> Result<(), String> {
-    let a = vhci
-        .attach_remote(host, tcp_port, busid)
-        .map_err(|e| e.to_string())?;
+fn attach(
+    vhci: &Vhci,
+    host: &str,
+    tcp_port: u16,
+    busid: &str,
+    tls: Option<&TlsClientConfig>,
+) -> Result<(), String> {
+    let a = match tls {
+        Some(tls) => vhci.attach_remote_tls(host, tcp_port, busid, tls),
+        None => vhci.attach_remote(host, tcp_port, busid),
+    }
+    .map_err(|e| e.to_string())?;
     tracing::debug!(port = a.port, "attached {busid} from {host}");
     Ok(())
 }
