@@ -281,10 +281,12 @@ fn usbipd_in_the_guest_carries_imports_on_kernel_tls() {
         "[server]\ntcp_port = {AUTO_PORT}\n\n[[device]]\nkind = \"test\"\n\n{}",
         tls_section("auto")
     );
+    let server_fingerprint = server.fingerprint();
     let script = format!(
         r#"set -e
 # The kernel loads no module by itself: each refusal below is for the
 # module named.
+autoload=$(cat /proc/sys/kernel/modprobe)
 echo /bin/false > /proc/sys/kernel/modprobe
 set +e
 timeout 120 usbipd-rs --no-control --config /etc/usbwire/kernel.toml >/tmp/no-tls.log 2>&1
@@ -321,6 +323,21 @@ cat /proc/net/tls_stat
 echo TLS_STAT-END
 usbwire_wait_signal {SIGNAL_END} 600 >/dev/null
 echo "IMAGE=$(dd if=/tmp/disk.img bs=512 skip={LBA} count={BLOCKS} 2>/dev/null | sha256sum | cut -d' ' -f1)"
+# Kernel TLS at both ends: the guest's own vhci-hcd imports the disk
+# from this usbipd, each over a socket whose TLS the kernel does.
+echo "$autoload" > /proc/sys/kernel/modprobe
+modprobe vhci-hcd
+TLSOPTS="--tls-cert /etc/usbwire/client.crt --tls-key /etc/usbwire/client.key --tls-fingerprint {server_fingerprint}"
+usbwire_wait_cmd 60 sh -c "usbip-rs list -r 127.0.0.1 $TLSOPTS | grep -q ' 1-1: '"
+usbip-rs attach -r 127.0.0.1 -b 1-1 --tls $TLSOPTS
+usbwire_wait_cmd 60 sh -c 'ls /dev/sd? >/dev/null 2>&1'
+dev=$(ls /dev/sd? | head -n 1)
+usbwire_wait_cmd 30 sh -c "dd if=$dev bs=512 count=1 of=/dev/null 2>/dev/null"
+echo "VHCI_READ=$(dd if=$dev bs=512 skip={LBA} count={BLOCKS} 2>/dev/null | sha256sum | cut -d' ' -f1)"
+echo VHCI_STAT-BEGIN
+cat /proc/net/tls_stat
+echo VHCI_STAT-END
+usbip-rs detach -p "$(usbip-rs port | sed -n 's/^Port \([0-9]*\):.*/\1/p' | head -n 1)"
 echo KERNEL-LOG-BEGIN
 cat /tmp/kernel.log
 echo USER-LOG-BEGIN
@@ -340,7 +357,10 @@ cat /tmp/user.log
         .file("/etc/usbwire/kernel.toml", kernel_config.as_bytes(), 0o644)
         .file("/etc/usbwire/user.toml", user_config.as_bytes(), 0o644)
         .file("/etc/usbwire/auto.toml", auto_config.as_bytes(), 0o644)
+        .file("/etc/usbwire/client.crt", client.cert.as_bytes(), 0o644)
+        .file("/etc/usbwire/client.key", client.key.as_bytes(), 0o600)
         .host_binary(&usbipd, "/usr/bin/usbipd-rs")
+        .host_binary(&kernel::stripped_bin("usbip"), "/usr/bin/usbip-rs")
         .memory_mib(768)
         .hostfwd(KERNEL_PORT)
         .hostfwd(USER_PORT)
@@ -540,6 +560,22 @@ cat /tmp/user.log
         sha256_hex(&pattern),
         "the image holds what was written through kernel TLS"
     );
+    // vhci-hcd read back, through kernel TLS at both ends, what the host
+    // wrote.
+    assert_eq!(
+        output_value(&text, "VHCI_READ="),
+        sha256_hex(&pattern),
+        "vhci-hcd over kernel TLS to usbipd over kernel TLS"
+    );
+    let vhci_stat = text
+        .split("VHCI_STAT-BEGIN")
+        .nth(1)
+        .and_then(|s| s.split("VHCI_STAT-END").next())
+        .expect("tls_stat printed while vhci-hcd held the disk");
+    // The client's socket and the server's, each both ways.
+    assert!(tls_stat(vhci_stat, "TlsCurrTxSw") >= 2, "{vhci_stat}");
+    assert!(tls_stat(vhci_stat, "TlsCurrRxSw") >= 2, "{vhci_stat}");
+    assert_eq!(tls_stat(vhci_stat, "TlsDecryptError"), 0, "{vhci_stat}");
     let (kernel_log, user_log) = text
         .split("KERNEL-LOG-BEGIN")
         .nth(1)
@@ -554,14 +590,15 @@ cat /tmp/user.log
         .filter(|l| l.contains(" imported"))
         .collect();
     eprintln!("{}", imports.join("\n"));
-    assert_eq!(imports.len(), 5, "{kernel_log}");
-    // The disk, the test device, the URB sent in its own record.
+    assert_eq!(imports.len(), 6, "{kernel_log}");
+    // The disk, the test device, the URB sent in its own record, and the
+    // disk again for vhci-hcd.
     assert_eq!(
         imports
             .iter()
             .filter(|l| l.contains("via=kernel TLS, AES-256-GCM"))
             .count(),
-        3,
+        4,
         "{kernel_log}"
     );
     // The URB that shared the import's record: it was in user space.
