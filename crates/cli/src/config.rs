@@ -3,6 +3,7 @@
 //! ```toml
 //! [server]
 //! tcp_port = 3240
+//! max_inflight_bytes = 268435456  # all connections together (256 MiB)
 //!
 //! [[device]]
 //! kind = "mass-storage"
@@ -27,6 +28,7 @@
 //! client_ca = "clients-ca.pem"            # and/or pinned client certificates:
 //! client_fingerprints = ["3F:A2:...:09"]   # SHA-256, 64 hex digits
 //! allow_plaintext = ["127.0.0.0/8"]   # ...except from these sources
+//! handshake_timeout_secs = 10         # a client's handshake deadline
 //! ```
 
 use std::net::SocketAddr;
@@ -65,6 +67,8 @@ pub struct TlsSection {
     /// Sources that may still use plaintext once TLS is on.
     #[serde(default)]
     pub allow_plaintext: Vec<ipnet::IpNet>,
+    /// Seconds a client may take to complete its TLS handshake.
+    pub handshake_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -74,6 +78,8 @@ pub struct ServerSection {
     pub max_connections: Option<usize>,
     pub max_urbs_in_flight: Option<usize>,
     pub max_bytes_in_flight: Option<usize>,
+    /// Bytes in flight across all connections together.
+    pub max_inflight_bytes: Option<usize>,
     pub max_transfer_length: Option<u32>,
     /// Debug only: turning it off lets URBs run past an endpoint error.
     pub hold_on_error: Option<bool>,
@@ -93,6 +99,9 @@ impl ServerSection {
         }
         if let Some(v) = self.max_bytes_in_flight {
             c.max_bytes_in_flight = v;
+        }
+        if let Some(v) = self.max_inflight_bytes {
+            c.max_inflight_bytes = v;
         }
         if let Some(v) = self.max_transfer_length {
             c.limits.max_transfer_length = v;

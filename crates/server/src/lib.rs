@@ -5,6 +5,7 @@
 //! future resolves, in the manner of mini-redis.
 #![deny(unsafe_code)]
 
+pub mod abuse;
 pub mod queue;
 pub mod registry;
 pub mod session;
@@ -42,6 +43,10 @@ pub struct ServerConfig {
     pub max_urbs_in_flight: usize,
     /// Transfer-buffer bytes one connection may have in flight.
     pub max_bytes_in_flight: usize,
+    /// Bytes all connections together may have in flight (transfer
+    /// buffers and replies not yet sent); a connection that would go over
+    /// waits for its turn.
+    pub max_inflight_bytes: usize,
     /// Hold an endpoint's queue after an error until the importer reacts
     /// (see `queue.rs`). Off only for debugging: it shows what breaks.
     pub hold_on_error: bool,
@@ -56,6 +61,8 @@ pub struct ServerConfig {
     pub import_wait: WaitBounds,
     /// TLS, and which sources may still use plaintext.
     pub access: tls::Access,
+    /// How long a client may take to complete its TLS handshake.
+    pub tls_handshake_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -65,12 +72,14 @@ impl Default for ServerConfig {
             max_connections: 1024,
             max_urbs_in_flight: 1024,
             max_bytes_in_flight: 64 * 1024 * 1024,
+            max_inflight_bytes: 256 * 1024 * 1024,
             hold_on_error: true,
             hold_floor: Duration::from_millis(20),
             hold_ceiling: Duration::from_secs(1),
             workers: 0,
             import_wait: WaitBounds::default(),
             access: tls::Access::default(),
+            tls_handshake_timeout: tls::HANDSHAKE_TIMEOUT,
         }
     }
 }
@@ -119,6 +128,12 @@ impl ServerConfig {
             1 << 30,
         )?;
         check(
+            "max_inflight_bytes",
+            self.max_inflight_bytes as u64,
+            self.limits.max_transfer_length.into(),
+            1 << 40,
+        )?;
+        check(
             "max_iso_packets",
             self.limits.max_iso_packets.into(),
             1,
@@ -136,6 +151,12 @@ impl ServerConfig {
             self.hold_ceiling.as_millis() as u64,
             self.hold_floor.as_millis() as u64,
             60_000,
+        )?;
+        check(
+            "tls_handshake_timeout_ms",
+            self.tls_handshake_timeout.as_millis() as u64,
+            100,
+            300_000,
         )?;
         check(
             "import_wait_close_ms",
@@ -179,9 +200,22 @@ pub enum SessionError {
 pub(crate) struct ServerState {
     pub registry: Registry,
     pub config: ServerConfig,
+    /// The bytes in flight all imports share.
+    pub budget: Arc<abuse::ByteBudget>,
+    /// Refusals per source, and their rate-limited log.
+    pub refusals: abuse::RefusalLog,
 }
 
 impl ServerState {
+    pub fn new(registry: Registry, config: ServerConfig) -> ServerState {
+        ServerState {
+            registry,
+            budget: abuse::ByteBudget::new(config.max_inflight_bytes),
+            refusals: abuse::RefusalLog::new(abuse::RefusalLimits::default()),
+            config,
+        }
+    }
+
     /// Puts the device back in the registry once `Backend::release` has
     /// readied it for the next importer. Waiters already know it is coming
     /// ([`Registry::ending`]). Releasing may block (a usbfs drain waits for
@@ -216,7 +250,7 @@ impl Server {
     pub fn new(registry: Registry, config: ServerConfig) -> Result<Self, ConfigError> {
         config.validate()?;
         Ok(Server {
-            state: Arc::new(ServerState { registry, config }),
+            state: Arc::new(ServerState::new(registry, config)),
             next_conn: Arc::new(AtomicU64::new(1)),
         })
     }
@@ -227,6 +261,16 @@ impl Server {
 
     pub fn config(&self) -> &ServerConfig {
         &self.state.config
+    }
+
+    /// Refusals counted per source so far.
+    pub fn refusals(&self) -> abuse::RefusalSnapshot {
+        self.state.refusals.snapshot()
+    }
+
+    /// Bytes of the global in-flight budget no import holds now.
+    pub fn inflight_budget_available(&self) -> i64 {
+        self.state.budget.available()
     }
 
     /// Serves `listeners` until `shutdown` resolves, then ends every
@@ -249,7 +293,21 @@ impl Server {
                     .await;
             });
         }
-        shutdown.await;
+        let refusals = self.state.clone();
+        let summaries = async move {
+            // Bounded by the server's life: the select below ends it. It
+            // sleeps only after a refusal went unlogged, so an idle server
+            // has no timer running.
+            loop {
+                refusals.refusals.suppressed().await;
+                tokio::time::sleep(refusals.refusals.window()).await;
+                refusals.refusals.log_flushed(std::time::Instant::now());
+            }
+        };
+        tokio::select! {
+            _ = shutdown => {}
+            () = summaries => {}
+        }
         info!("shutting down");
         let _ = stop_tx.send(true);
         accepters.shutdown().await;

@@ -96,6 +96,15 @@ struct Args {
     /// be repeated), e.g. 127.0.0.0/8 for local tools.
     #[arg(long = "allow-plaintext", value_name = "CIDR")]
     allow_plaintext: Vec<ipnet::IpNet>,
+    /// Seconds a client may take to complete its TLS handshake (default 10).
+    #[arg(long = "tls-handshake-timeout", value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    tls_handshake_timeout: Option<u64>,
+    /// Bytes all connections together may have in flight (transfer
+    /// buffers and unsent replies); a connection that would go over waits
+    /// its turn. Default 256 MiB.
+    #[arg(long = "max-inflight-bytes", value_name = "BYTES")]
+    max_inflight_bytes: Option<usize>,
 }
 
 const DEFAULT_STATE_FILE: &str = "/var/lib/usbwire/bindings.json";
@@ -168,6 +177,15 @@ fn load_config(args: &Args) -> Result<(Config, ServerConfig), String> {
     };
     let mut server_config = ServerConfig::default();
     config.server.apply(&mut server_config);
+    if let Some(v) = args.max_inflight_bytes {
+        server_config.max_inflight_bytes = v;
+    }
+    if let Some(s) = args
+        .tls_handshake_timeout
+        .or(config.tls.handshake_timeout_secs)
+    {
+        server_config.tls_handshake_timeout = std::time::Duration::from_secs(s);
+    }
     server_config.access = access(args, &config)?;
     server_config
         .validate()

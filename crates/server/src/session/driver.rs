@@ -13,6 +13,7 @@ use tracing::{info, warn};
 use usbwire_proto::BusId;
 
 use super::{OpEvent, OpSession, SessionConfig, UrbSession};
+use crate::abuse::Refusal;
 use crate::registry::Importer;
 use crate::tls::{TlsStream, TLS_HANDSHAKE_RECORD};
 use crate::{ServerState, SessionError};
@@ -89,11 +90,13 @@ pub(crate) async fn serve(
     let access = &state.config.access;
     if first[0] == TLS_HANDSHAKE_RECORD {
         let Some(tls) = access.tls.clone() else {
-            warn!(
-                conn, %peer,
-                "refused a TLS connection: this server has no TLS configured \
-                 (start it with --tls-cert, --tls-key and --tls-client-ca, or connect without TLS)"
-            );
+            if state.refusals.count(peer.ip(), Refusal::RefusedConnection) {
+                warn!(
+                    conn, %peer,
+                    "refused a TLS connection: this server has no TLS configured \
+                     (start it with --tls-cert, --tls-key and --tls-client-ca, or connect without TLS)"
+                );
+            }
             return Ok(());
         };
         let stream = match TlsStream::new(stream, tls) {
@@ -104,11 +107,13 @@ pub(crate) async fn serve(
             }
         };
         let accepted = tokio::select! {
-            r = stream.accept() => r,
+            r = stream.accept(state.config.tls_handshake_timeout) => r,
             _ = shutdown.changed() => return Ok(()),
         };
         if let Err(e) = accepted {
-            warn!(conn, %peer, "refused a TLS connection: {e}");
+            if state.refusals.count(peer.ip(), Refusal::FailedHandshake) {
+                warn!(conn, %peer, "refused a TLS connection: {e}");
+            }
             stream.send_alert();
             return Ok(());
         }
@@ -116,13 +121,15 @@ pub(crate) async fn serve(
         return serve_on(stream, Instant::now(), state, conn, shutdown).await;
     }
     if !access.plaintext_allowed(peer.ip()) {
-        warn!(
-            conn, %peer,
-            "refused a plaintext connection: this server requires TLS; \
-             to let this source use plaintext, add --allow-plaintext {}/{}",
-            peer.ip().to_canonical(),
-            if peer.ip().to_canonical().is_ipv4() { 32 } else { 128 }
-        );
+        if state.refusals.count(peer.ip(), Refusal::RefusedConnection) {
+            warn!(
+                conn, %peer,
+                "refused a plaintext connection: this server requires TLS; \
+                 to let this source use plaintext, add --allow-plaintext {}/{}",
+                peer.ip().to_canonical(),
+                if peer.ip().to_canonical().is_ipv4() { 32 } else { 128 }
+            );
+        }
         return Ok(());
     }
     serve_on(stream, started, state, conn, shutdown).await
@@ -236,7 +243,13 @@ async fn import(
     let (info, backend) = match imported {
         Ok(x) => x,
         Err(e) => {
-            info!(conn, %busid, "import refused: {e}");
+            let log = match stream.socket().peer_addr() {
+                Ok(a) => state.refusals.count(a.ip(), Refusal::RefusedImport),
+                Err(_) => true,
+            };
+            if log {
+                info!(conn, %busid, "import refused: {e}");
+            }
             op.refuse_import(e.op_status());
             write_all(&stream, op.poll_transmit()).await?;
             return Ok(());
@@ -264,7 +277,8 @@ async fn import(
         &busid,
         client,
         Instant::now(),
-    );
+    )
+    .with_budget(state.budget.share());
     let r = tokio::select! {
         r = run(&stream, &mut session, &wake, &mut shutdown) => r,
         () = end.requested() => {
