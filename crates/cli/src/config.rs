@@ -4,6 +4,8 @@
 //! [server]
 //! tcp_port = 3240
 //! max_inflight_bytes = 268435456  # all connections together (256 MiB)
+//! failed_handshake_burst = 16     # then a source's TLS connections are
+//! failed_handshake_refill_ms = 1000  # closed unread, one more per second
 //!
 //! [[device]]
 //! kind = "mass-storage"
@@ -80,6 +82,11 @@ pub struct ServerSection {
     pub max_bytes_in_flight: Option<usize>,
     /// Bytes in flight across all connections together.
     pub max_inflight_bytes: Option<usize>,
+    /// Failed TLS handshakes a source may have in a row before its TLS
+    /// connections are closed unread (0: no throttle).
+    pub failed_handshake_burst: Option<u32>,
+    /// How long until one failed handshake is forgiven.
+    pub failed_handshake_refill_ms: Option<u64>,
     pub max_transfer_length: Option<u32>,
     /// Debug only: turning it off lets URBs run past an endpoint error.
     pub hold_on_error: Option<bool>,
@@ -102,6 +109,12 @@ impl ServerSection {
         }
         if let Some(v) = self.max_inflight_bytes {
             c.max_inflight_bytes = v;
+        }
+        if let Some(v) = self.failed_handshake_burst {
+            c.refusals.failed_handshake_burst = v;
+        }
+        if let Some(v) = self.failed_handshake_refill_ms {
+            c.refusals.failed_handshake_refill = Duration::from_millis(v);
         }
         if let Some(v) = self.max_transfer_length {
             c.limits.max_transfer_length = v;

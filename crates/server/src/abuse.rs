@@ -185,6 +185,9 @@ pub enum Refusal {
     RefusedConnection,
     /// An import refused (no such device, busy, not allowed).
     RefusedImport,
+    /// A TLS connection turned away unread: its source failed too many
+    /// handshakes lately.
+    Throttled,
 }
 
 /// Refusals of one source (or of all sources together).
@@ -193,6 +196,7 @@ pub struct RefusalCounts {
     pub failed_handshakes: u64,
     pub refused_connections: u64,
     pub refused_imports: u64,
+    pub throttled_connections: u64,
 }
 
 impl RefusalCounts {
@@ -201,6 +205,7 @@ impl RefusalCounts {
             Refusal::FailedHandshake => &mut self.failed_handshakes,
             Refusal::RefusedConnection => &mut self.refused_connections,
             Refusal::RefusedImport => &mut self.refused_imports,
+            Refusal::Throttled => &mut self.throttled_connections,
         };
         *n = n.saturating_add(1);
     }
@@ -209,6 +214,7 @@ impl RefusalCounts {
         self.failed_handshakes
             .saturating_add(self.refused_connections)
             .saturating_add(self.refused_imports)
+            .saturating_add(self.throttled_connections)
     }
 }
 
@@ -232,6 +238,12 @@ pub struct RefusalLimits {
     /// summed up in one line when the window is over.
     pub logged_per_window: u32,
     pub window: Duration,
+    /// Failed TLS handshakes a source may have in a row; beyond that its
+    /// TLS connections are closed unread (no handshake work) until it
+    /// has earned credit back. 0 turns the throttle off.
+    pub failed_handshake_burst: u32,
+    /// One failed handshake's credit comes back after this long.
+    pub failed_handshake_refill: Duration,
 }
 
 impl Default for RefusalLimits {
@@ -240,6 +252,8 @@ impl Default for RefusalLimits {
             max_sources: 4096,
             logged_per_window: 10,
             window: Duration::from_secs(60),
+            failed_handshake_burst: 16,
+            failed_handshake_refill: Duration::from_secs(1),
         }
     }
 }
@@ -250,6 +264,39 @@ struct Source {
     window_start: Instant,
     logged: u32,
     suppressed: u64,
+    /// Failed handshakes the source may still have (a token bucket).
+    credit: u32,
+    /// When `credit` was last topped up.
+    credit_at: Instant,
+}
+
+impl Source {
+    fn new(now: Instant, limits: &RefusalLimits) -> Source {
+        Source {
+            counts: RefusalCounts::default(),
+            last_seen: now,
+            window_start: now,
+            logged: 0,
+            suppressed: 0,
+            credit: limits.failed_handshake_burst,
+            credit_at: now,
+        }
+    }
+
+    fn refill(&mut self, limits: &RefusalLimits, now: Instant) {
+        let every = limits.failed_handshake_refill.as_nanos().max(1);
+        let earned = now.saturating_duration_since(self.credit_at).as_nanos() / every;
+        if earned == 0 {
+            return;
+        }
+        let credit = (u128::from(self.credit) + earned).min(limits.failed_handshake_burst.into());
+        self.credit = credit as u32;
+        self.credit_at = if self.credit == limits.failed_handshake_burst {
+            now
+        } else {
+            self.credit_at + limits.failed_handshake_refill * earned as u32
+        };
+    }
 }
 
 /// What to log for one refusal.
@@ -310,14 +357,16 @@ impl RefusalLog {
                 s.evicted += 1;
             }
         }
-        let src = s.sources.entry(source).or_insert(Source {
-            counts: RefusalCounts::default(),
-            last_seen: now,
-            window_start: now,
-            logged: 0,
-            suppressed: 0,
-        });
+        let limits = &self.limits;
+        let src = s
+            .sources
+            .entry(source)
+            .or_insert_with(|| Source::new(now, limits));
         src.counts.add(kind);
+        if kind == Refusal::FailedHandshake {
+            src.refill(limits, now);
+            src.credit = src.credit.saturating_sub(1);
+        }
         src.last_seen = now;
         let mut suppressed_before = 0;
         if now.saturating_duration_since(src.window_start) >= self.limits.window {
@@ -338,6 +387,25 @@ impl RefusalLog {
             log,
             suppressed_before,
         }
+    }
+
+    /// Whether `source` may start a TLS handshake at `now`; if not, how
+    /// long until it may. A source that keeps failing handshakes costs the
+    /// server an accept and a close, not a handshake each.
+    pub fn may_handshake(&self, source: IpAddr, now: Instant) -> Result<(), Duration> {
+        if self.limits.failed_handshake_burst == 0 {
+            return Ok(());
+        }
+        let mut s = self.lock();
+        let Some(src) = s.sources.get_mut(&source.to_canonical()) else {
+            return Ok(());
+        };
+        src.refill(&self.limits, now);
+        if src.credit > 0 {
+            return Ok(());
+        }
+        let since = now.saturating_duration_since(src.credit_at);
+        Err(self.limits.failed_handshake_refill.saturating_sub(since))
     }
 
     /// Ends the windows that are over at `now` and returns, per source,
@@ -489,6 +557,7 @@ mod tests {
             max_sources: 16,
             logged_per_window: 3,
             window: Duration::from_secs(60),
+            ..RefusalLimits::default()
         });
         let t0 = Instant::now();
         let flood = ip("192.0.2.7");
@@ -533,6 +602,7 @@ mod tests {
             max_sources: 16,
             logged_per_window: 1,
             window: Duration::from_secs(60),
+            ..RefusalLimits::default()
         });
         let t0 = Instant::now();
         let src = ip("::ffff:198.51.100.1");
@@ -551,11 +621,45 @@ mod tests {
     }
 
     #[test]
+    fn a_source_that_keeps_failing_handshakes_is_throttled() {
+        let log = RefusalLog::new(RefusalLimits {
+            failed_handshake_burst: 3,
+            failed_handshake_refill: Duration::from_secs(1),
+            ..RefusalLimits::default()
+        });
+        let t0 = Instant::now();
+        let (bad, good) = (ip("192.0.2.66"), ip("192.0.2.1"));
+        for _ in 0..3 {
+            assert_eq!(log.may_handshake(bad, t0), Ok(()));
+            log.record(bad, Refusal::FailedHandshake, t0);
+        }
+        assert_eq!(
+            log.may_handshake(bad, t0 + Duration::from_millis(400)),
+            Err(Duration::from_millis(600))
+        );
+        // Other sources, and refusals of other kinds, are not affected.
+        log.record(good, Refusal::RefusedImport, t0);
+        assert_eq!(log.may_handshake(good, t0), Ok(()));
+        // One credit back per second, up to the burst.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(log.may_handshake(bad, t1), Ok(()));
+        log.record(bad, Refusal::FailedHandshake, t1);
+        assert!(log.may_handshake(bad, t1).is_err());
+        let t2 = t1 + Duration::from_secs(100);
+        for _ in 0..3 {
+            assert_eq!(log.may_handshake(bad, t2), Ok(()));
+            log.record(bad, Refusal::FailedHandshake, t2);
+        }
+        assert!(log.may_handshake(bad, t2).is_err());
+    }
+
+    #[test]
     fn the_table_of_sources_is_bounded() {
         let log = RefusalLog::new(RefusalLimits {
             max_sources: 4,
             logged_per_window: 1,
             window: Duration::from_secs(60),
+            ..RefusalLimits::default()
         });
         let t0 = Instant::now();
         for i in 0..100u8 {

@@ -63,6 +63,9 @@ pub struct ServerConfig {
     pub access: tls::Access,
     /// How long a client may take to complete its TLS handshake.
     pub tls_handshake_timeout: Duration,
+    /// How refusals are counted, logged and, for failed handshakes,
+    /// throttled per source.
+    pub refusals: abuse::RefusalLimits,
 }
 
 impl Default for ServerConfig {
@@ -80,6 +83,7 @@ impl Default for ServerConfig {
             import_wait: WaitBounds::default(),
             access: tls::Access::default(),
             tls_handshake_timeout: tls::HANDSHAKE_TIMEOUT,
+            refusals: abuse::RefusalLimits::default(),
         }
     }
 }
@@ -159,6 +163,18 @@ impl ServerConfig {
             300_000,
         )?;
         check(
+            "failed_handshake_burst",
+            self.refusals.failed_handshake_burst.into(),
+            0,
+            1_000_000,
+        )?;
+        check(
+            "failed_handshake_refill_ms",
+            self.refusals.failed_handshake_refill.as_millis() as u64,
+            1,
+            3_600_000,
+        )?;
+        check(
             "import_wait_close_ms",
             self.import_wait.close.as_millis() as u64,
             0,
@@ -211,7 +227,7 @@ impl ServerState {
         ServerState {
             registry,
             budget: abuse::ByteBudget::new(config.max_inflight_bytes),
-            refusals: abuse::RefusalLog::new(abuse::RefusalLimits::default()),
+            refusals: abuse::RefusalLog::new(config.refusals),
             config,
         }
     }

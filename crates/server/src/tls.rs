@@ -549,6 +549,11 @@ mod tests {
     ) -> (Duration, crate::abuse::RefusalSnapshot) {
         config.access.tls = Some(unused_tls());
         let state = Arc::new(ServerState::new(Registry::new(), config));
+        let open = stalled_client_on(first, &state).await;
+        (open, state.refusals.snapshot())
+    }
+
+    async fn stalled_client_on(first: &[u8], state: &Arc<ServerState>) -> Duration {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut client = TcpStream::connect(listener.local_addr().unwrap())
             .await
@@ -567,7 +572,7 @@ mod tests {
         // The server's close ends this read.
         let _ = client.read_to_end(&mut rest).await;
         let _ = served.await.unwrap();
-        (start.elapsed(), state.refusals.snapshot())
+        start.elapsed()
     }
 
     #[tokio::test(start_paused = true)]
@@ -593,6 +598,26 @@ mod tests {
         assert_eq!(refusals.sources.len(), 1);
         assert_eq!(refusals.sources[0].0, loopback);
         assert_eq!(refusals.sources[0].1.failed_handshakes, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_source_that_failed_too_many_handshakes_is_closed_unread() {
+        let mut config = ServerConfig::default();
+        config.access.tls = Some(unused_tls());
+        config.refusals.failed_handshake_burst = 2;
+        config.refusals.failed_handshake_refill = Duration::from_secs(3600);
+        let state = Arc::new(ServerState::new(Registry::new(), config));
+        let stalled = [TLS_HANDSHAKE_RECORD, 3, 1, 0, 200, 1];
+        for _ in 0..2 {
+            let open = stalled_client_on(&stalled, &state).await;
+            assert!(open >= HANDSHAKE_TIMEOUT, "{open:?}");
+        }
+        // No handshake for the third: closed at once, in virtual time.
+        let open = stalled_client_on(&stalled, &state).await;
+        assert!(open < HANDSHAKE_TIMEOUT, "{open:?}");
+        let counts = state.refusals.snapshot().total;
+        assert_eq!(counts.failed_handshakes, 2);
+        assert_eq!(counts.throttled_connections, 1);
     }
 
     #[tokio::test(start_paused = true)]
