@@ -961,7 +961,7 @@ fn print_tls_table(ctx: &Ctx) {
             "{:<22} | {:<39} | {} | {ratio} of TLS without the flood",
             format!("{FLOOD_BASE}+flood"),
             format!("{} refused handshakes meanwhile", ctx.flood_count()),
-            cell(Some(&r))
+            cell(Some(r))
         );
     }
     if let Some(r) = find("tls-handshake") {
