@@ -90,12 +90,44 @@ impl Pki {
     }
 }
 
+/// Bytes read from the socket at once, ahead of rustls.
+const READ_AHEAD: usize = 256 << 10;
+
 /// A blocking TLS client connection. Writes go out as few records as
-/// rustls makes of them (a vectored write is one plaintext run), reads
-/// decrypt from one socket read at a time.
+/// rustls makes of them (a vectored write is one plaintext run). Reads go
+/// through a read-ahead buffer: rustls' `read_tls` asks the socket for
+/// 4 KiB at a time, sixteen system calls per 64 KiB.
 pub struct TlsStream {
     tls: ClientConnection,
     tcp: TcpStream,
+    ahead: ReadAhead,
+}
+
+/// Socket bytes read but not yet given to rustls: `buf[lo..hi]`.
+struct ReadAhead {
+    buf: Vec<u8>,
+    lo: usize,
+    hi: usize,
+}
+
+/// The socket behind a [`ReadAhead`], as rustls' `read_tls` reads it.
+struct AheadReader<'a> {
+    tcp: &'a mut TcpStream,
+    ahead: &'a mut ReadAhead,
+}
+
+impl Read for AheadReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let a = &mut *self.ahead;
+        if a.lo == a.hi {
+            a.lo = 0;
+            a.hi = self.tcp.read(&mut a.buf)?;
+        }
+        let n = out.len().min(a.hi - a.lo);
+        out[..n].copy_from_slice(&a.buf[a.lo..a.lo + n]);
+        a.lo += n;
+        Ok(n)
+    }
 }
 
 impl TlsStream {
@@ -114,7 +146,12 @@ impl TlsStream {
             tls.complete_io(&mut tcp)?;
         }
         let took = start.elapsed();
-        Ok((TlsStream { tls, tcp }, took))
+        let ahead = ReadAhead {
+            buf: vec![0; READ_AHEAD],
+            lo: 0,
+            hi: 0,
+        };
+        Ok((TlsStream { tls, tcp, ahead }, took))
     }
 
     fn send_records(&mut self) -> io::Result<()> {
@@ -136,7 +173,11 @@ impl Read for TlsStream {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
-            if self.tls.read_tls(&mut self.tcp)? == 0 {
+            let mut from = AheadReader {
+                tcp: &mut self.tcp,
+                ahead: &mut self.ahead,
+            };
+            if self.tls.read_tls(&mut from)? == 0 {
                 return Ok(0);
             }
             self.tls
@@ -206,6 +247,10 @@ fn refused_handshake(addr: SocketAddr, anonymous: &Arc<ClientConfig>) -> Result<
     // an alert to the first request.
     let (mut s, _) = match TlsStream::connect(addr, anonymous) {
         Ok(x) => x,
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            return Err(format!("nothing listens at {addr}: {e}"));
+        }
+        // Refused during the handshake (or closed unread: throttled).
         Err(_) => return Ok(()),
     };
     match load::op_roundtrip(

@@ -4,8 +4,8 @@
 //! [server]
 //! tcp_port = 3240
 //! max_inflight_bytes = 268435456  # all connections together (256 MiB)
-//! failed_handshake_burst = 16     # then a source's TLS connections are
-//! failed_handshake_refill_ms = 1000  # closed unread, one more per second
+//! failed_handshake_burst = 16     # failed TLS handshakes, then a source's
+//! failed_handshake_refill_ms = 1000  # connections are closed at accept
 //!
 //! [[device]]
 //! kind = "mass-storage"
@@ -82,8 +82,8 @@ pub struct ServerSection {
     pub max_bytes_in_flight: Option<usize>,
     /// Bytes in flight across all connections together.
     pub max_inflight_bytes: Option<usize>,
-    /// Failed TLS handshakes a source may have in a row before its TLS
-    /// connections are closed unread (0: no throttle).
+    /// Failed TLS handshakes a source may have in a row before its
+    /// connections are closed as they are accepted (0: no throttle).
     pub failed_handshake_burst: Option<u32>,
     /// How long until one failed handshake is forgiven.
     pub failed_handshake_refill_ms: Option<u64>,

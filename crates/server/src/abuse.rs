@@ -185,8 +185,8 @@ pub enum Refusal {
     RefusedConnection,
     /// An import refused (no such device, busy, not allowed).
     RefusedImport,
-    /// A TLS connection turned away unread: its source failed too many
-    /// handshakes lately.
+    /// A connection closed as it was accepted: its source failed too
+    /// many TLS handshakes lately.
     Throttled,
 }
 
@@ -239,8 +239,9 @@ pub struct RefusalLimits {
     pub logged_per_window: u32,
     pub window: Duration,
     /// Failed TLS handshakes a source may have in a row; beyond that its
-    /// TLS connections are closed unread (no handshake work) until it
-    /// has earned credit back. 0 turns the throttle off.
+    /// connections are closed as they are accepted (no worker, no
+    /// handshake) until it has earned credit back. 0 turns the throttle
+    /// off.
     pub failed_handshake_burst: u32,
     /// One failed handshake's credit comes back after this long.
     pub failed_handshake_refill: Duration,
@@ -389,9 +390,9 @@ impl RefusalLog {
         }
     }
 
-    /// Whether `source` may start a TLS handshake at `now`; if not, how
-    /// long until it may. A source that keeps failing handshakes costs the
-    /// server an accept and a close, not a handshake each.
+    /// Whether a connection from `source` may be served at `now`; if not,
+    /// how long until it may. A source that keeps failing handshakes costs
+    /// the server an accept and a close, not a handshake each.
     pub fn may_handshake(&self, source: IpAddr, now: Instant) -> Result<(), Duration> {
         if self.limits.failed_handshake_burst == 0 {
             return Ok(());
@@ -651,6 +652,54 @@ mod tests {
             log.record(bad, Refusal::FailedHandshake, t2);
         }
         assert!(log.may_handshake(bad, t2).is_err());
+    }
+
+    /// A server with TLS on whose failed-handshake throttle lets a source
+    /// fail `burst` handshakes; its address.
+    async fn throttling_server(burst: u32) -> (std::net::SocketAddr, crate::Server) {
+        let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(rustls::server::ResolvesServerCertUsingSni::new()));
+        let mut config = crate::ServerConfig::default();
+        config.access.tls = Some(Arc::new(tls));
+        config.workers = 1;
+        config.refusals.failed_handshake_burst = burst;
+        config.refusals.failed_handshake_refill = Duration::from_secs(3600);
+        let server = crate::Server::new(crate::Registry::new(), config).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let run = server.clone();
+        tokio::spawn(async move { run.run(vec![listener], std::future::pending::<()>()).await });
+        (addr, server)
+    }
+
+    /// Connects, sends a TLS record that no handshake survives, and waits
+    /// for the server's close.
+    async fn fail_a_handshake(addr: std::net::SocketAddr) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // A ClientHello of length 0.
+        let _ = c.write_all(&[0x16, 3, 1, 0, 4, 1, 0, 0, 0]).await;
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest).await;
+    }
+
+    #[tokio::test]
+    async fn a_source_that_keeps_failing_handshakes_is_closed_before_any_work() {
+        let (addr, server) = throttling_server(2).await;
+        fail_a_handshake(addr).await;
+        fail_a_handshake(addr).await;
+        let counts = server.refusals().total;
+        assert_eq!(counts.failed_handshakes, 2);
+        assert_eq!(counts.throttled_connections, 0);
+        fail_a_handshake(addr).await;
+        let counts = server.refusals().total;
+        assert_eq!(counts.failed_handshakes, 2, "no third handshake was tried");
+        assert_eq!(counts.throttled_connections, 1);
     }
 
     #[test]

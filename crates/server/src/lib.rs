@@ -18,7 +18,7 @@ use workers::{Job, Workers};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
@@ -381,6 +381,22 @@ impl Server {
             };
             let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
             debug!(conn, %peer, "connection");
+            if let Err(wait) = self.state.refusals.may_handshake(peer.ip(), Instant::now()) {
+                // Closed here, before a worker sees it: a flood of them
+                // costs the connections being served as little as it can.
+                if self
+                    .state
+                    .refusals
+                    .count(peer.ip(), abuse::Refusal::Throttled)
+                {
+                    warn!(
+                        conn, %peer,
+                        "refused a connection unread: too many failed TLS handshakes from \
+                         this source lately (it may connect again in {wait:?})"
+                    );
+                }
+                continue;
+            }
             // Leaves this runtime's reactor; the worker registers it with its own.
             let stream = match stream.into_std() {
                 Ok(s) => s,

@@ -601,26 +601,6 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_source_that_failed_too_many_handshakes_is_closed_unread() {
-        let mut config = ServerConfig::default();
-        config.access.tls = Some(unused_tls());
-        config.refusals.failed_handshake_burst = 2;
-        config.refusals.failed_handshake_refill = Duration::from_secs(3600);
-        let state = Arc::new(ServerState::new(Registry::new(), config));
-        let stalled = [TLS_HANDSHAKE_RECORD, 3, 1, 0, 200, 1];
-        for _ in 0..2 {
-            let open = stalled_client_on(&stalled, &state).await;
-            assert!(open >= HANDSHAKE_TIMEOUT, "{open:?}");
-        }
-        // No handshake for the third: closed at once, in virtual time.
-        let open = stalled_client_on(&stalled, &state).await;
-        assert!(open < HANDSHAKE_TIMEOUT, "{open:?}");
-        let counts = state.refusals.snapshot().total;
-        assert_eq!(counts.failed_handshakes, 2);
-        assert_eq!(counts.throttled_connections, 1);
-    }
-
-    #[tokio::test(start_paused = true)]
     async fn a_silent_connection_is_cut_at_the_op_deadline() {
         let open = stalled_client(&[]).await;
         assert!(open >= crate::session::OP_TIMEOUT, "{open:?}");

@@ -89,16 +89,6 @@ pub(crate) async fn serve(
     }
     let access = &state.config.access;
     if first[0] == TLS_HANDSHAKE_RECORD {
-        if let Err(wait) = state.refusals.may_handshake(peer.ip(), Instant::now()) {
-            if state.refusals.count(peer.ip(), Refusal::Throttled) {
-                warn!(
-                    conn, %peer,
-                    "refused a TLS connection unread: too many failed handshakes from this \
-                     source lately (it may try again in {wait:?})"
-                );
-            }
-            return Ok(());
-        }
         let Some(tls) = access.tls.clone() else {
             if state.refusals.count(peer.ip(), Refusal::RefusedConnection) {
                 warn!(
