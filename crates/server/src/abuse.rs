@@ -109,6 +109,11 @@ impl BudgetShare {
         self.held
     }
 
+    /// Whether this share waits in the budget's queue.
+    pub fn is_waiting(&self) -> bool {
+        self.queued
+    }
+
     /// Makes this share hold at least `bytes`, if the budget has the
     /// difference and no earlier session waits for it. If not, `waker` is
     /// woken when it may have: ask again then.

@@ -194,10 +194,18 @@ impl UrbSession {
     /// Whether the global budget covers a command of `len` more bytes.
     fn reserve(&mut self, len: usize) -> bool {
         let need = self.charged() + len;
-        match &mut self.budget {
-            Some(share) => share.try_hold(need, &self.waker),
-            None => true,
+        let Some(share) = &mut self.budget else {
+            return true;
+        };
+        let was_waiting = share.is_waiting();
+        let granted = share.try_hold(need, &self.waker);
+        if !granted && !was_waiting {
+            debug!(
+                busid = %self.busid, client = %self.client, need,
+                "waiting for the server's in-flight budget (max_inflight_bytes)"
+            );
         }
+        granted
     }
 
     /// Gives back to the global budget what the session no longer holds,
