@@ -52,8 +52,44 @@ pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
     Ok(s)
 }
 
+/// What a connection runs over: plain TCP, or TLS in user space.
+pub enum Stream {
+    Tcp(TcpStream),
+    Tls(Box<crate::tls::TlsStream>),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write_vectored(bufs),
+            Stream::Tls(s) => s.write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
+
 /// Sends one OP_* request and reads its reply in full.
-pub fn op_roundtrip(s: &mut TcpStream, req: &OpRequest) -> io::Result<OpReply> {
+pub fn op_roundtrip(s: &mut (impl Read + Write), req: &OpRequest) -> io::Result<OpReply> {
     let mut out = Vec::with_capacity(64);
     req.encode(&mut out);
     s.write_all(&out)?;
@@ -128,7 +164,7 @@ struct Slot {
 
 /// An imported device, ready for URBs.
 pub struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     devid: u32,
     rbuf: Vec<u8>,
     lo: usize,
@@ -141,7 +177,11 @@ pub struct Conn {
 impl Conn {
     /// OP_REQ_IMPORT of `busid`, then (if asked) SET_CONFIGURATION(1).
     pub fn import(addr: SocketAddr, busid: &str, set_config: bool) -> io::Result<Conn> {
-        let mut stream = connect(addr)?;
+        Self::import_on(Stream::Tcp(connect(addr)?), busid, set_config)
+    }
+
+    /// [`Conn::import`] on a connection already made (TLS).
+    pub fn import_on(mut stream: Stream, busid: &str, set_config: bool) -> io::Result<Conn> {
         let reply = op_roundtrip(
             &mut stream,
             &OpRequest::Import {
@@ -359,7 +399,7 @@ impl Conn {
     }
 }
 
-pub fn write_all_vectored(s: &mut TcpStream, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+pub fn write_all_vectored(s: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
     // Bounded by the socket's write timeout: every pass writes something.
     while !bufs.is_empty() {
         match s.write_vectored(bufs) {

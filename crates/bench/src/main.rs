@@ -7,6 +7,7 @@
 //! cargo run --release -p usbwire-bench -- --smoke        # CI: works, sane, no errors
 //! ./target/release/usbwire-bench --scale                  # 1,000 devices, 256 idle connections
 //! ./target/release/usbwire-bench --server-cpu 0 --client-cpu 0 --filter ctrl,pingpong
+//! ./target/release/usbwire-bench --server-cpu 0 --client-cpu 0 --filter tls   # TLS beside plaintext
 //! ```
 
 mod crate_server;
@@ -17,6 +18,7 @@ mod rawtcp;
 mod scale;
 mod servers;
 mod sys;
+mod tls;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -95,6 +97,10 @@ struct Args {
     /// Internal: devices the usbip crate's server exports.
     #[arg(long, hide = true, default_value_t = 1)]
     crate_devices: usize,
+    /// Failed TLS handshakes (no client certificate, from this host) sent
+    /// while a TLS import runs 64 KiB bulk IN, in the flood workload.
+    #[arg(long, default_value_t = 1000)]
+    flood_handshakes: u64,
 }
 
 /// One measured workload on one server.
@@ -425,6 +431,332 @@ fn run_urb_suite(ctx: &mut Ctx, server: &mut ServerProc, busid: &str) {
     }
 }
 
+/// The server whose TLS rows are measured: usbipd with TLS on and
+/// plaintext allowed from loopback, so that both run on one server.
+const TLS_SERVER: &str = "usbwire-tls";
+/// The workloads measured over TLS and, beside them, over plaintext.
+const TLS_WORKLOADS: [&str; 5] = [
+    "ctrl-get-descriptor",
+    "bulk-out-512-k32",
+    "bulk-out-64k-k8",
+    "bulk-in-512-k32",
+    "bulk-in-64k-k8",
+];
+const FLOOD_BASE: &str = "bulk-in-64k-k8";
+
+fn flood_workload(n: u64) -> String {
+    format!("tls-{FLOOD_BASE}-flood{n}")
+}
+
+fn after_flood_workload(n: u64) -> String {
+    format!("tls-{FLOOD_BASE}-after-flood{n}")
+}
+
+/// Every TLS row's name, for --filter.
+fn tls_rows(ctx: &Ctx) -> Vec<String> {
+    let mut v = vec!["tls-handshake".to_string()];
+    for w in TLS_WORKLOADS {
+        v.push(format!("plain-{w}"));
+        v.push(format!("tls-{w}"));
+    }
+    v.push(flood_workload(ctx.flood_count()));
+    v.push(after_flood_workload(ctx.flood_count()));
+    v
+}
+
+/// `spec` on `conn` after a warm-up, with the server's CPU time.
+fn measure(
+    ctx: &mut Ctx,
+    conn: &mut Conn,
+    spec: &Spec,
+    pid: u32,
+    server: &'static str,
+    workload: &str,
+) -> Result<Row, String> {
+    let mut lat = std::mem::take(&mut ctx.lat);
+    let row = (|| -> Result<Row, String> {
+        conn.run(spec, ctx.warm, &mut lat)
+            .map_err(|e| e.to_string())?;
+        ctx.measure_stalls();
+        let c0 = CpuSample::take(pid);
+        let st = conn
+            .run(spec, ctx.dur, &mut lat)
+            .map_err(|e| e.to_string())?;
+        let c1 = CpuSample::take(pid);
+        let (p50, p99, max) = percentiles(&mut lat);
+        Ok(Row {
+            server,
+            workload: workload.to_string(),
+            ops: st.urbs,
+            bytes: st.bytes,
+            secs: st.elapsed.as_secs_f64(),
+            p50,
+            p99,
+            max,
+            cpu_us_per_op: Some(c0.delta_ns(&c1) as f64 / 1e3 / st.urbs.max(1) as f64),
+            stall: None,
+            errors: st.errors,
+            error: st.first_error,
+        })
+    })();
+    ctx.lat = lat;
+    row
+}
+
+/// TLS handshakes one after the other for the run's duration: the
+/// client's handshake time, and the server's CPU per handshake.
+fn measure_handshakes(ctx: &mut Ctx, server: &ServerProc, pki: &tls::Pki) -> Row {
+    let w = "tls-handshake";
+    let mut lat = std::mem::take(&mut ctx.lat);
+    lat.clear();
+    let (addr, pid) = (server.addr, server.pid());
+    let warm_end = std::time::Instant::now() + ctx.warm;
+    // Bounded by time and by count.
+    for _ in 0..100_000 {
+        if std::time::Instant::now() >= warm_end {
+            break;
+        }
+        if let Err(e) = tls::connect(addr, pki) {
+            ctx.lat = lat;
+            return Row::failed(TLS_SERVER, w, format!("TLS handshake: {e}"));
+        }
+    }
+    ctx.measure_stalls();
+    let c0 = CpuSample::take(pid);
+    let start = std::time::Instant::now();
+    let mut ops = 0u64;
+    let mut error = None;
+    while start.elapsed() < ctx.dur && ops < 1_000_000 {
+        match tls::connect(addr, pki) {
+            Ok((_, took)) => {
+                load::record_latency(&mut lat, took);
+                ops += 1;
+            }
+            Err(e) => {
+                error = Some(format!("TLS handshake: {e}"));
+                break;
+            }
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let c1 = CpuSample::take(pid);
+    let (p50, p99, max) = percentiles(&mut lat);
+    ctx.lat = lat;
+    Row {
+        server: TLS_SERVER,
+        workload: w.into(),
+        ops,
+        bytes: 0,
+        secs,
+        p50,
+        p99,
+        max,
+        cpu_us_per_op: Some(c0.delta_ns(&c1) as f64 / 1e3 / ops.max(1) as f64),
+        stall: None,
+        errors: u64::from(error.is_some()),
+        error,
+    }
+}
+
+/// The TLS rows, on a usbipd with TLS on: handshakes; each workload over
+/// plaintext, then over TLS; then 64 KiB bulk IN over TLS while a flood
+/// of refused handshakes from this host arrives.
+fn run_tls_suite(ctx: &mut Ctx, server: &mut ServerProc, busid: &str, pki: &tls::Pki) {
+    let name = server.name;
+    let pid = server.pid();
+    if ctx.selected(name, "tls-handshake") {
+        let row = measure_handshakes(ctx, server, pki);
+        ctx.push(row);
+    }
+    let all = urb_workloads();
+    let spec_of = |w: &str| all.iter().find(|(n, _)| n == w).map(|(_, s)| *s);
+    for transport in ["plain", "tls"] {
+        let work: Vec<(String, Spec)> = TLS_WORKLOADS
+            .iter()
+            .map(|w| {
+                (
+                    format!("{transport}-{w}"),
+                    spec_of(w).expect("a known workload"),
+                )
+            })
+            .filter(|(w, _)| ctx.selected(name, w))
+            .collect();
+        let flood = transport == "tls" && ctx.selected(name, &flood_workload(ctx.flood_count()));
+        if work.is_empty() && !flood {
+            continue;
+        }
+        let connect = || -> std::io::Result<Conn> {
+            let stream = if transport == "tls" {
+                tls::connect(server.addr, pki)?.0
+            } else {
+                load::Stream::Tcp(load::connect(server.addr)?)
+            };
+            Conn::import_on(stream, busid, true)
+        };
+        let mut conn = match connect() {
+            Ok(c) => c,
+            Err(e) => {
+                for (w, _) in &work {
+                    ctx.push(Row::failed(
+                        name,
+                        w,
+                        format!("{transport} import {busid}: {e}"),
+                    ));
+                }
+                continue;
+            }
+        };
+        for (w, spec) in &work {
+            match measure(ctx, &mut conn, spec, pid, name, w) {
+                Ok(r) => ctx.push(r),
+                Err(e) => {
+                    ctx.push(Row::failed(name, w, e));
+                    match connect() {
+                        Ok(c) => conn = c,
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+        if flood {
+            let spec = spec_of(FLOOD_BASE).expect("a known workload");
+            let row = measure_during_flood(ctx, &mut conn, &spec, server, pki);
+            let flood_secs = row.secs;
+            let flood_ok = row.error.is_none();
+            ctx.push(row);
+            if flood_ok {
+                // The control: the same workload right after, for as long
+                // as the flood lasted, so that both see the same machine.
+                let dur = ctx.dur;
+                ctx.dur = Duration::from_secs_f64(flood_secs.max(0.1));
+                let w = after_flood_workload(ctx.flood_count());
+                let row = measure(ctx, &mut conn, &spec, pid, name, &w)
+                    .unwrap_or_else(|e| Row::failed(name, &w, e));
+                ctx.dur = dur;
+                ctx.push(row);
+            }
+        }
+    }
+}
+
+impl Ctx {
+    fn flood_count(&self) -> u64 {
+        if self.args.smoke {
+            self.args.flood_handshakes.min(50)
+        } else {
+            self.args.flood_handshakes
+        }
+        .max(1)
+    }
+}
+
+/// `spec` on `conn` for as long as a flood of refused handshakes lasts.
+/// The flood's thread runs on another CPU than the load client where the
+/// machine has one, so that what the row shows is the server's share.
+fn measure_during_flood(
+    ctx: &mut Ctx,
+    conn: &mut Conn,
+    spec: &Spec,
+    server: &ServerProc,
+    pki: &tls::Pki,
+) -> Row {
+    let n = ctx.flood_count();
+    let w = flood_workload(n);
+    let (addr, pid) = (server.addr, server.pid());
+    let mut lat = std::mem::take(&mut ctx.lat);
+    let mut chunk = Vec::with_capacity(lat.capacity().min(1 << 20));
+    if let Err(e) = conn.run(spec, ctx.warm, &mut chunk) {
+        ctx.lat = lat;
+        return Row::failed(TLS_SERVER, &w, e.to_string());
+    }
+    lat.clear();
+    let other_cpu = ctx
+        .args
+        .client_cpu
+        .map(|c| (c + 1) % sys::online_cpus().max(1))
+        .filter(|o| Some(*o) != ctx.args.client_cpu);
+    let anonymous = pki.anonymous.clone();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = done.clone();
+    ctx.measure_stalls();
+    let c0 = CpuSample::take(pid);
+    let flooder = std::thread::spawn(move || {
+        if let Some(cpu) = other_cpu {
+            let _ = sys::pin_thread(0, cpu);
+        }
+        let f = tls::flood(addr, &anonymous, n);
+        flag.store(true, std::sync::atomic::Ordering::Release);
+        f
+    });
+    let mut total = load::RunStats::default();
+    let start = std::time::Instant::now();
+    // Bounded: the flood ends (each handshake has the socket timeouts),
+    // and at most ten minutes in any case.
+    let mut failed = None;
+    // At least one turn, however quickly the flood is over.
+    loop {
+        if start.elapsed() > Duration::from_secs(600) {
+            failed = Some("the flood did not end within ten minutes".into());
+            break;
+        }
+        match conn.run(spec, Duration::from_millis(100), &mut chunk) {
+            Ok(st) => {
+                total.urbs += st.urbs;
+                total.bytes += st.bytes;
+                total.errors += st.errors;
+                if total.first_error.is_none() {
+                    total.first_error = st.first_error;
+                }
+                for &l in &chunk {
+                    if lat.len() < lat.capacity() {
+                        lat.push(l);
+                    }
+                }
+            }
+            Err(e) => {
+                failed = Some(e.to_string());
+                break;
+            }
+        }
+        if done.load(std::sync::atomic::Ordering::Acquire) {
+            break;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let c1 = CpuSample::take(pid);
+    let flood = flooder.join().unwrap_or_default();
+    let (p50, p99, max) = percentiles(&mut lat);
+    ctx.lat = lat;
+    ctx.progress(&format!(
+        "flood: {} handshakes refused, {} unexpected, in {:.2} s",
+        flood.refused,
+        flood.unexpected,
+        flood.elapsed.as_secs_f64()
+    ));
+    let mut error = failed.or(total.first_error);
+    if flood.refused != n {
+        error.get_or_insert(format!(
+            "the flood's handshakes: {} of {n} refused; {}",
+            flood.refused,
+            flood.first_unexpected.unwrap_or_default()
+        ));
+    }
+    Row {
+        server: TLS_SERVER,
+        workload: w,
+        ops: total.urbs,
+        bytes: total.bytes,
+        secs,
+        p50,
+        p99,
+        max,
+        cpu_us_per_op: Some(c0.delta_ns(&c1) as f64 / 1e3 / total.urbs.max(1) as f64),
+        stall: None,
+        errors: total.errors + u64::from(error.is_some() && total.errors == 0),
+        error,
+    }
+}
+
 fn run_msc(ctx: &mut Ctx, server: &ServerProc, busid: &str, image_bytes: u64) {
     let w = format!(
         "msc-read-{}k-q{}",
@@ -512,7 +844,8 @@ fn print_tables(ctx: &Ctx, scale: &[scale::ScaleResult]) {
     let servers = ["usbwire", "usbip-crate"];
     let mut names: Vec<&str> = Vec::new();
     for r in &ctx.rows {
-        if r.server != "raw-tcp" && !names.contains(&r.workload.as_str()) {
+        if r.server != "raw-tcp" && r.server != TLS_SERVER && !names.contains(&r.workload.as_str())
+        {
             names.push(&r.workload);
         }
     }
@@ -559,7 +892,7 @@ fn print_tables(ctx: &Ctx, scale: &[scale::ScaleResult]) {
             }
             println!("{line}");
         }
-        for r in &ctx.rows {
+        for r in ctx.rows.iter().filter(|r| r.server != TLS_SERVER) {
             if let Some(e) = &r.error {
                 println!(
                     "  error in {}:{}: {e} ({} errors)",
@@ -568,6 +901,7 @@ fn print_tables(ctx: &Ctx, scale: &[scale::ScaleResult]) {
             }
         }
     }
+    print_tls_table(ctx);
     for s in scale {
         println!();
         println!(
@@ -595,6 +929,95 @@ fn print_tables(ctx: &Ctx, scale: &[scale::ScaleResult]) {
         }
         for e in &s.errors {
             println!("  error: {e}");
+        }
+    }
+}
+
+/// TLS beside plaintext, on one usbipd in one run.
+fn print_tls_table(ctx: &Ctx) {
+    let rows: Vec<&Row> = ctx.rows.iter().filter(|r| r.server == TLS_SERVER).collect();
+    if rows.is_empty() {
+        return;
+    }
+    let find = |w: &str| rows.iter().find(|r| r.workload == w);
+    println!();
+    println!(
+        "TLS 1.3 in user space (rustls) beside plaintext, one usbipd (MB = 10^6 bytes; \
+         latency us; cpu = server CPU us per URB)"
+    );
+    let group = format!(
+        "{:>8} {:>7} {:>7} {:>7} {:>6}",
+        "URB/s", "MB/s", "p50", "p99", "cpu"
+    );
+    println!(
+        "{:<22} | {:<39} | {:<39} | {:>6}",
+        "", "plaintext", "TLS", "ratio"
+    );
+    println!("{:<22} | {group} | {group} | {:>6}", "workload", "tls/pl");
+    let cell = |r: Option<&&Row>| match r {
+        Some(r) if r.error.is_some() && r.ops == 0 => format!("{:<39}", "FAILED"),
+        Some(r) => format!(
+            "{:>8} {:>7.1} {:>7} {:>7} {:>6}",
+            fmt_rate(r.ops_s()),
+            r.mb_s(),
+            fmt_us(r.p50),
+            fmt_us(r.p99),
+            fmt_opt(r.cpu_us_per_op, 2)
+        ),
+        None => format!("{:<39}", "n/a"),
+    };
+    for w in TLS_WORKLOADS {
+        let (p, t) = (find(&format!("plain-{w}")), find(&format!("tls-{w}")));
+        let ratio = match (p, t) {
+            (Some(p), Some(t)) if p.ops_s() > 0.0 => format!("{:>5.2}x", t.ops_s() / p.ops_s()),
+            _ => format!("{:>6}", "-"),
+        };
+        println!("{w:<22} | {} | {} | {ratio}", cell(p), cell(t));
+    }
+    let flood = flood_workload(ctx.flood_count());
+    if let Some(r) = find(&flood) {
+        let after = find(&after_flood_workload(ctx.flood_count()));
+        let ratio = match after {
+            Some(b) if b.mb_s() > 0.0 => format!("{:>5.2}x", r.mb_s() / b.mb_s()),
+            _ => format!("{:>6}", "-"),
+        };
+        println!(
+            "{:<22} | {:<39} | {} | {ratio} of the same time right after",
+            format!("{FLOOD_BASE}+flood"),
+            format!("{} refused handshakes meanwhile", ctx.flood_count()),
+            cell(Some(r))
+        );
+        println!(
+            "{:<22} | {:<39} | {} |",
+            format!("{FLOOD_BASE} after"),
+            format!("no flood, {:.2} s as long", r.secs),
+            cell(after)
+        );
+    }
+    if let Some(r) = find("tls-handshake") {
+        println!(
+            "TLS handshake (TCP connected to handshake done, client side): p50 {} us, p99 {} us, \
+             {} handshakes/s, server CPU {} us per handshake",
+            fmt_us(r.p50),
+            fmt_us(r.p99),
+            fmt_rate(r.ops_s()),
+            fmt_opt(r.cpu_us_per_op, 0)
+        );
+    }
+    println!(
+        "kernel TLS: {}",
+        tls::ktls_unavailable().map_or_else(
+            || "this kernel offers it, but usbipd's kernel TLS path is not measured by this bench"
+                .to_string(),
+            |why| format!("not available here: {why}")
+        )
+    );
+    for r in &rows {
+        if let Some(e) = &r.error {
+            println!(
+                "  error in {}:{}: {e} ({} errors)",
+                r.server, r.workload, r.errors
+            );
         }
     }
 }
@@ -765,6 +1188,60 @@ fn targets(ctx: &Ctx, scale: &[scale::ScaleResult]) -> Vec<Value> {
         ),
         m.map(|v| v >= 1000.0),
     );
+    // Issue #14: TLS.
+    let tls_find = |w: &str| find(TLS_SERVER, w);
+    for d in ["out", "in"] {
+        let w = format!("bulk-{d}-64k-k8");
+        let p = tls_find(&format!("plain-{w}")).map(|r| r.mb_s());
+        let t = tls_find(&format!("tls-{w}")).map(|r| r.mb_s());
+        verdict(
+            "S1",
+            format!(
+                "{w}: userspace TLS {} MB/s >= 50% of plaintext {} MB/s, same server and run ({})",
+                fmt_opt(t, 0),
+                fmt_opt(p, 0),
+                match (t, p) {
+                    (Some(t), Some(p)) if p > 0.0 => format!("{:.0}%", 100.0 * t / p),
+                    _ => "-".into(),
+                }
+            ),
+            match (t, p) {
+                (Some(t), Some(p)) => Some(t >= 0.5 * p),
+                _ => None,
+            },
+        );
+    }
+    verdict(
+        "S1",
+        format!(
+            "64 KiB bulk over kernel TLS >= 80% of plaintext: {}",
+            tls::ktls_unavailable().map_or_else(
+                || "not measured by this bench (usbipd's kernel TLS path)".to_string(),
+                |why| format!("not available here: {why}")
+            )
+        ),
+        None,
+    );
+    let n = ctx.flood_count();
+    let base = tls_find(&after_flood_workload(n)).map(|r| r.mb_s());
+    let flooded = tls_find(&flood_workload(n)).map(|r| r.mb_s());
+    verdict(
+        "S2",
+        format!(
+            "TLS {FLOOD_BASE} during {n} refused handshakes from one source {} MB/s >= 90% of \
+             the same time right after, without {} MB/s ({})",
+            fmt_opt(flooded, 0),
+            fmt_opt(base, 0),
+            match (flooded, base) {
+                (Some(f), Some(b)) if b > 0.0 => format!("{:.0}%", 100.0 * f / b),
+                _ => "-".into(),
+            }
+        ),
+        match (flooded, base) {
+            (Some(f), Some(b)) => Some(f >= 0.9 * b),
+            _ => None,
+        },
+    );
     out
 }
 
@@ -900,6 +1377,44 @@ fn real_main(args: Args) -> Result<bool, String> {
         }
     }
 
+    let want_tls = tls_rows(&ctx).iter().any(|w| ctx.selected(TLS_SERVER, w));
+    if want_tls {
+        let exe = servers::find_usbipd(ctx.args.usbipd.as_deref())?;
+        let pki = tls::Pki::new(tmp.path())?;
+        let config = tmp.path().join("usbipd-tls.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[[device]]\nkind = \"test\"\nbusid = \"1-1\"\n\n{}",
+                pki.server_toml
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        if !quiet {
+            eprintln!("usbwire with TLS on, plaintext allowed from 127.0.0.0/8:");
+        }
+        match ServerProc::usbipd_named(
+            TLS_SERVER,
+            &exe,
+            &config,
+            &tmp.path().join("usbipd-tls.log"),
+        ) {
+            Ok(mut srv) => {
+                if let Some(cpu) = ctx.args.server_cpu {
+                    sys::pin_process(srv.pid(), cpu).map_err(|e| format!("--server-cpu: {e}"))?;
+                }
+                run_tls_suite(&mut ctx, &mut srv, "1-1", &pki);
+                if let Err(e) = srv.check_alive() {
+                    fatal.get_or_insert(e);
+                }
+                srv.stop();
+            }
+            Err(e) => {
+                fatal.get_or_insert(e);
+            }
+        }
+    }
+
     let want_cr = urb_workloads()
         .iter()
         .any(|(w, _)| ctx.selected("usbip-crate", w));
@@ -1025,7 +1540,8 @@ fn real_main(args: Args) -> Result<bool, String> {
                 r.error.as_deref().unwrap_or("")
             ));
         }
-        if r.bytes == 0 {
+        // A handshake moves no USB/IP data.
+        if r.bytes == 0 && r.workload != "tls-handshake" {
             problems.push(format!("{}:{}: no data moved", r.server, r.workload));
         }
         if ctx.hiccups.is_some() && r.error.is_none() && !r.stall.is_some_and(f64::is_finite) {

@@ -67,13 +67,23 @@ impl ServerProc {
     /// `usbipd --config FILE --listen 127.0.0.1 -t 0 --ready-fd 1`, logging
     /// to `log`.
     pub fn usbipd(exe: &Path, config: &Path, log: &Path) -> Result<ServerProc, String> {
+        Self::usbipd_named("usbwire", exe, config, log)
+    }
+
+    /// [`ServerProc::usbipd`], under another name in the results.
+    pub fn usbipd_named(
+        name: &'static str,
+        exe: &Path,
+        config: &Path,
+        log: &Path,
+    ) -> Result<ServerProc, String> {
         let mut cmd = Command::new(exe);
         cmd.arg("--config")
             .arg(config)
             .args(["--listen", "127.0.0.1", "-t", "0", "--ready-fd", "1"])
             // Per-connection log lines only; nothing per URB either way.
             .env("USBWIRE_LOG", "warn");
-        Self::spawn("usbwire", cmd, log)
+        Self::spawn(name, cmd, log)
     }
 
     /// This binary as the `usbip` crate's server with `devices` devices.

@@ -3,6 +3,9 @@
 //! ```toml
 //! [server]
 //! tcp_port = 3240
+//! max_inflight_bytes = 268435456  # all connections together (256 MiB)
+//! failed_handshake_burst = 16     # failed TLS handshakes, then a source's
+//! failed_handshake_refill_ms = 1000  # connections are closed at accept
 //!
 //! [[device]]
 //! kind = "mass-storage"
@@ -29,6 +32,7 @@
 //! allow_plaintext = ["127.0.0.0/8"]   # ...except from these sources
 //! kernel = "auto"           # URB phase on kernel TLS where the kernel has it;
 //!                           # "on": required (no start without it), "off": never
+//! handshake_timeout_secs = 10         # a client's handshake deadline
 //!
 //! [[access]]                # once there is a rule, only what rules grant
 //! devices = ["1-1", "046d:*", "*:c52b"]    # bus id, VID:PID (hex, * wildcard), or *
@@ -119,6 +123,8 @@ pub struct TlsSection {
     pub allow_plaintext: Vec<ipnet::IpNet>,
     /// Kernel TLS for the URB phase: "auto" (default), "on" or "off".
     pub kernel: Option<String>,
+    /// Seconds a client may take to complete its TLS handshake.
+    pub handshake_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -128,6 +134,13 @@ pub struct ServerSection {
     pub max_connections: Option<usize>,
     pub max_urbs_in_flight: Option<usize>,
     pub max_bytes_in_flight: Option<usize>,
+    /// Bytes in flight across all connections together.
+    pub max_inflight_bytes: Option<usize>,
+    /// Failed TLS handshakes a source may have in a row before its
+    /// connections are closed as they are accepted (0: no throttle).
+    pub failed_handshake_burst: Option<u32>,
+    /// How long until one failed handshake is forgiven.
+    pub failed_handshake_refill_ms: Option<u64>,
     pub max_transfer_length: Option<u32>,
     /// Debug only: turning it off lets URBs run past an endpoint error.
     pub hold_on_error: Option<bool>,
@@ -147,6 +160,15 @@ impl ServerSection {
         }
         if let Some(v) = self.max_bytes_in_flight {
             c.max_bytes_in_flight = v;
+        }
+        if let Some(v) = self.max_inflight_bytes {
+            c.max_inflight_bytes = v;
+        }
+        if let Some(v) = self.failed_handshake_burst {
+            c.refusals.failed_handshake_burst = v;
+        }
+        if let Some(v) = self.failed_handshake_refill_ms {
+            c.refusals.failed_handshake_refill = Duration::from_millis(v);
         }
         if let Some(v) = self.max_transfer_length {
             c.limits.max_transfer_length = v;

@@ -5,6 +5,7 @@
 //! future resolves, in the manner of mini-redis.
 #![deny(unsafe_code)]
 
+pub mod abuse;
 pub mod acl;
 pub mod queue;
 pub mod registry;
@@ -18,7 +19,7 @@ use workers::{Job, Workers};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
@@ -43,6 +44,10 @@ pub struct ServerConfig {
     pub max_urbs_in_flight: usize,
     /// Transfer-buffer bytes one connection may have in flight.
     pub max_bytes_in_flight: usize,
+    /// Bytes all connections together may have in flight (transfer
+    /// buffers and replies not yet sent); a connection that would go over
+    /// waits for its turn.
+    pub max_inflight_bytes: usize,
     /// Hold an endpoint's queue after an error until the importer reacts
     /// (see `queue.rs`). Off only for debugging: it shows what breaks.
     pub hold_on_error: bool,
@@ -59,6 +64,11 @@ pub struct ServerConfig {
     pub access: tls::Access,
     /// Which clients may see and import which devices.
     pub acl: acl::AccessControl,
+    /// How long a client may take to complete its TLS handshake.
+    pub tls_handshake_timeout: Duration,
+    /// How refusals are counted, logged and, for failed handshakes,
+    /// throttled per source.
+    pub refusals: abuse::RefusalLimits,
 }
 
 impl Default for ServerConfig {
@@ -68,6 +78,7 @@ impl Default for ServerConfig {
             max_connections: 1024,
             max_urbs_in_flight: 1024,
             max_bytes_in_flight: 64 * 1024 * 1024,
+            max_inflight_bytes: 256 * 1024 * 1024,
             hold_on_error: true,
             hold_floor: Duration::from_millis(20),
             hold_ceiling: Duration::from_secs(1),
@@ -75,6 +86,8 @@ impl Default for ServerConfig {
             import_wait: WaitBounds::default(),
             access: tls::Access::default(),
             acl: acl::AccessControl::default(),
+            tls_handshake_timeout: tls::HANDSHAKE_TIMEOUT,
+            refusals: abuse::RefusalLimits::default(),
         }
     }
 }
@@ -123,6 +136,12 @@ impl ServerConfig {
             1 << 30,
         )?;
         check(
+            "max_inflight_bytes",
+            self.max_inflight_bytes as u64,
+            self.limits.max_transfer_length.into(),
+            1 << 40,
+        )?;
+        check(
             "max_iso_packets",
             self.limits.max_iso_packets.into(),
             1,
@@ -140,6 +159,24 @@ impl ServerConfig {
             self.hold_ceiling.as_millis() as u64,
             self.hold_floor.as_millis() as u64,
             60_000,
+        )?;
+        check(
+            "tls_handshake_timeout_ms",
+            self.tls_handshake_timeout.as_millis() as u64,
+            100,
+            300_000,
+        )?;
+        check(
+            "failed_handshake_burst",
+            self.refusals.failed_handshake_burst.into(),
+            0,
+            1_000_000,
+        )?;
+        check(
+            "failed_handshake_refill_ms",
+            self.refusals.failed_handshake_refill.as_millis() as u64,
+            1,
+            3_600_000,
         )?;
         check(
             "import_wait_close_ms",
@@ -183,9 +220,22 @@ pub enum SessionError {
 pub(crate) struct ServerState {
     pub registry: Registry,
     pub config: ServerConfig,
+    /// The bytes in flight all imports share.
+    pub budget: Arc<abuse::ByteBudget>,
+    /// Refusals per source, and their rate-limited log.
+    pub refusals: abuse::RefusalLog,
 }
 
 impl ServerState {
+    pub fn new(registry: Registry, config: ServerConfig) -> ServerState {
+        ServerState {
+            registry,
+            budget: abuse::ByteBudget::new(config.max_inflight_bytes),
+            refusals: abuse::RefusalLog::new(config.refusals),
+            config,
+        }
+    }
+
     /// Puts the device back in the registry once `Backend::release` has
     /// readied it for the next importer. Waiters already know it is coming
     /// ([`Registry::ending`]). Releasing may block (a usbfs drain waits for
@@ -220,7 +270,7 @@ impl Server {
     pub fn new(registry: Registry, config: ServerConfig) -> Result<Self, ConfigError> {
         config.validate()?;
         Ok(Server {
-            state: Arc::new(ServerState { registry, config }),
+            state: Arc::new(ServerState::new(registry, config)),
             next_conn: Arc::new(AtomicU64::new(1)),
         })
     }
@@ -231,6 +281,16 @@ impl Server {
 
     pub fn config(&self) -> &ServerConfig {
         &self.state.config
+    }
+
+    /// Refusals counted per source so far.
+    pub fn refusals(&self) -> abuse::RefusalSnapshot {
+        self.state.refusals.snapshot()
+    }
+
+    /// Bytes of the global in-flight budget no import holds now.
+    pub fn inflight_budget_available(&self) -> i64 {
+        self.state.budget.available()
     }
 
     /// Serves `listeners` until `shutdown` resolves, then ends every
@@ -253,7 +313,21 @@ impl Server {
                     .await;
             });
         }
-        shutdown.await;
+        let refusals = self.state.clone();
+        let summaries = async move {
+            // Bounded by the server's life: the select below ends it. It
+            // sleeps only after a refusal went unlogged, so an idle server
+            // has no timer running.
+            loop {
+                refusals.refusals.suppressed().await;
+                tokio::time::sleep(refusals.refusals.window()).await;
+                refusals.refusals.log_flushed(std::time::Instant::now());
+            }
+        };
+        tokio::select! {
+            _ = shutdown => {}
+            () = summaries => {}
+        }
         info!("shutting down");
         let _ = stop_tx.send(true);
         accepters.shutdown().await;
@@ -311,6 +385,22 @@ impl Server {
             };
             let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
             debug!(conn, %peer, "connection");
+            if let Err(wait) = self.state.refusals.may_handshake(peer.ip(), Instant::now()) {
+                // Closed here, before a worker sees it: a flood of them
+                // costs the connections being served as little as it can.
+                if self
+                    .state
+                    .refusals
+                    .count(peer.ip(), abuse::Refusal::Throttled)
+                {
+                    warn!(
+                        conn, %peer,
+                        "refused a connection unread: too many failed TLS handshakes from \
+                         this source lately (it may connect again in {wait:?})"
+                    );
+                }
+                continue;
+            }
             // Leaves this runtime's reactor; the worker registers it with its own.
             let stream = match stream.into_std() {
                 Ok(s) => s,

@@ -41,7 +41,8 @@ use crate::session::driver::Transport;
 
 /// The first byte of a TLS record carrying a handshake message.
 pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;
-/// How long a client may take to complete the TLS handshake.
+/// How long a client may take to complete the TLS handshake, unless the
+/// server is configured otherwise (`ServerConfig::tls_handshake_timeout`).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Who may connect how: the TLS configuration, if any, and the sources
@@ -332,8 +333,8 @@ pub enum HandshakeError {
     Io(#[from] io::Error),
     #[error("the client closed the connection during the TLS handshake")]
     Closed,
-    #[error("the client did not complete the TLS handshake within {HANDSHAKE_TIMEOUT:?}")]
-    Timeout,
+    #[error("the client did not complete the TLS handshake within {0:?}")]
+    Timeout(Duration),
 }
 
 /// The most plaintext rustls puts in one record (it is configured with
@@ -416,12 +417,12 @@ impl TlsStream {
         })
     }
 
-    /// Runs the server side of the handshake, within [`HANDSHAKE_TIMEOUT`].
+    /// Runs the server side of the handshake, within `deadline`.
     /// On failure, [`TlsStream::send_alert`] tells the client why.
-    pub async fn accept(&self) -> Result<(), HandshakeError> {
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake()).await {
+    pub async fn accept(&self, deadline: Duration) -> Result<(), HandshakeError> {
+        match tokio::time::timeout(deadline, self.handshake()).await {
             Ok(r) => r,
-            Err(_) => Err(HandshakeError::Timeout),
+            Err(_) => Err(HandshakeError::Timeout(deadline)),
         }
     }
 
@@ -783,12 +784,21 @@ mod tests {
     /// Serves one connection whose client sends `first` and then nothing;
     /// returns how long (in virtual time) the server kept it open.
     async fn stalled_client(first: &[u8]) -> Duration {
-        let mut config = ServerConfig::default();
+        stalled_client_with(first, ServerConfig::default()).await.0
+    }
+
+    /// Also returns the refusals the server counted.
+    async fn stalled_client_with(
+        first: &[u8],
+        mut config: ServerConfig,
+    ) -> (Duration, crate::abuse::RefusalSnapshot) {
         config.access.tls = Some(unused_tls());
-        let state = Arc::new(ServerState {
-            registry: Registry::new(),
-            config,
-        });
+        let state = Arc::new(ServerState::new(Registry::new(), config));
+        let open = stalled_client_on(first, &state).await;
+        (open, state.refusals.snapshot())
+    }
+
+    async fn stalled_client_on(first: &[u8], state: &Arc<ServerState>) -> Duration {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut client = TcpStream::connect(listener.local_addr().unwrap())
             .await
@@ -797,7 +807,12 @@ mod tests {
         let (server, _) = listener.accept().await.unwrap();
         let (_stop, stop_rx) = watch::channel(false);
         let start = tokio::time::Instant::now();
-        let served = tokio::spawn(crate::session::driver::serve(server, state, 1, stop_rx));
+        let served = tokio::spawn(crate::session::driver::serve(
+            server,
+            state.clone(),
+            1,
+            stop_rx,
+        ));
         let mut rest = Vec::new();
         // The server's close ends this read.
         let _ = client.read_to_end(&mut rest).await;
@@ -811,6 +826,23 @@ mod tests {
         let open = stalled_client(&[TLS_HANDSHAKE_RECORD, 3, 1, 0, 200, 1]).await;
         assert!(open >= HANDSHAKE_TIMEOUT, "{open:?}");
         assert!(open < crate::session::OP_TIMEOUT, "{open:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_handshake_deadline_is_configurable() {
+        let config = ServerConfig {
+            tls_handshake_timeout: Duration::from_secs(2),
+            ..ServerConfig::default()
+        };
+        let (open, refusals) =
+            stalled_client_with(&[TLS_HANDSHAKE_RECORD, 3, 1, 0, 200, 1], config).await;
+        assert!(open >= Duration::from_secs(2), "{open:?}");
+        assert!(open < HANDSHAKE_TIMEOUT, "{open:?}");
+        // Counted against its source.
+        let loopback: IpAddr = "127.0.0.1".parse().unwrap();
+        assert_eq!(refusals.sources.len(), 1);
+        assert_eq!(refusals.sources[0].0, loopback);
+        assert_eq!(refusals.sources[0].1.failed_handshakes, 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -980,7 +1012,7 @@ mod tests {
     ) -> (usize, Option<io::Error>) {
         let (tcp, _) = listener.accept().await.unwrap();
         let stream = TlsStream::new(tcp, config, 1).unwrap();
-        stream.accept().await.unwrap();
+        stream.accept(HANDSHAKE_TIMEOUT).await.unwrap();
         let mut go = [0u8; 2];
         let mut got = 0;
         while got < 2 {

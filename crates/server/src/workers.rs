@@ -176,10 +176,7 @@ mod tests {
 
     #[tokio::test]
     async fn connections_go_to_the_least_busy_worker_and_end_on_stop() {
-        let state = Arc::new(ServerState {
-            registry: Registry::new(),
-            config: ServerConfig::default(),
-        });
+        let state = Arc::new(ServerState::new(Registry::new(), ServerConfig::default()));
         let (stop_tx, stop_rx) = watch::channel(false);
         let workers = Workers::start(2, &state, &stop_rx);
         assert_eq!(workers.workers.len(), 2);

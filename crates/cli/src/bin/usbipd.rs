@@ -103,6 +103,15 @@ struct Args {
     /// "off" to keep TLS in user space.
     #[arg(long = "tls-kernel", value_name = "auto|on|off")]
     tls_kernel: Option<KernelTls>,
+    /// Seconds a client may take to complete its TLS handshake (default 10).
+    #[arg(long = "tls-handshake-timeout", value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    tls_handshake_timeout: Option<u64>,
+    /// Bytes all connections together may have in flight (transfer
+    /// buffers and unsent replies); a connection that would go over waits
+    /// its turn. Default 256 MiB.
+    #[arg(long = "max-inflight-bytes", value_name = "BYTES")]
+    max_inflight_bytes: Option<usize>,
 }
 
 const DEFAULT_STATE_FILE: &str = "/var/lib/usbwire/bindings.json";
@@ -175,6 +184,15 @@ fn load_config(args: &Args) -> Result<(Config, ServerConfig), String> {
     };
     let mut server_config = ServerConfig::default();
     config.server.apply(&mut server_config);
+    if let Some(v) = args.max_inflight_bytes {
+        server_config.max_inflight_bytes = v;
+    }
+    if let Some(s) = args
+        .tls_handshake_timeout
+        .or(config.tls.handshake_timeout_secs)
+    {
+        server_config.tls_handshake_timeout = std::time::Duration::from_secs(s);
+    }
     let (access, pinned) = access(args, &config)?;
     server_config.access = access;
     let policy = config.policy();

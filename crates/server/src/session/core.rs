@@ -19,6 +19,7 @@ use super::pool::BufferPool;
 use super::{SessionConfig, DIRECT_READ_MIN, MAX_EARLY_UNLINKS, READ_CHUNK};
 use usbwire_usb::StateChange;
 
+use crate::abuse::BudgetShare;
 use crate::queue::EndpointQueue;
 use crate::{Backend, Completion, SessionError, TransferType, Urb, UrbId};
 
@@ -128,6 +129,9 @@ pub struct UrbSession {
     /// How many queues are held (see `recount_holds`).
     held: usize,
     pool: BufferPool,
+    /// This session's part of the server's global in-flight budget, if
+    /// it has one.
+    budget: Option<BudgetShare>,
 }
 
 impl UrbSession {
@@ -165,6 +169,52 @@ impl UrbSession {
                 config.limits.max_transfer_length as usize,
                 config.max_bytes_in_flight,
             ),
+            budget: None,
+        }
+    }
+
+    /// Makes the session take what its commands need from a budget shared
+    /// with other sessions, besides its own bounds: it takes no command
+    /// the budget cannot cover, until the waker says it may.
+    pub fn with_budget(mut self, share: BudgetShare) -> Self {
+        self.budget = Some(share);
+        self
+    }
+
+    /// Bytes charged to the global budget: transfer buffers in flight
+    /// (including an OUT payload being read) and replies not yet sent.
+    fn charged(&self) -> usize {
+        let partial = self
+            .partial
+            .as_ref()
+            .map_or(0, |p| p.cmd.transfer_buffer_length as usize);
+        self.inflight_bytes + self.output.footprint() + partial
+    }
+
+    /// Whether the global budget covers a command of `len` more bytes.
+    fn reserve(&mut self, len: usize) -> bool {
+        let need = self.charged() + len;
+        let Some(share) = &mut self.budget else {
+            return true;
+        };
+        let was_waiting = share.is_waiting();
+        let granted = share.try_hold(need, &self.waker);
+        if !granted && !was_waiting {
+            debug!(
+                busid = %self.busid, client = %self.client, need,
+                "waiting for the server's in-flight budget (max_inflight_bytes)"
+            );
+        }
+        granted
+    }
+
+    /// Gives back to the global budget what the session no longer holds,
+    /// and charges what it holds beyond its reservations (a reply's
+    /// buffer larger than its URB).
+    fn settle_budget(&mut self) {
+        let charged = self.charged();
+        if let Some(share) = &mut self.budget {
+            share.settle(charged);
         }
     }
 
@@ -204,6 +254,12 @@ impl UrbSession {
     /// `n` bytes were read, at `now`, into the buffers
     /// [`UrbSession::read_buffers`] lent.
     pub fn input_filled(&mut self, now: Instant, n: usize) -> Result<(), SessionError> {
+        let r = self.take_input(now, n);
+        self.settle_budget();
+        r
+    }
+
+    fn take_input(&mut self, now: Instant, n: usize) -> Result<(), SessionError> {
         self.now = now;
         let Some(p) = &mut self.partial else {
             self.filled = (self.filled + n).min(self.input.len());
@@ -279,6 +335,11 @@ impl UrbSession {
                 Ok(Decoded::NeedMore(n)) => {
                     if let Some(h) = UrbCommand::submit_header(frame, &limits, is_iso)? {
                         if h.iso.is_empty() && h.data.len() >= DIRECT_READ_MIN {
+                            if !self.reserve(h.cmd.transfer_buffer_length as usize) {
+                                // Read on into the read buffer, up to its
+                                // bound: the backpressure.
+                                break;
+                            }
                             self.start_partial(h.cmd, at + URB_HEADER_LEN);
                             at = self.filled;
                             break;
@@ -289,6 +350,11 @@ impl UrbSession {
                     break;
                 }
                 Ok(Decoded::Message(cmd, used)) => {
+                    if let UrbCommand::Submit { cmd, .. } = &cmd {
+                        if !self.reserve(cmd.transfer_buffer_length as usize) {
+                            break;
+                        }
+                    }
                     let base = at;
                     at += used;
                     match cmd {
@@ -481,9 +547,10 @@ impl UrbSession {
     pub fn poll_backend(&mut self, now: Instant) -> Result<(), SessionError> {
         self.now = now;
         self.poll_all();
-        self.process_input()?;
+        let r = self.process_input();
         self.poll_all();
-        Ok(())
+        self.settle_budget();
+        r
     }
 
     /// Starts what may start on queue `q` and polls its active URBs.
@@ -576,6 +643,7 @@ impl UrbSession {
             }
         }
         self.poll_all();
+        self.settle_budget();
         let answered = self.queues.iter().all(EndpointQueue::is_empty);
         if answered && self.output.is_empty() {
             info!(busid = %self.busid, "the device is gone: closing its import");
@@ -735,6 +803,7 @@ impl UrbSession {
         }
         self.recount_holds();
         self.poll_all();
+        self.settle_budget();
     }
 
     // ---- output ----
@@ -753,12 +822,14 @@ impl UrbSession {
     /// `now`. The room that made lets buffered commands in.
     pub fn transmitted(&mut self, now: Instant, n: usize) -> Result<(), SessionError> {
         self.output.advance(n, &mut self.pool);
+        let mut r = Ok(());
         if self.filled > 0 && self.partial.is_none() && self.may_take_command() {
             self.now = now;
-            self.process_input()?;
+            r = self.process_input();
             self.poll_all();
         }
-        Ok(())
+        self.settle_budget();
+        r
     }
 
     /// URBs in flight, their transfer lengths, and the memory the replies

@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 use usbwire_proto::{BusId, OpStatus};
 
 use super::{OpEvent, OpSession, SessionConfig, UrbSession};
+use crate::abuse::Refusal;
 use crate::acl::{self, ClientIdentity, Peer, Policy};
 use crate::registry::{Importer, RegistryError};
 use crate::tls::{KernelTls, TlsStream, UrbCarrier, TLS_HANDSHAKE_RECORD};
@@ -103,11 +104,13 @@ pub(crate) async fn serve(
     let access = &state.config.access;
     if first[0] == TLS_HANDSHAKE_RECORD {
         let Some(tls) = access.tls.clone() else {
-            warn!(
-                conn, %peer,
-                "refused a TLS connection: this server has no TLS configured \
-                 (start it with --tls-cert, --tls-key and --tls-client-ca, or connect without TLS)"
-            );
+            if state.refusals.count(peer.ip(), Refusal::RefusedConnection) {
+                warn!(
+                    conn, %peer,
+                    "refused a TLS connection: this server has no TLS configured \
+                     (start it with --tls-cert, --tls-key and --tls-client-ca, or connect without TLS)"
+                );
+            }
             return Ok(());
         };
         let stream = match TlsStream::new(stream, tls, conn) {
@@ -118,11 +121,13 @@ pub(crate) async fn serve(
             }
         };
         let accepted = tokio::select! {
-            r = stream.accept() => r,
+            r = stream.accept(state.config.tls_handshake_timeout) => r,
             _ = shutdown.changed() => return Ok(()),
         };
         if let Err(e) = accepted {
-            warn!(conn, %peer, "refused a TLS connection: {e}");
+            if state.refusals.count(peer.ip(), Refusal::FailedHandshake) {
+                warn!(conn, %peer, "refused a TLS connection: {e}");
+            }
             stream.send_alert();
             return Ok(());
         }
@@ -136,13 +141,15 @@ pub(crate) async fn serve(
         return serve_on(stream, Instant::now(), state, conn, peer, shutdown).await;
     }
     if !access.plaintext_allowed(peer.ip()) {
-        warn!(
-            conn, %peer,
-            "refused a plaintext connection: this server requires TLS; \
-             to let this source use plaintext, add --allow-plaintext {}/{}",
-            peer.ip().to_canonical(),
-            if peer.ip().to_canonical().is_ipv4() { 32 } else { 128 }
-        );
+        if state.refusals.count(peer.ip(), Refusal::RefusedConnection) {
+            warn!(
+                conn, %peer,
+                "refused a plaintext connection: this server requires TLS; \
+                 to let this source use plaintext, add --allow-plaintext {}/{}",
+                peer.ip().to_canonical(),
+                if peer.ip().to_canonical().is_ipv4() { 32 } else { 128 }
+            );
+        }
         return Ok(());
     }
     serve_on(
@@ -296,7 +303,12 @@ async fn import(
                 }
                 e => e.op_status(),
             };
-            if denied.load(Ordering::Relaxed) {
+            let log = match stream.socket().peer_addr() {
+                Ok(a) => state.refusals.count(a.ip(), Refusal::RefusedImport),
+                Err(_) => true,
+            };
+            if !log {
+            } else if denied.load(Ordering::Relaxed) {
                 info!(
                     conn, %busid, client = %peer,
                     "import refused: the access policy does not grant this device to this client \
@@ -372,7 +384,8 @@ async fn urb_phase(
         &busid,
         client,
         Instant::now(),
-    );
+    )
+    .with_budget(state.budget.share());
     let r = tokio::select! {
         r = run(&stream, &mut session, &wake, &mut shutdown) => r,
         () = end.requested() => {

@@ -15,6 +15,7 @@ use usbwire_proto::urb::{
 use usbwire_proto::{CmdSubmit, CmdUnlink, DeviceInfo, Direction, Errno, Limits, SetupPacket};
 
 use super::{SessionConfig, UrbSession, DIRECT_READ_MIN};
+use crate::abuse::ByteBudget;
 use crate::{Backend, Completion, SessionError, TransferType, Urb};
 
 const BULK_OUT: u8 = 0x01;
@@ -143,6 +144,8 @@ struct Harness {
     /// Direction of each URB submitted, to tell whether data follows a reply.
     directions: HashMap<u32, Direction>,
     sent: Vec<u8>,
+    /// How often the session's waker fired.
+    woken: Arc<WakeCount>,
 }
 
 fn config() -> SessionConfig {
@@ -166,10 +169,11 @@ impl Harness {
             ..Script::default()
         }));
         let now = Instant::now();
+        let woken = Arc::new(WakeCount::default());
         let session = UrbSession::new(
             config,
             Box::new(ScriptedDevice(script.clone())),
-            Waker::from(Arc::new(WakeCount::default())),
+            Waker::from(woken.clone()),
             "1-1",
             "test".into(),
             now,
@@ -180,7 +184,21 @@ impl Harness {
             now,
             directions: HashMap::new(),
             sent: Vec::new(),
+            woken,
         }
+    }
+
+    /// A session that also takes from `budget`, shared with others.
+    fn with_budget(budget: &Arc<ByteBudget>) -> Self {
+        let mut h = Self::new();
+        let session = std::mem::replace(&mut h.session, Self::new().session);
+        h.session = session.with_budget(budget.share());
+        h.script().max_active = 8;
+        h
+    }
+
+    fn wakes(&self) -> usize {
+        self.woken.0.load(Ordering::Relaxed)
     }
 
     fn script(&self) -> MutexGuard<'_, Script> {
@@ -996,4 +1014,74 @@ mod op_phase {
             Err(SessionError::Timeout)
         ));
     }
+}
+
+#[test]
+fn a_global_budget_makes_sessions_wait_in_turn() {
+    const K64: u32 = 64 << 10;
+    let budget = ByteBudget::new(2 * K64 as usize);
+    let mut a = Harness::with_budget(&budget);
+    let mut b = Harness::with_budget(&budget);
+    a.submit(1, BULK_IN, K64);
+    a.submit(2, BULK_IN, K64);
+    assert_eq!(a.started(), vec![1, 2]);
+    // B's command waits: no error, no reply, just not started.
+    b.submit(10, BULK_IN, K64);
+    assert!(b.started().is_empty());
+    assert!(!b.session.has_output());
+    assert_eq!(budget.waiting(), 1);
+    let b_wakes = b.wakes();
+    // A's completed URB still holds its bytes until its reply is sent.
+    a.finish_ok(1, K64 as usize);
+    assert_eq!(b.wakes(), b_wakes, "nothing freed yet");
+    assert_eq!(a.replies(), vec![ret_submit(1, 0, K64 as usize)]);
+    assert!(b.wakes() > b_wakes, "B is told that its turn came");
+    // A asks again before B came back for its share: B goes first.
+    a.submit(3, BULK_IN, K64);
+    assert_eq!(a.started(), vec![2]);
+    b.session.poll_backend(b.now).unwrap();
+    assert_eq!(b.started(), vec![10]);
+    // Then A, once its own bytes come back.
+    a.finish_ok(2, K64 as usize);
+    a.replies();
+    assert_eq!(a.started(), vec![3]);
+    assert_eq!(budget.waiting(), 0);
+    b.finish_ok(10, K64 as usize);
+    b.replies();
+    a.finish_ok(3, K64 as usize);
+    a.replies();
+    assert_eq!(budget.available(), 2 * i64::from(K64));
+}
+
+#[test]
+fn a_session_out_of_budget_stops_reading_at_its_limit() {
+    let budget = ByteBudget::new(64 << 10);
+    let mut other = Harness::with_budget(&budget);
+    other.submit(1, BULK_IN, 64 << 10);
+    let mut h = Harness::with_budget(&budget);
+    // More than the read buffer's bound, all waiting for budget.
+    let frames: Vec<u8> = (2..2600)
+        .flat_map(|seqnum| h.submit_frame(seqnum, BULK_OUT, 4096, 0, [0; 8]))
+        .collect();
+    let offered = h.session.handle_input(h.now, &frames).unwrap();
+    assert!(offered < frames.len());
+    assert!(h.started().is_empty());
+    assert!(!h.session.wants_input(), "backpressure, not an error");
+    assert!(offered <= config().read_limit() + super::READ_CHUNK);
+    // The holder's bytes come back: the waiting session goes on.
+    other.finish_ok(1, 0);
+    other.replies();
+    h.session.poll_backend(h.now).unwrap();
+    assert_eq!(h.started().first(), Some(&2));
+}
+
+#[test]
+fn an_ended_session_gives_its_budget_back() {
+    let budget = ByteBudget::new(1 << 20);
+    let mut h = Harness::with_budget(&budget);
+    h.submit(1, BULK_IN, 256 << 10);
+    h.submit(2, BULK_OUT, 64 << 10);
+    assert!(budget.available() <= (1 << 20) - (320 << 10));
+    drop(h);
+    assert_eq!(budget.available(), 1 << 20);
 }
