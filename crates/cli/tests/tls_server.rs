@@ -213,10 +213,15 @@ impl TlsPeer {
 
     /// Runs one URB and returns its status and IN data.
     fn urb(&mut self, cmd: usbwire_proto::CmdSubmit, data: &[u8]) -> (i32, Vec<u8>) {
-        let (direction, length) = (cmd.direction, cmd.transfer_buffer_length);
         let mut out = Vec::new();
         cmd.encode(data, &[], &mut out);
         self.send(&out).expect("sending a URB over TLS");
+        self.reply(&cmd)
+    }
+
+    /// The reply to `cmd`, sent earlier.
+    fn reply(&mut self, cmd: &usbwire_proto::CmdSubmit) -> (i32, Vec<u8>) {
+        let (direction, length) = (cmd.direction, cmd.transfer_buffer_length);
         loop {
             let d = UrbReply::decode(&self.buf, &Limits::default(), |_| {
                 Some(InFlight {
@@ -300,6 +305,31 @@ fn mutual_tls_devlist_import_and_urbs() {
         assert_eq!(status, 0, "bulk IN of {len} bytes");
         assert_eq!(data.len(), len as usize);
         assert!(data.iter().all(|&b| b == 0));
+        seqnum += 1;
+    }
+    // Sixteen 64 KiB OUT transfers sent at once: once the URB phase runs
+    // in user space the server reads the socket ahead of rustls, several
+    // records a read, and every byte must still land in its own transfer.
+    // The loopback (0x04 -> 0x83) gives each message back whole, in order.
+    let messages: Vec<Vec<u8>> = (0..16u8)
+        .map(|m| (0..65536u32).map(|i| (i % 239) as u8 ^ m).collect())
+        .collect();
+    let mut burst = Vec::new();
+    let mut cmds = Vec::new();
+    for m in &messages {
+        let cmd = submit(seqnum, 4, Direction::Out, m.len() as u32);
+        cmd.encode(m, &[], &mut burst);
+        cmds.push(cmd);
+        seqnum += 1;
+    }
+    p.send(&burst).unwrap();
+    for cmd in &cmds {
+        assert_eq!(p.reply(cmd).0, 0, "loopback OUT {}", cmd.seqnum);
+    }
+    for (m, expected) in messages.iter().enumerate() {
+        let (status, data) = p.urb(submit(seqnum, 3, Direction::In, 65536), &[]);
+        assert_eq!(status, 0, "loopback IN {m}");
+        assert!(data == *expected, "loopback message {m} came back changed");
         seqnum += 1;
     }
     drop(p);

@@ -356,11 +356,31 @@ struct Session {
     /// Where the client's bytes stand relative to record ends: what user
     /// space has read must end at one for the kernel to take over.
     boundary: RecordBoundary,
+    /// Bytes read from the socket ahead of rustls, once reads need no
+    /// longer stop at record ends (the URB phase in user space): one read
+    /// then brings many records, where rustls alone takes 4 KiB a call.
+    read_ahead: Option<ReadAhead>,
     /// Application-data records sent with the current keys.
     records_sent: u64,
     /// Records the keys may encrypt before rustls would renew them with a
     /// KeyUpdate (the AEAD's confidentiality limit); `None` until known.
     record_limit: Option<u64>,
+}
+
+/// The client's bytes read but not yet given to rustls.
+struct ReadAhead {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+/// As much as the socket may hold of a 64 KiB OUT transfer and more.
+const READ_AHEAD: usize = 256 * 1024;
+
+impl ReadAhead {
+    fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
 }
 
 /// Why a user-space TLS connection was closed rather than rekeyed.
@@ -411,6 +431,7 @@ impl TlsStream {
             tls: Mutex::new(Session {
                 tls: ServerConnection::new(config)?,
                 boundary: RecordBoundary::default(),
+                read_ahead: None,
                 records_sent: 0,
                 record_limit: None,
             }),
@@ -497,13 +518,36 @@ impl TlsStream {
     /// Reads from the socket into rustls, never past the end of the
     /// record under way (what follows may be for kernel TLS).
     fn read_records(s: &mut Session, tcp: &TcpStream) -> io::Result<usize> {
-        let Session { tls, boundary, .. } = s;
-        tls.read_tls(&mut boundary.reader(TryIo(tcp)))
+        let Session {
+            tls,
+            boundary,
+            read_ahead,
+            ..
+        } = s;
+        let Some(ahead) = read_ahead else {
+            return tls.read_tls(&mut boundary.reader(TryIo(tcp)));
+        };
+        if ahead.is_empty() {
+            let n = tcp.try_read(&mut ahead.buf)?;
+            ahead.start = 0;
+            ahead.end = n;
+            if n == 0 {
+                return Ok(0);
+            }
+        }
+        let mut unread = &ahead.buf[ahead.start..ahead.end];
+        let n = tls.read_tls(&mut unread)?;
+        ahead.start += n;
+        Ok(n)
     }
 
     /// Whether decrypted bytes wait to be read, or the peer has closed.
     fn input_pending(&self) -> bool {
-        match self.session().tls.process_new_packets() {
+        let mut s = self.session();
+        if s.read_ahead.as_ref().is_some_and(|a| !a.is_empty()) {
+            return true;
+        }
+        match s.tls.process_new_packets() {
             Ok(state) => state.plaintext_bytes_to_read() > 0 || state.peer_has_closed(),
             // The next read reports it.
             Err(_) => true,
@@ -519,8 +563,23 @@ impl TlsStream {
     }
 
     /// Moves the connection to kernel TLS for the URB phase, if `kernel`
-    /// wants it and the kernel can: see [`KernelTls`].
+    /// wants it and the kernel can: see [`KernelTls`]. One that stays in
+    /// user space reads ahead of rustls from then on.
     async fn into_urb_carrier(self, kernel: KernelTls) -> UrbCarrier<TlsStream> {
+        match self.kernel_if_possible(kernel).await {
+            UrbCarrier::Same(stream) => {
+                stream.session().read_ahead = Some(ReadAhead {
+                    buf: vec![0; READ_AHEAD].into_boxed_slice(),
+                    start: 0,
+                    end: 0,
+                });
+                UrbCarrier::Same(stream)
+            }
+            other => other,
+        }
+    }
+
+    async fn kernel_if_possible(self, kernel: KernelTls) -> UrbCarrier<TlsStream> {
         if kernel == KernelTls::Off {
             return UrbCarrier::Same(self);
         }
