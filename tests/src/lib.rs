@@ -3,6 +3,7 @@
 pub mod activation;
 pub mod capture;
 pub mod daemon;
+pub mod image;
 pub mod kernel;
 pub mod support;
 pub mod tls;

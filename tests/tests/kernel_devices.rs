@@ -9,25 +9,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use usbwire_tests::daemon::Usbipd;
+use usbwire_tests::image::{debugfs_cat, e2fsck_clean, input_events, run};
 use usbwire_tests::kernel::{self, GUESTFWD_ADDR};
 use usbwire_tests::support::{output_value, sha256_hex};
 
 const SIGNAL_PORT: u16 = 5555;
 const SIGNAL_PORT_2: u16 = 5556;
 const SIGNAL_PORT_3: u16 = 5557;
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// An ext4 image of `mib` MiB holding a few files with known contents and
 /// a SHA256SUMS file listing them.
@@ -56,50 +44,6 @@ fn make_image(dir: &Path, mib: u64) -> std::path::PathBuf {
         .arg(&content)
         .arg(&image));
     image
-}
-
-fn e2fsck_clean(image: &Path) {
-    let out = Command::new("e2fsck")
-        .args(["-f", "-n"])
-        .arg(image)
-        .output()
-        .expect("e2fsck");
-    assert!(
-        out.status.success(),
-        "e2fsck reports the image damaged:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn debugfs_cat(image: &Path, path: &str) -> Vec<u8> {
-    let out = Command::new("debugfs")
-        .args(["-R", &format!("cat {path}")])
-        .arg(image)
-        .output()
-        .expect("debugfs");
-    out.stdout
-}
-
-/// Input events from the guest's hex dump: (type, code, value) of each
-/// 24-byte `struct input_event` (x86-64).
-fn input_events(output: &str) -> Vec<(u16, u16, i32)> {
-    let start = output.find("EV-BEGIN").expect("EV-BEGIN marker");
-    let end = output.find("EV-END").expect("EV-END marker");
-    let bytes: Vec<u8> = output[start + 8..end]
-        .split_whitespace()
-        .filter_map(|h| u8::from_str_radix(h, 16).ok())
-        .collect();
-    bytes
-        .chunks_exact(24)
-        .map(|e| {
-            (
-                u16::from_le_bytes([e[16], e[17]]),
-                u16::from_le_bytes([e[18], e[19]]),
-                i32::from_le_bytes([e[20], e[21], e[22], e[23]]),
-            )
-        })
-        .collect()
 }
 
 const GUEST_PRELUDE: &str = r#"set -e

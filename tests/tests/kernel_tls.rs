@@ -7,12 +7,11 @@
 //! with a message naming the module and holds nothing.
 
 use std::io::Write;
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use usbwire_tests::capture::{self, Capture};
 use usbwire_tests::daemon::Usbipd;
+use usbwire_tests::image::{debugfs_cat, e2fsck_clean, empty_ext4, input_events};
 use usbwire_tests::kernel::{self, GUESTFWD_ADDR};
 use usbwire_tests::support::{output_value, sha256_hex};
 use usbwire_tests::tls::self_signed;
@@ -34,63 +33,13 @@ fn pattern_file() -> Vec<u8> {
         .collect()
 }
 
-fn run(cmd: &mut Command) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn empty_ext4(path: &Path, mib: u64) {
-    std::fs::File::create(path)
-        .unwrap()
-        .set_len(mib * 1024 * 1024)
-        .unwrap();
-    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(path));
-}
-
-fn e2fsck_clean(image: &Path) {
-    let out = Command::new("e2fsck")
-        .args(["-f", "-n"])
-        .arg(image)
-        .output()
-        .expect("e2fsck");
-    assert!(
-        out.status.success(),
-        "e2fsck reports the image damaged:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn debugfs_cat(image: &Path, path: &str) -> Vec<u8> {
-    Command::new("debugfs")
-        .args(["-R", &format!("cat {path}")])
-        .arg(image)
-        .output()
-        .expect("debugfs")
-        .stdout
-}
-
 /// Key presses (EV_KEY, value 1) in the guest's hex dump of evdev events
 /// (24-byte `struct input_event` on x86-64).
 fn key_presses(output: &str) -> Vec<u16> {
-    let start = output.find("EV-BEGIN").expect("EV-BEGIN marker");
-    let end = output.find("EV-END").expect("EV-END marker");
-    let bytes: Vec<u8> = output[start + 8..end]
-        .split_whitespace()
-        .filter_map(|h| u8::from_str_radix(h, 16).ok())
-        .collect();
-    bytes
-        .chunks_exact(24)
-        .filter(|e| u16::from_le_bytes([e[16], e[17]]) == 1)
-        .filter(|e| i32::from_le_bytes([e[20], e[21], e[22], e[23]]) == 1)
-        .map(|e| u16::from_le_bytes([e[18], e[19]]))
+    input_events(output)
+        .into_iter()
+        .filter(|&(kind, _, value)| kind == 1 && value == 1)
+        .map(|(_, code, _)| code)
         .collect()
 }
 

@@ -386,33 +386,7 @@ fn run_urb_suite(ctx: &mut Ctx, server: &mut ServerProc, busid: &str) {
     };
     let pid = server.pid();
     for (w, spec) in work {
-        let mut lat = std::mem::take(&mut ctx.lat);
-        let row = (|| -> Result<Row, String> {
-            conn.run(&spec, ctx.warm, &mut lat)
-                .map_err(|e| e.to_string())?;
-            ctx.measure_stalls();
-            let c0 = CpuSample::take(pid);
-            let st = conn
-                .run(&spec, ctx.dur, &mut lat)
-                .map_err(|e| e.to_string())?;
-            let c1 = CpuSample::take(pid);
-            let (p50, p99, max) = percentiles(&mut lat);
-            Ok(Row {
-                server: name,
-                workload: w.clone(),
-                ops: st.urbs,
-                bytes: st.bytes,
-                secs: st.elapsed.as_secs_f64(),
-                p50,
-                p99,
-                max,
-                cpu_us_per_op: Some(c0.delta_ns(&c1) as f64 / 1e3 / st.urbs.max(1) as f64),
-                stall: None,
-                errors: st.errors,
-                error: st.first_error,
-            })
-        })();
-        ctx.lat = lat;
+        let row = measure(ctx, &mut conn, &spec, pid, name, &w);
         match row {
             Ok(r) => ctx.push(r),
             Err(e) => {
