@@ -340,6 +340,7 @@ fn run(input: &[u8], baseline: usize) {
         max_bytes_in_flight: max_transfer * (usize::from((c1 >> 2) & 3) + 1),
         hold_on_error: c0 & 4 == 0,
         hold_grace: Duration::from_millis(20),
+        reply_stall_timeout: Duration::from_secs(1),
     };
     let limits = config.limits;
     let device = Arc::new(Mutex::new(DeviceState {

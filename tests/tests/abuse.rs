@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
+use tokio::io::AsyncReadExt;
 use usbwire_client::TransferRequest;
 use usbwire_devices::testdev::TestDevice;
 use usbwire_devices::{EmulatedDevice, TransferType};
@@ -329,4 +330,80 @@ impl ShutdownWrite for tokio::net::TcpStream {
     async fn shutdown_write_half(&mut self) -> std::io::Result<()> {
         tokio::io::AsyncWriteExt::shutdown(self).await
     }
+}
+
+/// A client that imports, asks for more than the shared in-flight budget
+/// holds and never reads a reply would keep that budget, and every other
+/// import waiting behind it, for as long as it liked: it is cut once its
+/// replies have waited `reply_stall_timeout`, and the others go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_no_replies_is_cut_and_the_budget_goes_to_others() {
+    let mut config = ServerConfig::default();
+    config.limits.max_transfer_length = MAX_TRANSFER;
+    // The connection's own bound above the shared one: the hostile client
+    // alone can take the whole budget and then wait, first in line.
+    config.max_bytes_in_flight = 16 * MAX_TRANSFER as usize;
+    config.max_inflight_bytes = 4 * MAX_TRANSFER as usize;
+    config.reply_stall_timeout = Duration::from_secs(1);
+    let s = TestServer::start(
+        vec![
+            EmulatedDevice::new(TestDevice::new()),
+            EmulatedDevice::new(TestDevice::new()),
+        ],
+        config,
+    )
+    .await;
+    let mut hostile = RawPeer::import(s.addr, "1-1").await;
+    hostile.submit(set_configuration(1), &[]).await;
+    assert!(matches!(hostile.next().await, Reply::Submit(r, _) if r.status == 0));
+    // Far more IN data than the socket buffers and the budget hold.
+    let mut burst = Vec::new();
+    for seqnum in 2..66 {
+        hostile.encode_submit(
+            submit(seqnum, 1, Direction::In, MAX_TRANSFER),
+            &[],
+            &mut burst,
+        );
+    }
+    hostile.send(&burst).await;
+    // Bounded: until the hostile client's unread replies have taken so much
+    // of the budget that its next 1 MiB command waits, first in line.
+    let full = async {
+        for _ in 0..10_000 {
+            if s.server.inflight_budget_waiters() > 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("the hostile client never filled the budget");
+    };
+    tokio::time::timeout(TIMEOUT, full)
+        .await
+        .expect("budget filled in time");
+
+    // Another client's transfer waits behind it, and goes through once the
+    // server has given up on the client that reads nothing.
+    let other = usbwire_client::import(s.addr, "1-2")
+        .await
+        .expect("import 1-2");
+    other.set_configuration(1).await.unwrap();
+    let data = tokio::time::timeout(TIMEOUT, other.bulk_in(0x81, 64 * 1024))
+        .await
+        .expect("the other import's transfer went through in time")
+        .expect("bulk IN");
+    assert_eq!(data.len(), 64 * 1024);
+    // What the server had sent before it gave up, then the end.
+    let mut chunk = vec![0u8; 1 << 16];
+    let mut cut = false;
+    for _ in 0..10_000 {
+        match tokio::time::timeout(TIMEOUT, hostile.stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                cut = true;
+                break;
+            }
+            Ok(Ok(_)) => {}
+            Err(_) => break,
+        }
+    }
+    assert!(cut, "the client reading nothing was cut");
 }

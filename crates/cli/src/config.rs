@@ -4,6 +4,7 @@
 //! [server]
 //! tcp_port = 3240
 //! max_inflight_bytes = 268435456  # all connections together (256 MiB)
+//! reply_stall_timeout_secs = 60   # an import whose client reads no reply that long ends
 //! failed_handshake_burst = 16     # failed TLS handshakes, then a source's
 //! failed_handshake_refill_ms = 1000  # connections are closed at accept
 //!
@@ -148,6 +149,8 @@ pub struct ServerSection {
     pub hold_ceiling_ms: Option<u64>,
     /// Threads serving connections (0: one per CPU).
     pub workers: Option<usize>,
+    /// Seconds an import's replies may wait unread before it is ended.
+    pub reply_stall_timeout_secs: Option<u64>,
 }
 
 impl ServerSection {
@@ -163,6 +166,9 @@ impl ServerSection {
         }
         if let Some(v) = self.max_inflight_bytes {
             c.max_inflight_bytes = v;
+        }
+        if let Some(v) = self.reply_stall_timeout_secs {
+            c.reply_stall_timeout = Duration::from_secs(v);
         }
         if let Some(v) = self.failed_handshake_burst {
             c.refusals.failed_handshake_burst = v;

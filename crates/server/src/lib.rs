@@ -66,6 +66,10 @@ pub struct ServerConfig {
     pub acl: acl::AccessControl,
     /// How long a client may take to complete its TLS handshake.
     pub tls_handshake_timeout: Duration,
+    /// How long an import's replies may wait with the client reading
+    /// none of them before the connection is ended (what they cost of
+    /// `max_inflight_bytes` is then free for others).
+    pub reply_stall_timeout: Duration,
     /// How refusals are counted, logged and, for failed handshakes,
     /// throttled per source.
     pub refusals: abuse::RefusalLimits,
@@ -87,6 +91,7 @@ impl Default for ServerConfig {
             access: tls::Access::default(),
             acl: acl::AccessControl::default(),
             tls_handshake_timeout: tls::HANDSHAKE_TIMEOUT,
+            reply_stall_timeout: Duration::from_secs(60),
             refusals: abuse::RefusalLimits::default(),
         }
     }
@@ -161,6 +166,12 @@ impl ServerConfig {
             60_000,
         )?;
         check(
+            "reply_stall_timeout_secs",
+            self.reply_stall_timeout.as_secs(),
+            1,
+            3600,
+        )?;
+        check(
             "tls_handshake_timeout_ms",
             self.tls_handshake_timeout.as_millis() as u64,
             100,
@@ -213,6 +224,12 @@ pub enum SessionError {
     Timeout,
     #[error("CMD_SUBMIT with seqnum {0}, which an URB still in flight already has")]
     DuplicateSeqnum(u32),
+    #[error(
+        "the client read none of its replies for {0:?}: connection ended, so that what they \
+         held of the server's in-flight budget goes to other imports ([server] \
+         reply_stall_timeout_secs)"
+    )]
+    RepliesNotRead(Duration),
 }
 
 /// What every connection of a server shares: the exported devices and
@@ -291,6 +308,11 @@ impl Server {
     /// Bytes of the global in-flight budget no import holds now.
     pub fn inflight_budget_available(&self) -> i64 {
         self.state.budget.available()
+    }
+
+    /// Imports waiting for the global in-flight budget now.
+    pub fn inflight_budget_waiters(&self) -> usize {
+        self.state.budget.waiting()
     }
 
     /// Serves `listeners` until `shutdown` resolves, then ends every

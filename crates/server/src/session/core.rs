@@ -110,6 +110,9 @@ pub struct UrbSession {
     partial: Option<PartialOut>,
     queues: Vec<EndpointQueue>,
     output: Output,
+    /// Since when replies have waited without the client taking a byte of
+    /// them: what the reply-stall deadline runs from.
+    replies_waiting_since: Option<Instant>,
     inflight: usize,
     inflight_bytes: usize,
     /// Seqnums of the URBs in flight: a second CMD_SUBMIT with one of them
@@ -157,6 +160,7 @@ impl UrbSession {
             partial: None,
             queues: (0..32).map(|_| EndpointQueue::default()).collect(),
             output: Output::default(),
+            replies_waiting_since: None,
             inflight: 0,
             inflight_bytes: 0,
             seqnums: HashSet::new(),
@@ -515,6 +519,7 @@ impl UrbSession {
         };
         debug!(seqnum = u.seqnum, target, status, "unlink");
         self.output.push_ret_unlink(u.seqnum, status);
+        self.replies_waiting();
     }
 
     /// Cancels the started URB `seqnum`: `None` if there is none, else
@@ -687,6 +692,7 @@ impl UrbSession {
                 0
             };
             self.output.push_ret_unlink(unlink_seqnum, unlink_status);
+            self.replies_waiting();
         }
     }
 
@@ -749,6 +755,7 @@ impl UrbSession {
             self.output
                 .push_ret_submit(ret, urb.buf, payload_len, &urb.iso);
         }
+        self.replies_waiting();
     }
 
     /// Control requests that change endpoint state also end error holds,
@@ -788,10 +795,40 @@ impl UrbSession {
 
     /// When the next error hold runs out, if one is on.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        let stall = self.reply_stall_deadline();
         if self.held == 0 {
-            return None;
+            return stall;
         }
-        self.queues.iter().filter_map(EndpointQueue::deadline).min()
+        let hold = self.queues.iter().filter_map(EndpointQueue::deadline).min();
+        match (hold, stall) {
+            (Some(h), Some(s)) => Some(h.min(s)),
+            (h, s) => h.or(s),
+        }
+    }
+
+    /// When a client that takes none of its replies is given up on.
+    fn reply_stall_deadline(&self) -> Option<Instant> {
+        self.replies_waiting_since
+            .map(|since| since + self.config.reply_stall_timeout)
+    }
+
+    /// Whether the client has taken none of its replies for the
+    /// configured time at `now`: it holds what they cost of the server's
+    /// shared in-flight budget, so the driver ends the connection.
+    pub fn replies_stalled(&self, now: Instant) -> bool {
+        self.reply_stall_deadline().is_some_and(|d| now >= d)
+    }
+
+    /// The bounds this session runs with.
+    pub fn config(&self) -> &SessionConfig {
+        &self.config
+    }
+
+    /// Starts the reply-stall clock, unless it runs already.
+    fn replies_waiting(&mut self) {
+        if self.replies_waiting_since.is_none() {
+            self.replies_waiting_since = Some(self.now);
+        }
     }
 
     /// Ends the error holds whose grace window has run out at `now`, and
@@ -822,6 +859,11 @@ impl UrbSession {
     /// `now`. The room that made lets buffered commands in.
     pub fn transmitted(&mut self, now: Instant, n: usize) -> Result<(), SessionError> {
         self.output.advance(n, &mut self.pool);
+        if self.output.is_empty() {
+            self.replies_waiting_since = None;
+        } else if n > 0 {
+            self.replies_waiting_since = Some(now);
+        }
         let mut r = Ok(());
         if self.filled > 0 && self.partial.is_none() && self.may_take_command() {
             self.now = now;

@@ -460,7 +460,11 @@ async fn run(
             r = transport.writable(), if want_write => r?,
             () = wake.0.notified() => session.poll_backend(Instant::now())?,
             () = sleep_until_opt(deadline), if deadline.is_some() => {
-                session.handle_timeout(Instant::now());
+                let now = Instant::now();
+                if session.replies_stalled(now) {
+                    return Err(SessionError::RepliesNotRead(session.config().reply_stall_timeout));
+                }
+                session.handle_timeout(now);
             }
             _ = shutdown.changed() => return Ok(()),
         }

@@ -55,6 +55,9 @@ pub struct SessionConfig {
     pub hold_on_error: bool,
     /// How long an error hold lasts if the importer does not react.
     pub hold_grace: Duration,
+    /// How long replies may wait with the client taking none of them
+    /// before the connection is ended.
+    pub reply_stall_timeout: Duration,
 }
 
 impl SessionConfig {
@@ -67,6 +70,7 @@ impl SessionConfig {
             max_bytes_in_flight: server.max_bytes_in_flight,
             hold_on_error: server.hold_on_error,
             hold_grace: server.hold_grace(rtt),
+            reply_stall_timeout: server.reply_stall_timeout,
         }
     }
 

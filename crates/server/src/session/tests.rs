@@ -22,6 +22,7 @@ const BULK_OUT: u8 = 0x01;
 const BULK_IN: u8 = 0x81;
 const OTHER_IN: u8 = 0x82;
 const GRACE: Duration = Duration::from_millis(50);
+const REPLY_STALL: Duration = Duration::from_secs(60);
 
 /// What the scripted device has been asked and told to do.
 #[derive(Default)]
@@ -155,6 +156,7 @@ fn config() -> SessionConfig {
         max_bytes_in_flight: 64 << 20,
         hold_on_error: true,
         hold_grace: GRACE,
+        reply_stall_timeout: REPLY_STALL,
     }
 }
 
@@ -539,6 +541,8 @@ fn error_hold_ends_at_the_grace_expiry_in_order() {
     let mut h = held();
     h.submit(3, BULK_IN, 64);
     h.advance(GRACE);
+    // No hold; and no reply waits unread, so no deadline at all.
+    h.replies();
     assert_eq!(h.session.poll_timeout(), None);
     assert_eq!(h.started(), vec![2, 3], "released in submission order");
     h.finish_ok(2, 10);
@@ -567,6 +571,8 @@ fn error_hold_ends_on_set_interface() {
     let mut h = held();
     h.control_out(20, 0x01, 11, 0, 0);
     assert_eq!(h.started(), vec![2]);
+    // No hold; and no reply waits unread, so no deadline at all.
+    h.replies();
     assert_eq!(h.session.poll_timeout(), None);
 }
 
@@ -575,6 +581,8 @@ fn error_hold_ends_on_set_configuration() {
     let mut h = held();
     h.control_out(20, 0x00, 9, 1, 0);
     assert_eq!(h.started(), vec![2]);
+    // No hold; and no reply waits unread, so no deadline at all.
+    h.replies();
     assert_eq!(h.session.poll_timeout(), None);
 }
 
@@ -583,6 +591,8 @@ fn error_hold_ends_on_reset() {
     let mut h = held();
     h.control_out(20, 0x23, 3, 4, 1); // SET_FEATURE(PORT_RESET)
     assert_eq!(h.started(), vec![2]);
+    // No hold; and no reply waits unread, so no deadline at all.
+    h.replies();
     assert_eq!(h.session.poll_timeout(), None);
 }
 
@@ -628,6 +638,8 @@ fn error_hold_starts_not_on_unlinks_control_or_when_switched_off() {
     h.submit(1, BULK_IN, 64);
     h.unlink(2, 1);
     h.finish(1, Completion::failed(Errno::ECONNRESET));
+    // No hold; and no reply waits unread, so no deadline at all.
+    h.replies();
     assert_eq!(h.session.poll_timeout(), None);
     // A stalled control request holds nothing.
     let mut h = Harness::new();
@@ -636,6 +648,8 @@ fn error_hold_starts_not_on_unlinks_control_or_when_switched_off() {
         .insert(1, Completion::failed(Errno::EPIPE));
     h.control_out(1, 0x00, 3, 1, 0);
     assert_eq!(h.replies(), vec![ret_submit(1, EPIPE, 0)]);
+    // No hold; and no reply waits unread, so no deadline at all.
+    h.replies();
     assert_eq!(h.session.poll_timeout(), None);
     // hold_on_error = false: URB 2 starts as soon as 1 failed.
     let mut h = Harness::with_config(SessionConfig {
@@ -646,6 +660,8 @@ fn error_hold_starts_not_on_unlinks_control_or_when_switched_off() {
     h.submit(2, BULK_IN, 64);
     h.finish(1, Completion::failed(Errno::EPIPE));
     assert!(h.started().contains(&2));
+    // No hold; and no reply waits unread, so no deadline at all.
+    h.replies();
     assert_eq!(h.session.poll_timeout(), None);
 }
 
@@ -1084,4 +1100,47 @@ fn an_ended_session_gives_its_budget_back() {
     assert!(budget.available() <= (1 << 20) - (320 << 10));
     drop(h);
     assert_eq!(budget.available(), 1 << 20);
+}
+
+// ---- a client that reads none of its replies ----
+
+#[test]
+fn a_client_reading_no_replies_is_given_up_on_after_the_stall_timeout() {
+    let mut h = Harness::new();
+    assert_eq!(h.session.poll_timeout(), None, "nothing to send yet");
+    h.submit(1, BULK_IN, 64);
+    h.finish_ok(1, 64);
+    let since = h.now;
+    assert_eq!(h.session.poll_timeout(), Some(since + REPLY_STALL));
+    h.advance(REPLY_STALL - Duration::from_millis(1));
+    assert!(!h.session.replies_stalled(h.now));
+    // The client takes a few bytes: the clock starts again from there.
+    let mut slices = [IoSlice::new(&[]); 4];
+    h.session.poll_transmit(&mut slices);
+    h.session.transmitted(h.now, 7).unwrap();
+    let progress = h.now;
+    assert_eq!(h.session.poll_timeout(), Some(progress + REPLY_STALL));
+    h.advance(REPLY_STALL - Duration::from_millis(1));
+    assert!(!h.session.replies_stalled(h.now));
+    h.now += Duration::from_millis(1);
+    assert!(
+        h.session.replies_stalled(h.now),
+        "no byte taken for the whole window"
+    );
+}
+
+#[test]
+fn replies_taken_in_time_stop_the_stall_clock() {
+    let mut h = Harness::new();
+    h.submit(1, BULK_IN, 64);
+    h.finish_ok(1, 64);
+    h.advance(REPLY_STALL / 2);
+    assert_eq!(h.replies(), vec![ret_submit(1, 0, 64)]);
+    assert_eq!(h.session.poll_timeout(), None);
+    h.advance(REPLY_STALL * 2);
+    assert!(!h.session.replies_stalled(h.now));
+    // A new reply starts a new window, from when it was made.
+    h.submit(2, BULK_IN, 64);
+    h.finish_ok(2, 64);
+    assert_eq!(h.session.poll_timeout(), Some(h.now + REPLY_STALL));
 }
