@@ -34,6 +34,13 @@ pub enum Cipher {
 }
 
 impl Cipher {
+    fn key_len(self) -> usize {
+        match self {
+            Cipher::Aes128Gcm => 16,
+            Cipher::Aes256Gcm | Cipher::Chacha20Poly1305 => 32,
+        }
+    }
+
     /// The module that provides it, for the message when it is missing.
     fn module(self) -> &'static str {
         match self {
@@ -169,39 +176,8 @@ pub fn probe() -> Result<(), KtlsError> {
             .map_err(probe_io)?;
         attach_ulp(&socket)?;
         // Keys of zeros: nothing is ever sent with them.
-        let info = match cipher {
-            Cipher::Aes128Gcm => TlsCryptoInfo::Aes128Gcm(libc::tls12_crypto_info_aes_gcm_128 {
-                info: libc::tls_crypto_info {
-                    version: libc::TLS_1_3_VERSION,
-                    cipher_type: libc::TLS_CIPHER_AES_GCM_128,
-                },
-                iv: [0; 8],
-                key: [0; 16],
-                salt: [0; 4],
-                rec_seq: [0; 8],
-            }),
-            _ => TlsCryptoInfo::Aes256Gcm(libc::tls12_crypto_info_aes_gcm_256 {
-                info: libc::tls_crypto_info {
-                    version: libc::TLS_1_3_VERSION,
-                    cipher_type: libc::TLS_CIPHER_AES_GCM_256,
-                },
-                iv: [0; 8],
-                key: [0; 32],
-                salt: [0; 4],
-                rec_seq: [0; 8],
-            }),
-        };
-        setsockopt(&socket, TcpTlsTx, &info).map_err(|errno| match errno {
-            Errno::ENOENT => KtlsError::CipherUnavailable {
-                cipher,
-                direction: Direction::Transmit,
-                errno,
-            },
-            _ => KtlsError::Install {
-                direction: Direction::Transmit,
-                errno,
-            },
-        })?;
+        let keys = kernel_keys(cipher, &[0; 32][..cipher.key_len()], &[0; 12], 0)?;
+        set_keys(&socket, Direction::Transmit, cipher, &keys)?;
     }
     Ok(())
 }
@@ -210,7 +186,23 @@ pub fn probe() -> Result<(), KtlsError> {
 pub fn install(socket: &impl AsFd, secrets: ExtractedSecrets) -> Result<Cipher, KtlsError> {
     let (cipher, tx) = crypto_info(secrets.tx.0, &secrets.tx.1)?;
     let (_, rx) = crypto_info(secrets.rx.0, &secrets.rx.1)?;
-    let refused = |direction, errno| match errno {
+    set_keys(socket, Direction::Transmit, cipher, &tx)?;
+    set_keys(socket, Direction::Receive, cipher, &rx)?;
+    Ok(cipher)
+}
+
+/// Gives one direction's keys to the kernel.
+fn set_keys(
+    socket: &impl AsFd,
+    direction: Direction,
+    cipher: Cipher,
+    keys: &TlsCryptoInfo,
+) -> Result<(), KtlsError> {
+    let set = match direction {
+        Direction::Transmit => setsockopt(socket, TcpTlsTx, keys),
+        Direction::Receive => setsockopt(socket, TcpTlsRx, keys),
+    };
+    set.map_err(|errno| match errno {
         // The cipher's module is missing: ENOENT reads like a missing
         // file, so say which module.
         Errno::ENOENT => KtlsError::CipherUnavailable {
@@ -219,63 +211,19 @@ pub fn install(socket: &impl AsFd, secrets: ExtractedSecrets) -> Result<Cipher, 
             errno,
         },
         _ => KtlsError::Install { direction, errno },
-    };
-    setsockopt(socket, TcpTlsTx, &tx).map_err(|e| refused(Direction::Transmit, e))?;
-    setsockopt(socket, TcpTlsRx, &rx).map_err(|e| refused(Direction::Receive, e))?;
-    Ok(cipher)
+    })
 }
 
-/// The kernel's `tls12_crypto_info_*` for one direction (the name is the
-/// kernel's; it carries TLS 1.3 too). TLS 1.3's 12-byte IV is the
-/// kernel's 4-byte salt followed by its 8-byte IV for the GCM ciphers.
+/// One direction's keys from what rustls extracted.
 fn crypto_info(
     seq: u64,
     secrets: &ConnectionTrafficSecrets,
 ) -> Result<(Cipher, TlsCryptoInfo), KtlsError> {
-    let rec_seq = seq.to_be_bytes();
-    let header = |cipher_type| libc::tls_crypto_info {
-        version: libc::TLS_1_3_VERSION,
-        cipher_type,
-    };
-    Ok(match secrets {
-        ConnectionTrafficSecrets::Aes128Gcm { key, iv } => {
-            let mut info = libc::tls12_crypto_info_aes_gcm_128 {
-                info: header(libc::TLS_CIPHER_AES_GCM_128),
-                iv: [0; 8],
-                key: [0; 16],
-                salt: [0; 4],
-                rec_seq,
-            };
-            copy(&mut info.key, key.as_ref())?;
-            split_iv(&mut info.salt, &mut info.iv, iv.as_ref())?;
-            (Cipher::Aes128Gcm, TlsCryptoInfo::Aes128Gcm(info))
-        }
-        ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
-            let mut info = libc::tls12_crypto_info_aes_gcm_256 {
-                info: header(libc::TLS_CIPHER_AES_GCM_256),
-                iv: [0; 8],
-                key: [0; 32],
-                salt: [0; 4],
-                rec_seq,
-            };
-            copy(&mut info.key, key.as_ref())?;
-            split_iv(&mut info.salt, &mut info.iv, iv.as_ref())?;
-            (Cipher::Aes256Gcm, TlsCryptoInfo::Aes256Gcm(info))
-        }
+    let (cipher, key, iv) = match secrets {
+        ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Cipher::Aes128Gcm, key, iv),
+        ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Cipher::Aes256Gcm, key, iv),
         ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
-            let mut info = libc::tls12_crypto_info_chacha20_poly1305 {
-                info: header(libc::TLS_CIPHER_CHACHA20_POLY1305),
-                iv: [0; 12],
-                key: [0; 32],
-                salt: [],
-                rec_seq,
-            };
-            copy(&mut info.key, key.as_ref())?;
-            copy(&mut info.iv, iv.as_ref())?;
-            (
-                Cipher::Chacha20Poly1305,
-                TlsCryptoInfo::Chacha20Poly1305(info),
-            )
+            (Cipher::Chacha20Poly1305, key, iv)
         }
         // rustls may add AEADs the kernel lacks.
         #[allow(unreachable_patterns)]
@@ -283,6 +231,61 @@ fn crypto_info(
             return Err(KtlsError::Extract(rustls::Error::General(
                 "the negotiated cipher has no kernel TLS counterpart".into(),
             )))
+        }
+    };
+    Ok((cipher, kernel_keys(cipher, key.as_ref(), iv.as_ref(), seq)?))
+}
+
+/// The kernel's `tls12_crypto_info_*` for one direction (the name is the
+/// kernel's; it carries TLS 1.3 too). TLS 1.3's 12-byte IV is the
+/// kernel's 4-byte salt followed by its 8-byte IV for the GCM ciphers.
+fn kernel_keys(
+    cipher: Cipher,
+    key: &[u8],
+    iv: &[u8],
+    seq: u64,
+) -> Result<TlsCryptoInfo, KtlsError> {
+    let rec_seq = seq.to_be_bytes();
+    let header = |cipher_type| libc::tls_crypto_info {
+        version: libc::TLS_1_3_VERSION,
+        cipher_type,
+    };
+    Ok(match cipher {
+        Cipher::Aes128Gcm => {
+            let mut info = libc::tls12_crypto_info_aes_gcm_128 {
+                info: header(libc::TLS_CIPHER_AES_GCM_128),
+                iv: [0; 8],
+                key: [0; 16],
+                salt: [0; 4],
+                rec_seq,
+            };
+            copy(&mut info.key, key)?;
+            split_iv(&mut info.salt, &mut info.iv, iv)?;
+            TlsCryptoInfo::Aes128Gcm(info)
+        }
+        Cipher::Aes256Gcm => {
+            let mut info = libc::tls12_crypto_info_aes_gcm_256 {
+                info: header(libc::TLS_CIPHER_AES_GCM_256),
+                iv: [0; 8],
+                key: [0; 32],
+                salt: [0; 4],
+                rec_seq,
+            };
+            copy(&mut info.key, key)?;
+            split_iv(&mut info.salt, &mut info.iv, iv)?;
+            TlsCryptoInfo::Aes256Gcm(info)
+        }
+        Cipher::Chacha20Poly1305 => {
+            let mut info = libc::tls12_crypto_info_chacha20_poly1305 {
+                info: header(libc::TLS_CIPHER_CHACHA20_POLY1305),
+                iv: [0; 12],
+                key: [0; 32],
+                salt: [],
+                rec_seq,
+            };
+            copy(&mut info.key, key)?;
+            copy(&mut info.iv, iv)?;
+            TlsCryptoInfo::Chacha20Poly1305(info)
         }
     })
 }
