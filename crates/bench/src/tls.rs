@@ -12,6 +12,7 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore};
 use usbwire_proto::{OpRequest, USBIP_VERSION};
+use usbwire_tls::ReadAhead;
 
 use crate::load::{self, Stream};
 
@@ -103,33 +104,6 @@ pub struct TlsStream {
     ahead: ReadAhead,
 }
 
-/// Socket bytes read but not yet given to rustls: `buf[lo..hi]`.
-struct ReadAhead {
-    buf: Vec<u8>,
-    lo: usize,
-    hi: usize,
-}
-
-/// The socket behind a [`ReadAhead`], as rustls' `read_tls` reads it.
-struct AheadReader<'a> {
-    tcp: &'a mut TcpStream,
-    ahead: &'a mut ReadAhead,
-}
-
-impl Read for AheadReader<'_> {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        let a = &mut *self.ahead;
-        if a.lo == a.hi {
-            a.lo = 0;
-            a.hi = self.tcp.read(&mut a.buf)?;
-        }
-        let n = out.len().min(a.hi - a.lo);
-        out[..n].copy_from_slice(&a.buf[a.lo..a.lo + n]);
-        a.lo += n;
-        Ok(n)
-    }
-}
-
 impl TlsStream {
     /// Connects and completes the handshake; also returns how long the
     /// handshake took (from the TCP connection being up).
@@ -146,11 +120,7 @@ impl TlsStream {
             tls.complete_io(&mut tcp)?;
         }
         let took = start.elapsed();
-        let ahead = ReadAhead {
-            buf: vec![0; READ_AHEAD],
-            lo: 0,
-            hi: 0,
-        };
+        let ahead = ReadAhead::new(READ_AHEAD);
         Ok((TlsStream { tls, tcp, ahead }, took))
     }
 
@@ -173,11 +143,7 @@ impl Read for TlsStream {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
-            let mut from = AheadReader {
-                tcp: &mut self.tcp,
-                ahead: &mut self.ahead,
-            };
-            if self.tls.read_tls(&mut from)? == 0 {
+            if self.ahead.read_tls(&mut self.tls, &mut self.tcp)? == 0 {
                 return Ok(0);
             }
             self.tls

@@ -35,7 +35,7 @@ use usbwire_tls::ktls::{self, Cipher};
 
 /// Whether this kernel can run TLS connections (see [`KernelTls::On`]).
 pub use usbwire_tls::ktls::{probe as probe_kernel_tls, KtlsError};
-use usbwire_tls::{RecordBoundary, TryIo};
+use usbwire_tls::{ReadAhead, RecordBoundary, TryIo};
 
 use crate::session::driver::Transport;
 
@@ -367,21 +367,8 @@ struct Session {
     record_limit: Option<u64>,
 }
 
-/// The client's bytes read but not yet given to rustls.
-struct ReadAhead {
-    buf: Box<[u8]>,
-    start: usize,
-    end: usize,
-}
-
 /// As much as the socket may hold of a 64 KiB OUT transfer and more.
 const READ_AHEAD: usize = 256 * 1024;
-
-impl ReadAhead {
-    fn is_empty(&self) -> bool {
-        self.start == self.end
-    }
-}
 
 /// Why a user-space TLS connection was closed rather than rekeyed.
 #[derive(Debug, thiserror::Error)]
@@ -468,17 +455,11 @@ impl TlsStream {
         loop {
             let blocked_on_write = {
                 let mut s = self.session();
-                let mut blocked = false;
-                while s.tls.wants_write() {
-                    match s.tls.write_tls(&mut TryIo(&self.tcp)) {
-                        Ok(_) => {}
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            blocked = true;
-                            break;
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                }
+                let blocked = match Self::flush_records(&mut s.tls, &self.tcp) {
+                    Ok(()) => false,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
+                    Err(e) => return Err(e.into()),
+                };
                 if !s.tls.is_handshaking() && !blocked {
                     return Ok(());
                 }
@@ -524,21 +505,10 @@ impl TlsStream {
             read_ahead,
             ..
         } = s;
-        let Some(ahead) = read_ahead else {
-            return tls.read_tls(&mut boundary.reader(TryIo(tcp)));
-        };
-        if ahead.is_empty() {
-            let n = tcp.try_read(&mut ahead.buf)?;
-            ahead.start = 0;
-            ahead.end = n;
-            if n == 0 {
-                return Ok(0);
-            }
+        match read_ahead {
+            Some(ahead) => ahead.read_tls(tls, TryIo(tcp)),
+            None => tls.read_tls(&mut boundary.reader(TryIo(tcp))),
         }
-        let mut unread = &ahead.buf[ahead.start..ahead.end];
-        let n = tls.read_tls(&mut unread)?;
-        ahead.start += n;
-        Ok(n)
     }
 
     /// Whether decrypted bytes wait to be read, or the peer has closed.
@@ -568,11 +538,7 @@ impl TlsStream {
     async fn into_urb_carrier(self, kernel: KernelTls) -> UrbCarrier<TlsStream> {
         match self.kernel_if_possible(kernel).await {
             UrbCarrier::Same(stream) => {
-                stream.session().read_ahead = Some(ReadAhead {
-                    buf: vec![0; READ_AHEAD].into_boxed_slice(),
-                    start: 0,
-                    end: 0,
-                });
+                stream.session().read_ahead = Some(ReadAhead::new(READ_AHEAD));
                 UrbCarrier::Same(stream)
             }
             other => other,

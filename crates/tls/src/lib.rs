@@ -10,11 +10,13 @@
 
 #![forbid(unsafe_code)]
 
+mod ahead;
 mod fingerprint;
 pub mod ktls;
 mod record;
 mod socket;
 
+pub use ahead::ReadAhead;
 pub use fingerprint::{Fingerprint, FingerprintError};
 pub use record::{RecordBoundary, RecordBounded};
 pub use socket::TryIo;
