@@ -14,7 +14,7 @@ use usbwire_tls::RecordBoundary;
 use crate::error::ClientError;
 use crate::op::OpExchange;
 use crate::tls::TlsError;
-use crate::transport::{is_reset, tls_io_error};
+use crate::transport::{records_read, tls_io_error};
 
 /// How long the server may take to answer an import (over TLS: to
 /// complete the handshake and answer).
@@ -142,11 +142,10 @@ impl BlockingTls<'_> {
             return Err(timed_out());
         }
         self.stream.set_read_timeout(Some(left))?;
-        let n = match self
+        let read = match self
             .session
             .read_tls(&mut self.boundary.reader(self.stream))
         {
-            Ok(n) => n,
             // SO_RCVTIMEO expired.
             Err(e)
                 if matches!(
@@ -156,14 +155,9 @@ impl BlockingTls<'_> {
             {
                 return Err(timed_out())
             }
-            // A server that does not speak TLS may answer a ClientHello with
-            // a reset rather than an orderly close.
-            Err(e) if handshaking && is_reset(&e) => 0,
-            Err(e) => return Err(e),
+            read => read,
         };
-        if n == 0 && handshaking {
-            return Err(tls_io_error(TlsError::ClosedDuringHandshake));
-        }
+        records_read(read, handshaking)?;
         let processed = self.session.process_new_packets();
         // Alerts rustls queued on failure go out before the error does.
         let _ = self.flush();

@@ -86,17 +86,8 @@ impl TlsTransport {
 
     /// Reads one batch of records from the socket and decrypts it.
     fn receive(&mut self) -> io::Result<()> {
-        let n = match self.tls.read_tls(&mut TryIo(&self.stream)) {
-            Ok(n) => n,
-            // A server that does not speak TLS may answer a ClientHello with
-            // a reset rather than an orderly close; to the person it is the
-            // same refusal.
-            Err(e) if self.tls.is_handshaking() && is_reset(&e) => 0,
-            Err(e) => return Err(e),
-        };
-        if n == 0 && self.tls.is_handshaking() {
-            return Err(tls_io_error(TlsError::ClosedDuringHandshake));
-        }
+        let read = self.tls.read_tls(&mut TryIo(&self.stream));
+        records_read(read, self.tls.is_handshaking())?;
         let processed = self.tls.process_new_packets();
         // Alerts rustls queued on failure, handshake records on success:
         // sent as far as the socket takes them now, the rest when writable.
@@ -182,8 +173,20 @@ impl Transport for TlsTransport {
     }
 }
 
+/// What reading the server's records came to: a close, or a reset, during
+/// the handshake is the server's refusal. A server that does not speak
+/// TLS may answer a ClientHello with a reset rather than an orderly close;
+/// to the person it is the same refusal.
+pub(crate) fn records_read(read: io::Result<usize>, handshaking: bool) -> io::Result<usize> {
+    match read {
+        Ok(0) if handshaking => Err(tls_io_error(TlsError::ClosedDuringHandshake)),
+        Err(e) if handshaking && is_reset(&e) => Err(tls_io_error(TlsError::ClosedDuringHandshake)),
+        read => read,
+    }
+}
+
 /// The peer dropped the connection without an orderly close.
-pub(crate) fn is_reset(e: &io::Error) -> bool {
+fn is_reset(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::ConnectionReset
