@@ -215,10 +215,16 @@ impl UrbSession {
     /// Gives back to the global budget what the session no longer holds,
     /// and charges what it holds beyond its reservations (a reply's
     /// buffer larger than its URB).
-    fn settle_budget(&mut self) {
+    /// What every step ends with: the shared budget charged for what
+    /// the session now holds, and the reply-stall clock started if replies
+    /// wait.
+    fn settle(&mut self) {
         let charged = self.charged();
         if let Some(share) = &mut self.budget {
             share.settle(charged);
+        }
+        if !self.output.is_empty() && self.replies_waiting_since.is_none() {
+            self.replies_waiting_since = Some(self.now);
         }
     }
 
@@ -259,7 +265,7 @@ impl UrbSession {
     /// [`UrbSession::read_buffers`] lent.
     pub fn input_filled(&mut self, now: Instant, n: usize) -> Result<(), SessionError> {
         let r = self.take_input(now, n);
-        self.settle_budget();
+        self.settle();
         r
     }
 
@@ -519,7 +525,6 @@ impl UrbSession {
         };
         debug!(seqnum = u.seqnum, target, status, "unlink");
         self.output.push_ret_unlink(u.seqnum, status);
-        self.replies_waiting();
     }
 
     /// Cancels the started URB `seqnum`: `None` if there is none, else
@@ -554,7 +559,7 @@ impl UrbSession {
         self.poll_all();
         let r = self.process_input();
         self.poll_all();
-        self.settle_budget();
+        self.settle();
         r
     }
 
@@ -648,7 +653,7 @@ impl UrbSession {
             }
         }
         self.poll_all();
-        self.settle_budget();
+        self.settle();
         let answered = self.queues.iter().all(EndpointQueue::is_empty);
         if answered && self.output.is_empty() {
             info!(busid = %self.busid, "the device is gone: closing its import");
@@ -692,7 +697,6 @@ impl UrbSession {
                 0
             };
             self.output.push_ret_unlink(unlink_seqnum, unlink_status);
-            self.replies_waiting();
         }
     }
 
@@ -755,7 +759,6 @@ impl UrbSession {
             self.output
                 .push_ret_submit(ret, urb.buf, payload_len, &urb.iso);
         }
-        self.replies_waiting();
     }
 
     /// Control requests that change endpoint state also end error holds,
@@ -824,13 +827,6 @@ impl UrbSession {
         &self.config
     }
 
-    /// Starts the reply-stall clock, unless it runs already.
-    fn replies_waiting(&mut self) {
-        if self.replies_waiting_since.is_none() {
-            self.replies_waiting_since = Some(self.now);
-        }
-    }
-
     /// Ends the error holds whose grace window has run out at `now`, and
     /// starts what they held.
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -840,7 +836,7 @@ impl UrbSession {
         }
         self.recount_holds();
         self.poll_all();
-        self.settle_budget();
+        self.settle();
     }
 
     // ---- output ----
@@ -870,7 +866,7 @@ impl UrbSession {
             r = self.process_input();
             self.poll_all();
         }
-        self.settle_budget();
+        self.settle();
         r
     }
 
