@@ -2,7 +2,7 @@
 //! the server's and one client's), a blocking rustls client stream for the
 //! load client, and the flood of failed handshakes.
 
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore};
 use usbwire_proto::{OpRequest, USBIP_VERSION};
-use usbwire_tls::ReadAhead;
+use usbwire_tls::{Received, Traffic};
 
 use crate::load::{self, Stream};
 
@@ -76,12 +76,15 @@ impl Pki {
                 .map_err(|e| e.to_string())
                 .map(|b| b.with_root_certificates(roots.clone()))
         };
-        let client = builder()?
+        let mut client = builder()?
             .with_client_auth_cert(
                 vec![CertificateDer::from(client.der().to_vec())],
                 PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(client_key.serialize_der())),
             )
             .map_err(|e| format!("the bench client identity: {e}"))?;
+        // After the handshake the load client protects its records itself
+        // (usbwire_tls::Traffic), as usbipd does.
+        client.enable_secret_extraction = true;
         let anonymous = builder()?.with_no_client_auth();
         Ok(Pki {
             server_toml,
@@ -91,17 +94,16 @@ impl Pki {
     }
 }
 
-/// Bytes read from the socket at once, ahead of rustls.
+/// Bytes one read of the socket may bring.
 const READ_AHEAD: usize = 256 << 10;
 
-/// A blocking TLS client connection. Writes go out as few records as
-/// rustls makes of them (a vectored write is one plaintext run). Reads go
-/// through a read-ahead buffer: rustls' `read_tls` asks the socket for
-/// 4 KiB at a time, sixteen system calls per 64 KiB.
+/// A blocking TLS client connection: rustls for the handshake, then
+/// records sealed and opened as usbipd's URB phase does it in user space
+/// ([`Traffic`]: a record is opened where the socket read it and copied
+/// once, into the caller's buffer).
 pub struct TlsStream {
-    tls: ClientConnection,
+    traffic: Traffic,
     tcp: TcpStream,
-    ahead: ReadAhead,
 }
 
 impl TlsStream {
@@ -116,57 +118,49 @@ impl TlsStream {
         let mut tls = ClientConnection::new(config.clone(), name).map_err(io::Error::other)?;
         let start = Instant::now();
         // Bounded by the socket's timeouts: each turn moves bytes or fails.
-        while tls.is_handshaking() {
+        while tls.is_handshaking() || tls.wants_write() {
             tls.complete_io(&mut tcp)?;
         }
         let took = start.elapsed();
-        let ahead = ReadAhead::new(READ_AHEAD);
-        Ok((TlsStream { tls, tcp, ahead }, took))
-    }
-
-    fn send_records(&mut self) -> io::Result<()> {
-        // Bounded by the socket's write timeout.
-        while self.tls.wants_write() {
-            self.tls.write_tls(&mut self.tcp)?;
-        }
-        Ok(())
+        let traffic = Traffic::take(tls, None, READ_AHEAD)?;
+        Ok((TlsStream { traffic, tcp }, took))
     }
 }
 
 impl Read for TlsStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read_vectored(&mut [IoSliceMut::new(buf)])
+    }
+    fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
         // Bounded: each turn returns, or reads new bytes from the socket
         // (which has a read timeout).
         loop {
-            match self.tls.reader().read(buf) {
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
+            match self.traffic.read_plaintext(bufs)? {
+                Received::Data(n) => return Ok(n),
+                Received::Closed => return Ok(0),
+                Received::NeedInput => {}
             }
-            if self.ahead.read_tls(&mut self.tls, &mut self.tcp)? == 0 {
-                return Ok(0);
+            match self.tcp.read(self.traffic.read_space())? {
+                0 => return Ok(0),
+                n => self.traffic.received(n),
             }
-            self.tls
-                .process_new_packets()
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            self.send_records()?;
         }
     }
 }
 
 impl Write for TlsStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.tls.writer().write(buf)?;
-        self.send_records()?;
-        Ok(n)
+        self.write_vectored(&[IoSlice::new(buf)])
     }
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        let n = self.tls.writer().write_vectored(bufs)?;
-        self.send_records()?;
+        // Blocking socket: write_to returns once every record is sent.
+        self.traffic.write_to(&mut self.tcp)?;
+        let n = self.traffic.seal(bufs)?;
+        self.traffic.write_to(&mut self.tcp)?;
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.send_records()
+        self.traffic.write_to(&mut self.tcp)
     }
 }
 

@@ -35,7 +35,7 @@ use usbwire_tls::ktls::{self, Cipher};
 
 /// Whether this kernel can run TLS connections (see [`KernelTls::On`]).
 pub use usbwire_tls::ktls::{probe as probe_kernel_tls, KtlsError};
-use usbwire_tls::{ReadAhead, RecordBoundary, TryIo};
+use usbwire_tls::{Received, RecordBoundary, Traffic, TrafficError, TryIo};
 
 use crate::session::driver::Transport;
 
@@ -337,10 +337,6 @@ pub enum HandshakeError {
     Timeout(Duration),
 }
 
-/// The most plaintext rustls puts in one record (it is configured with
-/// no smaller `max_fragment_size`).
-const MAX_RECORD_PLAINTEXT: usize = 16 * 1024;
-
 /// A TCP connection with TLS in user space: a [`Transport`] whose reads
 /// and writes are plaintext.
 pub(crate) struct TlsStream {
@@ -354,52 +350,14 @@ pub(crate) struct TlsStream {
 struct Session {
     tls: ServerConnection,
     /// Where the client's bytes stand relative to record ends: what user
-    /// space has read must end at one for the kernel to take over.
+    /// space has read must end at one for the kernel, or the URB phase's
+    /// own record protection ([`Traffic`]), to take over.
     boundary: RecordBoundary,
-    /// Bytes read from the socket ahead of rustls, once reads need no
-    /// longer stop at record ends (the URB phase in user space): one read
-    /// then brings many records, where rustls alone takes 4 KiB a call.
-    read_ahead: Option<ReadAhead>,
-    /// Application-data records sent with the current keys.
-    records_sent: u64,
-    /// Records the keys may encrypt before rustls would renew them with a
-    /// KeyUpdate (the AEAD's confidentiality limit); `None` until known.
-    record_limit: Option<u64>,
 }
 
-/// As much as the socket may hold of a 64 KiB OUT transfer and more.
+/// As much as the socket may hold of a 64 KiB OUT transfer and more: what
+/// one read of the URB phase in user space may bring.
 const READ_AHEAD: usize = 256 * 1024;
-
-/// Why a user-space TLS connection was closed rather than rekeyed.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "closed the TLS connection after {records} records, at its cipher's limit of {limit}: \
-     rustls would renew the keys with a TLS KeyUpdate, which a client whose kernel holds \
-     the connection (kernel TLS, usbip attach --tls) cannot take; the client may reconnect"
-)]
-pub(crate) struct RecordLimitReached {
-    records: u64,
-    limit: u64,
-}
-
-impl Session {
-    /// The records this connection may still send, keeping one for its
-    /// close_notify alert.
-    fn records_left(&mut self) -> u64 {
-        let limit = *self.record_limit.get_or_insert_with(|| {
-            self.tls
-                .negotiated_cipher_suite()
-                .and_then(|s| s.tls13())
-                .map_or(u64::MAX, |s| s.common.confidentiality_limit)
-        });
-        limit.saturating_sub(1).saturating_sub(self.records_sent)
-    }
-}
-
-/// The records rustls makes of `n` bytes written at once.
-fn records_for(n: usize) -> u64 {
-    n.div_ceil(MAX_RECORD_PLAINTEXT) as u64
-}
 
 impl TlsStream {
     fn session(&self) -> MutexGuard<'_, Session> {
@@ -418,9 +376,6 @@ impl TlsStream {
             tls: Mutex::new(Session {
                 tls: ServerConnection::new(config)?,
                 boundary: RecordBoundary::default(),
-                read_ahead: None,
-                records_sent: 0,
-                record_limit: None,
             }),
         })
     }
@@ -499,24 +454,13 @@ impl TlsStream {
     /// Reads from the socket into rustls, never past the end of the
     /// record under way (what follows may be for kernel TLS).
     fn read_records(s: &mut Session, tcp: &TcpStream) -> io::Result<usize> {
-        let Session {
-            tls,
-            boundary,
-            read_ahead,
-            ..
-        } = s;
-        match read_ahead {
-            Some(ahead) => ahead.read_tls(tls, TryIo(tcp)),
-            None => tls.read_tls(&mut boundary.reader(TryIo(tcp))),
-        }
+        let Session { tls, boundary } = s;
+        tls.read_tls(&mut boundary.reader(TryIo(tcp)))
     }
 
     /// Whether decrypted bytes wait to be read, or the peer has closed.
     fn input_pending(&self) -> bool {
         let mut s = self.session();
-        if s.read_ahead.as_ref().is_some_and(|a| !a.is_empty()) {
-            return true;
-        }
         match s.tls.process_new_packets() {
             Ok(state) => state.plaintext_bytes_to_read() > 0 || state.peer_has_closed(),
             // The next read reports it.
@@ -533,15 +477,33 @@ impl TlsStream {
     }
 
     /// Moves the connection to kernel TLS for the URB phase, if `kernel`
-    /// wants it and the kernel can: see [`KernelTls`]. One that stays in
-    /// user space reads ahead of rustls from then on.
+    /// wants it and the kernel can: see [`KernelTls`]; otherwise to record
+    /// protection in user space with the same rules ([`Traffic`]).
     async fn into_urb_carrier(self, kernel: KernelTls) -> UrbCarrier<TlsStream> {
         match self.kernel_if_possible(kernel).await {
-            UrbCarrier::Same(stream) => {
-                stream.session().read_ahead = Some(ReadAhead::new(READ_AHEAD));
-                UrbCarrier::Same(stream)
-            }
+            UrbCarrier::Same(stream) => stream.into_user_space(),
             other => other,
+        }
+    }
+
+    fn into_user_space(self) -> UrbCarrier<TlsStream> {
+        let TlsStream { tcp, tls, conn } = self;
+        let s = tls.into_inner().unwrap_or_else(|e| e.into_inner());
+        match Traffic::take(s.tls, Some(&s.boundary), READ_AHEAD) {
+            Ok(traffic) => UrbCarrier::User(UserTlsStream {
+                tcp,
+                conn,
+                traffic: Mutex::new(traffic),
+            }),
+            Err(e) => {
+                // The OP phase reads whole records and sends its reply
+                // before the URB phase: this is a bug, not a client's doing.
+                error!(
+                    conn,
+                    "closing the connection: cannot carry its URBs over TLS: {e}"
+                );
+                UrbCarrier::Closed
+            }
         }
     }
 
@@ -647,6 +609,7 @@ pub(crate) enum UrbCarrier<T> {
     /// The transport of the OP phase.
     Same(T),
     Kernel(KernelTlsStream),
+    User(UserTlsStream),
     /// The connection could not go on: said in the log.
     Closed,
 }
@@ -691,19 +654,7 @@ impl Transport for TlsStream {
         // Records still waiting for the socket come first: the session's
         // backpressure is the socket's.
         Self::flush_records(&mut s.tls, &self.tcp)?;
-        let len: usize = bufs.iter().map(|b| b.len()).sum();
-        // Close before rustls would renew its keys with a KeyUpdate.
-        let left = s.records_left();
-        if records_for(len) > left {
-            let e = RecordLimitReached {
-                records: s.records_sent,
-                limit: s.record_limit.unwrap_or(u64::MAX),
-            };
-            warn!(conn = self.conn, "{e}");
-            return Err(io::Error::other(e));
-        }
         let n = s.tls.writer().write_vectored(bufs)?;
-        s.records_sent += records_for(n);
         match Self::flush_records(&mut s.tls, &self.tcp) {
             Err(e) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
             _ => Ok(n),
@@ -732,6 +683,100 @@ impl Transport for TlsStream {
 
     fn carrier(&self) -> String {
         format!("user-space TLS, {}", self.cipher_suite())
+    }
+}
+
+/// A connection whose records user space protects after the handshake,
+/// with rustls' keys and record protection and kernel TLS's rules: the
+/// URB phase where the kernel has no TLS (see [`Traffic`]).
+pub(crate) struct UserTlsStream {
+    tcp: TcpStream,
+    conn: u64,
+    // As in TlsStream: uncontended, never held across an await.
+    traffic: Mutex<Traffic>,
+}
+
+impl UserTlsStream {
+    fn traffic(&self) -> MutexGuard<'_, Traffic> {
+        self.traffic.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Transport for UserTlsStream {
+    async fn readable(&self) -> io::Result<()> {
+        if self.traffic().has_input() {
+            return Ok(());
+        }
+        self.tcp.readable().await
+    }
+
+    async fn writable(&self) -> io::Result<()> {
+        self.tcp.writable().await
+    }
+
+    fn try_read_vectored(&self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        let mut traffic = self.traffic();
+        // Bounded: each turn returns or reads new bytes, and the socket
+        // says WouldBlock once drained.
+        loop {
+            match traffic.read_plaintext(bufs) {
+                Ok(Received::Data(n)) => return Ok(n),
+                Ok(Received::Closed) => return Ok(0),
+                Ok(Received::NeedInput) => {}
+                Err(e) => {
+                    debug!(conn = self.conn, "ending the connection: {e}");
+                    return Err(e.into());
+                }
+            }
+            // Closed without close_notify: USB/IP frames itself, so a cut
+            // is an ordinary end of the connection.
+            match self.tcp.try_read(traffic.read_space())? {
+                0 => return Ok(0),
+                n => traffic.received(n),
+            }
+        }
+    }
+
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let mut traffic = self.traffic();
+        // Records still waiting for the socket come first: the session's
+        // backpressure is the socket's.
+        traffic.write_to(TryIo(&self.tcp))?;
+        let n = match traffic.seal(bufs) {
+            Ok(n) => n,
+            Err(e) => {
+                if matches!(e, TrafficError::RecordLimit { .. }) {
+                    warn!(conn = self.conn, "{e}");
+                }
+                return Err(e.into());
+            }
+        };
+        match traffic.write_to(TryIo(&self.tcp)) {
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
+            _ => Ok(n),
+        }
+    }
+
+    fn wants_flush(&self) -> bool {
+        self.traffic().wants_write()
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.traffic().write_to(TryIo(&self.tcp))
+    }
+
+    fn close(&self) {
+        if let Err(e) = self.traffic().close_notify() {
+            debug!(conn = self.conn, "no close_notify: {e}");
+        }
+    }
+
+    fn socket(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    fn carrier(&self) -> String {
+        format!("user-space TLS, {:?}", self.traffic().suite().suite())
     }
 }
 
@@ -963,6 +1008,7 @@ mod tests {
             )
             .unwrap();
         config.send_tls13_tickets = 0;
+        config.enable_secret_extraction = true;
         (Arc::new(config), cert)
     }
 
@@ -1011,7 +1057,10 @@ mod tests {
             // Bounded by the server's close.
             loop {
                 match tls.reader().read_to_end(&mut got) {
+                    // A close without close_notify, too: the server's
+                    // answer to a KeyUpdate.
                     Ok(_) => break,
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => panic!("{e}"),
                 }
@@ -1027,9 +1076,10 @@ mod tests {
         })
     }
 
-    /// Serves one client with a TlsStream: reads its "go", then writes
-    /// `writes` messages of 16 bytes; returns how many went out before the
-    /// record guard closed the connection, and the guard's error.
+    /// Serves one client as an import's URB phase in user space: reads
+    /// its "go", then writes `writes` messages of 16 bytes; returns how
+    /// many went out before the record guard closed the connection, and
+    /// the error that ended it.
     async fn serve_writes(
         config: Arc<rustls::ServerConfig>,
         listener: tokio::net::TcpListener,
@@ -1038,14 +1088,19 @@ mod tests {
         let (tcp, _) = listener.accept().await.unwrap();
         let stream = TlsStream::new(tcp, config, 1).unwrap();
         stream.accept(HANDSHAKE_TIMEOUT).await.unwrap();
+        let UrbCarrier::User(stream) = stream.urb_carrier(KernelTls::Off).await else {
+            panic!("the URB phase is not in user space");
+        };
+        assert!(stream.carrier().starts_with("user-space TLS"));
         let mut go = [0u8; 2];
         let mut got = 0;
         while got < 2 {
             stream.readable().await.unwrap();
             match stream.try_read_vectored(&mut [IoSliceMut::new(&mut go[got..])]) {
+                Ok(0) => panic!("closed"),
                 Ok(n) => got += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => panic!("{e}"),
+                Err(e) => return (0, Some(e)),
             }
         }
         assert_eq!(&go, b"go");
@@ -1121,10 +1176,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_client_key_update_request_is_answered_with_one_key_update() {
-        // rustls answers a client's KeyUpdate(update_requested) with its
-        // own KeyUpdate: a client that asks runs TLS in user space and can
-        // take it. The connection goes on.
+    async fn a_client_key_update_ends_the_connection_as_kernel_tls_would() {
+        // User space follows kernel TLS's rules, so that a client sees the
+        // same server whichever carries its import: no keys are renewed.
         let (config, cert) = low_limit_config(1 << 24);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = client(listener.local_addr().unwrap(), &cert, true);
@@ -1132,12 +1186,8 @@ mod tests {
         let (got, records) = tokio::task::spawn_blocking(move || client.join().unwrap())
             .await
             .unwrap();
-        assert!(error.is_none(), "{error:?}");
-        assert_eq!(got, vec![0x5a; 16 * sent]);
-        assert_eq!(
-            records,
-            sent + 2,
-            "the data, the KeyUpdate answer, close_notify"
-        );
+        let error = error.expect("the KeyUpdate ended the connection");
+        assert!(error.to_string().contains("KeyUpdate"), "{error}");
+        assert_eq!((sent, got.len(), records), (0, 0, 0));
     }
 }

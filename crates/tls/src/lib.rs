@@ -10,13 +10,13 @@
 
 #![forbid(unsafe_code)]
 
-mod ahead;
 mod fingerprint;
 pub mod ktls;
 mod record;
 mod socket;
+mod traffic;
 
-pub use ahead::ReadAhead;
 pub use fingerprint::{Fingerprint, FingerprintError};
 pub use record::{RecordBoundary, RecordBounded};
 pub use socket::TryIo;
+pub use traffic::{Received, Traffic, TrafficError, MAX_RECORD_PLAINTEXT};

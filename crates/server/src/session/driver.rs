@@ -342,6 +342,9 @@ async fn import(
         UrbCarrier::Kernel(stream) => {
             urb_phase(stream, busid, backend, end, grant, state, conn, shutdown).await
         }
+        UrbCarrier::User(stream) => {
+            urb_phase(stream, busid, backend, end, grant, state, conn, shutdown).await
+        }
         UrbCarrier::Closed => {
             state.release(&busid, conn, backend).await;
             Ok(())
