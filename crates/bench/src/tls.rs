@@ -85,7 +85,8 @@ impl Pki {
         // After the handshake the load client protects its records itself
         // (usbwire_tls::Traffic), as usbipd does.
         client.enable_secret_extraction = true;
-        let anonymous = builder()?.with_no_client_auth();
+        let mut anonymous = builder()?.with_no_client_auth();
+        anonymous.enable_secret_extraction = true;
         Ok(Pki {
             server_toml,
             client: Arc::new(client),
