@@ -8,6 +8,7 @@
 //! * [`backend::UsbfsBackend`] is the [`usbwire_usb::Backend`] of a bound
 //!   device, which the manager hands to the daemon's [`export::ExportTable`].
 //! * [`usbfs`] holds the raw ioctls, the only unsafe code of the crate.
+//! * [`vudc`] exports gadgets bound to the kernel's `usbip-vudc` (`usbipd -e`).
 #![deny(unsafe_code)]
 
 pub mod backend;
@@ -18,8 +19,10 @@ pub mod hotplug;
 pub mod state;
 pub mod sysfs;
 pub mod usbfs;
+pub mod vudc;
 
 pub use backend::UsbfsBackend;
 pub use bind::{BindError, BindingStatus, Manager};
 pub use export::{ExportRefusal, ExportReservation, ExportTable, Unexported};
 pub use sysfs::{ExportStatus, LocalDevice, LocalError, LocalInterface, NotExportable, Roots};
+pub use vudc::{VudcBackend, VudcExports, VudcGadget, VudcStatus};
