@@ -188,6 +188,7 @@ async fn serve_on(
     match event {
         OpEvent::DevlistRequested => {
             let policy = state.config.acl.policy.current();
+            state.registry.refresh().await;
             let mut devices = state.registry.devlist();
             let exported = devices.len();
             devices.retain(|d| policy.allows(&peer, d));
@@ -288,7 +289,10 @@ async fn import(
         allowed
     };
     let imported = tokio::select! {
-        r = state.registry.import_granted(&busid, importer, state.config.import_wait, granted) => r,
+        r = async {
+            state.registry.refresh().await;
+            state.registry.import_granted(&busid, importer, state.config.import_wait, granted).await
+        } => r,
         _ = shutdown.changed() => return Ok(()),
     };
     let (info, backend) = match imported {
