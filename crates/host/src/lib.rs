@@ -7,6 +7,8 @@
 //!   uevents ([`hotplug`]).
 //! * [`backend::UsbfsBackend`] is the [`usbwire_usb::Backend`] of a bound
 //!   device, which the manager hands to the daemon's [`export::ExportTable`].
+//! * [`handoff::SysfsHandoff`] gives an import's connection to a kernel
+//!   driver (usbip-host, usbip-vudc) through its sysfs attributes.
 //! * [`usbfs`] holds the raw ioctls, the only unsafe code of the crate.
 //! * [`vudc`] exports gadgets bound to the kernel's `usbip-vudc` (`usbipd -e`).
 #![deny(unsafe_code)]
@@ -15,6 +17,7 @@ pub mod backend;
 pub mod bind;
 pub mod busy;
 pub mod export;
+pub mod handoff;
 pub mod hotplug;
 pub mod state;
 pub mod sysfs;
@@ -24,5 +27,6 @@ pub mod vudc;
 pub use backend::UsbfsBackend;
 pub use bind::{BindError, BindingStatus, Manager};
 pub use export::{ExportRefusal, ExportReservation, ExportTable, Unexported};
+pub use handoff::SysfsHandoff;
 pub use sysfs::{ExportStatus, LocalDevice, LocalError, LocalInterface, NotExportable, Roots};
 pub use vudc::{VudcBackend, VudcExports, VudcGadget, VudcStatus};

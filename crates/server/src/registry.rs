@@ -372,6 +372,11 @@ impl Registry {
         self.inner.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Changes whenever a slot does, for a task that waits on the registry.
+    pub fn changes(&self) -> watch::Receiver<()> {
+        self.inner.changes.subscribe()
+    }
+
     /// Wakes every waiter to look at its slot again.
     fn notify(&self) {
         self.inner.changed.notify_all();
