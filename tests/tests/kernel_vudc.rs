@@ -198,7 +198,11 @@ echo DONE
     assert_eq!(output_value(&text, "FILE="), want, "the backing file");
     let ours = section(&text, "OUR-LIST");
     assert!(ours.contains("usbip-vudc.0: "), "{ours}");
-    assert_eq!(ours, section(&text, "C-LIST"), "C usbip list -r: ours vs C usbipd -e");
+    assert_eq!(
+        ours,
+        section(&text, "C-LIST"),
+        "C usbip list -r: ours vs C usbipd -e"
+    );
     for who in ["C", "RS", "TLS"] {
         assert_eq!(
             output_value(&text, &format!("{who}-READ=")),

@@ -29,4 +29,4 @@ pub use bind::{BindError, BindingStatus, Manager};
 pub use export::{ExportRefusal, ExportReservation, ExportTable, Unexported};
 pub use handoff::SysfsHandoff;
 pub use sysfs::{ExportStatus, LocalDevice, LocalError, LocalInterface, NotExportable, Roots};
-pub use vudc::{VudcBackend, VudcExports, VudcGadget, VudcStatus};
+pub use vudc::{VudcBackend, VudcExports, VudcGadget};

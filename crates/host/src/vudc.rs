@@ -33,16 +33,16 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::task::{Context, Poll};
 
 use tracing::{debug, info, warn};
 use usbwire_proto::{DeviceInfo, Errno, Speed};
-use usbwire_usb::{Backend, Completion, TransferType, Urb};
+use usbwire_usb::{Backend, Completion, KernelHandoff, KernelState, TransferType, Urb};
 
 use crate::export::ExportTable;
+use crate::handoff::{SysfsHandoff, STATUS_ATTR};
 use crate::sysfs::{attr, LocalError, Roots};
 
 /// The gadget name vudc gives its UDC (`USB_UDC_NAME`), and the prefix of
@@ -51,32 +51,6 @@ pub const VUDC_NAME: &str = "usbip-vudc";
 
 /// Length of a USB device descriptor, what `dev_desc` holds.
 const DEVICE_DESCRIPTOR_LEN: usize = 18;
-
-/// `usbip_status` of a vudc: `enum usbip_device_status` of the kernel's
-/// `drivers/usb/usbip/usbip_common.h`, whose `SDEV_ST_*` values vudc uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VudcStatus {
-    /// `SDEV_ST_AVAILABLE`: no connection; an import may be handed over.
-    Available,
-    /// `SDEV_ST_USED`: the kernel serves a connection.
-    Used,
-    /// `SDEV_ST_ERROR`: the last connection failed; vudc resets to
-    /// available once its error handler has run.
-    Error,
-    /// A value outside the table.
-    Other(i32),
-}
-
-impl VudcStatus {
-    fn from_sysfs(v: i32) -> VudcStatus {
-        match v {
-            1 => VudcStatus::Available,
-            2 => VudcStatus::Used,
-            3 => VudcStatus::Error,
-            v => VudcStatus::Other(v),
-        }
-    }
-}
 
 /// The C tool's table of `current_speed` names (`speed_names` in
 /// `usbip_device_driver.c`); a name outside it is `Unknown` there too.
@@ -102,7 +76,7 @@ pub struct VudcGadget {
     /// The bound gadget driver (`USB_UDC_DRIVER`: a configfs gadget's
     /// directory name), for the log.
     pub function: Option<String>,
-    pub status: VudcStatus,
+    pub status: KernelState,
     /// The record devlist and import send.
     pub info: DeviceInfo,
 }
@@ -118,17 +92,13 @@ fn uevent_vars(dir: &Path) -> Result<BTreeMap<String, String>, LocalError> {
 }
 
 /// What a vudc's `usbip_status` says.
-pub fn read_status(dir: &Path) -> Result<VudcStatus, LocalError> {
-    let path = dir.join("usbip_status");
-    let value = attr(dir, "usbip_status")?.ok_or_else(|| LocalError::Read {
+pub fn read_status(dir: &Path) -> Result<KernelState, LocalError> {
+    let path = dir.join(STATUS_ATTR);
+    let value = attr(dir, STATUS_ATTR)?.ok_or_else(|| LocalError::Read {
         path: path.clone(),
         source: io::ErrorKind::NotFound.into(),
     })?;
-    value
-        .trim()
-        .parse()
-        .map(VudcStatus::from_sysfs)
-        .map_err(|_| LocalError::BadValue { path, value })
+    KernelState::parse(&value).map_err(|_| LocalError::BadValue { path, value })
 }
 
 impl Roots {
@@ -242,44 +212,20 @@ impl Roots {
     }
 }
 
-/// A vudc, as the daemon exports it: the kernel serves its URBs, so the
-/// session hands the import's socket over instead of running them.
+/// A vudc, as the daemon exports it: the kernel serves its URBs, so an
+/// import hands the connection to it through `usbip_sockfd`
+/// ([`SysfsHandoff`]) instead of running them.
 pub struct VudcBackend {
-    busid: String,
-    dir: PathBuf,
+    handoff: SysfsHandoff,
     info: DeviceInfo,
 }
 
 impl VudcBackend {
     pub fn new(gadget: &VudcGadget) -> VudcBackend {
         VudcBackend {
-            busid: gadget.busid.clone(),
-            dir: gadget.dir.clone(),
+            handoff: SysfsHandoff::new(VUDC_NAME, &gadget.dir),
             info: gadget.info.clone(),
         }
-    }
-
-    /// Gives the connection to the kernel: the fd number written to
-    /// `usbip_sockfd` is looked up in this process's table
-    /// (`sockfd_lookup`), and the kernel keeps its own reference, so the
-    /// caller closes its copy afterwards. A sysfs write, answered at once.
-    pub fn hand_over_socket(&self, socket: BorrowedFd<'_>) -> io::Result<()> {
-        let path = self.dir.join("usbip_sockfd");
-        fs::write(&path, format!("{}\n", socket.as_raw_fd())).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!(
-                    "{}: the kernel refused the connection ({}: {e})",
-                    self.busid,
-                    path.display()
-                ),
-            )
-        })
-    }
-
-    /// What `usbip_status` says now.
-    pub fn status(&self) -> Result<VudcStatus, LocalError> {
-        read_status(&self.dir)
     }
 }
 
@@ -296,8 +242,8 @@ impl Backend for VudcBackend {
         None
     }
 
-    /// URBs go to the kernel with the socket, never through here; a
-    /// session that ran one anyway gets ENODEV rather than a hang.
+    /// Never called: a device with a kernel handoff gets no URBs. Were
+    /// one to come, ENODEV answers it rather than a hang.
     fn poll_urb(&mut self, _urb: &mut Urb, _cx: &mut Context<'_>) -> Poll<Completion> {
         Poll::Ready(Completion::failed(Errno::ENODEV))
     }
@@ -307,6 +253,10 @@ impl Backend for VudcBackend {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+
+    fn kernel_handoff(&mut self) -> Option<&mut dyn KernelHandoff> {
+        Some(&mut self.handoff)
     }
 }
 
@@ -369,7 +319,7 @@ impl VudcExports {
             }
             let why = match gadgets.get(busid.as_str()) {
                 None => "no gadget is bound to it any more",
-                Some(g) if g.status != VudcStatus::Available => {
+                Some(g) if g.status != KernelState::Available => {
                     "the kernel serves a connection another server handed it"
                 }
                 Some(g) if g.info != info => "a different gadget is bound to it now",
@@ -385,7 +335,7 @@ impl VudcExports {
             }
         }
         for g in gadgets.values() {
-            if g.status != VudcStatus::Available || exported.contains_key(&g.busid) {
+            if g.status != KernelState::Available || exported.contains_key(&g.busid) {
                 continue;
             }
             match self.table.reserve(&g.busid) {
@@ -555,7 +505,7 @@ mod tests {
         let g = &gadgets[0];
         assert_eq!(g.busid, "usbip-vudc.0");
         assert_eq!(g.function.as_deref(), Some("g1"));
-        assert_eq!(g.status, VudcStatus::Available);
+        assert_eq!(g.status, KernelState::Available);
         assert_eq!(g.dir, fs::canonicalize(platform_dir(root, 0)).unwrap());
         let want = DeviceInfo {
             path: "/sys/devices/platform/usbip-vudc.0".into(),
@@ -613,21 +563,21 @@ mod tests {
         // A short descriptor and a garbled status leave out only their vudc.
         fs::write(platform_dir(root, 2).join("dev_desc"), [18, 1, 0]).unwrap();
         let got = Roots::under(root).vudc_gadgets().unwrap();
-        let seen: Vec<(&str, VudcStatus, Speed)> = got
+        let seen: Vec<(&str, KernelState, Speed)> = got
             .iter()
             .map(|g| (g.busid.as_str(), g.status, g.info.speed))
             .collect();
         assert_eq!(
             seen,
             [
-                ("usbip-vudc.0", VudcStatus::Available, Speed::High),
-                ("usbip-vudc.1", VudcStatus::Used, Speed::Full),
+                ("usbip-vudc.0", KernelState::Available, Speed::High),
+                ("usbip-vudc.1", KernelState::Used, Speed::Full),
             ]
         );
         set_status(root, 1, 7);
         assert_eq!(
             read_status(&platform_dir(root, 1)).unwrap(),
-            VudcStatus::Other(7)
+            KernelState::Unusable(7)
         );
         fs::write(platform_dir(root, 1).join("usbip_status"), "x\n").unwrap();
         assert!(matches!(
@@ -642,25 +592,20 @@ mod tests {
     }
 
     #[test]
-    fn hands_the_socket_over_by_number() {
+    fn the_kernel_runs_the_gadget_through_its_sysfs_attributes() {
         let t = tempfile::tempdir().unwrap();
         vudc(t.path(), &FakeVudc::default());
         let g = Roots::under(t.path()).vudc_gadgets().unwrap().remove(0);
-        let b = VudcBackend::new(&g);
+        let mut b = VudcBackend::new(&g);
+        let h = b.kernel_handoff().expect("a vudc is run by the kernel");
+        assert_eq!(h.driver(), "usbip-vudc");
+        assert_eq!(h.state().unwrap(), KernelState::Available);
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        use std::os::fd::AsFd;
-        b.hand_over_socket(a.as_fd()).unwrap();
+        use std::os::fd::{AsFd, AsRawFd};
+        h.hand_over(a.as_fd()).unwrap();
         assert_eq!(
             fs::read_to_string(g.dir.join("usbip_sockfd")).unwrap(),
             format!("{}\n", a.as_raw_fd())
-        );
-        assert_eq!(b.status().unwrap(), VudcStatus::Available);
-        fs::remove_file(g.dir.join("usbip_sockfd")).unwrap();
-        fs::create_dir(g.dir.join("usbip_sockfd")).unwrap();
-        let e = b.hand_over_socket(a.as_fd()).unwrap_err();
-        assert!(
-            e.to_string().contains("usbip-vudc.0: the kernel refused"),
-            "{e}"
         );
     }
 
@@ -717,8 +662,7 @@ mod tests {
                     let info = info.clone();
                     map.remove(busid);
                     Ok(Box::new(VudcBackend {
-                        busid: busid.into(),
-                        dir: PathBuf::new(),
+                        handoff: SysfsHandoff::new(VUDC_NAME, PathBuf::new()),
                         info,
                     }))
                 }
