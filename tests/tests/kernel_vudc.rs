@@ -5,17 +5,18 @@
 //! `usbip attach`, then through ours, then over TLS with kernel TLS on
 //! both sockets. One boot for all of it:
 //!
-//! 1. our `-e` with no gadget bound lists nothing; a gadget bound later
-//!    is listed at the next request, and C `usbip list -r` prints it
-//!    exactly as it prints the C `usbipd -e`'s list;
+//! 1. our `-e` (plaintext, and a second one with TLS) with no gadget bound
+//!    lists nothing; a gadget bound later is listed at the next request,
+//!    and C `usbip list -r` prints it exactly as it prints the list of the
+//!    C `usbipd -e`;
 //! 2. C `usbip attach -d usbip-vudc.0`: the vhci disk reads back the
 //!    backing file's exact bytes while vudc's `usbip_status` says used;
 //!    after detach the vudc is available and listed again;
 //! 3. the same through our `usbip attach`;
-//! 4. the gadget unbound: no longer listed; bound again;
-//! 5. our usbipd -e with TLS (kernel TLS required), our `usbip attach
-//!    --tls`: the data reads back and /proc/net/tls_stat counts the
-//!    kernel's TLS sockets, with no decryption error.
+//! 4. our `usbip attach --tls` to the TLS usbipd (kernel TLS required):
+//!    the data reads back and /proc/net/tls_stat counts the kernel's TLS
+//!    sockets at both ends, with no decryption error;
+//! 5. the gadget unbound: no longer listed.
 
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,8 @@ use usbwire_tests::tls::Ca;
 const DISK_BYTES: usize = 1 << 20;
 const PLAIN_PORT: u16 = 3240;
 const TLS_PORT: u16 = 3241;
+/// The C usbipd -e, for its list.
+const C_PORT: u16 = 3242;
 
 /// Bytes nobody would mistake for a pattern the path could make up
 /// (xorshift).
@@ -71,7 +74,8 @@ fn usbipd_device_mode_exports_a_vudc_gadget_to_c_and_our_attach_plain_and_tls() 
     let Some(guest) = kernel::require() else {
         return;
     };
-    let t0 = Instant::now();
+    let usbipd = kernel::stripped_bin("usbipd");
+    let usbip = kernel::stripped_bin("usbip");
     let disk = disk_contents();
     let want = sha256_hex(&disk);
     let ca = Ca::new("usbwire test CA");
@@ -99,31 +103,35 @@ listed() {{ usbip list -r 127.0.0.1 2>/dev/null | grep -q '^ *usbip-vudc.0:'; }}
 port_of() {{ usbip port | sed -n 's/^Port \([0-9]*\):.*/\1/p' | head -n 1; }}
 # SIGTERM, then the daemon's exit (which must not hang on the vudc).
 stop() {{ kill $1; wait $1 || true; }}
-trap 'echo USBIPD-LOG-BEGIN; cat /tmp/usbipd.log /tmp/tls.log 2>/dev/null; echo USBIPD-LOG-END' EXIT
+trap 'echo USBIPD-LOG-BEGIN; cat /tmp/usbipd.log; echo USBIPD-LOG-END; echo TLS-LOG-BEGIN; cat /tmp/tls.log; echo TLS-LOG-END' EXIT
+mark() {{ echo "MARK $1 $(cut -d' ' -f1 /proc/uptime)"; }}
 echo "FILE=$(sha256sum /tmp/disk.img | cut -d' ' -f1)"
+mark start
 
-echo "== our usbipd -e, no gadget bound yet"
+echo "== our usbipd -e, plaintext and TLS; no gadget bound yet"
 usbipd-rs -e --no-control >/tmp/usbipd.log 2>&1 &
 OURS=$!
+usbipd-rs --no-control --config /etc/usbwire/tls.toml >/tmp/tls.log 2>&1 &
+TLS=$!
 usbwire_wait_listen {PLAIN_PORT} 60
+usbwire_wait_listen {TLS_PORT} 60
 if listed; then echo "LISTED-UNBOUND"; exit 10; fi
 {gadget}
 status_is 1
 usbip list -r 127.0.0.1 > /tmp/ours.list
 listed
+mark bound
+
 echo "== the C usbipd -e's list, to compare"
-stop $OURS
-usbipd -e >/tmp/c-usbipd.log 2>&1 &
+usbipd -e -t {C_PORT} >/tmp/c-usbipd.log 2>&1 &
 C=$!
-usbwire_wait_listen {PLAIN_PORT} 60
-usbip list -r 127.0.0.1 > /tmp/c.list
+usbwire_wait_listen {C_PORT} 60
+usbip -t {C_PORT} list -r 127.0.0.1 > /tmp/c.list
 stop $C
 echo C-LIST-BEGIN; cat /tmp/c.list; echo C-LIST-END
 echo OUR-LIST-BEGIN; cat /tmp/ours.list; echo OUR-LIST-END
 cmp /tmp/c.list /tmp/ours.list
-usbipd-rs -e --no-control >>/tmp/usbipd.log 2>&1 &
-OURS=$!
-usbwire_wait_listen {PLAIN_PORT} 60
+mark listed
 
 echo "== C usbip attach"
 usbip attach -r 127.0.0.1 -d usbip-vudc.0
@@ -134,7 +142,7 @@ usbip detach -p "$(port_of)"
 no_disk
 status_is 1
 usbwire_wait_cmd 60 listed
-echo C-DETACHED
+mark c-attach
 
 echo "== our usbip attach"
 usbip-rs attach -r 127.0.0.1 -d usbip-vudc.0
@@ -145,24 +153,12 @@ usbip-rs detach -p "$(port_of)"
 no_disk
 status_is 1
 usbwire_wait_cmd 60 listed
-echo RS-DETACHED
+mark rs-attach
 
-echo "== unbound, then bound again"
-echo "" > $G/UDC
-if listed; then echo "LISTED-AFTER-UNBIND"; exit 11; fi
-echo usbip-vudc.0 > $G/UDC
-usbwire_wait_cmd 60 listed
-echo REBOUND
-stop $OURS
-
-echo "== TLS"
-usbipd-rs --no-control --config /etc/usbwire/tls.toml >/tmp/tls.log 2>&1 &
-TLS=$!
-usbwire_wait_listen {TLS_PORT} 60
+echo "== our usbip attach --tls"
 TLSOPTS="--tls-cert /etc/usbwire/client.crt --tls-key /etc/usbwire/client.key --tls-fingerprint {server_fingerprint}"
-usbip-rs --tcp-port {TLS_PORT} list -r 127.0.0.1 $TLSOPTS | grep -q 'usbip-vudc.0'
 echo TLS-BEFORE-BEGIN; cat /proc/net/tls_stat; echo TLS-BEFORE-END
-usbip-rs --tcp-port {TLS_PORT} attach -r 127.0.0.1 -d usbip-vudc.0 --tls $TLSOPTS
+usbip-rs -t {TLS_PORT} attach -r 127.0.0.1 -d usbip-vudc.0 --tls $TLSOPTS
 dev=$(disk)
 echo "TLS-STATUS=$(cat $V/usbip_status)"
 echo "TLS-READ=$(dd if=$dev bs=64k 2>/dev/null | sha256sum | cut -d' ' -f1)"
@@ -170,10 +166,19 @@ echo TLS-ATTACHED-BEGIN; cat /proc/net/tls_stat; echo TLS-ATTACHED-END
 usbip-rs detach -p "$(port_of)"
 no_disk
 status_is 1
+mark tls-attach
+
+echo "== the gadget unbound: no longer listed"
+echo "" > $G/UDC
+mark unbound
+if listed; then echo "LISTED-AFTER-UNBIND"; exit 11; fi
+stop $OURS
 stop $TLS
+mark stopped
 echo DONE
 "#
     );
+    let t0 = Instant::now();
     let out = guest
         .script(&script)
         .file("/tmp/disk.img", &disk, 0o644)
@@ -183,8 +188,8 @@ echo DONE
         .file("/etc/usbwire/ca.crt", ca.pem().as_bytes(), 0o644)
         .file("/etc/usbwire/client.crt", client.cert.as_bytes(), 0o644)
         .file("/etc/usbwire/client.key", client.key.as_bytes(), 0o600)
-        .host_binary(&kernel::stripped_bin("usbipd"), "/usr/bin/usbipd-rs")
-        .host_binary(&kernel::stripped_bin("usbip"), "/usr/bin/usbip-rs")
+        .host_binary(&usbipd, "/usr/bin/usbipd-rs")
+        .host_binary(&usbip, "/usr/bin/usbip-rs")
         .memory_mib(768)
         .timeout(Duration::from_secs(600))
         .run()
@@ -215,6 +220,10 @@ echo DONE
             "{who}: vudc's usbip_status while attached (SDEV_ST_USED)"
         );
     }
+    assert!(
+        section(&text, "TLS-LOG").contains("via=kernel TLS"),
+        "the TLS import went to the kernel on kernel TLS:\n{text}"
+    );
     let log = section(&text, "USBIPD-LOG");
     assert!(log.contains("exporting usbip-vudc.0"), "{log}");
     assert!(
