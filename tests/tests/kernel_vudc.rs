@@ -15,7 +15,9 @@
 //! 3. the same through our `usbip attach`;
 //! 4. our `usbip attach --tls` to the TLS usbipd (kernel TLS required):
 //!    the data reads back and /proc/net/tls_stat counts the kernel's TLS
-//!    sockets at both ends, with no decryption error;
+//!    sockets at both ends, with no decryption error; that usbipd stopped
+//!    while the kernel serves the import does not hang: the connection
+//!    ends, vhci drops the disk and vudc is available again;
 //! 5. the gadget unbound: no longer listed.
 
 use std::time::{Duration, Instant};
@@ -99,7 +101,8 @@ for m in tls gf128mul ghash-generic ctr gcm; do modprobe $m; done
 disk() {{ usbwire_wait_cmd 60 sh -c 'ls /dev/sd? >/dev/null 2>&1' && ls /dev/sd? | head -n 1; }}
 no_disk() {{ usbwire_wait_cmd 60 sh -c '! ls /dev/sd? >/dev/null 2>&1'; }}
 status_is() {{ usbwire_wait_cmd 60 sh -c "[ \"\$(cat $V/usbip_status)\" = $1 ]"; }}
-listed() {{ usbip list -r 127.0.0.1 2>/dev/null | grep -q '^ *usbip-vudc.0:'; }}
+# Our client's parsable list: the C one reads usb.ids for names, seconds under TCG.
+listed() {{ usbip-rs list -r 127.0.0.1 -p >/tmp/parsable 2>&1; grep -q '^busid=usbip-vudc.0#' /tmp/parsable; }}
 port_of() {{ usbip port | sed -n 's/^Port \([0-9]*\):.*/\1/p' | head -n 1; }}
 # SIGTERM, then the daemon's exit (which must not hang on the vudc).
 stop() {{ kill $1; wait $1 || true; }}
@@ -120,6 +123,7 @@ if listed; then echo "LISTED-UNBOUND"; exit 10; fi
 status_is 1
 usbip list -r 127.0.0.1 > /tmp/ours.list
 listed
+echo "PARSABLE=$(cat /tmp/parsable)"
 mark bound
 
 echo "== the C usbipd -e's list, to compare"
@@ -163,9 +167,11 @@ dev=$(disk)
 echo "TLS-STATUS=$(cat $V/usbip_status)"
 echo "TLS-READ=$(dd if=$dev bs=64k 2>/dev/null | sha256sum | cut -d' ' -f1)"
 echo TLS-ATTACHED-BEGIN; cat /proc/net/tls_stat; echo TLS-ATTACHED-END
-usbip-rs detach -p "$(port_of)"
+echo "== usbipd stopped while the kernel serves the import"
+stop $TLS
 no_disk
 status_is 1
+usbwire_wait_cmd 60 sh -c '[ -z "$(port_of)" ]'
 mark tls-attach
 
 echo "== the gadget unbound: no longer listed"
@@ -173,7 +179,6 @@ echo "" > $G/UDC
 mark unbound
 if listed; then echo "LISTED-AFTER-UNBIND"; exit 11; fi
 stop $OURS
-stop $TLS
 mark stopped
 echo DONE
 "#
@@ -223,6 +228,12 @@ echo DONE
     assert!(
         section(&text, "TLS-LOG").contains("via=kernel TLS"),
         "the TLS import went to the kernel on kernel TLS:\n{text}"
+    );
+    // The record as the C daemon builds it: ids and class from the
+    // gadget's device descriptor, high speed, no interfaces.
+    assert_eq!(
+        output_value(&text, "PARSABLE="),
+        "busid=usbip-vudc.0#usbid=0525:a4a5#class=00/00/00#speed=3#interfaces=#"
     );
     let log = section(&text, "USBIPD-LOG");
     assert!(log.contains("exporting usbip-vudc.0"), "{log}");
