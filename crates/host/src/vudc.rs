@@ -317,12 +317,15 @@ impl VudcExports {
                 Some(true) => continue,
                 Some(false) => {}
             }
-            let why = match gadgets.get(busid.as_str()) {
-                None => "no gadget is bound to it any more",
-                Some(g) if g.status != KernelState::Available => {
-                    "the kernel serves a connection another server handed it"
+            let why = match gadgets.get(busid.as_str()).map(|g| (g.status, g)) {
+                None => "no gadget is bound to it any more".to_string(),
+                Some((KernelState::Used, _)) => {
+                    "the kernel serves a connection another server handed it".to_string()
                 }
-                Some(g) if g.info != info => "a different gadget is bound to it now",
+                Some((KernelState::Unusable(n), _)) => {
+                    format!("its usbip_status is {n}, not available")
+                }
+                Some((_, g)) if g.info != info => "a different gadget is bound to it now".into(),
                 Some(_) => continue,
             };
             match self.table.remove(&busid) {
@@ -714,6 +717,13 @@ mod tests {
         // Another server hands vudc.1 a connection: withdrawn while used,
         // back once available.
         set_status(root, 1, 2);
+        exports.refresh();
+        assert!(table.names().is_empty());
+        set_status(root, 1, 1);
+        exports.refresh();
+        assert_eq!(table.names(), ["usbip-vudc.1"]);
+        // SDEV_ST_ERROR: nothing can import it until vudc has reset.
+        set_status(root, 1, 3);
         exports.refresh();
         assert!(table.names().is_empty());
         set_status(root, 1, 1);
