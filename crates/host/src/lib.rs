@@ -7,6 +7,8 @@
 //!   uevents ([`hotplug`]).
 //! * [`backend::UsbfsBackend`] is the [`usbwire_usb::Backend`] of a bound
 //!   device, which the manager hands to the daemon's [`export::ExportTable`].
+//! * [`stub`]: devices bound to the kernel's `usbip-host`, exported by
+//!   handing each import's socket to it.
 //! * [`handoff::SysfsHandoff`] gives an import's connection to a kernel
 //!   driver (usbip-host, usbip-vudc) through its sysfs attributes.
 //! * [`usbfs`] holds the raw ioctls, the only unsafe code of the crate.
@@ -20,6 +22,7 @@ pub mod export;
 pub mod handoff;
 pub mod hotplug;
 pub mod state;
+pub mod stub;
 pub mod sysfs;
 pub mod usbfs;
 pub mod vudc;
@@ -28,5 +31,6 @@ pub use backend::UsbfsBackend;
 pub use bind::{BindError, BindingStatus, Manager};
 pub use export::{ExportRefusal, ExportReservation, ExportTable, Unexported};
 pub use handoff::SysfsHandoff;
+pub use stub::KernelStubBackend;
 pub use sysfs::{ExportStatus, LocalDevice, LocalError, LocalInterface, NotExportable, Roots};
 pub use vudc::{VudcBackend, VudcExports, VudcGadget};

@@ -55,8 +55,12 @@ impl FakeKernelDevice {
     }
 }
 
+/// Sets the fake `usbip_status` in one step, as sysfs shows a status:
+/// a reader never sees the file half-written.
 fn set_status(dir: &std::path::Path, status: u32) {
-    fs::write(dir.join("usbip_status"), format!("{status}\n")).unwrap();
+    let tmp = dir.join(format!("usbip_status.{status}.tmp"));
+    fs::write(&tmp, format!("{status}\n")).unwrap();
+    fs::rename(tmp, dir.join("usbip_status")).unwrap();
 }
 
 impl KernelHandoff for FakeKernelDevice {
@@ -516,4 +520,60 @@ async fn a_tls_import_gets_kernel_tls_for_the_driver_or_a_status_without_it() {
             assert!(f.handed.try_recv().is_ok());
         }
     }
+}
+
+#[tokio::test]
+async fn unbind_force_ends_the_drivers_connection_and_removes_the_device() {
+    let f = fixture();
+    let server = Server::new(f.registry.clone(), config()).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn({
+        let server = server.clone();
+        async move { server.run(vec![listener], stopped).await }
+    });
+    let (mut a, status, rest) = import(addr).await;
+    assert_eq!(status, OpStatus::Ok);
+    assert_eq!(read_exactly(&mut a, rest, GREETING.len()).await, GREETING);
+    let client = a.local_addr().unwrap();
+    // Without --force: refused, naming the client; the connection goes on.
+    let registry = f.registry.clone();
+    let refused = tokio::task::spawn_blocking(move || {
+        registry
+            .remove_when_free("1-1", false, WaitBounds::default())
+            .err()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        refused,
+        Some(crate::RegistryError::InUse {
+            busid: "1-1".into(),
+            client
+        })
+    );
+    a.write_all(b"still here").await.unwrap();
+    assert_eq!(read_exactly(&mut a, Vec::new(), 10).await, b"still here");
+    // --force: the socket is shut down under the driver, which lets go;
+    // the device leaves the table once it has.
+    let registry = f.registry.clone();
+    let removed = tokio::task::spawn_blocking(move || {
+        registry
+            .remove_when_free("1-1", true, WaitBounds::default())
+            .map(|r| r.forced)
+    })
+    .await
+    .unwrap();
+    assert_eq!(removed, Ok(Some(client)));
+    let mut tail = Vec::new();
+    a.read_to_end(&mut tail).await.unwrap();
+    assert!(tail.is_empty(), "{tail:?}");
+    assert_eq!(
+        fs::read_to_string(f.dir.join("usbip_status")).unwrap(),
+        "1\n"
+    );
+    assert!(f.registry.all().is_empty());
+    stop.send(()).unwrap();
+    running.await.unwrap();
 }
