@@ -33,4 +33,4 @@ pub use export::{ExportRefusal, ExportReservation, ExportTable, Unexported};
 pub use handoff::SysfsHandoff;
 pub use stub::KernelStubBackend;
 pub use sysfs::{ExportStatus, LocalDevice, LocalError, LocalInterface, NotExportable, Roots};
-pub use vudc::{VudcBackend, VudcExports, VudcGadget};
+pub use vudc::{VudcBackend, VudcExports, VudcGadget, VudcScan};

@@ -30,7 +30,7 @@
 //! [`VudcExports::refresh`] re-reads sysfs each time a client lists or
 //! imports, as the C daemon does.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -81,6 +81,15 @@ pub struct VudcGadget {
     pub info: DeviceInfo,
 }
 
+/// What [`Roots::vudc_gadgets`] found.
+#[derive(Debug, Default)]
+pub struct VudcScan {
+    /// The vudcs with a bound gadget, by bus id.
+    pub gadgets: Vec<VudcGadget>,
+    /// Why the vudcs left out were: their sysfs could not be read.
+    pub unreadable: Vec<LocalError>,
+}
+
 /// The `KEY=VALUE` lines of a sysfs `uevent` file.
 fn uevent_vars(dir: &Path) -> Result<BTreeMap<String, String>, LocalError> {
     Ok(attr(dir, "uevent")?
@@ -109,13 +118,14 @@ impl Roots {
 
     /// Every vudc with a bound gadget, by bus id. No UDC class at all (no
     /// gadget support, no vudc loaded) is an empty list. A vudc that
-    /// cannot be read is left out with a warning, as the C daemon leaves
-    /// it out, so that one bad device does not hide the others.
-    pub fn vudc_gadgets(&self) -> Result<Vec<VudcGadget>, LocalError> {
+    /// cannot be read is left out, as the C daemon leaves it out, so that
+    /// one bad device does not hide the others; its error is in
+    /// [`VudcScan::unreadable`].
+    pub fn vudc_gadgets(&self) -> Result<VudcScan, LocalError> {
         let class = self.udc_class_dir();
         let entries = match fs::read_dir(&class) {
             Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(VudcScan::default()),
             Err(source) => {
                 return Err(LocalError::Read {
                     path: class,
@@ -123,20 +133,20 @@ impl Roots {
                 })
             }
         };
-        let mut out = Vec::new();
+        let mut scan = VudcScan::default();
         for entry in entries {
             let entry = entry.map_err(|source| LocalError::Read {
                 path: class.clone(),
                 source,
             })?;
             match self.read_vudc(&entry.path()) {
-                Ok(Some(g)) => out.push(g),
+                Ok(Some(g)) => scan.gadgets.push(g),
                 Ok(None) => {}
-                Err(e) => warn!("left out of the exported gadgets: {e}"),
+                Err(e) => scan.unreadable.push(e),
             }
         }
-        out.sort_by(|a, b| a.busid.cmp(&b.busid));
-        Ok(out)
+        scan.gadgets.sort_by(|a, b| a.busid.cmp(&b.busid));
+        Ok(scan)
     }
 
     /// One UDC: `None` if it is not a vudc or has no bound gadget.
@@ -267,8 +277,16 @@ impl Backend for VudcBackend {
 pub struct VudcExports {
     roots: Roots,
     table: Box<dyn ExportTable>,
+    state: Mutex<ExportState>,
+}
+
+#[derive(Default)]
+struct ExportState {
     /// What this exporter put in the table, as it was put there.
-    exported: Mutex<BTreeMap<String, DeviceInfo>>,
+    exported: BTreeMap<String, DeviceInfo>,
+    /// The problems the last refresh met, each logged once while it lasts:
+    /// clients' requests drive refreshes, and must not flood the log.
+    problems: BTreeSet<String>,
 }
 
 impl VudcExports {
@@ -276,34 +294,51 @@ impl VudcExports {
         VudcExports {
             roots,
             table: Box::new(table),
-            exported: Mutex::new(BTreeMap::new()),
+            state: Mutex::new(ExportState::default()),
         }
     }
 
     /// The bus ids exported now, in order.
     pub fn exported(&self) -> Vec<String> {
-        self.lock().keys().cloned().collect()
+        self.lock().exported.keys().cloned().collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, DeviceInfo>> {
-        // Every update is one insert or remove: a panic cannot leave the
-        // map half-written.
-        self.exported.lock().unwrap_or_else(|e| e.into_inner())
+    /// What kept the last refresh from exporting a vudc, if anything.
+    pub fn problems(&self) -> Vec<String> {
+        self.lock().problems.iter().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ExportState> {
+        // Every update is one insert, remove or assignment: a panic cannot
+        // leave the state half-written.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Re-reads sysfs and updates the table. Blocks on sysfs reads (a few
     /// small attributes per vudc); refreshes are serialised.
     pub fn refresh(&self) {
-        let mut exported = self.lock();
-        let gadgets = match self.roots.vudc_gadgets() {
-            Ok(g) => g,
+        let mut state = self.lock();
+        let mut problems = BTreeSet::new();
+        self.update(&mut state.exported, &mut problems);
+        for p in problems.difference(&state.problems) {
+            warn!("{p}");
+        }
+        state.problems = problems;
+    }
+
+    fn update(&self, exported: &mut BTreeMap<String, DeviceInfo>, problems: &mut BTreeSet<String>) {
+        let scan = match self.roots.vudc_gadgets() {
+            Ok(s) => s,
             Err(e) => {
-                warn!("cannot read the gadgets bound to {VUDC_NAME}: {e}");
+                problems.insert(format!("cannot read the gadgets bound to {VUDC_NAME}: {e}"));
                 return;
             }
         };
+        for e in &scan.unreadable {
+            problems.insert(format!("left out of the exported gadgets: {e}"));
+        }
         let gadgets: BTreeMap<&str, &VudcGadget> =
-            gadgets.iter().map(|g| (g.busid.as_str(), g)).collect();
+            scan.gadgets.iter().map(|g| (g.busid.as_str(), g)).collect();
         let was: Vec<(String, DeviceInfo)> = exported
             .iter()
             .map(|(b, i)| (b.clone(), i.clone()))
@@ -354,7 +389,9 @@ impl VudcExports {
                         g.info.speed.describe()
                     );
                 }
-                Err(e) => warn!("cannot export {}: {e}", g.busid),
+                Err(e) => {
+                    problems.insert(format!("cannot export {}: {e}", g.busid));
+                }
             }
         }
     }
@@ -503,7 +540,7 @@ mod tests {
             },
         );
         other_udc(root, "dummy_udc.0", "dummy_udc");
-        let gadgets = Roots::under(root).vudc_gadgets().unwrap();
+        let gadgets = Roots::under(root).vudc_gadgets().unwrap().gadgets;
         assert_eq!(gadgets.len(), 1, "{gadgets:?}");
         let g = &gadgets[0];
         assert_eq!(g.busid, "usbip-vudc.0");
@@ -543,7 +580,11 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let root = t.path();
         assert!(
-            Roots::under(root).vudc_gadgets().unwrap().is_empty(),
+            Roots::under(root)
+                .vudc_gadgets()
+                .unwrap()
+                .gadgets
+                .is_empty(),
             "no udc class: no gadgets"
         );
         vudc(root, &FakeVudc::default());
@@ -566,6 +607,8 @@ mod tests {
         // A short descriptor and a garbled status leave out only their vudc.
         fs::write(platform_dir(root, 2).join("dev_desc"), [18, 1, 0]).unwrap();
         let got = Roots::under(root).vudc_gadgets().unwrap();
+        assert_eq!(got.unreadable.len(), 1, "{:?}", got.unreadable);
+        let got = got.gadgets;
         let seen: Vec<(&str, KernelState, Speed)> = got
             .iter()
             .map(|g| (g.busid.as_str(), g.status, g.info.speed))
@@ -588,7 +631,7 @@ mod tests {
             Err(LocalError::BadValue { .. })
         ));
         assert_eq!(
-            Roots::under(root).vudc_gadgets().unwrap().len(),
+            Roots::under(root).vudc_gadgets().unwrap().gadgets.len(),
             1,
             "a garbled status leaves that vudc out"
         );
@@ -598,7 +641,11 @@ mod tests {
     fn the_kernel_runs_the_gadget_through_its_sysfs_attributes() {
         let t = tempfile::tempdir().unwrap();
         vudc(t.path(), &FakeVudc::default());
-        let g = Roots::under(t.path()).vudc_gadgets().unwrap().remove(0);
+        let g = Roots::under(t.path())
+            .vudc_gadgets()
+            .unwrap()
+            .gadgets
+            .remove(0);
         let mut b = VudcBackend::new(&g);
         let h = b.kernel_handoff().expect("a vudc is run by the kernel");
         assert_eq!(h.driver(), "usbip-vudc");
@@ -740,5 +787,29 @@ mod tests {
         table.0.lock().unwrap().clear();
         exports.refresh();
         assert_eq!(table.names(), ["usbip-vudc.1"]);
+        assert!(exports.problems().is_empty());
+        // A vudc whose sysfs makes no sense is a problem, named once while it
+        // lasts, and does not hide the others.
+        fs::write(platform_dir(root, 1).join("usbip_status"), "garbled\n").unwrap();
+        vudc(
+            root,
+            &FakeVudc {
+                index: 2,
+                ..Default::default()
+            },
+        );
+        exports.refresh();
+        exports.refresh();
+        assert_eq!(table.names(), ["usbip-vudc.2"]);
+        let problems = exports.problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("usbip-vudc.1/usbip_status"),
+            "{problems:?}"
+        );
+        set_status(root, 1, 1);
+        exports.refresh();
+        assert_eq!(table.names(), ["usbip-vudc.1", "usbip-vudc.2"]);
+        assert!(exports.problems().is_empty());
     }
 }
