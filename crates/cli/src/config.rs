@@ -7,6 +7,7 @@
 //! reply_stall_timeout_secs = 60   # an import whose client reads no reply that long ends
 //! failed_handshake_burst = 16     # failed TLS handshakes, then a source's
 //! failed_handshake_refill_ms = 1000  # connections are closed at accept
+//! device_mode = false       # like -e: also export gadgets bound to usbip-vudc
 //!
 //! [[device]]
 //! kind = "mass-storage"
@@ -132,6 +133,9 @@ pub struct TlsSection {
 #[serde(deny_unknown_fields)]
 pub struct ServerSection {
     pub tcp_port: Option<u16>,
+    /// As `usbipd --device` (`-e`): export the gadgets bound to the
+    /// kernel's usbip-vudc too. Read by usbipd, not the server.
+    pub device_mode: Option<bool>,
     pub max_connections: Option<usize>,
     pub max_urbs_in_flight: Option<usize>,
     pub max_bytes_in_flight: Option<usize>,
@@ -323,6 +327,7 @@ mod tests {
             [server]
             tcp_port = 3241
             hold_on_error = false
+            device_mode = true
             [[device]]
             kind = "mass-storage"
             image = "d.img"
@@ -343,6 +348,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.server.tcp_port, Some(3241));
+        assert_eq!(c.server.device_mode, Some(true));
         assert_eq!(c.devices.len(), 4);
         assert_eq!(c.devices[3].busid(), Some("2-1"));
         assert!(matches!(

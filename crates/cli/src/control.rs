@@ -41,6 +41,10 @@ pub enum Request {
         busid: String,
         #[serde(default)]
         force: bool,
+        /// Bind to the kernel's usbip-host instead of usbfs (`usbip bind
+        /// --kernel`); left out of the line when false, as before it existed.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        kernel: bool,
     },
     Unbind {
         busid: String,
@@ -137,7 +141,15 @@ impl ExportTable for RegistryExports {
 /// Runs one request against the manager (blocking: sysfs and ioctls).
 pub fn handle(m: &Manager, req: Request) -> Response {
     match req {
-        Request::Bind { busid, force } => match m.bind(&busid, force) {
+        Request::Bind {
+            busid,
+            force,
+            kernel,
+        } => match if kernel {
+            m.bind_kernel(&busid, force)
+        } else {
+            m.bind(&busid, force)
+        } {
             Ok(warnings) => Response {
                 ok: true,
                 message: format!("bind device on busid {busid}: complete"),
@@ -342,15 +354,16 @@ pub async fn bindings_or_none(path: &Path, wait: Duration) -> Vec<BindingEntry> 
     }
 }
 
-/// `usbip bind -b BUSID [--force]`: prints the result like the C tool;
-/// returns the process exit status.
-pub async fn bind_command(socket: &Path, busid: &str, force: bool) -> i32 {
+/// `usbip bind -b BUSID [--force] [--kernel]`: prints the result like the
+/// C tool; returns the process exit status.
+pub async fn bind_command(socket: &Path, busid: &str, force: bool, kernel: bool) -> i32 {
     print_response(
         request(
             socket,
             &Request::Bind {
                 busid: busid.into(),
                 force,
+                kernel,
             },
         )
         .await,
@@ -400,6 +413,7 @@ mod tests {
         let r = Request::Bind {
             busid: "1-1".into(),
             force: true,
+            kernel: false,
         };
         let s = serde_json::to_string(&r).unwrap();
         assert_eq!(s, r#"{"op":"bind","busid":"1-1","force":true}"#);
@@ -408,9 +422,21 @@ mod tests {
             serde_json::from_str::<Request>(r#"{"op":"bind","busid":"2-1"}"#).unwrap(),
             Request::Bind {
                 busid: "2-1".into(),
-                force: false
+                force: false,
+                kernel: false,
             }
         );
+        let r = Request::Bind {
+            busid: "1-1".into(),
+            force: false,
+            kernel: true,
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            s,
+            r#"{"op":"bind","busid":"1-1","force":false,"kernel":true}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
         // A `usbip` from before --force still asks for a plain unbind.
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"op":"unbind","busid":"2-1"}"#).unwrap(),
@@ -444,6 +470,7 @@ mod tests {
         let r = request(
             &path,
             &Request::Bind {
+                kernel: false,
                 busid: "9-9".into(),
                 force: false,
             },

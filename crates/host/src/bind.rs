@@ -14,6 +14,7 @@ use crate::backend::UsbfsBackend;
 use crate::busy::{self, Holder};
 use crate::export::{ExportRefusal, ExportReservation, ExportTable};
 use crate::state::{Binding, State};
+use crate::stub::{self, KernelStubBackend, STUB_DRIVER};
 use crate::sysfs::{driver_of, LocalDevice, NotExportable, Roots};
 
 /// Why a bind or unbind was refused. [`BindError::errno`] gives the
@@ -45,7 +46,10 @@ pub enum BindError {
         "{busid} is itself imported from a USB/IP server (vhci_hcd); it cannot be exported again"
     )]
     Vhci { busid: String },
-    #[error("{busid} is exported by the kernel's usbip-host; run the C `usbip unbind` first")]
+    #[error(
+        "{busid} is bound to the kernel's usbip-host, and usbipd exports it through the \
+         kernel's stub as it is; `usbip unbind -b {busid}` gives it back to its driver first"
+    )]
     KernelStub { busid: String },
     #[error("{busid} is not bound")]
     NotBound { busid: String },
@@ -175,10 +179,34 @@ fn busy_check(
     Ok(warnings)
 }
 
+/// A device bound to the kernel's stub that the export table holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct KernelExport {
+    busnum: u32,
+    devnum: u32,
+    vendor: u16,
+    product: u16,
+}
+
+impl KernelExport {
+    fn of(dev: &LocalDevice) -> KernelExport {
+        KernelExport {
+            busnum: dev.busnum,
+            devnum: dev.devnum,
+            vendor: dev.id_vendor,
+            product: dev.id_product,
+        }
+    }
+}
+
 struct Inner {
     state: State,
     /// Exported bus ids and the (busnum, devnum) the backend opened.
     exported: HashMap<String, (u32, u32)>,
+    /// Devices bound to the kernel's stub (by us or by the C tool) that
+    /// are exported: the kernel keeps that binding, so it is not in the
+    /// state file.
+    kernel: HashMap<String, KernelExport>,
     /// Last hotplug error per bus id, so each is logged once.
     last_error: HashMap<String, String>,
 }
@@ -210,6 +238,7 @@ impl Manager {
             inner: Mutex::new(Inner {
                 state,
                 exported: HashMap::new(),
+                kernel: HashMap::new(),
                 last_error: HashMap::new(),
             }),
         })
@@ -272,6 +301,111 @@ impl Manager {
         Ok((warnings, binding))
     }
 
+    /// Binds `busid` to the kernel's stub (`usbip-host`) instead of
+    /// claiming it through usbfs, with the same checks and busy
+    /// protection, and exports it: imports then go to the stub. Returns
+    /// the warnings (what `force` overrode).
+    pub fn bind_kernel(&self, busid: &str, force: bool) -> Result<Vec<String>, BindError> {
+        let mut inner = self.lock();
+        let sys = match exportable(&self.roots, busid) {
+            Err(BindError::KernelStub { .. }) => {
+                return Err(BindError::AlreadyExported {
+                    busid: busid.into(),
+                })
+            }
+            r => r?,
+        };
+        let reservation = self.reserve(busid)?;
+        let warnings = busy_check(&self.roots, &sys, busid, force)?;
+        stub::bind(&self.roots, &sys).map_err(|e| BindError::Io(format!("{busid}: {e}")))?;
+        let dev = self
+            .roots
+            .local_device(busid)
+            .map_err(|e| BindError::Io(format!("{busid}: {e}")))?;
+        if dev.driver.as_deref() != Some(STUB_DRIVER) {
+            let _ = stub::unbind(&self.roots, busid);
+            return Err(BindError::Io(format!(
+                "{busid}: the kernel's {STUB_DRIVER} did not take the device (it has {}); \
+                 see the kernel log",
+                dev.driver.as_deref().unwrap_or("no driver")
+            )));
+        }
+        let mut info = dev.device_info();
+        info.busid = busid.into();
+        reservation.commit(info, Box::new(KernelStubBackend::new(&dev)));
+        inner
+            .kernel
+            .insert(busid.to_string(), KernelExport::of(&dev));
+        inner.last_error.remove(busid);
+        info!(
+            "bound {busid} ({:04x}:{:04x}) to the kernel's {STUB_DRIVER} and exported it",
+            dev.id_vendor, dev.id_product
+        );
+        Ok(warnings)
+    }
+
+    /// Exports every device the kernel's stub holds that is not exported
+    /// yet, and stops exporting those it no longer holds (unbound, or
+    /// unplugged and replaced): an import of such a device is over, so it
+    /// is ended, as the stub ended its connection.
+    fn follow_kernel_stub(&self, inner: &mut Inner) {
+        let devices = match self.roots.local_devices() {
+            Ok(d) => d,
+            Err(e) => {
+                debug!("cannot look for devices bound to {STUB_DRIVER}: {e}");
+                return;
+            }
+        };
+        let on_stub: HashMap<String, LocalDevice> = devices
+            .into_iter()
+            .filter(|d| d.driver.as_deref() == Some(STUB_DRIVER) && d.is_exportable())
+            .map(|d| (d.busid.clone(), d))
+            .collect();
+        let known: Vec<(String, KernelExport)> =
+            inner.kernel.iter().map(|(b, k)| (b.clone(), *k)).collect();
+        for (busid, k) in known {
+            let same = on_stub
+                .get(&busid)
+                .is_some_and(|d| d.busnum == k.busnum && d.devnum == k.devnum);
+            if same {
+                continue;
+            }
+            match self.exports.remove_when_free(&busid, true) {
+                Ok(_) | Err(ExportRefusal::NotExported { .. }) => {
+                    inner.kernel.remove(&busid);
+                    info!("{busid} left the kernel's {STUB_DRIVER}; it is no longer exported");
+                }
+                Err(e) => warn!("{busid} left the kernel's {STUB_DRIVER}, but stays exported: {e}"),
+            }
+        }
+        for (busid, dev) in on_stub {
+            if inner.kernel.contains_key(&busid) {
+                continue;
+            }
+            let reservation = match self.exports.reserve(&busid) {
+                Ok(r) => r,
+                Err(e) => {
+                    let msg = e.to_string();
+                    if inner.last_error.get(&busid) != Some(&msg) {
+                        warn!("cannot export {busid}, bound to {STUB_DRIVER}: {msg}");
+                        inner.last_error.insert(busid.clone(), msg);
+                    }
+                    continue;
+                }
+            };
+            let mut info = dev.device_info();
+            info.busid = busid.as_str().into();
+            reservation.commit(info, Box::new(KernelStubBackend::new(&dev)));
+            inner.kernel.insert(busid.clone(), KernelExport::of(&dev));
+            inner.last_error.remove(&busid);
+            info!(
+                "{busid} ({:04x}:{:04x}) is bound to the kernel's {STUB_DRIVER}: exported, \
+                 its imports go to the kernel's stub",
+                dev.id_vendor, dev.id_product
+            );
+        }
+    }
+
     /// Holds `busid` in the export table for the device about to be claimed.
     fn reserve(&self, busid: &str) -> Result<Box<dyn ExportReservation>, BindError> {
         self.exports.reserve(busid).map_err(|e| match e {
@@ -301,6 +435,10 @@ impl Manager {
         let removed = self.exports.remove_when_free(busid, force);
         let mut inner = self.lock();
         let mut warnings = Vec::new();
+        let on_stub = self
+            .roots
+            .local_device(busid)
+            .is_ok_and(|d| d.driver.as_deref() == Some(STUB_DRIVER));
         match removed {
             Ok(removed) => {
                 if let Some(client) = removed.forced {
@@ -329,12 +467,18 @@ impl Manager {
                 })
             }
             Err(_) => {
-                if inner.state.get(busid).is_none() {
+                if inner.state.get(busid).is_none() && !on_stub {
                     return Err(BindError::NotBound {
                         busid: busid.into(),
                     });
                 }
             }
+        }
+        inner.kernel.remove(busid);
+        if on_stub {
+            // Whoever bound it there (this manager or the C tool).
+            stub::unbind(&self.roots, busid).map_err(|e| BindError::Io(format!("{busid}: {e}")))?;
+            info!("gave {busid} back from the kernel's {STUB_DRIVER} to its driver");
         }
         inner.state.remove(busid);
         self.save(&inner);
@@ -345,7 +489,7 @@ impl Manager {
     /// Every binding and its state.
     pub fn bindings(&self) -> Vec<BindingStatus> {
         let inner = self.lock();
-        inner
+        let mut all: Vec<BindingStatus> = inner
             .state
             .bindings
             .iter()
@@ -362,11 +506,26 @@ impl Manager {
                     state,
                 }
             })
-            .collect()
+            .collect();
+        for (busid, k) in &inner.kernel {
+            let state = match self.exports.is_imported(busid) {
+                Some(true) => "imported",
+                _ => "exported",
+            };
+            all.push(BindingStatus {
+                busid: busid.clone(),
+                vendor: k.vendor,
+                product: k.product,
+                state,
+            });
+        }
+        all
     }
 
     /// One hotplug pass: stop exporting bound devices that are gone (or
-    /// were replaced), export bound devices that are (back) present.
+    /// were replaced), export bound devices that are (back) present, and
+    /// follow the devices bound to the kernel's stub (a driver bind or
+    /// unbind is a uevent of the device too).
     pub fn poll(&self) {
         let mut inner = self.lock();
         let bindings = inner.state.bindings.clone();
@@ -412,6 +571,7 @@ impl Manager {
                 }
             }
         }
+        self.follow_kernel_stub(&mut inner);
     }
 
     /// Follows hotplug until the task is aborted: a pass per kernel uevent
@@ -422,9 +582,16 @@ impl Manager {
     }
 
     /// Gives every exported device back to its kernel drivers, keeping the
-    /// bindings in the state file for the next start.
+    /// bindings in the state file for the next start. Devices bound to the
+    /// kernel's stub stay there, as the C usbipd leaves them.
     pub fn shutdown(&self) {
         let mut inner = self.lock();
+        let kernel: Vec<String> = inner.kernel.drain().map(|(b, _)| b).collect();
+        for busid in kernel {
+            if let Err(e) = self.exports.remove(&busid) {
+                debug!("{busid} stays in the export table at shutdown: {e}");
+            }
+        }
         let ids: Vec<String> = inner.exported.keys().cloned().collect();
         for busid in ids {
             match self.exports.remove(&busid) {
@@ -557,6 +724,96 @@ mod tests {
         let e = m.bind("1-1", false).unwrap_err();
         assert_eq!(e.errno(), "EIO", "{e}");
         assert_eq!(*table.events.lock().unwrap(), ["reserved", "given back"]);
+        assert!(m.bindings().is_empty());
+    }
+
+    /// An export table that holds what it is given, as the registry does.
+    #[derive(Default, Clone)]
+    struct Holding(Arc<Mutex<HashMap<String, Box<dyn Backend>>>>);
+
+    struct Slot(Holding, String);
+
+    impl ExportReservation for Slot {
+        fn commit(self: Box<Self>, _: DeviceInfo, backend: Box<dyn Backend>) {
+            (self.0).0.lock().unwrap().insert(self.1.clone(), backend);
+        }
+    }
+
+    impl ExportTable for Holding {
+        fn reserve(&self, busid: &str) -> Result<Box<dyn ExportReservation>, ExportRefusal> {
+            if self.0.lock().unwrap().contains_key(busid) {
+                return Err(ExportRefusal::Exported {
+                    busid: busid.into(),
+                    client: None,
+                });
+            }
+            Ok(Box::new(Slot(self.clone(), busid.into())))
+        }
+        fn remove(&self, busid: &str) -> Result<Box<dyn Backend>, ExportRefusal> {
+            self.0
+                .lock()
+                .unwrap()
+                .remove(busid)
+                .ok_or(ExportRefusal::NotExported {
+                    busid: busid.into(),
+                })
+        }
+        fn remove_when_free(&self, busid: &str, _: bool) -> Result<Unexported, ExportRefusal> {
+            self.remove(busid).map(|backend| Unexported {
+                backend,
+                forced: None,
+            })
+        }
+        fn is_imported(&self, busid: &str) -> Option<bool> {
+            self.0.lock().unwrap().contains_key(busid).then_some(false)
+        }
+    }
+
+    #[test]
+    fn devices_bound_to_the_kernels_stub_are_exported_while_they_stay_there() {
+        use crate::sysfs::fake;
+        let t = tempfile::tempdir().unwrap();
+        let roots = Roots::under(t.path());
+        let dev = fake::device(
+            t.path(),
+            &fake::FakeDevice {
+                devpath: "pci0000:00/usb1/1-1",
+                driver: Some(STUB_DRIVER),
+                ..Default::default()
+            },
+        );
+        fake::interface(t.path(), &dev, 1, 0, (8, 6, 0x50), None);
+        let table = Holding::default();
+        let m = Manager::new(roots, table.clone(), None).unwrap();
+        m.poll();
+        {
+            let mut held = table.0.lock().unwrap();
+            let backend = held.get_mut("1-1").expect("exported at the first pass");
+            let info = backend.device_info("1-1", 0, 0);
+            assert_eq!((info.id_vendor, info.id_product), (0x1234, 0x5678));
+            assert_eq!(info.interfaces.len(), 1);
+            let handoff = backend.kernel_handoff().expect("imports go to the stub");
+            assert_eq!(handoff.driver(), STUB_DRIVER);
+        }
+        assert_eq!(
+            m.bindings(),
+            vec![BindingStatus {
+                busid: "1-1".into(),
+                vendor: 0x1234,
+                product: 0x5678,
+                state: "exported"
+            }]
+        );
+        // A second pass changes nothing.
+        m.poll();
+        assert_eq!(table.0.lock().unwrap().len(), 1);
+        // A usbfs bind of it is refused: the stub has it.
+        assert_eq!(m.bind("1-1", false).unwrap_err().errno(), "EBUSY");
+        assert_eq!(m.bind_kernel("1-1", false).unwrap_err().errno(), "EEXIST");
+        // The stub lets go of it (the C `usbip unbind`): no longer exported.
+        fs::remove_file(dev.join("driver")).unwrap();
+        m.poll();
+        assert!(table.0.lock().unwrap().is_empty());
         assert!(m.bindings().is_empty());
     }
 }

@@ -280,7 +280,7 @@ impl LocalDevice {
 
 /// A sysfs attribute as libudev returns it: trailing newlines dropped;
 /// `None` when absent.
-fn attr(dir: &Path, name: &str) -> Result<Option<String>, LocalError> {
+pub(crate) fn attr(dir: &Path, name: &str) -> Result<Option<String>, LocalError> {
     let path = dir.join(name);
     match fs::read(&path) {
         Ok(b) => Ok(Some(
@@ -355,7 +355,7 @@ impl Roots {
     }
 
     /// The devpath (`/devices/...`) of a syspath under this root.
-    fn devpath(&self, syspath: &Path) -> String {
+    pub(crate) fn devpath(&self, syspath: &Path) -> String {
         let sys = fs::canonicalize(&self.sys).unwrap_or_else(|_| self.sys.clone());
         match syspath.strip_prefix(&sys) {
             Ok(rel) => format!("/{}", rel.display()),

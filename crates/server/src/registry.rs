@@ -44,7 +44,9 @@ pub enum RegistryError {
     InUse { busid: String, client: SocketAddr },
     #[error("device {busid} is still being given back after the import by {client} ended (EBUSY)")]
     Releasing { busid: String, client: SocketAddr },
-    #[error("invalid bus id {0:?}: use the form BUS-PORT[.PORT...], at most 31 bytes")]
+    #[error(
+        "invalid bus id {0:?}: use the form BUS-PORT[.PORT...] (or usbip-vudc.N), at most 31 bytes"
+    )]
     BadBusid(String),
 }
 
@@ -180,7 +182,15 @@ struct Inner {
     changed: Condvar,
     /// Wakes the waiters that are tasks (imports) when a slot changes.
     changes: watch::Sender<()>,
+    /// What [`Registry::refresh`] runs.
+    refreshers: Mutex<Vec<Refresher>>,
+    /// One refresh at a time: a burst of requests queues here rather than
+    /// on the blocking pool.
+    refreshing: tokio::sync::Mutex<()>,
 }
+
+/// Brings some devices of the registry up to date with the system; blocks.
+type Refresher = Arc<dyn Fn() + Send + Sync>;
 
 /// Shared handle to the registry.
 #[derive(Clone)]
@@ -195,6 +205,8 @@ impl Default for Registry {
                 map: Mutex::new(BTreeMap::new()),
                 changed: Condvar::new(),
                 changes: watch::Sender::new(()),
+                refreshers: Mutex::new(Vec::new()),
+                refreshing: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -242,13 +254,20 @@ impl Drop for Reservation {
     }
 }
 
-/// Checks the `BUS-PORT[.PORT]` shape that vhci and the C tools expect.
+/// Checks the `BUS-PORT[.PORT]` shape that vhci and the C tools expect,
+/// or the `usbip-vudc.N` name under which the C `usbipd -e` exports a
+/// gadget (its platform device's name).
 pub fn valid_busid(busid: &str) -> bool {
+    if busid.len() >= usbwire_proto::op::BUSID_LEN {
+        return false;
+    }
+    if let Some(n) = busid.strip_prefix("usbip-vudc.") {
+        return !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit());
+    }
     let Some((bus, ports)) = busid.split_once('-') else {
         return false;
     };
-    busid.len() < usbwire_proto::op::BUSID_LEN
-        && !bus.is_empty()
+    !bus.is_empty()
         && bus.bytes().all(|b| b.is_ascii_digit())
         && !ports.is_empty()
         && ports
@@ -353,10 +372,52 @@ impl Registry {
         self.inner.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Changes whenever a slot does, for a task that waits on the registry.
+    pub fn changes(&self) -> watch::Receiver<()> {
+        self.inner.changes.subscribe()
+    }
+
     /// Wakes every waiter to look at its slot again.
     fn notify(&self) {
         self.inner.changed.notify_all();
         self.inner.changes.send_replace(());
+    }
+
+    /// Adds an exporter whose devices come and go with no event to tell
+    /// the daemon (gadgets bound to `usbip-vudc`): `refresh` re-reads them
+    /// and updates the registry. It may block on sysfs; it runs on the
+    /// blocking pool before each device list and import, as the C usbipd
+    /// re-reads sysfs for each request.
+    pub fn add_refresher(&self, refresh: impl Fn() + Send + Sync + 'static) {
+        self.inner
+            .refreshers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::new(refresh));
+    }
+
+    /// Runs the refreshers (see [`Registry::add_refresher`]), one refresh
+    /// at a time; at once when there are none.
+    pub async fn refresh(&self) {
+        let refreshers = self
+            .inner
+            .refreshers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if refreshers.is_empty() {
+            return;
+        }
+        let _turn = self.inner.refreshing.lock().await;
+        let ran = tokio::task::spawn_blocking(move || {
+            for refresh in &refreshers {
+                refresh();
+            }
+        })
+        .await;
+        if let Err(e) = ran {
+            tracing::error!("refreshing the exported devices failed: {e}");
+        }
     }
 
     /// Reserves a bus id.
@@ -919,5 +980,64 @@ mod tests {
             .map_err(|e| e.to_string())
             .unwrap();
         assert_eq!(info.busid, "1-1");
+    }
+
+    #[test]
+    fn bus_ids_are_usb_ports_or_vudc_names() {
+        for good in ["1-1", "3-1.2.4", "usbip-vudc.0", "usbip-vudc.12"] {
+            assert!(valid_busid(good), "{good}");
+        }
+        for bad in [
+            "usbip-vudc.",
+            "usbip-vudc.x",
+            "usbip-vudc.0.1",
+            "usbip-vudc",
+            "dummy_udc.0",
+            "1-",
+            "-1",
+            &format!("usbip-vudc.{}", "1".repeat(21)),
+        ] {
+            assert!(!valid_busid(bad), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn refreshers_run_off_the_runtime_one_at_a_time() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::mpsc;
+        let r = Registry::new();
+        // No refresher: nothing to do, nothing spawned.
+        r.refresh().await;
+        let runs = Arc::new(AtomicUsize::new(0));
+        let running = Arc::new(AtomicUsize::new(0));
+        let (go, wait) = mpsc::channel::<()>();
+        let wait = Mutex::new(wait);
+        let (seen_runs, seen_running) = (runs.clone(), running.clone());
+        let added = r.clone();
+        r.add_refresher(move || {
+            let overlapping = seen_running.fetch_add(1, Ordering::SeqCst);
+            if seen_runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                // Blocks until the test's task, on this test's only
+                // runtime thread, says go: it could not if this ran there.
+                let go = wait.lock().unwrap().recv_timeout(Duration::from_secs(30));
+                assert!(go.is_ok(), "the refresh blocked the runtime");
+                let _ = added.add(placeholder_info("usbip-vudc.0"), Box::new(Marker(1)));
+            }
+            seen_running.fetch_sub(1, Ordering::SeqCst);
+            assert_eq!(overlapping, 0, "overlapping refreshes");
+        });
+        let mut all = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let r = r.clone();
+            all.spawn(async move { r.refresh().await });
+        }
+        tokio::task::yield_now().await;
+        go.send(()).unwrap();
+        while let Some(done) = all.join_next().await {
+            done.unwrap();
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 8);
+        let listed: Vec<_> = r.devlist().into_iter().map(|d| d.busid).collect();
+        assert_eq!(listed, ["usbip-vudc.0"]);
     }
 }

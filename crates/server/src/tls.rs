@@ -684,6 +684,30 @@ impl Transport for TlsStream {
     fn carrier(&self) -> String {
         format!("user-space TLS, {}", self.cipher_suite())
     }
+
+    async fn kernel_carrier_possible(&self, kernel: KernelTls) -> Result<(), String> {
+        if kernel == KernelTls::Off {
+            return Err("kernel TLS is switched off ([tls] kernel = \"off\")".into());
+        }
+        {
+            let mut s = self.session();
+            let Session { tls, boundary, .. } = &mut *s;
+            let suite = tls.negotiated_cipher_suite().map(|c| c.suite());
+            if !matches!(
+                suite,
+                Some(
+                    rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+                        | rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+                )
+            ) {
+                return Err(format!(
+                    "the client negotiated {suite:?}, and kernel TLS runs AES-GCM only"
+                ));
+            }
+            ktls::check_ready(tls, boundary).map_err(|e| e.to_string())?;
+        }
+        kernel_tls_usable().await.map_err(str::to_string)
+    }
 }
 
 /// A connection whose records user space protects after the handshake,
@@ -825,6 +849,10 @@ impl Transport for KernelTlsStream {
 
     fn carrier(&self) -> String {
         format!("kernel TLS, {}", self.cipher)
+    }
+
+    fn kernel_may_hold(&self) -> bool {
+        true
     }
 }
 

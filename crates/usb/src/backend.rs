@@ -1,6 +1,7 @@
 //! What the session needs from an exported device, whatever runs it.
 
 use std::io;
+use std::os::fd::BorrowedFd;
 use std::task::{Context, Poll};
 
 use usbwire_proto::{DeviceInfo, Direction, Errno, IsoPacket, SetupPacket};
@@ -105,6 +106,67 @@ pub trait Backend: Send + 'static {
 
     /// Makes acknowledged writes durable; blocks until they are.
     fn flush(&mut self) -> io::Result<()>;
+
+    /// A device that a kernel driver runs (usbip-host, usbip-vudc): an
+    /// import gives the driver the connection itself, as the C usbipd
+    /// does, instead of running URBs through `poll_urb`. `None` for a
+    /// device whose URBs the server runs.
+    fn kernel_handoff(&mut self) -> Option<&mut dyn KernelHandoff> {
+        None
+    }
+}
+
+/// Where a kernel driver that takes USB/IP connections stands, from its
+/// sysfs `usbip_status` (`enum usbip_device_status` in the kernel's
+/// usbip_common.h).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelState {
+    /// SDEV_ST_AVAILABLE: it holds no connection and takes one.
+    Available,
+    /// SDEV_ST_USED: it runs a connection.
+    Used,
+    /// SDEV_ST_ERROR or a value this code does not know: it takes no
+    /// connection (the raw value, for the log).
+    Unusable(u32),
+}
+
+impl KernelState {
+    /// The state a `usbip_status` attribute's text names.
+    pub fn parse(text: &str) -> io::Result<KernelState> {
+        let value: u32 = text.trim().parse().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("usbip_status {:?} is not a number", text.trim()),
+            )
+        })?;
+        Ok(match value {
+            1 => KernelState::Available,
+            2 => KernelState::Used,
+            v => KernelState::Unusable(v),
+        })
+    }
+}
+
+/// The kernel driver behind a [`Backend::kernel_handoff`] device.
+///
+/// The session calls these on the server's blocking pool (they read and
+/// write sysfs, and the driver starts its threads inside the write), never
+/// where URBs are polled, and calls `hand_over` only after OP_REP_IMPORT
+/// has gone out, once `state` said `Available`.
+pub trait KernelHandoff: Send {
+    /// The driver's name, for the log: `usbip-host`, `usbip-vudc`.
+    fn driver(&self) -> &str;
+
+    /// What the driver's `usbip_status` says now. An error means the
+    /// device has left the driver (unbound, unplugged).
+    fn state(&self) -> io::Result<KernelState>;
+
+    /// Gives the driver the connection: writes the socket's descriptor
+    /// number to its `usbip_sockfd`. The kernel looks the number up in this
+    /// process and keeps its own reference, so the caller may close its
+    /// descriptors afterwards; the connection then lives until the driver
+    /// ends it (its `state` leaves `Used`) or the socket is shut down.
+    fn hand_over(&mut self, socket: BorrowedFd<'_>) -> io::Result<()>;
 }
 
 /// How an URB given to `poll_urb` ended.

@@ -15,6 +15,6 @@ pub mod backend;
 pub mod ch9;
 pub mod descriptor;
 
-pub use backend::{Backend, Completion, Urb, UrbId};
+pub use backend::{Backend, Completion, KernelHandoff, KernelState, Urb, UrbId};
 pub use ch9::{Recipient, Request, RequestType, StandardRequest, StateChange};
 pub use descriptor::TransferType;

@@ -48,6 +48,7 @@ pub const GUEST_MODULES: &[&str] = &[
     "usbip-core",
     "vhci-hcd",
     "usbip-host",
+    "usbip-vudc",
     // gadgets on the dummy UDC
     "dummy_hcd",
     "libcomposite",

@@ -145,6 +145,12 @@ struct BindArgs {
     /// Never over another program's usbfs claim.
     #[arg(short = 'f', long = "force")]
     force: bool,
+    /// Bind the device to the kernel's usbip-host driver, as the C `usbip
+    /// bind` does, instead of claiming it through usbfs; usbipd exports it
+    /// by handing each import's connection to the kernel. Copies less; the
+    /// usbfs default keeps the stub's URB handling out of the kernel.
+    #[arg(long = "kernel")]
+    kernel: bool,
     /// usbipd's control socket (default $USBWIRE_CONTROL_SOCKET or /run/usbwire/usbipd.sock).
     #[arg(long = "control-socket", value_name = "PATH")]
     control_socket: Option<PathBuf>,
@@ -303,7 +309,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Port(a) => port(&Vhci::new(root()), &Roots::under(&root()), a.json),
         Command::Bind(a) => {
             let path = control::socket_path(a.control_socket);
-            match control::bind_command(&path, &a.busid, a.force).await {
+            match control::bind_command(&path, &a.busid, a.force, a.kernel).await {
                 0 => Ok(()),
                 _ => std::process::exit(1),
             }

@@ -16,13 +16,14 @@ use usbwire_cli::config::Config;
 use usbwire_cli::control;
 use usbwire_cli::devices::{self, Exported};
 use usbwire_cli::listen::{self, ListenError, Listener, Origin};
-use usbwire_host::{Manager, Roots};
+use usbwire_host::{Manager, Roots, VudcExports};
 use usbwire_server::acl::{AccessControl, ClientMatch, Policy, SharedPolicy};
 use usbwire_server::tls::{self, Access, Fingerprint, KernelTls, TlsFiles};
 use usbwire_server::{Registry, Server, ServerConfig};
 
-/// USB/IP server: exports emulated USB devices (and, later, local ones) to
-/// USB/IP clients such as Linux's vhci-hcd.
+/// USB/IP server: exports emulated USB devices, local ones bound with
+/// `usbip bind`, and (--device) gadgets bound to usbip-vudc, to USB/IP
+/// clients such as Linux's vhci-hcd.
 #[derive(Parser, Debug)]
 #[command(name = "usbipd", version, about)]
 struct Args {
@@ -67,6 +68,14 @@ struct Args {
     /// Let members of GROUP use the control socket (mode 0660 instead of 0600).
     #[arg(long = "control-group", value_name = "GROUP")]
     control_group: Option<String>,
+    /// Device mode, as the C usbipd's -e: also export every gadget bound
+    /// to the kernel's usbip-vudc UDC (modprobe usbip-vudc, then bind a
+    /// gadget to usbip-vudc.N), under that name; the kernel serves its
+    /// URBs. Gadgets bound or unbound later are followed at each device
+    /// list and import. Emulated devices and usbfs bindings are exported
+    /// beside them (the C daemon's -e exports only the gadgets).
+    #[arg(short = 'e', long = "device")]
+    device: bool,
     /// No control socket: export only the configured emulated devices.
     #[arg(long = "no-control")]
     no_control: bool,
@@ -143,10 +152,14 @@ fn main() -> ExitCode {
 
 fn real_main(args: Args, inherited: Result<Vec<Listener>, ListenError>) -> Result<(), String> {
     let inherited = inherited.map_err(|e| e.to_string())?;
-    if args.config.is_none() && !args.demo && args.no_control {
-        return Err("nothing to export: pass --demo, or --config FILE listing devices".into());
-    }
     let (config, server_config) = load_config(&args)?;
+    if args.config.is_none() && !args.demo && args.no_control && !args.device {
+        return Err(
+            "nothing to export: pass --demo, --device (gadgets on usbip-vudc), \
+             or --config FILE listing devices"
+                .into(),
+        );
+    }
     let ready_fd = args
         .ready_fd
         .map(|fd| listen::take_ready_fd(fd, inherited.len()))
@@ -470,6 +483,9 @@ async fn serve(
 ) -> Result<(), String> {
     let registry = Registry::new();
     let (exported, demo_image) = export_devices(&registry, &mut config, args.demo)?;
+    if args.device || config.server.device_mode == Some(true) {
+        export_gadgets(&registry).await;
+    }
     let (addrs, sockets) = tokio_listeners(listeners)?;
     let control_plane = match control {
         Some(socket) => Some(ControlPlane::start(socket, &registry, args).await?),
@@ -514,6 +530,35 @@ fn export_devices(
         exported.push(e);
     }
     Ok((exported, demo_image))
+}
+
+/// Device mode: exports the gadgets bound to usbip-vudc now, and keeps
+/// the registry in step with them before each device list and import.
+async fn export_gadgets(registry: &Registry) {
+    let roots = Roots::default();
+    let loaded = roots
+        .sys
+        .join("bus/platform/drivers")
+        .join(usbwire_host::vudc::VUDC_NAME)
+        .exists();
+    let gadgets = Arc::new(VudcExports::new(
+        roots,
+        control::RegistryExports(registry.clone()),
+    ));
+    let first = gadgets.clone();
+    let _ = tokio::task::spawn_blocking(move || first.refresh()).await;
+    if !loaded {
+        warn!(
+            "device mode: the usbip-vudc driver is not loaded (modprobe usbip-vudc); \
+             no gadget can be exported until it is"
+        );
+    } else if gadgets.exported().is_empty() {
+        info!(
+            "device mode: no gadget is bound to usbip-vudc yet; one bound later \
+             is exported at the next device list or import"
+        );
+    }
+    registry.add_refresher(move || gadgets.refresh());
 }
 
 /// The listeners as tokio sockets, with their addresses, logged.

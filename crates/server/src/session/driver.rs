@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Wake, Waker};
@@ -10,8 +11,9 @@ use std::time::Instant;
 
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use usbwire_proto::{BusId, OpStatus};
+use usbwire_usb::{KernelHandoff, KernelState};
 
 use super::{OpEvent, OpSession, SessionConfig, UrbSession};
 use crate::abuse::Refusal;
@@ -57,6 +59,21 @@ pub(crate) trait Transport {
     fn carrier(&self) -> String {
         "plaintext".into()
     }
+    /// Whether what is written to the socket underneath is what the peer
+    /// reads (plaintext, or TLS the kernel runs below the socket): only
+    /// such a socket can be handed to a kernel driver.
+    fn kernel_may_hold(&self) -> bool {
+        false
+    }
+    /// Whether [`Transport::urb_carrier`] with [`KernelTls::On`] will give
+    /// a socket a kernel driver may hold, asked before the import is
+    /// answered so that a client this cannot serve gets a status: why not.
+    fn kernel_carrier_possible(
+        &self,
+        _kernel: KernelTls,
+    ) -> impl Future<Output = Result<(), String>> + Send {
+        async { Err("this transport cannot be handed to the kernel".into()) }
+    }
 }
 
 impl Transport for TcpStream {
@@ -74,6 +91,12 @@ impl Transport for TcpStream {
     }
     fn socket(&self) -> &TcpStream {
         self
+    }
+    fn kernel_may_hold(&self) -> bool {
+        true
+    }
+    async fn kernel_carrier_possible(&self, _kernel: KernelTls) -> Result<(), String> {
+        Ok(())
     }
 }
 
@@ -188,6 +211,7 @@ async fn serve_on(
     match event {
         OpEvent::DevlistRequested => {
             let policy = state.config.acl.policy.current();
+            state.registry.refresh().await;
             let mut devices = state.registry.devlist();
             let exported = devices.len();
             devices.retain(|d| policy.allows(&peer, d));
@@ -288,10 +312,13 @@ async fn import(
         allowed
     };
     let imported = tokio::select! {
-        r = state.registry.import_granted(&busid, importer, state.config.import_wait, granted) => r,
+        r = async {
+            state.registry.refresh().await;
+            state.registry.import_granted(&busid, importer, state.config.import_wait, granted).await
+        } => r,
         _ = shutdown.changed() => return Ok(()),
     };
-    let (info, backend) = match imported {
+    let (info, mut backend) = match imported {
         Ok(x) => x,
         Err(e) => {
             // Under access control, a device this client may not use and
@@ -324,6 +351,28 @@ async fn import(
     };
     // It named an exported device: from here on, that device's name.
     let busid = busid.to_string();
+    let handoff = backend.kernel_handoff().is_some();
+    if handoff {
+        match kernel_refusal(&stream, backend, state.config.access.kernel).await {
+            Ok(kept) => backend = kept,
+            Err((kept, status, why)) => {
+                if state.refusals.count(peer.addr.ip(), Refusal::RefusedImport) {
+                    warn!(
+                        conn, %busid, client = %peer,
+                        "import refused: {why} (answered {})", status.name()
+                    );
+                }
+                op.refuse_import(status);
+                let sent = write_all(&stream, op.poll_transmit()).await;
+                match kept {
+                    Some(backend) => state.release(&busid, conn, backend).await,
+                    // Lost with a panic: the slot stays in transition.
+                    None => state.registry.ending(&busid, conn),
+                }
+                return sent.map_err(Into::into);
+            }
+        }
+    }
     let device = info.clone();
     op.accept_import(info);
     if let Err(e) = write_all(&stream, op.poll_transmit()).await {
@@ -335,6 +384,9 @@ async fn import(
         device,
         updates: policy_updates,
     };
+    if handoff {
+        return kernel_phase(stream, busid, backend, end, grant, state, conn, shutdown).await;
+    }
     match stream.urb_carrier(state.config.access.kernel).await {
         UrbCarrier::Same(stream) => {
             urb_phase(stream, busid, backend, end, grant, state, conn, shutdown).await
@@ -498,4 +550,223 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
     }
+}
+
+/// How often the status of a device a kernel driver holds is read: the
+/// kernel's stub and vudc signal nothing when a connection ends, so the
+/// release is seen within this long.
+const KERNEL_STATUS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+/// How long the kernel may take to give a device back once its connection
+/// was shut down from here (the stub resets the device first).
+const KERNEL_LET_GO: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs `f` with a backend's kernel handoff on the blocking pool: it reads
+/// and writes sysfs, and the driver starts its threads inside the write.
+/// `None` if `f` panicked (the backend is then lost).
+async fn with_handoff<R: Send + 'static>(
+    mut backend: Box<dyn crate::Backend>,
+    f: impl FnOnce(&mut dyn KernelHandoff) -> io::Result<R> + Send + 'static,
+) -> Option<(Box<dyn crate::Backend>, io::Result<R>)> {
+    tokio::task::spawn_blocking(move || {
+        let r = match backend.kernel_handoff() {
+            Some(h) => f(h),
+            None => Err(io::Error::other("the device is not run by a kernel driver")),
+        };
+        (backend, r)
+    })
+    .await
+    .ok()
+}
+
+/// Why a device a kernel driver runs cannot take this import, checked
+/// before the import is answered so that the client gets a status, not a
+/// reset: the driver must be free, and a TLS connection must be able to
+/// move to kernel TLS (the driver reads and writes the socket itself).
+/// The backend comes back unless a panic on the blocking pool took it.
+async fn kernel_refusal(
+    stream: &impl Transport,
+    mut backend: Box<dyn crate::Backend>,
+    kernel: KernelTls,
+) -> Result<Box<dyn crate::Backend>, KernelRefusal> {
+    let driver = backend
+        .kernel_handoff()
+        .map_or_else(String::new, |h| h.driver().to_string());
+    if let Err(why) = stream.kernel_carrier_possible(kernel).await {
+        let why = format!(
+            "the device is run by the kernel's {driver}, which needs kernel TLS on a TLS \
+             connection, and this one cannot have it: {why}"
+        );
+        return Err((Some(backend), OpStatus::Na, why));
+    }
+    let Some((backend, state)) = with_handoff(backend, |h| h.state()).await else {
+        let why = format!("reading the state of the kernel's {driver} panicked");
+        return Err((None, OpStatus::Error, why));
+    };
+    let (status, why) = match state {
+        Ok(KernelState::Available) => return Ok(backend),
+        Ok(KernelState::Used) => (
+            OpStatus::DevBusy,
+            format!(
+                "the kernel's {driver} already runs a connection for it (usbip_status: used), \
+                 one this usbipd did not hand over"
+            ),
+        ),
+        Ok(KernelState::Unusable(v)) => (
+            OpStatus::DevErr,
+            format!(
+                "the kernel's {driver} reports the device unusable (usbip_status {v}); \
+                 unbind and bind it again"
+            ),
+        ),
+        Err(e) => (
+            OpStatus::Na,
+            format!("cannot read the kernel's {driver} status of the device: {e}"),
+        ),
+    };
+    Err((Some(backend), status, why))
+}
+
+/// A refused import of a kernel driver's device: the backend (unless a
+/// panic took it), the status the client gets and why, for the log.
+type KernelRefusal = (Option<Box<dyn crate::Backend>>, OpStatus, String);
+
+/// An accepted import of a device a kernel driver runs: the connection
+/// (moved to kernel TLS first if it came over TLS) goes to the driver, and
+/// the device stays imported by this client until the driver's status
+/// says it let go. Ending the import from here (unbind --force, a policy
+/// reload, the server's shutdown) shuts the socket down, which ends the
+/// driver's connection as a client's close would.
+#[allow(clippy::too_many_arguments)]
+async fn kernel_phase<T: Transport>(
+    stream: T,
+    busid: String,
+    mut backend: Box<dyn crate::Backend>,
+    end: crate::registry::EndRequest,
+    mut grant: Grant,
+    state: Arc<ServerState>,
+    conn: u64,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), SessionError> {
+    let driver = backend
+        .kernel_handoff()
+        .map_or_else(String::new, |h| h.driver().to_string());
+    let (carrier, socket) = match stream.urb_carrier(KernelTls::On).await {
+        UrbCarrier::Same(s) if s.kernel_may_hold() => (s.carrier(), own_socket(s.socket())),
+        UrbCarrier::Kernel(k) => (k.carrier(), own_socket(k.socket())),
+        UrbCarrier::Same(_) => {
+            warn!(
+                conn, %busid,
+                "closing the connection: it could not move to kernel TLS, which the kernel's \
+                 {driver} needs"
+            );
+            state.release(&busid, conn, backend).await;
+            return Ok(());
+        }
+        UrbCarrier::Closed => {
+            state.release(&busid, conn, backend).await;
+            return Ok(());
+        }
+    };
+    // Our own descriptor of the socket, out of tokio's reactor (the
+    // transport was dropped above): the kernel reads it from now on.
+    let socket = match socket {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(conn, %busid, "cannot take the connection out of the runtime: {e}");
+            state.release(&busid, conn, backend).await;
+            return Err(e.into());
+        }
+    };
+    let handed = with_handoff(backend, move |h| {
+        h.hand_over(socket.as_fd())?;
+        Ok(socket)
+    })
+    .await;
+    let (b, socket) = match handed {
+        Some((b, Ok(socket))) => (b, socket),
+        Some((b, Err(e))) => {
+            // The client got its OK already; it sees the connection close.
+            error!(
+                conn, %busid, client = %grant.peer,
+                "cannot hand the connection to the kernel's {driver}: {e}"
+            );
+            state.release(&busid, conn, b).await;
+            return Ok(());
+        }
+        None => {
+            error!(conn, %busid, "handing the connection to the kernel's {driver} panicked");
+            state.registry.ending(&busid, conn);
+            return Ok(());
+        }
+    };
+    backend = b;
+    info!(
+        conn, %busid, client = %grant.peer, via = %carrier,
+        "imported: the kernel's {driver} runs the connection"
+    );
+    // When this side shut the connection down, if it did.
+    let mut ended: Option<Instant> = None;
+    // Bounded by the kernel's hold of the connection, and once this side
+    // has ended it, by KERNEL_LET_GO.
+    loop {
+        let why = tokio::select! {
+            () = tokio::time::sleep(KERNEL_STATUS_INTERVAL) => None,
+            () = end.requested(), if ended.is_none() => Some("ended from outside"),
+            () = acl::revoked(&mut grant.updates, &grant.peer, &grant.device), if ended.is_none() => {
+                Some("the reloaded access policy no longer grants this device to this client")
+            }
+            _ = shutdown.changed(), if ended.is_none() => Some("the server is shutting down"),
+        };
+        if let Some(why) = why {
+            info!(conn, %busid, client = %grant.peer, "import ended: {why}; ending the kernel's connection");
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+            ended = Some(Instant::now());
+        }
+        let Some((b, kernel)) = with_handoff(backend, |h| h.state()).await else {
+            error!(conn, %busid, "reading the state of the kernel's {driver} panicked");
+            state.registry.ending(&busid, conn);
+            return Ok(());
+        };
+        backend = b;
+        match kernel {
+            Ok(KernelState::Used) => {
+                if ended.is_some_and(|t| t.elapsed() >= KERNEL_LET_GO) {
+                    warn!(
+                        conn, %busid,
+                        "the kernel's {driver} still holds the device {KERNEL_LET_GO:?} after its \
+                         connection was shut down; imports are refused until it lets go"
+                    );
+                    break;
+                }
+            }
+            Ok(KernelState::Available) => {
+                info!(conn, %busid, "the kernel's {driver} ended the connection");
+                break;
+            }
+            Ok(KernelState::Unusable(v)) => {
+                warn!(
+                    conn, %busid,
+                    "the kernel's {driver} ended the connection and reports the device unusable \
+                     (usbip_status {v}); unbind and bind it again"
+                );
+                break;
+            }
+            Err(e) => {
+                warn!(conn, %busid, "the kernel's {driver} status is gone ({e}): the device left it");
+                break;
+            }
+        }
+    }
+    state.registry.ending(&busid, conn);
+    drop(socket);
+    state.release(&busid, conn, backend).await;
+    info!(conn, %busid, "released");
+    Ok(())
+}
+
+/// A descriptor of `socket` of our own, blocking as the C usbipd hands it.
+fn own_socket(socket: &TcpStream) -> io::Result<std::net::TcpStream> {
+    let owned = std::net::TcpStream::from(socket.as_fd().try_clone_to_owned()?);
+    owned.set_nonblocking(false)?;
+    Ok(owned)
 }

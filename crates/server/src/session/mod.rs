@@ -22,6 +22,8 @@ use crate::ServerConfig;
 
 mod core;
 pub(crate) mod driver;
+#[cfg(test)]
+mod kernel_tests;
 mod op;
 mod output;
 mod pool;
