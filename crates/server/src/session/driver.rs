@@ -653,7 +653,7 @@ async fn kernel_phase<T: Transport>(
     let (carrier, socket) = match stream.urb_carrier(KernelTls::On).await {
         UrbCarrier::Same(s) if s.kernel_may_hold() => (s.carrier(), own_socket(s.socket())),
         UrbCarrier::Kernel(k) => (k.carrier(), own_socket(k.socket())),
-        UrbCarrier::Same(_) => {
+        UrbCarrier::Same(_) | UrbCarrier::User(_) => {
             warn!(
                 conn, %busid,
                 "closing the connection: it could not move to kernel TLS, which the kernel's \
