@@ -85,6 +85,19 @@ enum Kind {
     Plain,
 }
 
+/// Isochronous URBs that came back from the host controller, and their
+/// packets: what an operator needs to tell a stream that ran from one that
+/// the controller dropped packet by packet.
+#[derive(Debug, Default, Clone, Copy)]
+struct IsoCounts {
+    urbs: u64,
+    packets: u64,
+    /// Packets that came back with a status other than 0.
+    failed_packets: u64,
+    /// Bytes the packets moved (their actual lengths).
+    bytes: u64,
+}
+
 /// An URB built for usbfs, not yet submitted.
 struct Built {
     urb: UsbfsUrb,
@@ -120,6 +133,8 @@ pub struct UsbfsBackend {
     /// seqnums may repeat).
     in_flight: HashMap<UrbId, Submitted>,
     done: HashMap<u64, UsbfsUrb>,
+    /// Isochronous traffic of the current import, logged when it ends.
+    iso: IsoCounts,
     gone: bool,
     /// Put the original drivers back when dropped.
     reattach: bool,
@@ -146,6 +161,7 @@ impl UsbfsBackend {
             next_id: 1,
             in_flight: HashMap::new(),
             done: HashMap::new(),
+            iso: IsoCounts::default(),
             gone: false,
             reattach: true,
         };
@@ -421,6 +437,10 @@ impl UsbfsBackend {
                     }
                     src += *l as usize;
                 }
+                self.iso.urbs += 1;
+                self.iso.packets += lens.len() as u64;
+                self.iso.failed_packets += urb.iso.iter().filter(|p| p.status != 0).count() as u64;
+                self.iso.bytes += actual as u64;
                 urb.start_frame = t.start_frame();
                 // -EXDEV: some packets failed, each with its own status.
                 let error = failure
@@ -665,6 +685,17 @@ impl Backend for UsbfsBackend {
 
     fn release(&mut self) {
         self.drain();
+        let iso = std::mem::take(&mut self.iso);
+        if iso.urbs > 0 {
+            info!(
+                busid = %self.sys.busid,
+                urbs = iso.urbs,
+                packets = iso.packets,
+                failed_packets = iso.failed_packets,
+                bytes = iso.bytes,
+                "isochronous transfers of this import"
+            );
+        }
         self.dev.unregister();
         if !self.gone {
             // Back to what a new importer expects: the kernel's stub
