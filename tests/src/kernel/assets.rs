@@ -68,6 +68,13 @@ pub const GUEST_MODULES: &[&str] = &[
     "evdev",
     "usbtest",
     "usbmon",
+    // qemu-emulated USB hardware (Guest::xhci)
+    "xhci_pci",
+    "xhci_hcd",
+    "snd-usb-audio",
+    "usbserial",
+    "ftdi_sio",
+    "pl2303",
     // filesystems and block
     "ext4",
     "vfat",
