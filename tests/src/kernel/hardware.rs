@@ -200,8 +200,12 @@ pub(crate) fn qemu_args(devices: &[UsbDevice]) -> Result<QemuUsb, HarnessError> 
             Some(Backend::AudioWav { path }) => {
                 let aud = format!("{id}-audio");
                 out.args.push("-audiodev".into());
-                out.args
-                    .push(format!("wav,id={aud},path={}", opt_path(path)?));
+                // usb-audio's own format: the wav backend's default
+                // (44.1 kHz) would have qemu's mixer resample the stream.
+                out.args.push(format!(
+                    "wav,id={aud},path={},out.frequency=48000,out.channels=2,out.format=s16",
+                    opt_path(path)?
+                ));
                 dev.push_str(&format!(",audiodev={aud}"));
             }
             Some(Backend::Stream) => {
@@ -253,7 +257,7 @@ mod tests {
              -device scsi-hd,bus=disk.0,scsi-id=0,lun=0,drive=disk-drive"
         ));
         assert!(args.contains(
-            "-audiodev wav,id=usb2-audio,path=/t/a.wav -device usb-audio,id=usb2,bus=xhci.0,audiodev=usb2-audio,buffer=8192"
+            "-audiodev wav,id=usb2-audio,path=/t/a.wav,out.frequency=48000,out.channels=2,out.format=s16 -device usb-audio,id=usb2,bus=xhci.0,audiodev=usb2-audio,buffer=8192"
         ));
         assert!(args.contains("-device usb-serial,id=usb3,bus=xhci.0,chardev=usb3-chr"));
         assert_eq!(q.streams.len(), 1);
