@@ -42,6 +42,11 @@ pub enum AudioError {
     },
     #[error("WAV file {path} is {found}, expected 16-bit integer PCM with {CHANNELS} channels")]
     Format { path: String, found: String },
+    #[error(
+        "WAV file {path} has {bytes} bytes but its header counts no samples: \
+         the writer (qemu) did not finish it, e.g. it was killed"
+    )]
+    Unfinished { path: String, bytes: u64 },
 }
 
 fn wav_error(path: &Path) -> impl FnOnce(hound::Error) -> AudioError + '_ {
@@ -176,6 +181,14 @@ impl Recording {
                     "{} channels, {}-bit {:?}",
                     spec.channels, spec.bits_per_sample, spec.sample_format
                 ),
+            });
+        }
+        let bytes = std::fs::metadata(path).map_or(0, |m| m.len());
+        // 44 bytes: a canonical header with nothing after it.
+        if r.len() == 0 && bytes > 44 {
+            return Err(AudioError::Unfinished {
+                path: path.display().to_string(),
+                bytes,
             });
         }
         let samples: Vec<i16> = r
@@ -543,6 +556,20 @@ mod tests {
         r.sample_rate = 44_100;
         let p = problems(&r, &one_khz());
         assert!(p.contains("sample rate 44100 Hz"), "{p}");
+    }
+
+    #[test]
+    fn a_wav_whose_header_was_never_finished_is_named_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cut.wav");
+        one_khz().write_wav(&path).unwrap();
+        // What qemu leaves when killed: the header written at start (data
+        // size 0), the samples after it.
+        let mut b = std::fs::read(&path).unwrap();
+        b[40..44].copy_from_slice(&0u32.to_le_bytes());
+        std::fs::write(&path, &b).unwrap();
+        let e = Recording::read_wav(&path).unwrap_err();
+        assert!(e.to_string().contains("did not finish it"), "{e}");
     }
 
     #[test]
