@@ -150,10 +150,23 @@ pub(crate) struct QemuUsb {
     pub qemu_ends: Vec<UnixStream>,
 }
 
+/// Root ports of the controller (each both USB 2 and USB 3): qemu's default of 4
+/// makes it chain a hub in front of the fourth device when there are more.
+pub const MAX_DEVICES: usize = 8;
+
 pub(crate) fn qemu_args(devices: &[UsbDevice]) -> Result<QemuUsb, HarnessError> {
     use std::os::fd::AsRawFd;
+    if devices.len() > MAX_DEVICES {
+        return Err(HarnessError::Config(format!(
+            "{} USB devices; the xHCI controller has {MAX_DEVICES} root ports",
+            devices.len()
+        )));
+    }
     let mut out = QemuUsb {
-        args: vec!["-device".into(), "qemu-xhci,id=xhci".into()],
+        args: vec![
+            "-device".into(),
+            format!("qemu-xhci,id=xhci,p2={MAX_DEVICES},p3={MAX_DEVICES}"),
+        ],
         streams: Vec::new(),
         qemu_ends: Vec::new(),
     };
@@ -247,7 +260,9 @@ mod tests {
         ])
         .unwrap();
         let args = q.args.join(" ");
-        assert!(args.starts_with("-device qemu-xhci,id=xhci -device usb-kbd,id=usb0,bus=xhci.0 "));
+        assert!(args.starts_with(
+            "-device qemu-xhci,id=xhci,p2=8,p3=8 -device usb-kbd,id=usb0,bus=xhci.0 "
+        ));
         assert!(args.contains(
             "-drive if=none,id=disk-drive,format=raw,file=/t/d,,1.img -device usb-uas,id=disk,bus=xhci.0,serial=S1 \
              -device scsi-hd,bus=disk.0,scsi-id=0,lun=0,drive=disk-drive"

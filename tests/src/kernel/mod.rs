@@ -538,7 +538,8 @@ impl Guest {
     }
 
     /// Give the guest a `qemu-xhci` controller with `devices` on it (see
-    /// [`UsbDevice`]; called again, the devices are added). The guest loads
+    /// [`UsbDevice`]; called again, the devices are added; at most
+    /// [`hardware::MAX_DEVICES`], each on its own root port). The guest loads
     /// `xhci_pci`, and `/init` starts the script only once every device is
     /// configured and (with [`Guest::module_autoload`], the default) its class
     /// driver is loaded and bound, or after 60 s (the script then sees what is
