@@ -541,9 +541,10 @@ impl Guest {
     /// [`UsbDevice`]; called again, the devices are added; at most
     /// [`hardware::MAX_DEVICES`], each on its own root port). The guest loads
     /// `xhci_pci`, and `/init` starts the script only once every device is
-    /// configured and (with [`Guest::module_autoload`], the default) its class
-    /// driver is loaded and bound, or after 60 s (the script then sees what is
-    /// missing). Guests without this have no xHCI controller.
+    /// configured (waiting at most 60 s) and (with [`Guest::module_autoload`],
+    /// the default) every interface some module is for has its driver bound
+    /// (at most 30 s more); the script sees what is missing. Guests without
+    /// this have no xHCI controller.
     pub fn xhci(mut self, devices: impl IntoIterator<Item = UsbDevice>) -> Self {
         self.usb.get_or_insert_with(Vec::new).extend(devices);
         self
