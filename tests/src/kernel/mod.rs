@@ -1170,7 +1170,10 @@ impl RunningGuest {
     }
 
     /// QMP `input-send-event` with `events` (a JSON array of InputEvent, e.g.
-    /// `[{"type":"key","data":{"down":true,"key":{"type":"qcode","data":"a"}}}]`).
+    /// `[{"type":"key","data":{"down":true,"key":{"type":"qcode","data":"a"}}}]`),
+    /// delivered at once and in order. It bypasses the queue that holds
+    /// [`RunningGuest::send_keys`]' delayed releases: after `send_keys`, wait
+    /// until the guest has seen its last key before sending events this way.
     pub fn input_send_event(&self, events: serde_json::Value) -> Result<(), HarnessError> {
         self.qmp("input-send-event", serde_json::json!({ "events": events }))
             .map(drop)
