@@ -30,6 +30,7 @@ pub struct UsbDevice {
     pub(crate) id: Option<String>,
     pub(crate) props: Vec<(String, String)>,
     pub(crate) backend: Option<Backend>,
+    pub(crate) backend_props: Vec<(String, String)>,
 }
 
 impl UsbDevice {
@@ -41,6 +42,7 @@ impl UsbDevice {
             id: None,
             props: Vec::new(),
             backend: None,
+            backend_props: Vec::new(),
         }
     }
 
@@ -112,6 +114,15 @@ impl UsbDevice {
     /// `("serial", "USBWIRE1")`, `("port", "2")`, `("pcap", "/tmp/x.pcap")`.
     pub fn prop(mut self, key: &str, value: &str) -> UsbDevice {
         self.props.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// An option of the backend (`-audiodev`, `-drive` or `-chardev`), e.g.
+    /// `("out.frequency", "48000")` or `("timer-period", "1000")` for
+    /// [`UsbDevice::audio_wav`], `("cache", "unsafe")` for a drive.
+    pub fn backend_prop(mut self, key: &str, value: &str) -> UsbDevice {
+        self.backend_props
+            .push((key.to_string(), value.to_string()));
         self
     }
 
@@ -191,6 +202,16 @@ pub(crate) fn qemu_args(devices: &[UsbDevice]) -> Result<QemuUsb, HarnessError> 
                 "USB device id {id:?} used twice"
             )));
         }
+        if d.backend.is_none() && !d.backend_props.is_empty() {
+            return Err(HarnessError::Config(format!(
+                "USB device {id} has backend options but no backend"
+            )));
+        }
+        let backend_opts: String = d
+            .backend_props
+            .iter()
+            .map(|(k, v)| format!(",{}={}", opt_value(k), opt_value(v)))
+            .collect();
         let mut dev = format!("{},id={id},bus=xhci.0", d.driver);
         let mut after = None;
         match &d.backend {
@@ -199,7 +220,7 @@ pub(crate) fn qemu_args(devices: &[UsbDevice]) -> Result<QemuUsb, HarnessError> 
                 let drive = format!("{id}-drive");
                 out.args.push("-drive".into());
                 out.args.push(format!(
-                    "if=none,id={drive},format=raw,file={}{}",
+                    "if=none,id={drive},format=raw,file={}{}{backend_opts}",
                     opt_path(image)?,
                     if *read_only { ",readonly=on" } else { "" }
                 ));
@@ -213,8 +234,10 @@ pub(crate) fn qemu_args(devices: &[UsbDevice]) -> Result<QemuUsb, HarnessError> 
             Some(Backend::AudioWav { path }) => {
                 let aud = format!("{id}-audio");
                 out.args.push("-audiodev".into());
-                out.args
-                    .push(format!("wav,id={aud},path={}", opt_path(path)?));
+                out.args.push(format!(
+                    "wav,id={aud},path={}{backend_opts}",
+                    opt_path(path)?
+                ));
                 dev.push_str(&format!(",audiodev={aud}"));
             }
             Some(Backend::Stream) => {
@@ -224,8 +247,10 @@ pub(crate) fn qemu_args(devices: &[UsbDevice]) -> Result<QemuUsb, HarnessError> 
                 })?;
                 let chr = format!("{id}-chr");
                 out.args.push("-chardev".into());
-                out.args
-                    .push(format!("socket,id={chr},fd={}", theirs.as_raw_fd()));
+                out.args.push(format!(
+                    "socket,id={chr},fd={}{backend_opts}",
+                    theirs.as_raw_fd()
+                ));
                 dev.push_str(&format!(",chardev={chr}"));
                 out.streams.push((id.clone(), ours));
                 out.qemu_ends.push(theirs);
@@ -255,7 +280,9 @@ mod tests {
             UsbDevice::uas(Path::new("/t/d,1.img"))
                 .id("disk")
                 .prop("serial", "S1"),
-            UsbDevice::audio_wav(Path::new("/t/a.wav")).prop("buffer", "8192"),
+            UsbDevice::audio_wav(Path::new("/t/a.wav"))
+                .prop("buffer", "8192")
+                .backend_prop("out.frequency", "48000"),
             UsbDevice::serial(),
         ])
         .unwrap();
@@ -268,13 +295,14 @@ mod tests {
              -device scsi-hd,bus=disk.0,scsi-id=0,lun=0,drive=disk-drive"
         ));
         assert!(args.contains(
-            "-audiodev wav,id=usb2-audio,path=/t/a.wav -device usb-audio,id=usb2,bus=xhci.0,audiodev=usb2-audio,buffer=8192"
+            "-audiodev wav,id=usb2-audio,path=/t/a.wav,out.frequency=48000 -device usb-audio,id=usb2,bus=xhci.0,audiodev=usb2-audio,buffer=8192"
         ));
         assert!(args.contains("-device usb-serial,id=usb3,bus=xhci.0,chardev=usb3-chr"));
         assert_eq!(q.streams.len(), 1);
         assert_eq!(q.streams[0].0, "usb3");
         assert!(qemu_args(&[UsbDevice::storage(Path::new("rel.img"))]).is_err());
         assert!(qemu_args(&[UsbDevice::new("virtio-net")]).is_err());
+        assert!(qemu_args(&[UsbDevice::keyboard().backend_prop("a", "b")]).is_err());
         assert!(qemu_args(&[UsbDevice::keyboard().id("k"), UsbDevice::tablet().id("k")]).is_err());
     }
 }
