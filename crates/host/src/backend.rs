@@ -211,6 +211,22 @@ impl UsbfsBackend {
         }
     }
 
+    /// USBDEVFS_RESET, keeping the interfaces away from kernel drivers.
+    /// usbfs has no pre_reset/post_reset, so `usb_reset_device` unbinds it
+    /// from every interface it claims and then probes *all* drivers for
+    /// them: usbhid, usb-storage, uas, ftdi_sio... took the device until
+    /// `reclaim` pushed them off again (seen with qemu's devices on xHCI: a
+    /// keyboard input device and a SCSI disk appeared after every import).
+    /// An interface with no driver is not probed again, so release first.
+    fn reset_device(&mut self) -> Result<(), UsbfsErrno> {
+        for (n, _) in &self.claimed {
+            let _ = self.dev.release_interface(*n);
+        }
+        let r = self.dev.reset();
+        self.reclaim();
+        r
+    }
+
     fn refresh(&mut self) {
         if let Ok(s) = self.roots.local_device(&self.sys.busid) {
             if let Ok(raw) = s.descriptors() {
@@ -266,8 +282,7 @@ impl UsbfsBackend {
         match StateChange::recognise(&urb.setup)? {
             StateChange::PortReset => {
                 info!(busid = %self.sys.busid, "device reset requested");
-                let r = self.dev.reset();
-                self.reclaim();
+                let r = self.reset_device();
                 self.refresh();
                 Some(self.io_result(r))
             }
@@ -721,8 +736,7 @@ impl Backend for UsbfsBackend {
         if !self.gone {
             // Back to what a new importer expects: the kernel's stub
             // resets the device when its importer goes away.
-            let _ = self.dev.reset();
-            self.reclaim();
+            let _ = self.reset_device();
             self.refresh();
         }
     }

@@ -30,6 +30,7 @@ pub struct UsbDevice {
     pub(crate) id: Option<String>,
     pub(crate) props: Vec<(String, String)>,
     pub(crate) backend: Option<Backend>,
+    pub(crate) backend_props: Vec<(String, String)>,
 }
 
 impl UsbDevice {
@@ -41,6 +42,7 @@ impl UsbDevice {
             id: None,
             props: Vec::new(),
             backend: None,
+            backend_props: Vec::new(),
         }
     }
 
@@ -115,6 +117,15 @@ impl UsbDevice {
         self
     }
 
+    /// An option of the backend (`-audiodev`, `-drive` or `-chardev`), e.g.
+    /// `("out.frequency", "48000")` or `("timer-period", "1000")` for
+    /// [`UsbDevice::audio_wav`], `("cache", "unsafe")` for a drive.
+    pub fn backend_prop(mut self, key: &str, value: &str) -> UsbDevice {
+        self.backend_props
+            .push((key.to_string(), value.to_string()));
+        self
+    }
+
     /// A drive backend opened read-only by qemu (storage and uas only).
     pub fn read_only(mut self) -> UsbDevice {
         if let Some(Backend::Drive { read_only, .. }) = &mut self.backend {
@@ -150,10 +161,23 @@ pub(crate) struct QemuUsb {
     pub qemu_ends: Vec<UnixStream>,
 }
 
+/// Root ports of the controller (each both USB 2 and USB 3): qemu's default of 4
+/// makes it chain a hub in front of the fourth device when there are more.
+pub const MAX_DEVICES: usize = 8;
+
 pub(crate) fn qemu_args(devices: &[UsbDevice]) -> Result<QemuUsb, HarnessError> {
     use std::os::fd::AsRawFd;
+    if devices.len() > MAX_DEVICES {
+        return Err(HarnessError::Config(format!(
+            "{} USB devices; the xHCI controller has {MAX_DEVICES} root ports",
+            devices.len()
+        )));
+    }
     let mut out = QemuUsb {
-        args: vec!["-device".into(), "qemu-xhci,id=xhci".into()],
+        args: vec![
+            "-device".into(),
+            format!("qemu-xhci,id=xhci,p2={MAX_DEVICES},p3={MAX_DEVICES}"),
+        ],
         streams: Vec::new(),
         qemu_ends: Vec::new(),
     };
@@ -178,6 +202,16 @@ pub(crate) fn qemu_args(devices: &[UsbDevice]) -> Result<QemuUsb, HarnessError> 
                 "USB device id {id:?} used twice"
             )));
         }
+        if d.backend.is_none() && !d.backend_props.is_empty() {
+            return Err(HarnessError::Config(format!(
+                "USB device {id} has backend options but no backend"
+            )));
+        }
+        let backend_opts: String = d
+            .backend_props
+            .iter()
+            .map(|(k, v)| format!(",{}={}", opt_value(k), opt_value(v)))
+            .collect();
         let mut dev = format!("{},id={id},bus=xhci.0", d.driver);
         let mut after = None;
         match &d.backend {
@@ -186,7 +220,7 @@ pub(crate) fn qemu_args(devices: &[UsbDevice]) -> Result<QemuUsb, HarnessError> 
                 let drive = format!("{id}-drive");
                 out.args.push("-drive".into());
                 out.args.push(format!(
-                    "if=none,id={drive},format=raw,file={}{}",
+                    "if=none,id={drive},format=raw,file={}{}{backend_opts}",
                     opt_path(image)?,
                     if *read_only { ",readonly=on" } else { "" }
                 ));
@@ -200,10 +234,8 @@ pub(crate) fn qemu_args(devices: &[UsbDevice]) -> Result<QemuUsb, HarnessError> 
             Some(Backend::AudioWav { path }) => {
                 let aud = format!("{id}-audio");
                 out.args.push("-audiodev".into());
-                // usb-audio's own format: the wav backend's default
-                // (44.1 kHz) would have qemu's mixer resample the stream.
                 out.args.push(format!(
-                    "wav,id={aud},path={},out.frequency=48000,out.channels=2,out.format=s16",
+                    "wav,id={aud},path={}{backend_opts}",
                     opt_path(path)?
                 ));
                 dev.push_str(&format!(",audiodev={aud}"));
@@ -215,8 +247,10 @@ pub(crate) fn qemu_args(devices: &[UsbDevice]) -> Result<QemuUsb, HarnessError> 
                 })?;
                 let chr = format!("{id}-chr");
                 out.args.push("-chardev".into());
-                out.args
-                    .push(format!("socket,id={chr},fd={}", theirs.as_raw_fd()));
+                out.args.push(format!(
+                    "socket,id={chr},fd={}{backend_opts}",
+                    theirs.as_raw_fd()
+                ));
                 dev.push_str(&format!(",chardev={chr}"));
                 out.streams.push((id.clone(), ours));
                 out.qemu_ends.push(theirs);
@@ -246,24 +280,29 @@ mod tests {
             UsbDevice::uas(Path::new("/t/d,1.img"))
                 .id("disk")
                 .prop("serial", "S1"),
-            UsbDevice::audio_wav(Path::new("/t/a.wav")).prop("buffer", "8192"),
+            UsbDevice::audio_wav(Path::new("/t/a.wav"))
+                .prop("buffer", "8192")
+                .backend_prop("out.frequency", "48000"),
             UsbDevice::serial(),
         ])
         .unwrap();
         let args = q.args.join(" ");
-        assert!(args.starts_with("-device qemu-xhci,id=xhci -device usb-kbd,id=usb0,bus=xhci.0 "));
+        assert!(args.starts_with(
+            "-device qemu-xhci,id=xhci,p2=8,p3=8 -device usb-kbd,id=usb0,bus=xhci.0 "
+        ));
         assert!(args.contains(
             "-drive if=none,id=disk-drive,format=raw,file=/t/d,,1.img -device usb-uas,id=disk,bus=xhci.0,serial=S1 \
              -device scsi-hd,bus=disk.0,scsi-id=0,lun=0,drive=disk-drive"
         ));
         assert!(args.contains(
-            "-audiodev wav,id=usb2-audio,path=/t/a.wav,out.frequency=48000,out.channels=2,out.format=s16 -device usb-audio,id=usb2,bus=xhci.0,audiodev=usb2-audio,buffer=8192"
+            "-audiodev wav,id=usb2-audio,path=/t/a.wav,out.frequency=48000 -device usb-audio,id=usb2,bus=xhci.0,audiodev=usb2-audio,buffer=8192"
         ));
         assert!(args.contains("-device usb-serial,id=usb3,bus=xhci.0,chardev=usb3-chr"));
         assert_eq!(q.streams.len(), 1);
         assert_eq!(q.streams[0].0, "usb3");
         assert!(qemu_args(&[UsbDevice::storage(Path::new("rel.img"))]).is_err());
         assert!(qemu_args(&[UsbDevice::new("virtio-net")]).is_err());
+        assert!(qemu_args(&[UsbDevice::keyboard().backend_prop("a", "b")]).is_err());
         assert!(qemu_args(&[UsbDevice::keyboard().id("k"), UsbDevice::tablet().id("k")]).is_err());
     }
 }

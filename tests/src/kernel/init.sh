@@ -39,13 +39,15 @@ if [ "${USBWIRE_XHCI:-0}" -gt 0 ]; then
 	done
 	[ "$have" -ge "$USBWIRE_XHCI" ] || echo "usbwire-init: only $have of $USBWIRE_XHCI xHCI devices configured"
 	if [ "${USBWIRE_AUTOLOAD:-1}" = 1 ]; then
+		# only interfaces some module is for (others would never get a driver)
+		wanted=
 		for m in /sys/bus/pci/drivers/xhci_hcd/*/usb*/[0-9]*-[0-9]*/*:*/modalias; do
-			[ -f "$m" ] && modprobe -q "$(cat "$m")"
+			[ -f "$m" ] && modprobe -q "$(cat "$m")" && wanted="$wanted ${m%/modalias}"
 		done
 		n=0
-		while [ "$n" -lt 1200 ]; do
+		while [ "$n" -lt 600 ]; do
 			unbound=
-			for i in /sys/bus/pci/drivers/xhci_hcd/*/usb*/[0-9]*-[0-9]*/*:*; do
+			for i in $wanted; do
 				[ -e "$i/driver" ] || unbound="$unbound ${i##*/}"
 			done
 			[ -z "$unbound" ] && break

@@ -538,11 +538,13 @@ impl Guest {
     }
 
     /// Give the guest a `qemu-xhci` controller with `devices` on it (see
-    /// [`UsbDevice`]; called again, the devices are added). The guest loads
+    /// [`UsbDevice`]; called again, the devices are added; at most
+    /// [`hardware::MAX_DEVICES`], each on its own root port). The guest loads
     /// `xhci_pci`, and `/init` starts the script only once every device is
-    /// configured and (with [`Guest::module_autoload`], the default) its class
-    /// driver is loaded and bound, or after 60 s (the script then sees what is
-    /// missing). Guests without this have no xHCI controller.
+    /// configured (waiting at most 60 s) and (with [`Guest::module_autoload`],
+    /// the default) every interface some module is for has its driver bound
+    /// (at most 30 s more); the script sees what is missing. Guests without
+    /// this have no xHCI controller.
     pub fn xhci(mut self, devices: impl IntoIterator<Item = UsbDevice>) -> Self {
         self.usb.get_or_insert_with(Vec::new).extend(devices);
         self
@@ -1168,7 +1170,10 @@ impl RunningGuest {
     }
 
     /// QMP `input-send-event` with `events` (a JSON array of InputEvent, e.g.
-    /// `[{"type":"key","data":{"down":true,"key":{"type":"qcode","data":"a"}}}]`).
+    /// `[{"type":"key","data":{"down":true,"key":{"type":"qcode","data":"a"}}}]`),
+    /// delivered at once and in order. It bypasses the queue that holds
+    /// [`RunningGuest::send_keys`]' delayed releases: after `send_keys`, wait
+    /// until the guest has seen its last key before sending events this way.
     pub fn input_send_event(&self, events: serde_json::Value) -> Result<(), HarnessError> {
         self.qmp("input-send-event", serde_json::json!({ "events": events }))
             .map(drop)
