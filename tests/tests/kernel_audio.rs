@@ -187,7 +187,12 @@ fn kernel_audio_iso_out_through_usbfs_and_vhci() {
     let signal = signal();
     signal.write_wav(&tone).unwrap();
     let out = guest
-        .xhci([UsbDevice::audio_wav(&recorded)])
+        // usb-audio's own format: the wav backend's default (44.1 kHz)
+        // would have qemu's mixer resample the stream.
+        .xhci([UsbDevice::audio_wav(&recorded)
+            .backend_prop("out.frequency", "48000")
+            .backend_prop("out.channels", "2")
+            .backend_prop("out.format", "s16")])
         .cpus(2)
         .memory_mib(768)
         .host_binary(&kernel::stripped_bin("usbipd"), "/usr/bin/usbipd-rs")
