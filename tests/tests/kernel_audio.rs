@@ -117,6 +117,8 @@ t1=$(cut -d' ' -f1 /proc/uptime)
 echo "APLAY-RC=$rc"
 echo "APLAY-SECONDS=$(echo "$t1 $t0" | awk '{print $1 - $2}')"
 kill $MON; wait $MON || true
+# usbmon's text reader drops events it cannot buffer (text_lost counts them).
+echo "USBMON-STATS: $(cat /sys/kernel/debug/usb/usbmon/0s)"
 # The longest pause between ISO OUT events on each bus (usbmon time, us).
 pauses() {
 	awk -v want="Zo:$1:" 'index($4, want) == 1 { if (prev && $2 - prev > max) { max = $2 - prev; at = $2 } prev = $2 }
@@ -224,12 +226,11 @@ fn kernel_audio_iso_out_through_usbfs_and_vhci() {
     let xhci_sub = output_value(&text, "XHCI-SUBMITTED:");
     let xhci = output_value(&text, "XHCI-COMPLETED:");
     let vhci = output_value(&text, "VHCI-COMPLETED:");
-    for line in [vhci_sub, xhci_sub, xhci, vhci] {
-        assert!(
-            stat(line, "packets") >= min_packets,
-            "fewer ISO packets than the signal has: {line}"
-        );
-    }
+    let iso_log = output_value(&text, "ISO-LOG:");
+    assert!(
+        stat(iso_log, "packets") >= min_packets,
+        "fewer ISO packets than the signal has: {iso_log}"
+    );
     // Every ISO URB vhci sent went to xhci_hcd through usbfs, and what
     // xhci_hcd gave back went back to vhci: as many URBs, packets and
     // bytes on each side. usbmon shows the first five packet descriptors
@@ -237,11 +238,19 @@ fn kernel_audio_iso_out_through_usbfs_and_vhci() {
     // both buses; on vhci's they are the ones in our RET_SUBMITs. The only
     // URBs allowed another status are unlinked ones, when the stream
     // stops: vhci reports an URB it was asked to unlink as unlinked even
-    // when our RET_SUBMIT (status 0) overtook the unlink.
-    for key in ["urbs", "packets", "bytes"] {
-        for (a, b) in [(vhci_sub, xhci_sub), (xhci_sub, xhci), (xhci, vhci)] {
-            assert_eq!(stat(a, key), stat(b, key), "{key}: {a} / {b}");
+    // when our RET_SUBMIT (status 0) overtook the unlink. usbmon's text
+    // reader drops what it cannot buffer when the guest is starved, so
+    // the counts are compared only when it lost nothing (usbipd's count
+    // of the import, checked above, is always complete).
+    let lost = stat(output_value(&text, "USBMON-STATS:"), "text_lost");
+    if lost == 0 {
+        for key in ["urbs", "packets", "bytes"] {
+            for (a, b) in [(vhci_sub, xhci_sub), (xhci_sub, xhci), (xhci, vhci)] {
+                assert_eq!(stat(a, key), stat(b, key), "{key}: {a} / {b}");
+            }
         }
+    } else {
+        println!("usbmon lost {lost} events: its URB counts are not compared");
     }
     for line in [xhci, vhci] {
         assert_eq!(stat(line, "error_count"), 0, "{line}");
@@ -249,11 +258,17 @@ fn kernel_audio_iso_out_through_usbfs_and_vhci() {
         assert_eq!(stat(line, "urb_errors"), 0, "{line}");
     }
     // usbipd's own account of the import agrees.
-    let iso_log = output_value(&text, "ISO-LOG:");
-    for key in ["urbs", "packets", "bytes"] {
-        assert_eq!(stat(iso_log, key), stat(xhci, key), "{key}: {iso_log}");
+    if lost == 0 {
+        for key in ["urbs", "packets", "bytes"] {
+            assert_eq!(stat(iso_log, key), stat(xhci, key), "{key}: {iso_log}");
+        }
     }
     assert_eq!(stat(iso_log, "failed_packets"), 0, "{iso_log}");
+    assert_eq!(
+        stat(iso_log, "bytes"),
+        stat(iso_log, "packets") * (FRAMES_PER_PACKET as u64 * 4),
+        "every packet moved 48 stereo 16-bit frames: {iso_log}"
+    );
     // For the record, not asserted (timing): how close to real time the
     // stream ran, one packet per 1 ms frame.
     let span = stat(xhci, "span_us").max(1);
