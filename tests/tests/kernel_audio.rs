@@ -51,19 +51,19 @@ const TOLERANCE: Tolerance = Tolerance {
 /// aplay's buffer and period (µs): 4 s and 100 ms, not its default 500
 /// and 125 ms.
 ///
-/// Under TCG one URB's round trip (vhci, TCP, usbipd, usbfs, xhci_hcd and
-/// back) takes tens of ms (30-60 ms measured on a loaded host), more than
+/// Under TCG on a host busy with other guests, one URB's round trip (vhci,
+/// TCP, usbipd, usbfs, xhci_hcd and back) takes 30-60 ms, more than
 /// snd-usb-audio keeps in flight (about 18 ms, MAX_QUEUE in
-/// sound/usb/endpoint.c), so the stream runs slower than real time (30-60 %
-/// seen), and a host busy with other guests stalls the guest (and qemu's
-/// xhci) for hundreds of ms now and then (seen in usbmon: URBs submitted
-/// together reaching xhci_hcd 145 ms apart). ALSA fails a write or a drain
-/// with EIO when the position has not moved for 1.1 buffer times
-/// (`wait_for_avail` and `snd_pcm_drain` in sound/core): with aplay's
-/// defaults that is 550 ms, which the test hit. A 4 s buffer holds the
-/// whole 3 s signal (aplay writes it at once and drains) and allows 4.4 s.
-/// A stall that long, or a completion usbipd never sends, still fails the
-/// test: the stream is cut short and packets are missing.
+/// sound/usb/endpoint.c): the stream then runs at 40-70 % of real time (99 %
+/// on a quiet host), and the guest (and qemu's xhci) stalls for hundreds of
+/// ms now and then (seen in usbmon: URBs submitted together reaching
+/// xhci_hcd 145 ms apart). ALSA fails a write or a drain with EIO when the
+/// position has not moved for 1.1 buffer times (`wait_for_avail` and
+/// `snd_pcm_drain` in sound/core): with aplay's defaults that is 550 ms,
+/// which the test hit. A 4 s buffer holds the whole 3 s signal (aplay
+/// writes it at once and drains) and allows 4.4 s. A stall that long, or a
+/// completion usbipd never sends, still fails the test: the stream is cut
+/// short and packets are missing.
 const APLAY_BUFFERING: &str = "--buffer-time=4000000 --period-time=100000";
 
 fn require_file(path: &str, package: &str) -> Result<(), HarnessError> {
@@ -118,7 +118,7 @@ echo "APLAY-RC=$rc"
 echo "APLAY-SECONDS=$(echo "$t1 $t0" | awk '{print $1 - $2}')"
 kill $MON; wait $MON || true
 # usbmon's text reader drops events it cannot buffer (text_lost counts them).
-echo "USBMON-STATS: $(cat /sys/kernel/debug/usb/usbmon/0s)"
+echo "USBMON-STATS: $(sed 's/\([a-z_][a-z_]*\) \([0-9][0-9]*\)/\1=\2/g' /sys/kernel/debug/usb/usbmon/0s)"
 # The longest pause between ISO OUT events on each bus (usbmon time, us).
 pauses() {
 	awk -v want="Zo:$1:" 'index($4, want) == 1 { if (prev && $2 - prev > max) { max = $2 - prev; at = $2 } prev = $2 }
