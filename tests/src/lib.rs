@@ -1,6 +1,7 @@
 //! Test support shared by the cross-crate and kernel tests in `tests/tests/`.
 
 pub mod activation;
+pub mod audio;
 pub mod capture;
 pub mod daemon;
 pub mod image;

@@ -85,6 +85,19 @@ enum Kind {
     Plain,
 }
 
+/// Isochronous URBs that came back from the host controller, and their
+/// packets: what an operator needs to tell a stream that ran from one that
+/// the controller dropped packet by packet.
+#[derive(Debug, Default, Clone, Copy)]
+struct IsoCounts {
+    urbs: u64,
+    packets: u64,
+    /// Packets that came back with a status other than 0.
+    failed_packets: u64,
+    /// Bytes the packets moved (their actual lengths).
+    bytes: u64,
+}
+
 /// An URB built for usbfs, not yet submitted.
 struct Built {
     urb: UsbfsUrb,
@@ -120,6 +133,8 @@ pub struct UsbfsBackend {
     /// seqnums may repeat).
     in_flight: HashMap<UrbId, Submitted>,
     done: HashMap<u64, UsbfsUrb>,
+    /// Isochronous traffic of the current import, logged when it ends.
+    iso: IsoCounts,
     gone: bool,
     /// Put the original drivers back when dropped.
     reattach: bool,
@@ -146,6 +161,7 @@ impl UsbfsBackend {
             next_id: 1,
             in_flight: HashMap::new(),
             done: HashMap::new(),
+            iso: IsoCounts::default(),
             gone: false,
             reattach: true,
         };
@@ -193,6 +209,22 @@ impl UsbfsBackend {
                 }
             }
         }
+    }
+
+    /// USBDEVFS_RESET, keeping the interfaces away from kernel drivers.
+    /// usbfs has no pre_reset/post_reset, so `usb_reset_device` unbinds it
+    /// from every interface it claims and then probes *all* drivers for
+    /// them: usbhid, usb-storage, uas, ftdi_sio... took the device until
+    /// `reclaim` pushed them off again (seen with qemu's devices on xHCI: a
+    /// keyboard input device and a SCSI disk appeared after every import).
+    /// An interface with no driver is not probed again, so release first.
+    fn reset_device(&mut self) -> Result<(), UsbfsErrno> {
+        for (n, _) in &self.claimed {
+            let _ = self.dev.release_interface(*n);
+        }
+        let r = self.dev.reset();
+        self.reclaim();
+        r
     }
 
     fn refresh(&mut self) {
@@ -250,8 +282,7 @@ impl UsbfsBackend {
         match StateChange::recognise(&urb.setup)? {
             StateChange::PortReset => {
                 info!(busid = %self.sys.busid, "device reset requested");
-                let r = self.dev.reset();
-                self.reclaim();
+                let r = self.reset_device();
                 self.refresh();
                 Some(self.io_result(r))
             }
@@ -402,25 +433,11 @@ impl UsbfsBackend {
                 }
             }
             Kind::Iso(lens) => {
-                let mut src = 0;
-                let mut dst = 0;
-                for (i, l) in lens.iter().enumerate() {
-                    let (a, st) = t.iso_result(i);
-                    if let Some(p) = urb.iso.get_mut(i) {
-                        p.actual_length = a;
-                        p.status = st;
-                    }
-                    if urb.direction == Direction::In {
-                        let a = (a as usize).min(*l as usize);
-                        // The stub sends IN packets packed back to back;
-                        // vhci spreads them out again (usbip_pad_iso).
-                        if dst + a <= urb.buf.len() {
-                            urb.buf[dst..dst + a].copy_from_slice(&t.buf()[src..src + a]);
-                        }
-                        dst += a;
-                    }
-                    src += *l as usize;
-                }
+                let actual = iso_completion(urb, &lens, |i| t.iso_result(i), t.buf());
+                self.iso.urbs += 1;
+                self.iso.packets += lens.len() as u64;
+                self.iso.failed_packets += urb.iso.iter().filter(|p| p.status != 0).count() as u64;
+                self.iso.bytes += actual as u64;
                 urb.start_frame = t.start_frame();
                 // -EXDEV: some packets failed, each with its own status.
                 let error = failure
@@ -546,6 +563,45 @@ fn iso_urb(urb: &Urb, ep: u8) -> Result<Built, Errno> {
     })
 }
 
+/// Copies what the kernel reported for each packet of an isochronous URB
+/// (`result(i)`: actual length and status) into the USB/IP URB, and for IN
+/// the packets' data from `data` (usbfs's buffer, where packet `i` starts
+/// at the sum of the lengths before it), packed back to back as
+/// usbip-host sends it (vhci spreads them out again, usbip_pad_iso).
+///
+/// Returns the URB's actual length as the sum of its packets' actual
+/// lengths: vhci-hcd drops the connection when the two differ
+/// (usbip_recv_iso), and usbfs only computes the sum itself since Linux
+/// 4.15 (before, the host controller driver's value went out as it was).
+/// A packet reported longer than it is counts as its length.
+fn iso_completion(
+    urb: &mut Urb,
+    lens: &[u32],
+    result: impl Fn(usize) -> (u32, i32),
+    data: &[u8],
+) -> usize {
+    let mut src = 0;
+    let mut dst = 0;
+    for (i, &l) in lens.iter().enumerate() {
+        let (a, status) = result(i);
+        let a = a.min(l);
+        if let Some(p) = urb.iso.get_mut(i) {
+            p.actual_length = a;
+            p.status = status;
+        }
+        let a = a as usize;
+        if urb.direction == Direction::In {
+            if let (Some(to), Some(from)) = (urb.buf.get_mut(dst..dst + a), data.get(src..src + a))
+            {
+                to.copy_from_slice(from);
+            }
+        }
+        dst += a;
+        src += l as usize;
+    }
+    dst
+}
+
 /// A bulk or interrupt URB: the session's buffer goes to the kernel and
 /// comes back on completion, no copy.
 fn plain_urb(urb: &mut Urb, ep: u8, tt: TransferType, continuation: bool) -> Built {
@@ -665,12 +721,22 @@ impl Backend for UsbfsBackend {
 
     fn release(&mut self) {
         self.drain();
+        let iso = std::mem::take(&mut self.iso);
+        if iso.urbs > 0 {
+            info!(
+                busid = %self.sys.busid,
+                urbs = iso.urbs,
+                packets = iso.packets,
+                failed_packets = iso.failed_packets,
+                bytes = iso.bytes,
+                "isochronous transfers of this import"
+            );
+        }
         self.dev.unregister();
         if !self.gone {
             // Back to what a new importer expects: the kernel's stub
             // resets the device when its importer goes away.
-            let _ = self.dev.reset();
-            self.reclaim();
+            let _ = self.reset_device();
             self.refresh();
         }
     }
@@ -701,6 +767,90 @@ impl Drop for UsbfsBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use usbwire_proto::{IsoPacket, SetupPacket};
+
+    fn iso_urb_of(direction: Direction, lens: &[u32]) -> Urb {
+        let mut offset = 0;
+        let iso = lens
+            .iter()
+            .map(|&length| {
+                let p = IsoPacket {
+                    offset,
+                    length,
+                    actual_length: 0,
+                    status: 0,
+                };
+                offset += length;
+                p
+            })
+            .collect();
+        Urb {
+            id: UrbId(1),
+            seqnum: 1,
+            ep: 1,
+            direction,
+            transfer_flags: urb_flags::URB_ISO_ASAP,
+            setup: SetupPacket::default(),
+            length: offset as usize,
+            buf: (0..offset).map(|i| i as u8).collect(),
+            iso,
+            start_frame: 0,
+            interval: 1,
+            started: true,
+        }
+    }
+
+    #[test]
+    fn iso_out_packets_are_packed_and_their_results_copied() {
+        // Offsets with a hole: usbfs wants the packets back to back.
+        let mut urb = iso_urb_of(Direction::Out, &[4, 4, 4]);
+        urb.iso[1].offset = 5;
+        urb.iso[2].offset = 9;
+        urb.length = 13;
+        urb.buf = b"aaaa-bbbbcccc".to_vec();
+        let built = iso_urb(&urb, 0x01).unwrap();
+        assert_eq!(built.urb.buf(), b"aaaabbbbcccc");
+        assert_eq!(built.urb.iso_count(), 3);
+        // A packet past the buffer is refused before usbfs sees it.
+        urb.iso[2].offset = 10;
+        assert_eq!(iso_urb(&urb, 0x01).err(), Some(Errno::EINVAL));
+
+        // What xhci_hcd gave back for 3 packets: two sent, one missed.
+        let results = [(4, 0), (4, 0), (0, -18)];
+        let actual = iso_completion(&mut urb, &[4, 4, 4], |i| results[i], built.urb.buf());
+        assert_eq!(actual, 8);
+        let got: Vec<(u32, i32)> = urb
+            .iso
+            .iter()
+            .map(|p| (p.actual_length, p.status))
+            .collect();
+        assert_eq!(got, results);
+        // OUT data is not touched.
+        assert_eq!(urb.buf, b"aaaa-bbbbcccc");
+    }
+
+    #[test]
+    fn iso_in_packets_come_back_packed_and_sum_to_the_actual_length() {
+        let mut urb = iso_urb_of(Direction::In, &[4, 4, 4]);
+        let data = b"aaaabbbbcccc";
+        // Short packets, and one the kernel claims is longer than it is.
+        let results = [(4, 0), (2, 0), (9, 0)];
+        let actual = iso_completion(&mut urb, &[4, 4, 4], |i| results[i], data);
+        assert_eq!(actual, 4 + 2 + 4);
+        assert_eq!(&urb.buf[..actual], b"aaaabbcccc");
+        let lengths: Vec<u32> = urb.iso.iter().map(|p| p.actual_length).collect();
+        assert_eq!(lengths, [4, 2, 4]);
+        assert_eq!(
+            urb.iso
+                .iter()
+                .map(|p| p.actual_length as usize)
+                .sum::<usize>(),
+            actual
+        );
+        // Offsets stay the client's: vhci places each packet by them.
+        let offsets: Vec<u32> = urb.iso.iter().map(|p| p.offset).collect();
+        assert_eq!(offsets, [0, 4, 8]);
+    }
 
     #[test]
     fn flags_are_masked_like_the_kernel() {

@@ -69,6 +69,13 @@ pub const GUEST_MODULES: &[&str] = &[
     "evdev",
     "usbtest",
     "usbmon",
+    // qemu-emulated USB hardware (Guest::xhci)
+    "xhci_pci",
+    "xhci_hcd",
+    "snd-usb-audio",
+    "usbserial",
+    "ftdi_sio",
+    "pl2303",
     // filesystems and block
     "ext4",
     "vfat",
@@ -380,16 +387,34 @@ pub fn ensure() -> Result<Assets, HarnessError> {
     };
     let dir = root.join(&key);
     let ready = dir.join("READY");
+    let lock_path = root.join(format!("{key}.lock"));
     let mut built = false;
-    if !ready.is_file() {
-        let lock_path = root.join(format!("{key}.lock"));
-        let _lock = FileLock::acquire(&lock_path, Duration::from_secs(900))?;
+    // Twice at most: another checkout's build may prune this guest between
+    // our build (or cache hit) and our shared lock.
+    for _ in 0..2 {
         if !ready.is_file() {
-            build(&root, &dir, &key, &desc, &ks)?;
-            built = true;
+            let _lock = FileLock::acquire(&lock_path, Duration::from_secs(900))?;
+            if !ready.is_file() {
+                build(&root, &dir, &key, &desc, &ks)?;
+                built = true;
+            }
+        }
+        // Held for the rest of this process, so that no other process'
+        // prune deletes the guest this one boots.
+        let in_use = FileLock::acquire_shared(&lock_path, Duration::from_secs(900))?;
+        if ready.is_file() {
+            static IN_USE: std::sync::Mutex<Vec<FileLock>> = std::sync::Mutex::new(Vec::new());
+            IN_USE
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(in_use);
+            return finish(dir, t0, built);
         }
     }
-    finish(dir, t0, built)
+    Err(HarnessError::Asset(format!(
+        "{} was pruned by another process twice while this one built it",
+        dir.display()
+    )))
 }
 
 fn finish(dir: PathBuf, t0: Instant, built: bool) -> Result<Assets, HarnessError> {
@@ -480,6 +505,20 @@ pub(crate) struct FileLock {
 
 impl FileLock {
     pub(crate) fn acquire(path: &Path, max_wait: Duration) -> Result<FileLock, HarnessError> {
+        Self::acquire_mode(path, max_wait, libc::LOCK_EX)
+    }
+
+    /// A shared lock: held by every process that boots the guest of `<key>`,
+    /// so that another process' [`prune`] (which needs the exclusive one)
+    /// never deletes a guest in use.
+    pub(crate) fn acquire_shared(
+        path: &Path,
+        max_wait: Duration,
+    ) -> Result<FileLock, HarnessError> {
+        Self::acquire_mode(path, max_wait, libc::LOCK_SH)
+    }
+
+    fn acquire_mode(path: &Path, max_wait: Duration, mode: i32) -> Result<FileLock, HarnessError> {
         use std::os::fd::AsRawFd;
         let file = fs::OpenOptions::new()
             .create(true)
@@ -491,7 +530,7 @@ impl FileLock {
         let mut announced = false;
         loop {
             // SAFETY: flock on a file descriptor we own.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            let rc = unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) };
             if rc == 0 {
                 return Ok(FileLock { _file: file });
             }
@@ -954,10 +993,14 @@ mod tests {
         mk("k-old", 10);
         mk("k-older", 20);
         mk("k-busy", 30);
+        mk("k-used", 40);
         fs::create_dir_all(r.join("k-incomplete")).unwrap();
         let busy = FileLock::acquire(&r.join("k-busy.lock"), Duration::ZERO).unwrap();
+        // a guest another process boots (ensure's shared lock)
+        let used = FileLock::acquire_shared(&r.join("k-used.lock"), Duration::ZERO).unwrap();
         prune(r, &current, 2);
         drop(busy);
+        drop(used);
         let mut left: Vec<String> = fs::read_dir(r)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -974,7 +1017,9 @@ mod tests {
                 "k-new",
                 "k-new.lock",
                 "k-newer",
-                "k-newer.lock"
+                "k-newer.lock",
+                "k-used",
+                "k-used.lock"
             ]
         );
     }

@@ -20,6 +20,43 @@ if [ "${USBWIRE_AUTOLOAD:-1}" = 1 ]; then
 	uevent /usr/sbin/usbwire-hotplug < /dev/null > /dev/null 2>&1 &
 fi
 
+# qemu-emulated USB hardware (Guest::xhci): USBWIRE_XHCI devices on a qemu-xhci
+# controller. It was there at boot, before anything listened for uevents, so
+# load its driver here, wait (bounded) until every device is configured, then
+# load and bind the class drivers of their interfaces (modprobe binds the
+# devices that exist when it loads a driver; ones the uevent listener loaded
+# bind on their own).
+if [ "${USBWIRE_XHCI:-0}" -gt 0 ]; then
+	modprobe xhci_pci
+	n=0; have=0
+	while [ "$n" -lt 1200 ]; do
+		have=0
+		for d in /sys/bus/pci/drivers/xhci_hcd/*/usb*/[0-9]*-[0-9]*; do
+			[ -n "$(cat "$d/bConfigurationValue" 2>/dev/null)" ] && have=$((have + 1))
+		done
+		[ "$have" -ge "$USBWIRE_XHCI" ] && break
+		sleep 0.05; n=$((n + 1))
+	done
+	[ "$have" -ge "$USBWIRE_XHCI" ] || echo "usbwire-init: only $have of $USBWIRE_XHCI xHCI devices configured"
+	if [ "${USBWIRE_AUTOLOAD:-1}" = 1 ]; then
+		# only interfaces some module is for (others would never get a driver)
+		wanted=
+		for m in /sys/bus/pci/drivers/xhci_hcd/*/usb*/[0-9]*-[0-9]*/*:*/modalias; do
+			[ -f "$m" ] && modprobe -q "$(cat "$m")" && wanted="$wanted ${m%/modalias}"
+		done
+		n=0
+		while [ "$n" -lt 600 ]; do
+			unbound=
+			for i in $wanted; do
+				[ -e "$i/driver" ] || unbound="$unbound ${i##*/}"
+			done
+			[ -z "$unbound" ] && break
+			sleep 0.05; n=$((n + 1))
+		done
+		[ -z "$unbound" ] || echo "usbwire-init: xHCI interfaces without a driver:$unbound"
+	fi
+fi
+
 OUT=/dev/ttyS1
 [ -c "$OUT" ] || OUT=/dev/console
 stty -F "$OUT" 115200 raw -echo 2>/dev/null

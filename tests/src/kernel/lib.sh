@@ -66,3 +66,28 @@ usbwire_udc_busid() {
 usbwire_wait_signal() {
 	echo ACK | timeout "${2:-60}" nc -l -p "$1"
 }
+
+# usbwire_xhci_busid PATTERN: print the busid (e.g. 3-1) of the device on the qemu-xhci
+# controller (Guest::xhci) whose "idVendor:idProduct product" matches the grep -i
+# PATTERN, e.g. "QEMU USB Keyboard" or "0403:6001". Fails when none matches.
+usbwire_xhci_busid() {
+	for _d in /sys/bus/pci/drivers/xhci_hcd/*/usb*/[0-9]*-[0-9]*; do
+		[ -e "$_d/idVendor" ] || continue
+		if echo "$(cat "$_d/idVendor"):$(cat "$_d/idProduct") $(cat "$_d/product" 2>/dev/null)" | grep -qi "$1"; then
+			basename "$_d"
+			return 0
+		fi
+	done
+	echo "usbwire: no xHCI device matches $1" >&2
+	return 1
+}
+
+# usbwire_xhci_devices: one line per device on the qemu-xhci controller:
+# busid idVendor:idProduct speed(Mbit/s) driver-of-interface-0 product.
+usbwire_xhci_devices() {
+	for _d in /sys/bus/pci/drivers/xhci_hcd/*/usb*/[0-9]*-[0-9]*; do
+		[ -e "$_d/idVendor" ] || continue
+		_drv=$(basename "$(readlink "$_d/$(basename "$_d"):1.0/driver" 2>/dev/null)" 2>/dev/null)
+		echo "$(basename "$_d") $(cat "$_d/idVendor"):$(cat "$_d/idProduct") $(cat "$_d/speed") ${_drv:-none} $(cat "$_d/product" 2>/dev/null)"
+	done
+}

@@ -12,6 +12,10 @@
 //!   [`Guest::hostfwd`] (host 127.0.0.1:<port qemu binds, chosen by the OS and read back
 //!   over QMP> -> guest port) and
 //!   [`Guest::guestfwd`] (guest 10.0.2.100:<port> -> host 127.0.0.1:<port>, via `socat`).
+//! * Emulated USB hardware: [`Guest::xhci`] adds a `qemu-xhci` controller with
+//!   [`UsbDevice`]s (keyboard, serial, storage, UAS, audio, any `usb-*`) and their
+//!   backends; [`RunningGuest::qmp`], [`RunningGuest::send_keys`] and
+//!   [`RunningGuest::usb_stream`] drive them while the guest runs.
 //!
 //! ```no_run
 //! use usbwire_tests::kernel;
@@ -28,6 +32,7 @@
 pub mod assets;
 pub mod cpio;
 pub mod gadget;
+pub mod hardware;
 mod qmp;
 pub mod usbtest;
 
@@ -36,6 +41,7 @@ pub use gadget::{
     gadget_acm_sh, gadget_hid_sh, gadget_mass_storage_sh, gadget_remove_sh, gadget_sourcesink_sh,
     ACM_IDS, DUMMY_UDC, HID_IDS, MASS_STORAGE_IDS, SOURCESINK_IDS,
 };
+pub use hardware::UsbDevice;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
@@ -98,6 +104,8 @@ pub enum HarnessError {
     Config(String),
     #[error("qemu failed to start: {0}")]
     QemuStart(String),
+    #[error("qemu monitor (QMP): {0}")]
+    Qmp(String),
     #[error(
         "timed out after {after:?} waiting for {what}\n{}",
         dump(output, console, qemu_stderr)
@@ -402,6 +410,7 @@ pub struct Guest {
     loglevel: u8,
     autoload: bool,
     append: Vec<String>,
+    usb: Option<Vec<UsbDevice>>,
 }
 
 impl Guest {
@@ -427,6 +436,7 @@ impl Guest {
             loglevel: 7,
             autoload: true,
             append: Vec::new(),
+            usb: None,
         })
     }
 
@@ -524,6 +534,19 @@ impl Guest {
     /// Extra kernel command line parameters (e.g. `usbip_core.usbip_debug_flag=0xffffffff`).
     pub fn kernel_arg(mut self, arg: &str) -> Self {
         self.append.push(arg.to_string());
+        self
+    }
+
+    /// Give the guest a `qemu-xhci` controller with `devices` on it (see
+    /// [`UsbDevice`]; called again, the devices are added; at most
+    /// [`hardware::MAX_DEVICES`], each on its own root port). The guest loads
+    /// `xhci_pci`, and `/init` starts the script only once every device is
+    /// configured (waiting at most 60 s) and (with [`Guest::module_autoload`],
+    /// the default) every interface some module is for has its driver bound
+    /// (at most 30 s more); the script sees what is missing. Guests without
+    /// this have no xHCI controller.
+    pub fn xhci(mut self, devices: impl IntoIterator<Item = UsbDevice>) -> Self {
+        self.usb.get_or_insert_with(Vec::new).extend(devices);
         self
     }
 
@@ -638,9 +661,10 @@ impl Guest {
             netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:0-:{gp}"));
         }
         // qemu's monitor (QMP) on one end of a socket pair: it tells which ports the
-        // forwards got. Connected before qemu starts, so there is nothing to wait for
-        // but qemu's answer (or its exit, which ends the stream).
-        let qmp = if self.hostfwds.is_empty() {
+        // forwards got, and takes a test's commands to USB devices. Connected before
+        // qemu starts, so there is nothing to wait for but qemu's answer (or its
+        // exit, which ends the stream).
+        let qmp = if self.hostfwds.is_empty() && self.usb.is_none() {
             None
         } else {
             Some(UnixStream::pair().map_err(io("creating the QMP socket pair"))?)
@@ -676,6 +700,13 @@ impl Guest {
             format!("USBWIRE_LOGLEVEL={}", self.loglevel),
             format!("USBWIRE_AUTOLOAD={}", u8::from(self.autoload)),
         ];
+        let usb = match &self.usb {
+            Some(devices) => {
+                append.push(format!("USBWIRE_XHCI={}", devices.len()));
+                Some(hardware::qemu_args(devices)?)
+            }
+            None => None,
+        };
         append.extend(self.append.iter().cloned());
 
         let mut cmd = Command::new(&qemu);
@@ -698,7 +729,16 @@ impl Guest {
             .args(["-serial", "chardev:out0"])
             .args(["-netdev", &netdev])
             .args(["-device", "virtio-net-pci,netdev=n0,romfile="]);
+        if let Some(usb) = &usb {
+            cmd.args(&usb.args);
+        }
         let qemu_qmp_fd = qmp.as_ref().map(|(_, theirs)| theirs.as_raw_fd());
+        // qemu's ends of the USB devices' byte streams, kept open across exec as
+        // the QMP end is.
+        let qemu_usb_fds: Vec<i32> = usb
+            .as_ref()
+            .map(|u| u.qemu_ends.iter().map(|s| s.as_raw_fd()).collect())
+            .unwrap_or_default();
         if let Some(fd) = qemu_qmp_fd {
             cmd.arg("-chardev")
                 .arg(format!("socket,id=qmp0,fd={fd}"))
@@ -715,8 +755,8 @@ impl Guest {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 // qemu's end of the QMP pair keeps its number and loses only
                 // close-on-exec, in this child alone: no other child inherits it.
-                if let Some(fd) = qemu_qmp_fd {
-                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                for fd in qemu_qmp_fd.iter().chain(&qemu_usb_fds) {
+                    if libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
@@ -738,11 +778,27 @@ impl Guest {
             output_path,
             stderr_path,
             boot_seen: Mutex::new(None),
+            qmp: None,
+            usb_streams: BTreeMap::new(),
             _slot: slot,
         };
+        if let Some(usb) = usb {
+            drop(usb.qemu_ends);
+            guest.usb_streams = usb.streams.into_iter().collect();
+        }
         if let Some((ours, theirs)) = qmp {
             drop(theirs);
-            let ports = match qmp::host_forwards(ours) {
+            let mut monitor = match qmp::Qmp::connect(ours) {
+                Ok(m) => m,
+                Err(e) => {
+                    guest.kill_now();
+                    return Err(HarnessError::QemuStart(format!(
+                        "connecting to qemu's monitor: {e}\n{}",
+                        read_lossy(&guest.stderr_path)
+                    )));
+                }
+            };
+            let ports = match monitor.host_forwards() {
                 Ok(got) => got,
                 Err(e) => {
                     guest.kill_now();
@@ -761,6 +817,7 @@ impl Guest {
                 }
             }
             guest.ports = ports;
+            guest.qmp = Some(Mutex::new(monitor));
         }
         Ok(guest)
     }
@@ -830,6 +887,8 @@ pub struct RunningGuest {
     output_path: PathBuf,
     stderr_path: PathBuf,
     boot_seen: Mutex<Option<Duration>>,
+    qmp: Option<Mutex<qmp::Qmp>>,
+    usb_streams: BTreeMap<String, UnixStream>,
     _slot: SlotGuard,
 }
 
@@ -1074,6 +1133,66 @@ impl RunningGuest {
             duration,
             boot_time,
             guest_uptime_at_start,
+        })
+    }
+
+    /// Runs a QMP command (e.g. `"send-key"`, `"input-send-event"`, `"query-status"`)
+    /// with `arguments` (`Value::Null`: none) and returns its `return` value. Needs a
+    /// guest with [`Guest::xhci`] or a [`Guest::hostfwd`] (the others have no monitor).
+    pub fn qmp(
+        &self,
+        command: &str,
+        arguments: serde_json::Value,
+    ) -> Result<serde_json::Value, HarnessError> {
+        let Some(qmp) = &self.qmp else {
+            return Err(HarnessError::Config(
+                "this guest has no QMP monitor (ask for Guest::xhci or Guest::hostfwd)".into(),
+            ));
+        };
+        let mut qmp = qmp.lock().unwrap_or_else(|p| p.into_inner());
+        qmp.execute(command, arguments)
+            .map_err(|e| HarnessError::Qmp(format!("{e}\n{}", read_lossy(&self.stderr_path))))
+    }
+
+    /// Types `keys` one after the other (QMP `send-key`, one call per key: press,
+    /// hold for qemu's default 100 ms of virtual time, release). Each is a QKeyCode
+    /// name (`"a"`, `"1"`, `"ret"`, `"shift"`, ...; see qemu's qapi/ui.json). A key
+    /// is a HID report queued in the emulated keyboard (qemu's queue holds 16
+    /// events, so type at most 8 keys before the guest has read them).
+    pub fn send_keys(&self, keys: &[&str]) -> Result<(), HarnessError> {
+        for key in keys {
+            self.qmp(
+                "send-key",
+                serde_json::json!({ "keys": [{ "type": "qcode", "data": key }] }),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// QMP `input-send-event` with `events` (a JSON array of InputEvent, e.g.
+    /// `[{"type":"key","data":{"down":true,"key":{"type":"qcode","data":"a"}}}]`),
+    /// delivered at once and in order. It bypasses the queue that holds
+    /// [`RunningGuest::send_keys`]' delayed releases: after `send_keys`, wait
+    /// until the guest has seen its last key before sending events this way.
+    pub fn input_send_event(&self, events: serde_json::Value) -> Result<(), HarnessError> {
+        self.qmp("input-send-event", serde_json::json!({ "events": events }))
+            .map(drop)
+    }
+
+    /// The host end of the byte stream of the [`UsbDevice::serial`] with qdev id
+    /// `id` (`usb<index>` by default): what is written to it arrives at the
+    /// emulated device, what the guest sends can be read from it. A clone; all
+    /// clones share one stream.
+    pub fn usb_stream(&self, id: &str) -> Result<UnixStream, HarnessError> {
+        let s = self.usb_streams.get(id).ok_or_else(|| {
+            HarnessError::Config(format!(
+                "no USB device {id:?} with a byte stream (have {:?})",
+                self.usb_streams.keys().collect::<Vec<_>>()
+            ))
+        })?;
+        s.try_clone().map_err(|e| HarnessError::Io {
+            context: format!("cloning the stream of USB device {id}"),
+            source: e,
         })
     }
 

@@ -1,7 +1,8 @@
-//! Just enough of qemu's machine protocol (QMP) to learn which host ports
-//! qemu bound for `hostfwd=tcp:127.0.0.1:0-:<guest port>`: qemu (libslirp)
-//! accepts port 0, lets the OS choose, and shows the result in the human
-//! monitor's `info usernet`.
+//! Just enough of qemu's machine protocol (QMP) for the harness: learning which
+//! host ports qemu bound for `hostfwd=tcp:127.0.0.1:0-:<guest port>` (qemu
+//! (libslirp) accepts port 0, lets the OS choose, and shows the result in the human
+//! monitor's `info usernet`), and the commands a test sends to a running guest
+//! (`send-key`, `input-send-event`, ...).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -11,53 +12,71 @@ use std::time::Duration;
 /// Generous: qemu answers as soon as it runs, but the machine may be busy.
 const ANSWER_LIMIT: Duration = Duration::from_secs(60);
 
-/// Guest port -> host port of every TCP host forward, read over `stream`
-/// (connected to a `-mon chardev=...,mode=control` monitor).
-pub fn host_forwards(stream: UnixStream) -> Result<BTreeMap<u16, u16>, String> {
-    stream
-        .set_read_timeout(Some(ANSWER_LIMIT))
-        .map_err(|e| e.to_string())?;
-    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
-    let mut reader = BufReader::new(stream);
-    let greeting = read_message(&mut reader)?;
-    if greeting.get("QMP").is_none() {
-        return Err(format!("not a QMP greeting: {greeting}"));
-    }
-    command(
-        &mut reader,
-        &mut writer,
-        r#"{"execute":"qmp_capabilities"}"#,
-    )?;
-    let text = command(
-        &mut reader,
-        &mut writer,
-        r#"{"execute":"human-monitor-command","arguments":{"command-line":"info usernet"}}"#,
-    )?;
-    let text = text
-        .as_str()
-        .ok_or_else(|| format!("`info usernet` returned {text}"))?;
-    parse_usernet(text)
+/// One QMP session in command mode (greeting read, capabilities negotiated).
+pub struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
 }
 
-fn command(
-    reader: &mut impl BufRead,
-    writer: &mut impl Write,
-    json: &str,
-) -> Result<serde_json::Value, String> {
-    writer
-        .write_all(format!("{json}\n").as_bytes())
-        .map_err(|e| format!("sending {json}: {e}"))?;
-    // Asynchronous events may come first; a few dozen at most at start-up.
-    for _ in 0..100 {
-        let mut m = read_message(reader)?;
-        if let Some(r) = m.get_mut("return") {
-            return Ok(r.take());
+impl Qmp {
+    /// Reads the greeting and leaves capabilities negotiation mode, over `stream`
+    /// (connected to a `-mon chardev=...,mode=control` monitor).
+    pub fn connect(stream: UnixStream) -> Result<Qmp, String> {
+        stream
+            .set_read_timeout(Some(ANSWER_LIMIT))
+            .map_err(|e| e.to_string())?;
+        let writer = stream.try_clone().map_err(|e| e.to_string())?;
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream),
+            writer,
+        };
+        let greeting = read_message(&mut qmp.reader)?;
+        if greeting.get("QMP").is_none() {
+            return Err(format!("not a QMP greeting: {greeting}"));
         }
-        if let Some(e) = m.get("error") {
-            return Err(format!("{json} failed: {e}"));
-        }
+        qmp.execute("qmp_capabilities", serde_json::Value::Null)?;
+        Ok(qmp)
     }
-    Err(format!("no answer to {json} among 100 messages"))
+
+    /// Runs `command` with `arguments` (`Null`: none) and returns its `return` value;
+    /// a QMP `error` answer is an `Err` with qemu's description.
+    pub fn execute(
+        &mut self,
+        command: &str,
+        arguments: serde_json::Value,
+    ) -> Result<serde_json::Value, String> {
+        let mut request = serde_json::json!({ "execute": command });
+        if !arguments.is_null() {
+            request["arguments"] = arguments;
+        }
+        let json = request.to_string();
+        self.writer
+            .write_all(format!("{json}\n").as_bytes())
+            .map_err(|e| format!("sending {json}: {e}"))?;
+        // Asynchronous events may come first; a bounded number of them.
+        for _ in 0..1000 {
+            let mut m = read_message(&mut self.reader)?;
+            if let Some(r) = m.get_mut("return") {
+                return Ok(r.take());
+            }
+            if let Some(e) = m.get("error") {
+                return Err(format!("{json} failed: {e}"));
+            }
+        }
+        Err(format!("no answer to {json} among 1000 messages"))
+    }
+
+    /// Guest port -> host port of every TCP host forward.
+    pub fn host_forwards(&mut self) -> Result<BTreeMap<u16, u16>, String> {
+        let text = self.execute(
+            "human-monitor-command",
+            serde_json::json!({ "command-line": "info usernet" }),
+        )?;
+        let text = text
+            .as_str()
+            .ok_or_else(|| format!("`info usernet` returned {text}"))?;
+        parse_usernet(text)
+    }
 }
 
 fn read_message(reader: &mut impl BufRead) -> Result<serde_json::Value, String> {
