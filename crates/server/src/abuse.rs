@@ -707,6 +707,35 @@ mod tests {
         assert_eq!(counts.throttled_connections, 1);
     }
 
+    /// The nice value of this process's thread named `name`, if there is one.
+    fn nice_of_thread(name: &str) -> Option<i64> {
+        std::fs::read_dir("/proc/self/task")
+            .ok()?
+            .flatten()
+            .find_map(|task| {
+                let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+                if comm.trim_end() != name {
+                    return None;
+                }
+                let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+                // Fields after the parenthesised command name; nice is field 19.
+                let after = &stat[stat.rfind(')')? + 2..];
+                after.split(' ').nth(16)?.parse().ok()
+            })
+    }
+
+    #[tokio::test]
+    async fn connections_are_accepted_on_a_thread_that_yields_to_the_imports() {
+        let (addr, server) = throttling_server(1).await;
+        // Once one connection is served, the accepting thread runs.
+        fail_a_handshake(addr).await;
+        let ours = nice_of_thread(&std::fs::read_to_string("/proc/thread-self/comm").unwrap())
+            .unwrap_or(0);
+        let nice = nice_of_thread("usbipd-accept").expect("an accepting thread");
+        assert_eq!(nice, (ours + i64::from(crate::ACCEPT_NICE)).min(19));
+        assert_eq!(server.refusals().total.failed_handshakes, 1);
+    }
+
     #[test]
     fn the_table_of_sources_is_bounded() {
         let log = RefusalLog::new(RefusalLimits {

@@ -324,17 +324,8 @@ impl Server {
         let workers = Arc::new(Workers::start(self.worker_count(), &self.state, &stop_rx));
         // Only if no worker thread could start.
         let local = Arc::new(std::sync::Mutex::new(JoinSet::new()));
-        let mut accepters = JoinSet::new();
-        for listener in listeners {
-            let this = self.clone();
-            let stop_rx = stop_rx.clone();
-            let permits = permits.clone();
-            let (workers, local) = (workers.clone(), local.clone());
-            accepters.spawn(async move {
-                this.accept_loop(listener, permits, workers, local, stop_rx)
-                    .await;
-            });
-        }
+        let acceptor =
+            self.start_acceptor(listeners, permits, workers.clone(), local.clone(), &stop_rx);
         let refusals = self.state.clone();
         let summaries = async move {
             // Bounded by the server's life: the select below ends it. It
@@ -352,7 +343,7 @@ impl Server {
         }
         info!("shutting down");
         let _ = stop_tx.send(true);
-        accepters.shutdown().await;
+        acceptor.stop().await;
         match Arc::into_inner(workers) {
             Some(w) => w.join().await,
             None => error!("worker threads still referenced at shutdown"),
@@ -380,12 +371,89 @@ impl Server {
         }
     }
 
+    /// Accepts on `listeners` until `stop`, on a thread of its own at a
+    /// lower priority than the workers (see [`ACCEPT_NICE`]); on the
+    /// calling runtime if that thread cannot start.
+    fn start_acceptor(
+        &self,
+        listeners: Vec<TcpListener>,
+        permits: Arc<Semaphore>,
+        workers: Arc<Workers>,
+        local: Arc<std::sync::Mutex<JoinSet<()>>>,
+        stop: &watch::Receiver<bool>,
+    ) -> Acceptor {
+        let loops = AcceptLoops {
+            server: self.clone(),
+            permits,
+            workers,
+            local,
+            here: tokio::runtime::Handle::current(),
+            stop: stop.clone(),
+        };
+        let (give, take) = std::sync::mpsc::channel::<Vec<std::net::TcpListener>>();
+        let on_thread = loops.clone();
+        let spawned = std::thread::Builder::new()
+            .name("usbipd-accept".into())
+            .spawn(move || {
+                if let Err(e) = sys::lower_thread_priority(ACCEPT_NICE) {
+                    warn!("the accepting thread keeps the workers' priority: {e}");
+                }
+                let Ok(listeners) = take.recv() else {
+                    return;
+                };
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        error!("cannot start the accepting thread's runtime, so nothing is accepted: {e}");
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let listeners = listeners
+                        .into_iter()
+                        .filter_map(|l| {
+                            TcpListener::from_std(l)
+                                .map_err(|e| error!("cannot accept on a listener: {e}"))
+                                .ok()
+                        })
+                        .collect();
+                    let mut accepting = on_thread.spawn(listeners);
+                    while accepting.join_next().await.is_some() {}
+                });
+            });
+        match spawned {
+            Ok(thread) => {
+                // Listeners leave this runtime's reactor for the thread's.
+                let listeners = listeners
+                    .into_iter()
+                    .filter_map(|l| {
+                        l.into_std()
+                            .map_err(|e| {
+                                error!("cannot move a listener to the accepting thread: {e}")
+                            })
+                            .ok()
+                    })
+                    .collect();
+                let _ = give.send(listeners);
+                Acceptor::Thread(thread)
+            }
+            Err(e) => {
+                warn!("accepting on the main runtime: cannot start a thread for it: {e}");
+                Acceptor::Here(loops.spawn(listeners))
+            }
+        }
+    }
+
     async fn accept_loop(
         &self,
         listener: TcpListener,
         permits: Arc<Semaphore>,
         workers: Arc<Workers>,
         local: Arc<std::sync::Mutex<JoinSet<()>>>,
+        here: tokio::runtime::Handle,
         mut stop: watch::Receiver<bool>,
     ) {
         loop {
@@ -421,6 +489,9 @@ impl Server {
                          this source lately (it may connect again in {wait:?})"
                     );
                 }
+                // A reset, not a close: no FIN exchange and no TIME_WAIT
+                // socket for the kernel to keep per refused connection.
+                let _ = stream.set_zero_linger();
                 continue;
             }
             // Leaves this runtime's reactor; the worker registers it with its own.
@@ -443,8 +514,68 @@ impl Server {
                 local
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .spawn(workers::serve(job, state, stop, load));
+                    .spawn_on(workers::serve(job, state, stop, load), &here);
             }
+        }
+    }
+}
+
+/// How much less CPU the accepting thread gets than the workers when they
+/// compete for it (a nice value, relative to theirs): a flood of
+/// connections, refused or throttled, then waits in the kernel's accept
+/// queue rather than taking CPU from the imports being served, and past the
+/// queue's backlog the kernel drops the flood's SYNs, which slows it down.
+/// At 10 the acceptor still gets about a tenth of a busy CPU: hundreds of
+/// connections a second.
+pub const ACCEPT_NICE: i32 = 10;
+
+/// What every accept loop shares.
+#[derive(Clone)]
+struct AcceptLoops {
+    server: Server,
+    permits: Arc<Semaphore>,
+    workers: Arc<Workers>,
+    local: Arc<std::sync::Mutex<JoinSet<()>>>,
+    /// The server's own runtime, where a connection no worker took is served.
+    here: tokio::runtime::Handle,
+    stop: watch::Receiver<bool>,
+}
+
+impl AcceptLoops {
+    /// One accept loop per listener, on the current runtime.
+    fn spawn(&self, listeners: Vec<TcpListener>) -> JoinSet<()> {
+        let mut accepting = JoinSet::new();
+        for listener in listeners {
+            let l = self.clone();
+            accepting.spawn(async move {
+                l.server
+                    .accept_loop(listener, l.permits, l.workers, l.local, l.here, l.stop)
+                    .await;
+            });
+        }
+        accepting
+    }
+}
+
+/// Where the accept loops run.
+enum Acceptor {
+    Thread(std::thread::JoinHandle<()>),
+    Here(JoinSet<()>),
+}
+
+impl Acceptor {
+    /// Waits for the loops, which end once the server's stop is sent.
+    async fn stop(self) {
+        match self {
+            Acceptor::Thread(thread) => {
+                if tokio::task::spawn_blocking(move || thread.join())
+                    .await
+                    .is_err()
+                {
+                    error!("the accepting thread panicked");
+                }
+            }
+            Acceptor::Here(mut loops) => loops.shutdown().await,
         }
     }
 }

@@ -41,3 +41,23 @@ pub fn peer_closed(fd: BorrowedFd<'_>) -> bool {
     let n = unsafe { libc::poll(&mut p, 1, 0) };
     n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
 }
+
+/// Raises the calling thread's nice value by `by` (less CPU when threads
+/// compete; an unprivileged thread may always lower its own priority).
+pub fn lower_thread_priority(by: i32) -> std::io::Result<()> {
+    // SAFETY: getpriority/setpriority take plain integers; with
+    // PRIO_PROCESS and 0 they act on the calling thread alone (Linux).
+    // errno is cleared first: -1 is also a valid priority.
+    let now = unsafe {
+        *libc::__errno_location() = 0;
+        libc::getpriority(libc::PRIO_PROCESS, 0)
+    };
+    if now == -1 && std::io::Error::last_os_error().raw_os_error() != Some(0) {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, (now + by).min(19)) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
