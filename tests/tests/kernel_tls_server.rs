@@ -538,7 +538,7 @@ cat /tmp/user.log
         auto_log
             .lines()
             .filter(|l| l.contains(" imported")
-                && l.contains("via=user-space TLS, TLS13_AES_256_GCM_SHA384"))
+                && l.contains("via=user-space TLS, TLS13_AES_128_GCM_SHA256"))
             .count(),
         2,
         "{auto_log}"
@@ -596,14 +596,14 @@ cat /tmp/user.log
     assert_eq!(
         imports
             .iter()
-            .filter(|l| l.contains("via=kernel TLS, AES-256-GCM"))
+            .filter(|l| l.contains("via=kernel TLS, AES-128-GCM"))
             .count(),
         4,
         "{kernel_log}"
     );
     // The URB that shared the import's record: it was in user space.
     assert!(
-        imports[4].contains("via=user-space TLS, TLS13_AES_256_GCM_SHA384"),
+        imports[4].contains("via=user-space TLS, TLS13_AES_128_GCM_SHA256"),
         "{kernel_log}"
     );
     assert_eq!(
@@ -617,7 +617,7 @@ cat /tmp/user.log
     assert!(!kernel_log.contains("WARN"), "{kernel_log}");
     assert!(!kernel_log.contains("ERROR"), "{kernel_log}");
     assert!(
-        user_log.contains("via=user-space TLS, TLS13_AES_256_GCM_SHA384"),
+        user_log.contains("via=user-space TLS, TLS13_AES_128_GCM_SHA256"),
         "{user_log}"
     );
 

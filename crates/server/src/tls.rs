@@ -253,7 +253,15 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsC
         path: files.key.clone(),
         source,
     })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut provider = rustls::crypto::ring::default_provider();
+    // AES-128-GCM first: a fifth cheaper than AES-256-GCM per byte here
+    // (ring with VAES), and as safe for TLS 1.3's purposes.
+    provider.cipher_suites.sort_by_key(|s| match s.suite() {
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => 0,
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 => 1,
+        _ => 2,
+    });
+    let provider = Arc::new(provider);
     let ca = match &files.client_ca {
         Some(path) => {
             let mut roots = RootCertStore::empty();
