@@ -14,7 +14,7 @@ use crate::backend::UsbfsBackend;
 use crate::busy::{self, Holder};
 use crate::export::{ExportRefusal, ExportReservation, ExportTable};
 use crate::state::{Binding, State};
-use crate::stub::{self, KernelStubBackend, STUB_DRIVER};
+use crate::stub::{self, kernel_stub_backend, STUB_DRIVER};
 use crate::sysfs::{driver_of, LocalDevice, NotExportable, Roots};
 
 /// Why a bind or unbind was refused. [`BindError::errno`] gives the
@@ -332,7 +332,7 @@ impl Manager {
         }
         let mut info = dev.device_info();
         info.busid = busid.into();
-        reservation.commit(info, Box::new(KernelStubBackend::new(&dev)));
+        reservation.commit(info, Box::new(kernel_stub_backend(&dev)));
         inner
             .kernel
             .insert(busid.to_string(), KernelExport::of(&dev));
@@ -395,7 +395,7 @@ impl Manager {
             };
             let mut info = dev.device_info();
             info.busid = busid.as_str().into();
-            reservation.commit(info, Box::new(KernelStubBackend::new(&dev)));
+            reservation.commit(info, Box::new(kernel_stub_backend(&dev)));
             inner.kernel.insert(busid.clone(), KernelExport::of(&dev));
             inner.last_error.remove(&busid);
             info!(

@@ -17,7 +17,10 @@ use std::io::{self, Write};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
-use usbwire_usb::{KernelHandoff, KernelState};
+use std::task::{Context, Poll};
+
+use usbwire_proto::{DeviceInfo, Errno};
+use usbwire_usb::{Backend, Completion, KernelHandoff, KernelState, TransferType, Urb};
 
 /// The status attribute of a driver that takes USB/IP connections.
 pub const STATUS_ATTR: &str = "usbip_status";
@@ -48,6 +51,57 @@ impl SysfsHandoff {
 
     fn attr(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+}
+
+/// A device a kernel driver runs (the stub's device, a vudc's gadget), as
+/// the export table holds it: its record, and the driver's attributes that
+/// take an import's socket. usbipd never runs an URB for it.
+pub struct KernelRunDevice {
+    info: DeviceInfo,
+    handoff: SysfsHandoff,
+}
+
+impl KernelRunDevice {
+    pub fn new(info: DeviceInfo, handoff: SysfsHandoff) -> KernelRunDevice {
+        KernelRunDevice { info, handoff }
+    }
+
+    /// The device's sysfs directory.
+    pub fn dir(&self) -> &Path {
+        self.handoff.dir()
+    }
+}
+
+impl Backend for KernelRunDevice {
+    fn device_info(&self, busid: &str, _busnum: u32, _devnum: u32) -> DeviceInfo {
+        DeviceInfo {
+            busid: busid.into(),
+            ..self.info.clone()
+        }
+    }
+
+    /// The kernel knows the endpoints; usbipd never sees an URB.
+    fn transfer_type(&self, _ep_address: u8) -> Option<TransferType> {
+        None
+    }
+
+    /// Never called: a device with a kernel handoff gets no URBs. Were
+    /// one to come, ENODEV answers it rather than a hang.
+    fn poll_urb(&mut self, _urb: &mut Urb, _cx: &mut Context<'_>) -> Poll<Completion> {
+        Poll::Ready(Completion::failed(Errno::ENODEV))
+    }
+
+    /// The drivers reset the device themselves when a connection ends
+    /// (the stub's `stub_device_reset`, vudc's `vudc_device_reset`).
+    fn release(&mut self) {}
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn kernel_handoff(&mut self) -> Option<&mut dyn KernelHandoff> {
+        Some(&mut self.handoff)
     }
 }
 

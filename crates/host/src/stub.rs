@@ -13,13 +13,9 @@
 
 use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
-use std::task::{Context, Poll};
+use std::path::PathBuf;
 
-use usbwire_proto::{DeviceInfo, Errno};
-use usbwire_usb::{Backend, Completion, KernelHandoff, TransferType, Urb};
-
-use crate::handoff::SysfsHandoff;
+use crate::handoff::{KernelRunDevice, SysfsHandoff};
 use crate::sysfs::{driver_of, LocalDevice, Roots};
 
 /// The kernel's stub driver.
@@ -103,60 +99,20 @@ pub fn unbind(roots: &Roots, busid: &str) -> Result<(), StubError> {
     Ok(())
 }
 
-/// A device bound to the stub, as the export table holds it: its record
-/// from sysfs, and the stub's attributes that take an import's socket.
-/// The server never runs URBs for it: the stub does.
-pub struct KernelStubBackend {
-    info: DeviceInfo,
-    handoff: SysfsHandoff,
-}
-
-impl KernelStubBackend {
-    /// The stub's device `dev` (bound to [`STUB_DRIVER`]).
-    pub fn new(dev: &LocalDevice) -> KernelStubBackend {
-        KernelStubBackend {
-            info: dev.device_info(),
-            handoff: SysfsHandoff::new(STUB_DRIVER, dev.syspath.clone()),
-        }
-    }
-
-    /// The device's sysfs directory.
-    pub fn dir(&self) -> &Path {
-        self.handoff.dir()
-    }
-}
-
-impl Backend for KernelStubBackend {
-    fn device_info(&self, busid: &str, _busnum: u32, _devnum: u32) -> DeviceInfo {
-        let mut info = self.info.clone();
-        info.busid = busid.into();
-        info
-    }
-
-    fn transfer_type(&self, _ep_address: u8) -> Option<TransferType> {
-        None
-    }
-
-    fn poll_urb(&mut self, _urb: &mut Urb, _cx: &mut Context<'_>) -> Poll<Completion> {
-        // Never asked: an import of this device hands its socket over.
-        Poll::Ready(Completion::failed(Errno::ENODEV))
-    }
-
-    fn release(&mut self) {}
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-
-    fn kernel_handoff(&mut self) -> Option<&mut dyn KernelHandoff> {
-        Some(&mut self.handoff)
-    }
+/// A device bound to the stub (`dev`, bound to [`STUB_DRIVER`]), as the
+/// export table holds it: the stub runs its URBs.
+pub fn kernel_stub_backend(dev: &LocalDevice) -> KernelRunDevice {
+    KernelRunDevice::new(
+        dev.device_info(),
+        SysfsHandoff::new(STUB_DRIVER, dev.syspath.clone()),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::sysfs::fake;
+    use usbwire_usb::Backend;
 
     fn tree(driver: Option<&str>) -> (tempfile::TempDir, Roots, LocalDevice) {
         let t = tempfile::tempdir().unwrap();
@@ -201,7 +157,7 @@ mod tests {
     #[test]
     fn the_backend_hands_imports_to_the_devices_stub_attributes() {
         let (_t, _roots, dev) = tree(Some(STUB_DRIVER));
-        let mut b = KernelStubBackend::new(&dev);
+        let mut b = kernel_stub_backend(&dev);
         assert_eq!(b.device_info("1-1", 0, 0).id_vendor, 0x1234);
         assert_eq!(b.dir(), dev.syspath);
         let h = b.kernel_handoff().unwrap();

@@ -35,14 +35,13 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::task::{Context, Poll};
 
 use tracing::{debug, info, warn};
 use usbwire_proto::{DeviceInfo, Errno, Speed};
-use usbwire_usb::{Backend, Completion, KernelHandoff, KernelState, TransferType, Urb};
+use usbwire_usb::KernelState;
 
 use crate::export::ExportTable;
-use crate::handoff::{SysfsHandoff, STATUS_ATTR};
+use crate::handoff::{KernelRunDevice, SysfsHandoff, STATUS_ATTR};
 use crate::sysfs::{attr, LocalError, Roots};
 
 /// The gadget name vudc gives its UDC (`USB_UDC_NAME`), and the prefix of
@@ -225,49 +224,11 @@ impl Roots {
 /// A vudc, as the daemon exports it: the kernel serves its URBs, so an
 /// import hands the connection to it through `usbip_sockfd`
 /// ([`SysfsHandoff`]) instead of running them.
-pub struct VudcBackend {
-    handoff: SysfsHandoff,
-    info: DeviceInfo,
-}
-
-impl VudcBackend {
-    pub fn new(gadget: &VudcGadget) -> VudcBackend {
-        VudcBackend {
-            handoff: SysfsHandoff::new(VUDC_NAME, &gadget.dir),
-            info: gadget.info.clone(),
-        }
-    }
-}
-
-impl Backend for VudcBackend {
-    fn device_info(&self, busid: &str, _busnum: u32, _devnum: u32) -> DeviceInfo {
-        DeviceInfo {
-            busid: busid.into(),
-            ..self.info.clone()
-        }
-    }
-
-    /// The kernel knows the gadget's endpoints; usbipd never sees an URB.
-    fn transfer_type(&self, _ep_address: u8) -> Option<TransferType> {
-        None
-    }
-
-    /// Never called: a device with a kernel handoff gets no URBs. Were
-    /// one to come, ENODEV answers it rather than a hang.
-    fn poll_urb(&mut self, _urb: &mut Urb, _cx: &mut Context<'_>) -> Poll<Completion> {
-        Poll::Ready(Completion::failed(Errno::ENODEV))
-    }
-
-    /// vudc resets itself when its connection ends (`vudc_device_reset`).
-    fn release(&mut self) {}
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-
-    fn kernel_handoff(&mut self) -> Option<&mut dyn KernelHandoff> {
-        Some(&mut self.handoff)
-    }
+pub fn vudc_backend(gadget: &VudcGadget) -> KernelRunDevice {
+    KernelRunDevice::new(
+        gadget.info.clone(),
+        SysfsHandoff::new(VUDC_NAME, &gadget.dir),
+    )
 }
 
 /// Keeps an export table in step with the vudcs: every vudc whose gadget
@@ -378,7 +339,7 @@ impl VudcExports {
             }
             match self.table.reserve(&g.busid) {
                 Ok(slot) => {
-                    slot.commit(g.info.clone(), Box::new(VudcBackend::new(g)));
+                    slot.commit(g.info.clone(), Box::new(vudc_backend(g)));
                     exported.insert(g.busid.clone(), g.info.clone());
                     info!(
                         "exporting {} (gadget {}, {:04x}:{:04x}, {})",
@@ -525,6 +486,7 @@ mod tests {
     use super::*;
     use crate::export::{ExportRefusal, ExportReservation, Unexported};
     use std::sync::Arc;
+    use usbwire_usb::Backend;
 
     #[test]
     fn reads_a_bound_vudc_as_the_c_tool_does() {
@@ -565,7 +527,7 @@ mod tests {
             interfaces: Vec::new(),
         };
         assert_eq!(g.info, want);
-        let b = VudcBackend::new(g);
+        let b = vudc_backend(g);
         assert_eq!(b.device_info("usbip-vudc.0", 9, 9), want);
         assert_eq!(b.transfer_type(0x81), None);
     }
@@ -646,7 +608,7 @@ mod tests {
             .unwrap()
             .gadgets
             .remove(0);
-        let mut b = VudcBackend::new(&g);
+        let mut b = vudc_backend(&g);
         let h = b.kernel_handoff().expect("a vudc is run by the kernel");
         assert_eq!(h.driver(), "usbip-vudc");
         assert_eq!(h.state().unwrap(), KernelState::Available);
@@ -711,10 +673,10 @@ mod tests {
                 Some((info, false)) => {
                     let info = info.clone();
                     map.remove(busid);
-                    Ok(Box::new(VudcBackend {
-                        handoff: SysfsHandoff::new(VUDC_NAME, PathBuf::new()),
+                    Ok(Box::new(KernelRunDevice::new(
                         info,
-                    }))
+                        SysfsHandoff::new(VUDC_NAME, PathBuf::new()),
+                    )))
                 }
             }
         }
