@@ -356,18 +356,34 @@ impl Manager {
                 return;
             }
         };
-        let on_stub: HashMap<String, LocalDevice> = devices
-            .into_iter()
-            .filter(|d| d.driver.as_deref() == Some(STUB_DRIVER) && d.is_exportable())
-            .map(|d| (d.busid.clone(), d))
-            .collect();
+        // A device whose `devnum` read as missing (0: no addressed device
+        // has it) was caught mid-change, e.g. while the stub resets it
+        // after a connection: its record would carry a devid the stub
+        // refuses ("recv invalid request"). It is left as it was until a
+        // later pass reads it whole.
+        let (on_stub, unsettled): (HashMap<String, LocalDevice>, Vec<String>) = {
+            let mut unsettled = Vec::new();
+            let on_stub = devices
+                .into_iter()
+                .filter(|d| d.driver.as_deref() == Some(STUB_DRIVER) && d.is_exportable())
+                .filter(|d| {
+                    if d.devnum == 0 {
+                        debug!("{}: its devnum did not read; looking again later", d.busid);
+                        unsettled.push(d.busid.clone());
+                    }
+                    d.devnum != 0
+                })
+                .map(|d| (d.busid.clone(), d))
+                .collect();
+            (on_stub, unsettled)
+        };
         let known: Vec<(String, KernelExport)> =
             inner.kernel.iter().map(|(b, k)| (b.clone(), *k)).collect();
         for (busid, k) in known {
             let same = on_stub
                 .get(&busid)
                 .is_some_and(|d| d.busnum == k.busnum && d.devnum == k.devnum);
-            if same {
+            if same || unsettled.contains(&busid) {
                 continue;
             }
             match self.exports.remove_when_free(&busid, true) {
@@ -810,6 +826,15 @@ mod tests {
         // A usbfs bind of it is refused: the stub has it.
         assert_eq!(m.bind("1-1", false).unwrap_err().errno(), "EBUSY");
         assert_eq!(m.bind_kernel("1-1", false).unwrap_err().errno(), "EEXIST");
+        // Read mid-change (no devnum): neither withdrawn nor re-exported
+        // with a record the stub would refuse.
+        fs::remove_file(dev.join("devnum")).unwrap();
+        m.poll();
+        {
+            let held = table.0.lock().unwrap();
+            assert_eq!(held.get("1-1").unwrap().device_info("1-1", 0, 0).devnum, 2);
+        }
+        fs::write(dev.join("devnum"), "2\n").unwrap();
         // The stub lets go of it (the C `usbip unbind`): no longer exported.
         fs::remove_file(dev.join("driver")).unwrap();
         m.poll();
