@@ -121,6 +121,12 @@ struct Args {
     /// its turn. Default 256 MiB.
     #[arg(long = "max-inflight-bytes", value_name = "BYTES")]
     max_inflight_bytes: Option<usize>,
+    /// Serve Prometheus metrics (connections, imports, refusals, URBs and
+    /// bytes by device, error holds, TLS handshakes) over HTTP at
+    /// http://ADDR/metrics, e.g. 127.0.0.1:9240; port 0 takes an ephemeral
+    /// port, logged once bound.
+    #[arg(long = "metrics", value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 const DEFAULT_STATE_FILE: &str = "/var/lib/usbwire/bindings.json";
@@ -494,6 +500,13 @@ async fn serve(
     let policy = server_config.acl.policy.clone();
     let identities = Identities::of(args, &config, &server_config);
     let server = Server::new(registry, server_config).map_err(|e| e.to_string())?;
+    let metrics = match args.metrics.or(config.server.metrics) {
+        Some(addr) => Some(tokio::spawn(usbwire_cli::metrics::serve(
+            usbwire_cli::metrics::bind(addr).await?,
+            server.clone(),
+        ))),
+        None => None,
+    };
     listen::announce_ready(&addrs, ready_fd);
     server
         .run(sockets, async {
@@ -501,6 +514,9 @@ async fn serve(
             listen::announce_stopping();
         })
         .await;
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     if let Some(control_plane) = control_plane {
         control_plane.stop().await;
     }
