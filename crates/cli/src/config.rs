@@ -332,6 +332,7 @@ mod tests {
             tcp_port = 3241
             hold_on_error = false
             device_mode = true
+            metrics = "127.0.0.1:9240"
             [[device]]
             kind = "mass-storage"
             image = "d.img"
@@ -353,6 +354,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.server.tcp_port, Some(3241));
         assert_eq!(c.server.device_mode, Some(true));
+        assert_eq!(c.server.metrics, Some("127.0.0.1:9240".parse().unwrap()));
         assert_eq!(c.devices.len(), 4);
         assert_eq!(c.devices[3].busid(), Some("2-1"));
         assert!(matches!(

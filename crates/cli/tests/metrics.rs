@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use common::{peer_binary, Daemon};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use usbwire_cli::metrics::MAX_REQUEST;
 use usbwire_client::TransferError;
 use usbwire_devices::testdev::{Fault, EP_SINK, EP_SOURCE};
 
@@ -219,9 +220,26 @@ async fn counters_move_with_a_known_workload_and_promtool_accepts_them() {
         0.0
     );
 
-    // Anything but /metrics is not found; the daemon still serves after.
+    // Anything but /metrics is not found.
     let (status, _) = get(addr, "/").await;
     assert_eq!(status, "HTTP/1.1 404 Not Found");
+    // A request head as long as the bound, still unfinished, is answered
+    // then: the server buffers no more of it. (Exactly the bound, so that
+    // the server reads all of it and closes without a reset.)
+    let oversized = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(&[b'a'; MAX_REQUEST]).await.unwrap();
+        let mut response = String::new();
+        s.read_to_string(&mut response).await.unwrap();
+        response
+    };
+    let response = tokio::time::timeout(LIMIT, oversized).await.unwrap();
+    assert!(
+        response.starts_with("HTTP/1.1 400 Bad Request"),
+        "{response}"
+    );
+    // And scrapes still work after it.
+    scrape(addr).await;
     drop(dev);
     assert!(d.stop().success());
 }

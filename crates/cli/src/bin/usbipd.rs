@@ -493,6 +493,12 @@ async fn serve(
         export_gadgets(&registry).await;
     }
     let (addrs, sockets) = tokio_listeners(listeners)?;
+    // Bound before the control plane starts, which a failure here would
+    // leave without its orderly stop.
+    let metrics_listener = match args.metrics.or(config.server.metrics) {
+        Some(addr) => Some(usbwire_cli::metrics::bind(addr).await?),
+        None => None,
+    };
     let control_plane = match control {
         Some(socket) => Some(ControlPlane::start(socket, &registry, args).await?),
         None => None,
@@ -500,13 +506,8 @@ async fn serve(
     let policy = server_config.acl.policy.clone();
     let identities = Identities::of(args, &config, &server_config);
     let server = Server::new(registry, server_config).map_err(|e| e.to_string())?;
-    let metrics = match args.metrics.or(config.server.metrics) {
-        Some(addr) => Some(tokio::spawn(usbwire_cli::metrics::serve(
-            usbwire_cli::metrics::bind(addr).await?,
-            server.clone(),
-        ))),
-        None => None,
-    };
+    let metrics = metrics_listener
+        .map(|listener| tokio::spawn(usbwire_cli::metrics::serve(listener, server.clone())));
     listen::announce_ready(&addrs, ready_fd);
     server
         .run(sockets, async {
