@@ -8,6 +8,7 @@
 //! failed_handshake_burst = 16     # failed TLS handshakes, then a source's
 //! failed_handshake_refill_ms = 1000  # connections are closed at accept
 //! device_mode = false       # like -e: also export gadgets bound to usbip-vudc
+//! metrics = "127.0.0.1:9240" # like --metrics: Prometheus text at /metrics
 //!
 //! [[device]]
 //! kind = "mass-storage"
@@ -136,6 +137,9 @@ pub struct ServerSection {
     /// As `usbipd --device` (`-e`): export the gadgets bound to the
     /// kernel's usbip-vudc too. Read by usbipd, not the server.
     pub device_mode: Option<bool>,
+    /// As `usbipd --metrics`: serve Prometheus metrics on this address.
+    /// Read by usbipd, not the server.
+    pub metrics: Option<std::net::SocketAddr>,
     pub max_connections: Option<usize>,
     pub max_urbs_in_flight: Option<usize>,
     pub max_bytes_in_flight: Option<usize>,
@@ -328,6 +332,7 @@ mod tests {
             tcp_port = 3241
             hold_on_error = false
             device_mode = true
+            metrics = "127.0.0.1:9240"
             [[device]]
             kind = "mass-storage"
             image = "d.img"
@@ -349,6 +354,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.server.tcp_port, Some(3241));
         assert_eq!(c.server.device_mode, Some(true));
+        assert_eq!(c.server.metrics, Some("127.0.0.1:9240".parse().unwrap()));
         assert_eq!(c.devices.len(), 4);
         assert_eq!(c.devices[3].busid(), Some("2-1"));
         assert!(matches!(

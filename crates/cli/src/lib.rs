@@ -4,4 +4,5 @@ pub mod config;
 pub mod control;
 pub mod devices;
 pub mod listen;
+pub mod metrics;
 pub mod names;

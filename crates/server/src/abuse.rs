@@ -705,6 +705,9 @@ mod tests {
         let counts = server.refusals().total;
         assert_eq!(counts.failed_handshakes, 2, "no third handshake was tried");
         assert_eq!(counts.throttled_connections, 1);
+        // What `usbipd --metrics` shows of it.
+        assert_eq!(server.metrics().tls_handshakes(), (0, 2));
+        assert_eq!(server.metrics().connections(), 3);
     }
 
     /// The nice value of this process's thread named `name`, if there is one.

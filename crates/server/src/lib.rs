@@ -7,6 +7,7 @@
 
 pub mod abuse;
 pub mod acl;
+pub mod metrics;
 pub mod queue;
 pub mod registry;
 pub mod session;
@@ -241,6 +242,7 @@ pub(crate) struct ServerState {
     pub budget: Arc<abuse::ByteBudget>,
     /// Refusals per source, and their rate-limited log.
     pub refusals: abuse::RefusalLog,
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 impl ServerState {
@@ -249,6 +251,7 @@ impl ServerState {
             registry,
             budget: abuse::ByteBudget::new(config.max_inflight_bytes),
             refusals: abuse::RefusalLog::new(config.refusals),
+            metrics: Arc::default(),
             config,
         }
     }
@@ -303,6 +306,12 @@ impl Server {
     /// Refusals counted per source so far.
     pub fn refusals(&self) -> abuse::RefusalSnapshot {
         self.state.refusals.snapshot()
+    }
+
+    /// What the server has counted (connections, URBs by device, error
+    /// holds, TLS handshakes) since it started.
+    pub fn metrics(&self) -> &metrics::Metrics {
+        &self.state.metrics
     }
 
     /// Bytes of the global in-flight budget no import holds now.
@@ -474,6 +483,7 @@ impl Server {
                 _ = stop.changed() => return,
             };
             let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+            self.state.metrics.connection();
             debug!(conn, %peer, "connection");
             if let Err(wait) = self.state.refusals.may_handshake(peer.ip(), Instant::now()) {
                 // Closed here, before a worker sees it: a flood of them

@@ -121,6 +121,12 @@ struct Args {
     /// its turn. Default 256 MiB.
     #[arg(long = "max-inflight-bytes", value_name = "BYTES")]
     max_inflight_bytes: Option<usize>,
+    /// Serve Prometheus metrics (connections, imports, refusals, URBs and
+    /// bytes by device, error holds, TLS handshakes) over HTTP at
+    /// http://ADDR/metrics, e.g. 127.0.0.1:9240; port 0 takes an ephemeral
+    /// port, logged once bound.
+    #[arg(long = "metrics", value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 const DEFAULT_STATE_FILE: &str = "/var/lib/usbwire/bindings.json";
@@ -487,6 +493,12 @@ async fn serve(
         export_gadgets(&registry).await;
     }
     let (addrs, sockets) = tokio_listeners(listeners)?;
+    // Bound before the control plane starts, which a failure here would
+    // leave without its orderly stop.
+    let metrics_listener = match args.metrics.or(config.server.metrics) {
+        Some(addr) => Some(usbwire_cli::metrics::bind(addr).await?),
+        None => None,
+    };
     let control_plane = match control {
         Some(socket) => Some(ControlPlane::start(socket, &registry, args).await?),
         None => None,
@@ -494,6 +506,8 @@ async fn serve(
     let policy = server_config.acl.policy.clone();
     let identities = Identities::of(args, &config, &server_config);
     let server = Server::new(registry, server_config).map_err(|e| e.to_string())?;
+    let metrics = metrics_listener
+        .map(|listener| tokio::spawn(usbwire_cli::metrics::serve(listener, server.clone())));
     listen::announce_ready(&addrs, ready_fd);
     server
         .run(sockets, async {
@@ -501,6 +515,9 @@ async fn serve(
             listen::announce_stopping();
         })
         .await;
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     if let Some(control_plane) = control_plane {
         control_plane.stop().await;
     }

@@ -5,6 +5,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{IoSlice, IoSliceMut};
 use std::ops::Range;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
@@ -20,6 +21,7 @@ use super::{SessionConfig, DIRECT_READ_MIN, MAX_EARLY_UNLINKS, READ_CHUNK};
 use usbwire_usb::StateChange;
 
 use crate::abuse::BudgetShare;
+use crate::metrics::{self, DeviceMetrics, HoldEnd, Metrics};
 use crate::queue::EndpointQueue;
 use crate::{Backend, Completion, SessionError, TransferType, Urb, UrbId};
 
@@ -135,6 +137,12 @@ pub struct UrbSession {
     /// This session's part of the server's global in-flight budget, if
     /// it has one.
     budget: Option<BudgetShare>,
+    /// Where this import's URBs and error holds are counted, if anywhere.
+    metrics: Option<(Arc<DeviceMetrics>, Arc<Metrics>)>,
+    /// Each queue's transfer type (a [`metrics::TRANSFER_TYPES`] index) as
+    /// the backend gave it at the last submit, so that completions need
+    /// not ask again.
+    ep_types: [u8; 32],
 }
 
 impl UrbSession {
@@ -174,7 +182,15 @@ impl UrbSession {
                 config.max_bytes_in_flight,
             ),
             budget: None,
+            metrics: None,
+            ep_types: [0; 32],
         }
+    }
+
+    /// Counts this import's URBs in `device` and its error holds in `server`.
+    pub fn with_metrics(mut self, device: Arc<DeviceMetrics>, server: Arc<Metrics>) -> Self {
+        self.metrics = Some((device, server));
+        self
     }
 
     /// Makes the session take what its commands need from a budget shared
@@ -230,6 +246,10 @@ impl UrbSession {
 
     /// The device, for release once the import ends.
     pub fn into_backend(self) -> Box<dyn Backend> {
+        if let Some((device, server)) = &self.metrics {
+            device.dropped(self.inflight);
+            server.hold_ended(HoldEnd::ImportEnded, self.held);
+        }
         self.backend
     }
 
@@ -475,17 +495,26 @@ impl UrbSession {
         };
         self.inflight += 1;
         self.inflight_bytes += length;
+        if let Some((device, _)) = &self.metrics {
+            device.submitted();
+        }
         if cmd.ep > 15 {
             self.complete(urb, 0, Some(Errno::EPIPE));
             return Ok(());
         }
         let ep_addr = urb.ep_address();
-        if urb.ep != 0 && self.backend.transfer_type(ep_addr).is_none() {
+        let q = ep_index(urb.ep, urb.direction);
+        let ty = if urb.ep == 0 {
+            Some(TransferType::Control)
+        } else {
+            self.backend.transfer_type(ep_addr)
+        };
+        self.ep_types[q] = ty.map_or(0, metrics::transfer_type_index) as u8;
+        if ty.is_none() {
             debug!(ep = ep_addr, "URB for an endpoint the device does not have");
             self.complete(urb, 0, Some(Errno::EPIPE));
             return Ok(());
         }
-        let q = ep_index(urb.ep, urb.direction);
         self.queues[q].waiting.push_back(urb);
         self.pump(q);
         Ok(())
@@ -674,6 +703,14 @@ impl UrbSession {
         }
         self.hold_after_error(&urb, status);
         self.count_out(&urb);
+        if let Some((device, _)) = &self.metrics {
+            let ty = if (1..16).contains(&urb.ep) {
+                self.ep_types[ep_index(urb.ep, urb.direction)] as usize
+            } else {
+                0
+            };
+            device.completed(urb.direction, ty, actual, status);
+        }
         // Hashing every completion's seqnum costs more than the lookup is
         // worth when, as almost always, no unlink is under way.
         let unlink = if self.pending_unlinks.is_empty() {
@@ -710,6 +747,9 @@ impl UrbSession {
             return;
         }
         let q = ep_index(urb.ep, urb.direction);
+        if let (false, Some((_, server))) = (self.queues[q].is_held(), &self.metrics) {
+            server.hold_started();
+        }
         self.queues[q].hold(self.now + self.config.hold_grace);
         self.recount_holds();
         debug!(
@@ -731,6 +771,9 @@ impl UrbSession {
     /// Ends an URB that gets no RET_SUBMIT (unlinked in time).
     fn finish_silently(&mut self, urb: Urb) {
         self.count_out(&urb);
+        if let Some((device, _)) = &self.metrics {
+            device.dropped(1);
+        }
         self.pool.give(urb.buf);
     }
 
@@ -764,6 +807,7 @@ impl UrbSession {
     /// Control requests that change endpoint state also end error holds,
     /// as they do on a local host controller.
     fn after_control(&mut self, urb: &Urb) {
+        let held = self.held;
         match StateChange::recognise(&urb.setup) {
             Some(StateChange::ClearHalt { endpoint }) => {
                 let dir = if endpoint & 0x80 != 0 {
@@ -786,6 +830,9 @@ impl UrbSession {
             None => {}
         }
         self.recount_holds();
+        if let Some((_, server)) = &self.metrics {
+            server.hold_ended(HoldEnd::Released, held.saturating_sub(self.held));
+        }
     }
 
     // ---- the error hold's deadline ----
@@ -831,8 +878,14 @@ impl UrbSession {
     /// starts what they held.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.now = now;
-        for q in &mut self.queues {
-            q.expire(now);
+        let expired = self
+            .queues
+            .iter_mut()
+            .map(|q| q.expire(now))
+            .filter(|&e| e)
+            .count();
+        if let Some((_, server)) = &self.metrics {
+            server.hold_ended(HoldEnd::Expired, expired);
         }
         self.recount_holds();
         self.poll_all();

@@ -147,6 +147,7 @@ pub(crate) async fn serve(
             r = stream.accept(state.config.tls_handshake_timeout) => r,
             _ = shutdown.changed() => return Ok(()),
         };
+        state.metrics.tls_handshake(accepted.is_ok());
         if let Err(e) = accepted {
             if state.refusals.count(peer.ip(), Refusal::FailedHandshake) {
                 warn!(conn, %peer, "refused a TLS connection: {e}");
@@ -379,6 +380,7 @@ async fn import(
         state.release(&busid, conn, backend).await;
         return Err(e.into());
     }
+    state.metrics.imported(&busid);
     let grant = Grant {
         peer,
         device,
@@ -440,7 +442,8 @@ async fn urb_phase(
         client,
         Instant::now(),
     )
-    .with_budget(state.budget.share());
+    .with_budget(state.budget.share())
+    .with_metrics(state.metrics.device(&busid), state.metrics.clone());
     let r = tokio::select! {
         r = run(&stream, &mut session, &wake, &mut shutdown) => r,
         () = end.requested() => {

@@ -1144,3 +1144,59 @@ fn replies_taken_in_time_stop_the_stall_clock() {
     h.finish_ok(2, 64);
     assert_eq!(h.session.poll_timeout(), Some(h.now + REPLY_STALL));
 }
+
+#[test]
+fn metrics_count_urbs_and_error_holds_with_how_each_ended() {
+    use crate::metrics::{Metrics, DIRECTIONS, TRANSFER_TYPES};
+    let server = Arc::new(Metrics::default());
+    let device = server.device("1-1");
+    let mut h = Harness::new();
+    let session = std::mem::replace(&mut h.session, Harness::new().session);
+    h.session = session.with_metrics(device.clone(), server.clone());
+    h.script().max_active = 8;
+    let ended = |how: &str| {
+        server
+            .holds_ended()
+            .iter()
+            .find(|(n, _)| *n == how)
+            .unwrap()
+            .1
+    };
+
+    h.submit(1, BULK_IN, 64);
+    h.finish(1, Completion::failed(Errno::EPIPE));
+    h.submit(2, BULK_IN, 64);
+    assert_eq!(server.holds_started(), 1);
+    assert_eq!(device.in_flight(), 1, "URB 2 waits behind the hold");
+    h.advance(GRACE);
+    assert_eq!(ended("expired"), 1);
+    h.finish_ok(2, 10);
+    // Cleared by the importer.
+    h.submit(3, BULK_IN, 64);
+    h.finish(3, Completion::failed(Errno::EPIPE));
+    h.control_out(4, 0x02, 1, 0, u16::from(BULK_IN)); // CLEAR_FEATURE(HALT)
+    h.finish_ok(4, 0);
+    assert_eq!(ended("released"), 1);
+    // Held when the import ends, with URB 6 still in flight.
+    h.submit(5, BULK_IN, 64);
+    h.finish(5, Completion::failed(Errno::EPIPE));
+    h.submit(6, BULK_IN, 64);
+    h.replies();
+    assert_eq!(server.holds_started(), 3);
+    let Harness { session, .. } = h;
+    drop(session.into_backend());
+    assert_eq!(ended("import_ended"), 1);
+    assert_eq!(device.in_flight(), 0);
+
+    let (inp, bulk, control) = (
+        DIRECTIONS.iter().position(|&d| d == "in").unwrap(),
+        TRANSFER_TYPES.iter().position(|&t| t == "bulk").unwrap(),
+        TRANSFER_TYPES.iter().position(|&t| t == "control").unwrap(),
+    );
+    assert_eq!(device.urbs(inp, bulk), 4);
+    assert_eq!(device.bytes(inp, bulk), 10);
+    assert_eq!(device.urbs(0, control), 1);
+    let statuses = device.statuses();
+    assert!(statuses.contains(&("EPIPE", 3)), "{statuses:?}");
+    assert!(statuses.contains(&("ok", 2)), "{statuses:?}");
+}
