@@ -120,6 +120,10 @@ Description: USB/IP server and client, wire-compatible with Linux's usbip
  (usbip-attach@.service); none is enabled on installation.
 CONTROL
 
+# debsums and dpkg --verify check the installed files against these.
+(cd "$root" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | LC_ALL=C sort -z |
+    xargs -0 md5sum) >"$root/DEBIAN/md5sums"
+
 deb="$out/${name}_${version}_${arch}.deb"
 dpkg-deb --root-owner-group "${compress[@]}" --build "$root" "$deb" >&2
 echo "$deb"

@@ -178,6 +178,16 @@ fn dpkg_installs_it_systemd_accepts_its_units_and_it_is_removed_without_a_trace(
     if tools().is_none() {
         return;
     }
+    // dpkg installs files as root's, even in another root.
+    if check(Command::new("id").arg("-u")).trim() != "0" {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI runs as root"
+        );
+        eprintln!("SKIPPED: dpkg -i needs root");
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
     dpkg_root_with_dependencies(&root, deb());
