@@ -30,7 +30,7 @@ while [ $# -gt 0 ]; do
 done
 if [ -z "$bins" ]; then
     cargo build --release --locked -p usbwire-cli --bins --manifest-path "$repo/Cargo.toml" >&2
-    bins="$repo/target/release"
+    bins="${CARGO_TARGET_DIR:-$repo/target}/release"
 fi
 for b in usbipd usbip usbwire-docs; do
     [ -x "$bins/$b" ] || { echo "$0: $bins/$b is missing or not executable" >&2; exit 1; }
