@@ -246,6 +246,33 @@ pub fn announce_ready(addrs: &[SocketAddr], ready_fd: Option<File>) {
     }
 }
 
+/// Pings the service manager's watchdog (`WATCHDOG=1`) at half the
+/// interval the unit set with `WatchdogSec=`, from a task on the runtime
+/// that accepts connections and runs the control socket: if that runtime
+/// stalls, the pings stop and systemd restarts `usbipd`. Does nothing when
+/// no watchdog is asked for (`WATCHDOG_USEC` unset, or meant for another
+/// process). Must be called from within the runtime.
+pub fn spawn_watchdog() {
+    let Some(timeout) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    // systemd's own advice (sd_watchdog_enabled(3)): ping at half the
+    // timeout, so one late wakeup does not cost a restart.
+    let period = (timeout / 2).max(std::time::Duration::from_millis(1));
+    tracing::info!("service manager watchdog: pinging every {period:?}");
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]) {
+                tracing::warn!("cannot ping the service manager's watchdog (NOTIFY_SOCKET): {e}; no more pings");
+                return;
+            }
+        }
+    });
+}
+
 /// Tells the service manager (if any) that `usbipd` is shutting down.
 pub fn announce_stopping() {
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Stopping]) {

@@ -228,6 +228,37 @@ fn sd_notify_gets_ready_with_the_addresses_then_stopping() {
     assert!(wait_exit(&mut child, LIMIT).unwrap().unwrap().success());
 }
 
+/// `WatchdogSec=` in a unit: systemd sets WATCHDOG_USEC (and WATCHDOG_PID)
+/// and restarts the service unless it pings `WATCHDOG=1` in time.
+#[test]
+fn with_watchdog_usec_set_usbipd_pings_the_watchdog_after_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify");
+    let notify = UnixDatagram::bind(&sock_path).unwrap();
+    notify.set_read_timeout(Some(LIMIT)).unwrap();
+    let log_path = dir.path().join("usbipd.log");
+    let mut child = Command::new(USBIPD)
+        .args(["--demo", "--no-control", "--listen", "127.0.0.1", "-t", "0"])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "200000")
+        .env_remove("WATCHDOG_PID")
+        .stderr(File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let mut recv = || {
+        let n = notify
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no notification ({e}):\n{}", log(&log_path)));
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert!(recv().starts_with("READY=1\n"));
+    // Two pings: the watchdog keeps going rather than pinging once.
+    assert_eq!(recv(), "WATCHDOG=1\n");
+    assert_eq!(recv(), "WATCHDOG=1\n");
+    assert!(sigterm_and_wait(&mut child).success(), "{}", log(&log_path));
+}
+
 #[test]
 fn options_that_bind_are_refused_with_inherited_sockets() {
     let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();

@@ -23,7 +23,7 @@ fn root() -> PathBuf {
 
 #[derive(Parser, Debug)]
 #[command(name = "usbip", version, about = "USB/IP client")]
-struct Cli {
+pub(crate) struct Cli {
     /// Print debugging information (before the command, as with the C tool).
     #[arg(short = 'd', long = "debug")]
     debug: bool,

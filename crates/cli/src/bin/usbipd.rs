@@ -26,7 +26,7 @@ use usbwire_server::{Registry, Server, ServerConfig};
 /// clients such as Linux's vhci-hcd.
 #[derive(Parser, Debug)]
 #[command(name = "usbipd", version, about)]
-struct Args {
+pub(crate) struct Args {
     /// Listen on IPv4 only.
     #[arg(short = '4', long = "ipv4")]
     ipv4: bool,
@@ -509,6 +509,7 @@ async fn serve(
     let metrics = metrics_listener
         .map(|listener| tokio::spawn(usbwire_cli::metrics::serve(listener, server.clone())));
     listen::announce_ready(&addrs, ready_fd);
+    listen::spawn_watchdog();
     server
         .run(sockets, async {
             shutdown_signal(args.config.as_deref(), &policy, identities).await;
