@@ -8,9 +8,9 @@
 //! OpenMetrics, whose counter families (`# TYPE x counter` over samples
 //! named `x_total`) `promtool check metrics` rejects as untyped.
 //!
-//! The HTTP side is the least a scraper needs: one GET, one response, then
-//! the connection closes. Its input is bounded like the USB/IP port's: a
-//! request head of at most [`MAX_REQUEST`] bytes, read within
+//! HTTP is hyper's (HTTP/1.1): one GET, one response, then the connection
+//! closes. Its input is bounded like the USB/IP port's: a request head of
+//! at most [`MAX_REQUEST`] bytes (431 beyond), read within
 //! [`REQUEST_TIMEOUT`], and at most [`MAX_SCRAPES`] connections at a time.
 
 use std::net::SocketAddr;
@@ -18,7 +18,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::convert::Infallible;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
@@ -218,56 +225,48 @@ pub async fn serve(listener: TcpListener, server: Server) {
     }
 }
 
-/// Reads one request head and answers it.
-async fn answer(mut stream: TcpStream, server: &Server) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(1024);
-    let complete = tokio::time::timeout(REQUEST_TIMEOUT, async {
-        let mut chunk = [0u8; 1024];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            if head.len() >= MAX_REQUEST {
-                return Ok(false);
-            }
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                return Ok(false);
-            }
-            head.extend_from_slice(&chunk[..n.min(MAX_REQUEST - head.len())]);
-        }
-        Ok::<_, std::io::Error>(true)
-    })
-    .await
-    .unwrap_or(Ok(false))?;
-    let (status, content_type, body) = if !complete {
-        ("400 Bad Request", "text/plain", "bad request\n".to_string())
-    } else {
-        let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-        let mut parts = line.split(|&b| b == b' ');
-        match (parts.next(), parts.next()) {
-            (Some(b"GET"), Some(b"/metrics")) => match render(server) {
-                Ok(text) => ("200 OK", CONTENT_TYPE, text),
-                Err(e) => (
-                    "500 Internal Server Error",
-                    "text/plain",
-                    format!("cannot render the metrics: {e}\n"),
-                ),
-            },
-            (Some(b"GET"), _) => (
-                "404 Not Found",
+/// Serves one connection with hyper (HTTP/1.1, one request, then close).
+async fn answer(stream: TcpStream, server: &Server) -> Result<(), hyper::Error> {
+    let server = server.clone();
+    let service = service_fn(move |request: Request<Incoming>| {
+        let response = respond(&request, &server);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(REQUEST_TIMEOUT)
+        .max_buf_size(MAX_REQUEST)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+}
+
+fn respond(request: &Request<Incoming>, server: &Server) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        (&Method::GET, "/metrics") => match render(server) {
+            Ok(text) => (StatusCode::OK, CONTENT_TYPE, text),
+            Err(e) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
                 "text/plain",
-                "not found: the metrics are at /metrics\n".to_string(),
+                format!("cannot render the metrics: {e}\n"),
             ),
-            _ => (
-                "405 Method Not Allowed",
-                "text/plain",
-                "only GET is served\n".to_string(),
-            ),
-        }
+        },
+        (&Method::GET, _) => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: the metrics are at /metrics\n".to_string(),
+        ),
+        _ => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET is served\n".to_string(),
+        ),
     };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n{body}",
-        body.len()
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
     );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+    response
 }
