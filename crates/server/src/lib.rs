@@ -10,6 +10,7 @@ pub mod acl;
 pub mod queue;
 pub mod registry;
 pub mod session;
+pub mod state;
 mod sys;
 pub mod tls;
 mod workers;

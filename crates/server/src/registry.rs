@@ -29,6 +29,8 @@ use tokio::sync::{watch, Notify};
 use tracing::info;
 use usbwire_proto::{BusId, DeviceInfo, Errno, OpStatus};
 
+use crate::acl::ClientIdentity;
+use crate::state::{ExportState, ImportRecord, ImportState};
 use crate::Backend;
 
 /// Why a registry operation was refused.
@@ -107,6 +109,7 @@ pub struct Importer {
     /// ends, so that it never keeps the connection open.
     socket: TcpStream,
     end: Arc<Notify>,
+    record: Arc<ImportRecord>,
 }
 
 /// The session's half of an [`Importer`]: tells it to end the import.
@@ -132,6 +135,7 @@ impl Importer {
                 client,
                 socket,
                 end: end.clone(),
+                record: Arc::new(ImportRecord::new(None)),
             },
             EndRequest(end),
         ))
@@ -139,6 +143,18 @@ impl Importer {
 
     pub fn client(&self) -> SocketAddr {
         self.client
+    }
+
+    /// The same importer, known by the verified certificate of its TLS
+    /// client.
+    pub fn identified(mut self, tls: Option<ClientIdentity>) -> Importer {
+        self.record = Arc::new(ImportRecord::new(tls));
+        self
+    }
+
+    /// What the session counts for `usbip state`.
+    pub fn record(&self) -> Arc<ImportRecord> {
+        self.record.clone()
     }
 
     /// The client closed or reset the connection: no command can follow,
@@ -166,6 +182,7 @@ enum SlotState {
     Releasing {
         conn: u64,
         client: SocketAddr,
+        record: Arc<ImportRecord>,
     },
 }
 
@@ -590,8 +607,13 @@ impl Registry {
             if let SlotState::Imported(imp) = &slot.state {
                 if imp.conn == conn {
                     let client = imp.client;
+                    let record = imp.record.clone();
                     // Drops the importer's descriptor of the socket.
-                    slot.state = SlotState::Releasing { conn, client };
+                    slot.state = SlotState::Releasing {
+                        conn,
+                        client,
+                        record,
+                    };
                     self.notify();
                 }
             }
@@ -646,6 +668,34 @@ impl Registry {
                         SlotState::Imported(_) | SlotState::Releasing { .. }
                     ),
                 )
+            })
+            .collect()
+    }
+
+    /// Every committed device, and who imports it, in bus id order.
+    pub fn state(&self) -> Vec<ExportState> {
+        let import = |client, releasing, record: &ImportRecord| ImportState {
+            client,
+            releasing,
+            since: record.since,
+            tls: record.tls.clone(),
+            traffic: record.traffic(),
+        };
+        self.lock()
+            .values()
+            .filter_map(|s| {
+                let import = match &s.state {
+                    SlotState::Transitional => return None,
+                    SlotState::Available(_) => None,
+                    SlotState::Imported(imp) => Some(import(imp.client, false, &imp.record)),
+                    SlotState::Releasing { client, record, .. } => {
+                        Some(import(*client, true, record))
+                    }
+                };
+                Some(ExportState {
+                    info: s.info.clone(),
+                    import,
+                })
             })
             .collect()
     }
