@@ -917,6 +917,16 @@ Port 24: <Port in Use> at Super Speed(5000Mbps)
         assert_eq!(j[0]["remote"]["host"], "10.0.0.2");
         assert_eq!(j[1]["remote"], serde_json::Value::Null);
         assert_eq!(j[2]["hub"], "ss");
+        // What the README promises for `usbip port --json`.
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../../../schema/usbip-port.schema.json"))
+                .unwrap();
+        let schema = jsonschema::validator_for(&schema).unwrap();
+        let errors: Vec<String> = schema.iter_errors(&j).map(|e| e.to_string()).collect();
+        assert!(errors.is_empty(), "{j} breaks the schema: {errors:#?}");
+        let mut broken = j.clone();
+        broken[0]["port"] = "00".into();
+        assert!(!schema.is_valid(&broken));
         // Nothing imported: the header alone.
         let t2 = tempfile::tempdir().unwrap();
         vhci(t2.path(), 1, 8, &[]);
