@@ -493,10 +493,12 @@ async fn run(
 ) -> Result<(), SessionError> {
     let mut eof = false;
     loop {
+        // Before any reply goes out: a client that has its reply sees
+        // its URB counted.
+        record.set_urbs(session.urbs_taken());
         if session.has_output() || transport.wants_flush() {
             write_some(transport, session, record)?;
         }
-        record.set_urbs(session.urbs_taken());
         if eof {
             return Ok(());
         }
