@@ -833,6 +833,47 @@ mod tests {
         (client, imp)
     }
 
+    /// `usbip state`'s view through an import's life: available, imported
+    /// with what its session counted, releasing with the same record, and
+    /// available again.
+    #[tokio::test]
+    async fn state_follows_an_import_and_keeps_its_record_while_releasing() {
+        let r = registry_with(7);
+        let one = |r: &Registry| {
+            let mut s = r.state();
+            assert_eq!(s.len(), 1);
+            s.remove(0)
+        };
+        assert!(one(&r).import.is_none());
+        let (client, server) = connection();
+        let (imp, _end) = Importer::new(1, &server).unwrap();
+        let record = imp.record();
+        let (_, backend) = r.import(&BusId::from("1-1"), imp, SHORT).await.unwrap();
+        let s = one(&r);
+        assert_eq!(s.info.id_product, 7);
+        let i = s.import.unwrap();
+        assert_eq!(i.client, client.local_addr().unwrap());
+        assert!(!i.releasing && i.tls.is_none());
+        // Not counted until the session serves the URBs itself.
+        assert_eq!(i.traffic, None);
+        record.start_counting();
+        record.add_from_client(48);
+        record.add_to_client(66);
+        record.set_urbs(1);
+        let counted = Some(crate::state::Traffic {
+            urbs: 1,
+            bytes_from_client: 48,
+            bytes_to_client: 66,
+        });
+        assert_eq!(one(&r).import.unwrap().traffic, counted);
+        r.ending("1-1", 1);
+        let i = one(&r).import.unwrap();
+        assert!(i.releasing);
+        assert_eq!(i.traffic, counted);
+        r.release("1-1", 1, backend);
+        assert!(one(&r).import.is_none());
+    }
+
     #[tokio::test]
     async fn an_import_waits_for_the_release_under_way_and_gets_the_device() {
         let r = registry_with(7);
