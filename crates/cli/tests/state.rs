@@ -12,6 +12,16 @@ use common::Daemon;
 use serde_json::Value;
 use usbwire_client::{ServerTrust, TlsClientConfig};
 
+/// How long one exchange with the daemon may take before the test fails
+/// rather than hangs.
+const LIMIT: Duration = Duration::from_secs(30);
+
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(LIMIT, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what} took over {LIMIT:?}"))
+}
+
 const SCHEMA: &str = include_str!("../../../schema/usbip-state.schema.json");
 
 fn validator() -> jsonschema::Validator {
@@ -137,10 +147,14 @@ async fn state_shows_each_import_its_client_and_traffic() {
     let other = devices[1]["busid"].as_str().unwrap().to_string();
 
     let before = now_unix();
-    let dev = usbwire_client::import(d.addr(), &busid).await.unwrap();
+    let dev = within("the import", usbwire_client::import(d.addr(), &busid))
+        .await
+        .unwrap();
     const READS: usize = 5;
     for _ in 0..READS {
-        dev.device_descriptor().await.unwrap();
+        within("a descriptor read", dev.device_descriptor())
+            .await
+            .unwrap();
     }
     let v = tokio::task::block_in_place(|| state(&socket));
     let import = &device(&v, &busid)["import"];
@@ -177,7 +191,9 @@ async fn state_shows_each_import_its_client_and_traffic() {
     assert!(device(&v, &other)["import"].is_null(), "{v}");
 
     // More URBs move the counters on.
-    dev.device_descriptor().await.unwrap();
+    within("a descriptor read", dev.device_descriptor())
+        .await
+        .unwrap();
     let v2 = tokio::task::block_in_place(|| state(&socket));
     let t2 = &device(&v2, &busid)["import"]["traffic"];
     assert_eq!(t2["urbs"].as_u64().unwrap(), urbs + 1, "{t2}");
@@ -225,10 +241,15 @@ async fn state_shows_the_tls_clients_certificate() {
         &ServerTrust::Fingerprint(server_fp.parse().unwrap()),
     )
     .unwrap();
-    let dev = usbwire_client::import_tls("127.0.0.1", d.port, &tls, &busid)
+    let dev = within(
+        "the TLS import",
+        usbwire_client::import_tls("127.0.0.1", d.port, &tls, &busid),
+    )
+    .await
+    .unwrap();
+    within("a descriptor read", dev.device_descriptor())
         .await
         .unwrap();
-    dev.device_descriptor().await.unwrap();
     let v = tokio::task::block_in_place(|| state(&socket));
     let import = &device(&v, &busid)["import"];
     assert_eq!(import["tls"]["fingerprint"], client_fp.as_str(), "{import}");
