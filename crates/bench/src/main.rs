@@ -8,12 +8,14 @@
 //! ./target/release/usbwire-bench --scale                  # 1,000 devices, 256 idle connections
 //! ./target/release/usbwire-bench --server-cpu 0 --client-cpu 0 --filter ctrl,pingpong
 //! ./target/release/usbwire-bench --server-cpu 0 --client-cpu 0 --filter tls   # TLS beside plaintext
+//! ./target/release/usbwire-bench --filter 64k --plot bulk.svg   # throughput vs URBs in flight
 //! ```
 
 mod crate_server;
 mod hiccup;
 mod load;
 mod msc;
+mod plot;
 mod rawtcp;
 mod scale;
 mod servers;
@@ -101,6 +103,10 @@ struct Args {
     /// while a TLS import runs 64 KiB bulk IN, in the flood workload.
     #[arg(long, default_value_t = 1000)]
     flood_handshakes: u64,
+    /// Draw 64 KiB bulk throughput against URBs in flight (1, 8, 32) for
+    /// usbwire, the usbip crate and raw TCP from this run into FILE (SVG).
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
 }
 
 /// One measured workload on one server.
@@ -1544,6 +1550,19 @@ fn real_main(args: Args) -> Result<bool, String> {
                 "scale {}: aggregate run moved no data or had errors",
                 s.server
             ));
+        }
+    }
+
+    if let Some(path) = &ctx.args.plot {
+        let subtitle = format!(
+            "{:.1} s per point{}",
+            dur.as_secs_f64(),
+            if ctx.args.smoke { ", smoke run" } else { "" }
+        );
+        if let Err(e) = plot::write(path, &ctx.rows, &subtitle) {
+            problems.push(e);
+        } else if !quiet {
+            eprintln!("plot written to {}", path.display());
         }
     }
 

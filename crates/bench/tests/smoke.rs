@@ -12,8 +12,11 @@ use std::process::Command;
 #[test]
 #[ignore = "builds and runs usbipd; run with --ignored"]
 fn smoke_mode_runs_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("bulk.svg");
     let out = Command::new(env!("CARGO_BIN_EXE_usbwire-bench"))
-        .args(["--smoke", "--json-only", "--hiccup-meter"])
+        .args(["--smoke", "--json-only", "--hiccup-meter", "--plot"])
+        .arg(&svg)
         .output()
         .expect("run usbwire-bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -36,4 +39,28 @@ fn smoke_mode_runs_clean() {
             "{r}"
         );
     }
+    plot_is_drawn(&std::fs::read_to_string(&svg).expect("--plot wrote the SVG"));
+}
+
+/// The chart has its three kinds of lines, each with points, and labelled
+/// axes: what a reader of the README's command gets.
+fn plot_is_drawn(svg: &str) {
+    assert!(
+        svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+        "{svg}"
+    );
+    for label in [
+        "usbwire, bulk IN 64 KiB",
+        "usbwire, bulk OUT 64 KiB",
+        "usbip crate, bulk IN 64 KiB",
+        "usbip crate, bulk OUT 64 KiB",
+        "raw TCP, 64 KiB writes",
+        "URBs in flight",
+        "MB/s",
+    ] {
+        assert!(svg.contains(label), "no {label:?} in the plot:\n{svg}");
+    }
+    // A dot per measured point: four bulk lines at three depths, and the
+    // raw TCP line's two ends.
+    assert!(svg.matches("<circle").count() >= 4 * 3 + 2, "{svg}");
 }

@@ -11,7 +11,12 @@
 //! {"ok":false,"errno":"EBUSY","message":"1-1 is imported by 10.0.0.2:40986 right now (EBUSY); ..."}
 //! {"op":"list"}
 //! {"ok":true,"message":"","bindings":[{"busid":"1-1","vendor":1317,"product":42149,"state":"exported"}]}
+//! {"op":"state"}
+//! {"ok":true,"message":"","state":{"schema":1,"devices":[...]}}
 //! ```
+//!
+//! The `state` object is what `usbip state --json` prints; its shape is
+//! `schema/usbip-state.schema.json`, and changes to it only add fields.
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -53,6 +58,8 @@ pub enum Request {
         force: bool,
     },
     List,
+    /// Every exported device and its import: `usbip state`.
+    State,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,6 +81,101 @@ pub struct Response {
     pub warnings: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bindings: Vec<BindingEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<DaemonState>,
+}
+
+/// Version of the `state` object's shape, raised only when a field changes
+/// meaning or goes away.
+pub const STATE_SCHEMA: u32 = 1;
+
+/// What `usbip state --json` prints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonState {
+    pub schema: u32,
+    pub devices: Vec<ExportedDevice>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportedDevice {
+    pub busid: String,
+    /// Four hex digits, as `usbip list --json` writes them.
+    pub vendor_id: String,
+    pub product_id: String,
+    pub speed: String,
+    /// `None` while nobody imports the device.
+    pub import: Option<ImportEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportEntry {
+    /// `ADDRESS:PORT` of the client's connection.
+    pub client: String,
+    /// `imported`, or `releasing` while the device is reset after its
+    /// connection ended.
+    pub state: String,
+    /// When the import began, in seconds since the Unix epoch.
+    pub since_unix: u64,
+    /// The verified certificate of a TLS client; `None` in plaintext or
+    /// when the client showed no certificate.
+    pub tls: Option<TlsClient>,
+    /// `None` when a kernel driver (usbip-host, usbip-vudc) carries the
+    /// URBs: usbipd does not see them.
+    pub traffic: Option<TrafficEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsClient {
+    /// SHA-256 of the certificate, as `usbip cert` prints it.
+    pub fingerprint: String,
+    pub subject: String,
+    /// Whether the client CA vouched for the subject (not for a
+    /// certificate accepted by its pinned fingerprint).
+    pub subject_verified: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrafficEntry {
+    pub urbs: u64,
+    /// USB/IP bytes read from and written to the client, headers included.
+    pub bytes_from_client: u64,
+    pub bytes_to_client: u64,
+}
+
+/// The registry as `usbip state` shows it.
+pub fn daemon_state(registry: &Registry) -> DaemonState {
+    let devices = registry
+        .state()
+        .into_iter()
+        .map(|d| ExportedDevice {
+            busid: d.info.busid.to_string(),
+            vendor_id: format!("{:04x}", d.info.id_vendor),
+            product_id: format!("{:04x}", d.info.id_product),
+            speed: d.info.speed.describe().into(),
+            import: d.import.map(|i| ImportEntry {
+                client: i.client.to_string(),
+                state: if i.releasing { "releasing" } else { "imported" }.into(),
+                since_unix: i
+                    .since
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                tls: i.tls.map(|t| TlsClient {
+                    fingerprint: t.fingerprint.to_string(),
+                    subject: t.subject.to_string(),
+                    subject_verified: t.subject_verified,
+                }),
+                traffic: i.traffic.map(|t| TrafficEntry {
+                    urbs: t.urbs,
+                    bytes_from_client: t.bytes_from_client,
+                    bytes_to_client: t.bytes_to_client,
+                }),
+            }),
+        })
+        .collect();
+    DaemonState {
+        schema: STATE_SCHEMA,
+        devices,
+    }
 }
 
 /// The server's registry as the bind manager's export table: what the
@@ -141,6 +243,13 @@ impl ExportTable for RegistryExports {
 /// Runs one request against the manager (blocking: sysfs and ioctls).
 pub fn handle(m: &Manager, req: Request) -> Response {
     match req {
+        // Answered by `serve_one` from the registry, which the manager
+        // does not show.
+        Request::State => Response {
+            errno: Some("EINVAL".into()),
+            message: "state is answered by the control socket, not the bind manager".into(),
+            ..Default::default()
+        },
         Request::Bind {
             busid,
             force,
@@ -243,7 +352,11 @@ fn group_id(g: &str) -> io::Result<u32> {
 }
 
 /// Serves the control socket until the task is aborted.
-pub async fn serve(listener: std::os::unix::net::UnixListener, manager: Arc<Manager>) {
+pub async fn serve(
+    listener: std::os::unix::net::UnixListener,
+    manager: Arc<Manager>,
+    registry: Registry,
+) {
     let listener = match UnixListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -261,15 +374,16 @@ pub async fn serve(listener: std::os::unix::net::UnixListener, manager: Arc<Mana
             }
         };
         let m = manager.clone();
+        let registry = registry.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_one(stream, m).await {
+            if let Err(e) = serve_one(stream, m, registry).await {
                 debug!("control connection: {e}");
             }
         });
     }
 }
 
-async fn serve_one(stream: UnixStream, m: Arc<Manager>) -> io::Result<()> {
+async fn serve_one(stream: UnixStream, m: Arc<Manager>, registry: Registry) -> io::Result<()> {
     let peer = stream.peer_cred().ok();
     let (r, mut w) = stream.into_split();
     let mut lines = BufReader::new(r.take(MAX_LINE as u64 * 16)).lines();
@@ -278,6 +392,13 @@ async fn serve_one(stream: UnixStream, m: Arc<Manager>) -> io::Result<()> {
             break;
         }
         let resp = match serde_json::from_str::<Request>(&line) {
+            // Read-only and quick (one lock of the registry): not logged,
+            // so that a monitoring loop does not fill the log.
+            Ok(Request::State) => Response {
+                ok: true,
+                state: Some(daemon_state(&registry)),
+                ..Default::default()
+            },
             Ok(req) => {
                 info!(uid = peer.map(|p| p.uid()), "control request: {req:?}");
                 let m = m.clone();
@@ -384,6 +505,90 @@ pub async fn unbind_command(socket: &Path, busid: &str, force: bool) -> i32 {
     )
 }
 
+/// `usbip state [--json]`: what the daemon exports and who imports it.
+pub async fn state_command(socket: &Path, json: bool) -> Result<(), String> {
+    let r = request(socket, &Request::State)
+        .await
+        .map_err(|e| e.to_string())?;
+    let state = match r {
+        Response {
+            ok: true,
+            state: Some(state),
+            ..
+        } => state,
+        r if r.ok => {
+            return Err("usbipd answered without its state (is it older than this usbip?)".into())
+        }
+        r => return Err(r.message),
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&state).map_err(|e| e.to_string())?
+        );
+    } else {
+        print!("{}", render_state(&state, std::time::SystemTime::now()));
+    }
+    Ok(())
+}
+
+/// The state for a person: one block per exported device.
+pub fn render_state(state: &DaemonState, now: std::time::SystemTime) -> String {
+    use std::fmt::Write as _;
+    let now = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut out = String::new();
+    if state.devices.is_empty() {
+        out.push_str("usbipd exports no device\n");
+    }
+    for d in &state.devices {
+        let _ = writeln!(
+            out,
+            "{}: {}:{} ({})",
+            d.busid, d.vendor_id, d.product_id, d.speed
+        );
+        let Some(i) = &d.import else {
+            out.push_str("    available\n");
+            continue;
+        };
+        let _ = writeln!(
+            out,
+            "    {} by {} for {} s",
+            i.state,
+            i.client,
+            now.saturating_sub(i.since_unix)
+        );
+        match &i.tls {
+            Some(t) => {
+                let _ = writeln!(
+                    out,
+                    "    TLS client {} (SHA-256 {}{})",
+                    t.subject,
+                    t.fingerprint,
+                    if t.subject_verified {
+                        ""
+                    } else {
+                        ", subject not CA-verified"
+                    }
+                );
+            }
+            None => out.push_str("    no client certificate\n"),
+        }
+        match &i.traffic {
+            Some(t) => {
+                let _ = writeln!(
+                    out,
+                    "    {} URBs, {} bytes from the client, {} bytes to it",
+                    t.urbs, t.bytes_from_client, t.bytes_to_client
+                );
+            }
+            None => out.push_str("    URBs carried by the kernel, not counted\n"),
+        }
+    }
+    out
+}
+
 fn print_response(r: io::Result<Response>) -> i32 {
     match r {
         Ok(r) if r.ok => {
@@ -466,7 +671,7 @@ mod tests {
             )
             .unwrap(),
         );
-        let t = tokio::spawn(serve(l, m));
+        let t = tokio::spawn(serve(l, m, Registry::new()));
         let r = request(
             &path,
             &Request::Bind {

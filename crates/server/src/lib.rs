@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod queue;
 pub mod registry;
 pub mod session;
+pub mod state;
 mod sys;
 pub mod tls;
 mod workers;

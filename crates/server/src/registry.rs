@@ -29,6 +29,8 @@ use tokio::sync::{watch, Notify};
 use tracing::info;
 use usbwire_proto::{BusId, DeviceInfo, Errno, OpStatus};
 
+use crate::acl::ClientIdentity;
+use crate::state::{ExportState, ImportRecord, ImportState};
 use crate::Backend;
 
 /// Why a registry operation was refused.
@@ -107,6 +109,7 @@ pub struct Importer {
     /// ends, so that it never keeps the connection open.
     socket: TcpStream,
     end: Arc<Notify>,
+    record: Arc<ImportRecord>,
 }
 
 /// The session's half of an [`Importer`]: tells it to end the import.
@@ -132,6 +135,7 @@ impl Importer {
                 client,
                 socket,
                 end: end.clone(),
+                record: Arc::new(ImportRecord::new(None)),
             },
             EndRequest(end),
         ))
@@ -139,6 +143,18 @@ impl Importer {
 
     pub fn client(&self) -> SocketAddr {
         self.client
+    }
+
+    /// The same importer, known by the verified certificate of its TLS
+    /// client.
+    pub fn identified(mut self, tls: Option<ClientIdentity>) -> Importer {
+        self.record = Arc::new(ImportRecord::new(tls));
+        self
+    }
+
+    /// What the session counts for `usbip state`.
+    pub fn record(&self) -> Arc<ImportRecord> {
+        self.record.clone()
     }
 
     /// The client closed or reset the connection: no command can follow,
@@ -166,6 +182,7 @@ enum SlotState {
     Releasing {
         conn: u64,
         client: SocketAddr,
+        record: Arc<ImportRecord>,
     },
 }
 
@@ -590,8 +607,13 @@ impl Registry {
             if let SlotState::Imported(imp) = &slot.state {
                 if imp.conn == conn {
                     let client = imp.client;
+                    let record = imp.record.clone();
                     // Drops the importer's descriptor of the socket.
-                    slot.state = SlotState::Releasing { conn, client };
+                    slot.state = SlotState::Releasing {
+                        conn,
+                        client,
+                        record,
+                    };
                     self.notify();
                 }
             }
@@ -646,6 +668,34 @@ impl Registry {
                         SlotState::Imported(_) | SlotState::Releasing { .. }
                     ),
                 )
+            })
+            .collect()
+    }
+
+    /// Every committed device, and who imports it, in bus id order.
+    pub fn state(&self) -> Vec<ExportState> {
+        let import = |client, releasing, record: &ImportRecord| ImportState {
+            client,
+            releasing,
+            since: record.since,
+            tls: record.tls.clone(),
+            traffic: record.traffic(),
+        };
+        self.lock()
+            .values()
+            .filter_map(|s| {
+                let import = match &s.state {
+                    SlotState::Transitional => return None,
+                    SlotState::Available(_) => None,
+                    SlotState::Imported(imp) => Some(import(imp.client, false, &imp.record)),
+                    SlotState::Releasing { client, record, .. } => {
+                        Some(import(*client, true, record))
+                    }
+                };
+                Some(ExportState {
+                    info: s.info.clone(),
+                    import,
+                })
             })
             .collect()
     }
@@ -781,6 +831,47 @@ mod tests {
         let (client, server) = connection();
         let (imp, _end) = Importer::new(conn, &server).unwrap();
         (client, imp)
+    }
+
+    /// `usbip state`'s view through an import's life: available, imported
+    /// with what its session counted, releasing with the same record, and
+    /// available again.
+    #[tokio::test]
+    async fn state_follows_an_import_and_keeps_its_record_while_releasing() {
+        let r = registry_with(7);
+        let one = |r: &Registry| {
+            let mut s = r.state();
+            assert_eq!(s.len(), 1);
+            s.remove(0)
+        };
+        assert!(one(&r).import.is_none());
+        let (client, server) = connection();
+        let (imp, _end) = Importer::new(1, &server).unwrap();
+        let record = imp.record();
+        let (_, backend) = r.import(&BusId::from("1-1"), imp, SHORT).await.unwrap();
+        let s = one(&r);
+        assert_eq!(s.info.id_product, 7);
+        let i = s.import.unwrap();
+        assert_eq!(i.client, client.local_addr().unwrap());
+        assert!(!i.releasing && i.tls.is_none());
+        // Not counted until the session serves the URBs itself.
+        assert_eq!(i.traffic, None);
+        record.start_counting();
+        record.add_from_client(48);
+        record.add_to_client(66);
+        record.set_urbs(1);
+        let counted = Some(crate::state::Traffic {
+            urbs: 1,
+            bytes_from_client: 48,
+            bytes_to_client: 66,
+        });
+        assert_eq!(one(&r).import.unwrap().traffic, counted);
+        r.ending("1-1", 1);
+        let i = one(&r).import.unwrap();
+        assert!(i.releasing);
+        assert_eq!(i.traffic, counted);
+        r.release("1-1", 1, backend);
+        assert!(one(&r).import.is_none());
     }
 
     #[tokio::test]

@@ -109,6 +109,9 @@ enum Command {
     Bind(BindArgs),
     /// Stop exporting a local USB device and give it back to its drivers.
     Unbind(UnbindArgs),
+    /// Show what the running usbipd exports and who imports each device
+    /// (not in the C tool).
+    State(StateArgs),
     /// Make or inspect TLS certificates (not in the C tool).
     #[command(subcommand)]
     Cert(CertCommand),
@@ -152,6 +155,16 @@ struct BindArgs {
     #[arg(long = "kernel")]
     kernel: bool,
     /// usbipd's control socket (default $USBWIRE_CONTROL_SOCKET or /run/usbwire/usbipd.sock).
+    #[arg(long = "control-socket", value_name = "PATH")]
+    control_socket: Option<PathBuf>,
+}
+
+#[derive(ClapArgs, Debug)]
+struct StateArgs {
+    /// JSON output, in the shape of schema/usbip-state.schema.json.
+    #[arg(long = "json")]
+    json: bool,
+    /// usbipd's control socket.
     #[arg(long = "control-socket", value_name = "PATH")]
     control_socket: Option<PathBuf>,
 }
@@ -313,6 +326,9 @@ async fn run(cli: Cli) -> Result<(), String> {
                 0 => Ok(()),
                 _ => std::process::exit(1),
             }
+        }
+        Command::State(a) => {
+            control::state_command(&control::socket_path(a.control_socket), a.json).await
         }
         Command::Unbind(a) => {
             let path = control::socket_path(a.control_socket);
@@ -901,6 +917,16 @@ Port 24: <Port in Use> at Super Speed(5000Mbps)
         assert_eq!(j[0]["remote"]["host"], "10.0.0.2");
         assert_eq!(j[1]["remote"], serde_json::Value::Null);
         assert_eq!(j[2]["hub"], "ss");
+        // What the README promises for `usbip port --json`.
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../../../schema/usbip-port.schema.json"))
+                .unwrap();
+        let schema = jsonschema::validator_for(&schema).unwrap();
+        let errors: Vec<String> = schema.iter_errors(&j).map(|e| e.to_string()).collect();
+        assert!(errors.is_empty(), "{j} breaks the schema: {errors:#?}");
+        let mut broken = j.clone();
+        broken[0]["port"] = "00".into();
+        assert!(!schema.is_valid(&broken));
         // Nothing imported: the header alone.
         let t2 = tempfile::tempdir().unwrap();
         vhci(t2.path(), 1, 8, &[]);

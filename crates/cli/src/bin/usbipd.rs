@@ -626,7 +626,11 @@ impl ControlPlane {
         let _ = tokio::task::spawn_blocking(move || restoring.poll()).await;
         let tasks = vec![
             manager.spawn_hotplug(Duration::from_millis(args.hotplug_interval_ms)),
-            tokio::spawn(control::serve(socket.listener, manager.clone())),
+            tokio::spawn(control::serve(
+                socket.listener,
+                manager.clone(),
+                registry.clone(),
+            )),
         ];
         info!("control socket on {}", socket.path.display());
         Ok(ControlPlane {

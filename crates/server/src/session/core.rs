@@ -193,6 +193,11 @@ impl UrbSession {
         self
     }
 
+    /// CMD_SUBMITs queued to the device so far.
+    pub fn urbs_taken(&self) -> u64 {
+        self.next_urb_id
+    }
+
     /// Makes the session take what its commands need from a budget shared
     /// with other sessions, besides its own bounds: it takes no command
     /// the budget cannot cover, until the waker says it may.

@@ -299,13 +299,14 @@ async fn import(
     let policy_updates = state.config.acl.policy.subscribe();
     let policy = policy_updates.borrow().clone();
     let (importer, end) = match Importer::new(conn, stream.socket()) {
-        Ok(x) => x,
+        Ok((importer, end)) => (importer.identified(peer.tls.clone()), end),
         Err(e) => {
             // Out of descriptors, or the client is gone already.
             warn!(conn, %busid, "cannot take the import: {e}");
             return Err(e.into());
         }
     };
+    let record = importer.record();
     let denied = AtomicBool::new(false);
     let granted = |info: &usbwire_proto::DeviceInfo| {
         let allowed = policy.allows(&peer, info);
@@ -385,6 +386,7 @@ async fn import(
         peer,
         device,
         updates: policy_updates,
+        record,
     };
     if handoff {
         return kernel_phase(stream, busid, backend, end, grant, state, conn, shutdown).await;
@@ -411,6 +413,8 @@ struct Grant {
     peer: Peer,
     device: usbwire_proto::DeviceInfo,
     updates: watch::Receiver<Arc<Policy>>,
+    /// Where the session counts the import's traffic.
+    record: Arc<crate::state::ImportRecord>,
 }
 
 /// Runs an import's URB phase, then gives its device back.
@@ -444,8 +448,9 @@ async fn urb_phase(
     )
     .with_budget(state.budget.share())
     .with_metrics(state.metrics.device(&busid), state.metrics.clone());
+    grant.record.start_counting();
     let r = tokio::select! {
-        r = run(&stream, &mut session, &wake, &mut shutdown) => r,
+        r = run(&stream, &mut session, &wake, &grant.record, &mut shutdown) => r,
         () = end.requested() => {
             info!(conn, %busid, "import ended from outside");
             Ok(())
@@ -486,12 +491,16 @@ async fn run(
     transport: &impl Transport,
     session: &mut UrbSession,
     wake: &SessionWake,
+    record: &crate::state::ImportRecord,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), SessionError> {
     let mut eof = false;
     loop {
+        // Before any reply goes out: a client that has its reply sees
+        // its URB counted.
+        record.set_urbs(session.urbs_taken());
         if session.has_output() || transport.wants_flush() {
-            write_some(transport, session)?;
+            write_some(transport, session, record)?;
         }
         if eof {
             return Ok(());
@@ -510,7 +519,10 @@ async fn run(
                 let read = transport.try_read_vectored(&mut session.read_buffers());
                 match read {
                     Ok(0) => eof = true,
-                    Ok(n) => session.input_filled(Instant::now(), n)?,
+                    Ok(n) => {
+                        record.add_from_client(n);
+                        session.input_filled(Instant::now(), n)?
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(e.into()),
                 }
@@ -531,7 +543,11 @@ async fn run(
 
 /// Writes as much of the session's output as the transport takes now,
 /// many replies per system call.
-fn write_some(transport: &impl Transport, session: &mut UrbSession) -> Result<(), SessionError> {
+fn write_some(
+    transport: &impl Transport,
+    session: &mut UrbSession,
+    record: &crate::state::ImportRecord,
+) -> Result<(), SessionError> {
     while session.has_output() {
         let mut slices = [IoSlice::new(&[]); MAX_SLICES];
         let used = session.poll_transmit(&mut slices);
@@ -540,6 +556,7 @@ fn write_some(transport: &impl Transport, session: &mut UrbSession) -> Result<()
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
             Err(e) => return Err(e.into()),
         };
+        record.add_to_client(n);
         session.transmitted(Instant::now(), n)?;
     }
     match transport.flush() {
