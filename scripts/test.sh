@@ -21,7 +21,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 # corpus, so that a property which breaks within seconds fails here and not
 # only in a long run. A failing input is kept in fuzz/artifacts/TARGET/.
 bash fuzz/build.sh --no-asan
-for target in $(cd fuzz && cargo fuzz list); do
+# Each run is one single-threaded process: two at a time, one per core.
+fuzz_one() {
+    local target=$1 corpus log
     corpus="$PWD/fuzz/target/ci-corpus/$target"
     log="$PWD/fuzz/target/ci-$target.log"
     rm -rf "$corpus" && mkdir -p "$corpus"
@@ -31,10 +33,22 @@ for target in $(cd fuzz && cargo fuzz list); do
     else
         tail -n 60 "$log"
         echo "fuzz $target failed (full output: $log)" >&2
-        exit 1
+        return 1
     fi
-done
-cargo test --workspace
+}
+export -f fuzz_one
+(cd fuzz && cargo fuzz list) | xargs -P 2 -I{} bash -c 'fuzz_one "$@"' _ {}
+# cargo-nextest (on the machine with the toolchain) runs each test in a
+# process of its own and tests of different binaries side by side, with at
+# most two qemu guests at a time (.config/nextest.toml): the kernel tests
+# overlap instead of queueing binary after binary. Doc tests are cargo's.
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace
+    cargo test --workspace --doc
+else
+    echo "warning: cargo-nextest not found: running the tests one binary at a time" >&2
+    cargo test --workspace
+fi
 # The benchmark must keep working: its smoke test runs every workload
 # briefly and checks that the results are sane (no timing assertions). It is
 # ignored in a plain `cargo test` because it needs the built usbipd.
