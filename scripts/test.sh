@@ -42,6 +42,10 @@ export -f fuzz_one
 # process of its own and tests of different binaries side by side, with at
 # most two qemu guests at a time (.config/nextest.toml): the kernel tests
 # overlap instead of queueing binary after binary. Doc tests are cargo's.
+# The kernel tests put our binaries into their guests (kernel::cargo_bin);
+# built here, once, with the features a plain build resolves, and not in the
+# middle of the tests that wait for them.
+cargo build --workspace --bins
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace
     cargo test --workspace --doc
