@@ -23,6 +23,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::kernel::on_ci;
 
@@ -81,6 +82,51 @@ impl Netns {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.name]).arg(program);
         c
+    }
+
+    /// Moves the calling thread into the namespace: sockets it opens from
+    /// now on, and threads it starts, are the namespace's. Meant for a
+    /// thread of its own (`std::thread::spawn(move || { ns.enter()?; … })`):
+    /// the thread never comes back to the caller's namespace.
+    pub fn enter(&self) -> Result<(), NetnsError> {
+        use std::os::fd::AsRawFd;
+        let path = Path::new("/run/netns").join(&self.name);
+        let file = std::fs::File::open(&path).map_err(|source| NetnsError::Spawn {
+            command: format!("open {}", path.display()),
+            source,
+        })?;
+        // SAFETY: setns on a namespace file we hold open; it changes only
+        // this thread's network namespace.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(NetnsError::Spawn {
+                command: format!("setns {}", path.display()),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Waits (bounded) until [`INTERFACE`] is operationally up with no
+    /// tentative address.
+    fn wait_until_up(&self) -> Result<(), NetnsError> {
+        const LIMIT: Duration = Duration::from_secs(10);
+        let deadline = Instant::now() + LIMIT;
+        let mut last = String::new();
+        // Each turn reads the link's state once; the deadline bounds them.
+        while Instant::now() < deadline {
+            let link = ip_output(&["-n", &self.name, "-o", "link", "show", "dev", INTERFACE])?;
+            let addrs = ip_output(&["-n", &self.name, "-o", "addr", "show", "dev", INTERFACE])?;
+            if link.contains("state UP") && !addrs.contains("tentative") {
+                return Ok(());
+            }
+            last = format!("{link}{addrs}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Err(NetnsError::Command {
+            command: format!("waiting for {INTERFACE} in {} to come up", self.name),
+            status: format!("not up within {LIMIT:?}"),
+            stderr: last,
+        })
     }
 
     /// Runs `ip ARGS` inside the namespace (`ip -n NAME ARGS`) and fails
@@ -143,6 +189,15 @@ impl Network {
         for i in 0..n {
             let name = format!("{prefix}-{i}");
             ip(&["netns", "add", &name])?;
+            // No duplicate address detection: an IPv6 address is usable
+            // (not "tentative") as soon as its link is up.
+            sysctl(
+                &name,
+                &[
+                    "net.ipv6.conf.all.accept_dad=0",
+                    "net.ipv6.conf.default.accept_dad=0",
+                ],
+            )?;
             net.members.push(Netns {
                 name,
                 addr: Ipv4Addr::new(10, 77, 0, i as u8 + 1),
@@ -185,6 +240,12 @@ impl Network {
             m.ip(&["addr", "add", &cidr, "dev", INTERFACE])?;
             m.ip(&["link", "set", INTERFACE, "up"])?;
         }
+        // Programs that list interfaces as they start (mDNS responders
+        // do) see the link only once it is operationally up, which the
+        // kernel reports a moment after `ip link set up` on both ends.
+        for m in &net.members {
+            m.wait_until_up()?;
+        }
         Ok(net)
     }
 
@@ -212,6 +273,34 @@ impl Drop for Network {
             }
         }
     }
+}
+
+/// Sets sysctls inside namespace `name`.
+fn sysctl(name: &str, settings: &[&str]) -> Result<(), NetnsError> {
+    let mut args = vec!["netns", "exec", name, "sysctl", "-qw"];
+    args.extend_from_slice(settings);
+    ip(&args)
+}
+
+/// Runs `ip ARGS` and gives its stdout.
+fn ip_output(args: &[&str]) -> Result<String, NetnsError> {
+    let command = format!("ip {}", args.join(" "));
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| NetnsError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(NetnsError::Command {
+            command,
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Runs `ip ARGS`; its stderr becomes the error.

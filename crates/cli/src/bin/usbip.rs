@@ -199,8 +199,11 @@ struct ListArgs {
     /// over mDNS) and list each one's devices (not in the C tool).
     #[arg(long = "discover")]
     discover: bool,
-    /// With --discover: how long to look for servers (seconds).
-    #[arg(long = "timeout", value_name = "S", default_value_t = 3,
+    /// With --discover: how long to look for servers (seconds). The
+    /// default covers three queries (at about 0.1, 1.1 and 3.1 s): a
+    /// server does not answer a query within a second of multicasting
+    /// the same records (RFC 6762 section 6), so one may go unanswered.
+    #[arg(long = "timeout", value_name = "S", default_value_t = 4,
           requires = "discover", value_parser = clap::value_parser!(u64).range(1..=60))]
     timeout: u64,
     /// Parsable output, one device per line.
