@@ -204,10 +204,10 @@ struct ListArgs {
     /// server does not answer a query within a second of multicasting
     /// the same records (RFC 6762 section 6), so one may go unanswered.
     #[arg(long = "timeout", value_name = "S", default_value_t = 4,
-          requires = "discover", value_parser = clap::value_parser!(u64).range(1..=60))]
+          conflicts_with_all = ["remote", "local"], value_parser = clap::value_parser!(u64).range(1..=60))]
     timeout: u64,
     /// Parsable output, one device per line.
-    #[arg(short = 'p', long = "parsable")]
+    #[arg(short = 'p', long = "parsable", conflicts_with = "discover")]
     parsable: bool,
     /// JSON output (with -l: each device's export status too).
     #[arg(long = "json")]
@@ -319,7 +319,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 };
                 list_local(&Roots::under(&root()), &bindings, opts)
             }
-            None => Err("list: give -r HOST or -l".into()),
+            None => Err("list: give -r HOST, -l or --discover".into()),
         },
         Command::Attach(a) => {
             // Any TLS option means TLS, as for `list -r`: a client given a
@@ -488,6 +488,17 @@ mod discover {
         s
     }
 
+    /// An address as a person types it: a link-local IPv6 one with its
+    /// interface (`fe80::1%2`), which it is useless without.
+    fn address(a: &std::net::SocketAddr) -> String {
+        match a {
+            std::net::SocketAddr::V6(v6) if v6.scope_id() != 0 => {
+                format!("{}%{}", v6.ip(), v6.scope_id())
+            }
+            a => a.ip().to_string(),
+        }
+    }
+
     /// One object per server, in the shape of schema/usbip-discover.schema.json.
     fn render_json(servers: &[Found], results: &[Result<Vec<DeviceInfo>, String>]) -> String {
         let v: Vec<serde_json::Value> = servers
@@ -497,7 +508,7 @@ mod discover {
                 serde_json::json!({
                     "instance": server.instance,
                     "host": server.host,
-                    "addresses": server.addresses.iter().map(|a| a.ip().to_string()).collect::<Vec<_>>(),
+                    "addresses": server.addresses.iter().map(address).collect::<Vec<_>>(),
                     "port": server.port,
                     "txt": server.txt,
                     "devices": result.as_ref().ok().map(|d| super::devices_value(d)),
@@ -1001,6 +1012,19 @@ mod tests {
         assert!(Cli::try_parse_from(["usbip", "list", "-p", "-l"]).is_ok());
         assert!(Cli::try_parse_from(["usbip", "detach", "-p", "3"]).is_ok());
         assert!(Cli::try_parse_from(["usbip", "port", "--json"]).is_ok());
+        // --discover: its own listing, with its window.
+        assert!(
+            Cli::try_parse_from(["usbip", "list", "--discover", "--timeout", "2", "--json"])
+                .is_ok()
+        );
+        for bad in [
+            &["usbip", "list", "--discover", "-r", "h"][..],
+            &["usbip", "list", "--discover", "-p"],
+            &["usbip", "list", "-r", "h", "--timeout", "2"],
+            &["usbip", "list", "--discover", "--timeout", "0"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
     }
 
     fn used(port: u32, local_busid: &'static str, devid: u32, speed: Speed) -> Used<'static> {
