@@ -42,6 +42,10 @@
 //! clients = ["fingerprint:3F:A2:...:09",   # a TLS client certificate's SHA-256
 //!            "subject:CN=alice*,O=Example", # its CA-verified subject
 //!            "cidr:127.0.0.0/8"]            # plaintext clients from there; or *
+//!
+//! [discovery]               # DNS-SD (mDNS _usbip._tcp), for `usbip list --discover`
+//! advertise = true          # false as --no-advertise
+//! name = "lab-rack-3"       # the instance name; default: the host name
 //! ```
 //!
 //! The `[[access]]` rules are the one part that `SIGHUP` reloads.
@@ -70,6 +74,18 @@ pub struct Config {
     /// use every device.
     #[serde(default, rename = "access")]
     pub access: Vec<AccessRule>,
+    #[serde(default)]
+    pub discovery: DiscoverySection,
+}
+
+/// DNS-SD advertisement (`_usbip._tcp` over mDNS), read by usbipd.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoverySection {
+    /// `false` as `--no-advertise`: not advertised. Default: advertised.
+    pub advertise: Option<bool>,
+    /// The instance name, as `--advertise-name` (default: the host name).
+    pub name: Option<String>,
 }
 
 /// One `[[access]]` rule: these clients may see and import these devices.
@@ -349,9 +365,14 @@ mod tests {
             kind = "test"
             busid = "2-1"
             pattern = 1
+            [discovery]
+            advertise = false
+            name = "lab"
             "#,
         )
         .unwrap();
+        assert_eq!(c.discovery.advertise, Some(false));
+        assert_eq!(c.discovery.name.as_deref(), Some("lab"));
         assert_eq!(c.server.tcp_port, Some(3241));
         assert_eq!(c.server.device_mode, Some(true));
         assert_eq!(c.server.metrics, Some("127.0.0.1:9240".parse().unwrap()));

@@ -187,7 +187,7 @@ struct UnbindArgs {
 }
 
 #[derive(ClapArgs, Debug)]
-#[command(group(ArgGroup::new("what").args(["remote", "local"])))]
+#[command(group(ArgGroup::new("what").args(["remote", "local", "discover"])))]
 struct ListArgs {
     /// List the exportable devices of a remote host.
     #[arg(short = 'r', long = "remote", value_name = "HOST")]
@@ -195,8 +195,19 @@ struct ListArgs {
     /// List the local USB devices.
     #[arg(short = 'l', long = "local")]
     local: bool,
+    /// Find USB/IP servers on the local network (DNS-SD, `_usbip._tcp`
+    /// over mDNS) and list each one's devices (not in the C tool).
+    #[arg(long = "discover")]
+    discover: bool,
+    /// With --discover: how long to look for servers (seconds). The
+    /// default covers three queries (at about 0.1, 1.1 and 3.1 s): a
+    /// server does not answer a query within a second of multicasting
+    /// the same records (RFC 6762 section 6), so one may go unanswered.
+    #[arg(long = "timeout", value_name = "S", default_value_t = 4,
+          conflicts_with_all = ["remote", "local"], value_parser = clap::value_parser!(u64).range(1..=60))]
+    timeout: u64,
     /// Parsable output, one device per line.
-    #[arg(short = 'p', long = "parsable")]
+    #[arg(short = 'p', long = "parsable", conflicts_with = "discover")]
     parsable: bool,
     /// JSON output (with -l: each device's export status too).
     #[arg(long = "json")]
@@ -276,6 +287,15 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::List(a) => match a.remote {
+            None if a.discover => {
+                let tls = cli.tls.config()?;
+                discover::list(
+                    std::time::Duration::from_secs(a.timeout),
+                    tls.as_ref(),
+                    a.json,
+                )
+                .await
+            }
             Some(host) => {
                 let tls = cli.tls.config()?;
                 list_remote(&host, cli.tcp_port, tls.as_ref(), a.parsable, a.json).await
@@ -299,7 +319,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 };
                 list_local(&Roots::under(&root()), &bindings, opts)
             }
-            None => Err("list: give -r HOST or -l".into()),
+            None => Err("list: give -r HOST, -l or --discover".into()),
         },
         Command::Attach(a) => {
             // Any TLS option means TLS, as for `list -r`: a client given a
@@ -343,6 +363,160 @@ async fn run(cli: Cli) -> Result<(), String> {
             println!("{f}");
             Ok(())
         }
+    }
+}
+
+/// `usbip list --discover`.
+mod discover {
+    use std::time::Duration;
+
+    use usbwire_cli::discovery::{self, Found};
+    use usbwire_client::TlsClientConfig;
+    use usbwire_proto::DeviceInfo;
+
+    /// How long one server may take to answer its device list.
+    const LIST_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// Browses for `window`, then asks every server found for its
+    /// devices, all at once, each bounded by [`LIST_TIMEOUT`].
+    pub(super) async fn list(
+        window: Duration,
+        tls: Option<&TlsClientConfig>,
+        json: bool,
+    ) -> Result<(), String> {
+        let servers = discovery::browse(window).await.map_err(|e| e.to_string())?;
+        let mut lists = tokio::task::JoinSet::new();
+        for (i, server) in servers.iter().enumerate() {
+            let server = server.clone();
+            let tls = tls.cloned();
+            lists.spawn(async move { (i, devices(&server, tls.as_ref()).await) });
+        }
+        let mut results: Vec<Result<Vec<DeviceInfo>, String>> =
+            vec![Err("not asked".into()); servers.len()];
+        while let Some(done) = lists.join_next().await {
+            if let Ok((i, r)) = done {
+                results[i] = r;
+            }
+        }
+        if json {
+            println!("{}", render_json(&servers, &results));
+        } else if servers.is_empty() {
+            return Err(format!(
+                "no USB/IP server answered on the local network within {}s \
+                 (DNS-SD {}; servers advertise unless started with --no-advertise)",
+                window.as_secs(),
+                discovery::SERVICE_TYPE
+            ));
+        } else {
+            print!("{}", render_text(&servers, &results));
+        }
+        Ok(())
+    }
+
+    /// The server's devices, through its first address that answers.
+    async fn devices(
+        server: &Found,
+        tls: Option<&TlsClientConfig>,
+    ) -> Result<Vec<DeviceInfo>, String> {
+        let tls = match (server.tls_required(), tls) {
+            (true, None) => {
+                return Err(format!(
+                    "TLS required: give --tls-cert, --tls-key and --tls-ca or \
+                     --tls-fingerprint{}",
+                    server
+                        .txt
+                        .get("fp")
+                        .map(|fp| format!(
+                            " (advertised fingerprint {fp}; check it before pinning)"
+                        ))
+                        .unwrap_or_default()
+                ))
+            }
+            (_, tls) => tls,
+        };
+        let mut errors = Vec::new();
+        for addr in &server.addresses {
+            let asked = match tls {
+                Some(tls) => {
+                    let host = addr.ip().to_string();
+                    tokio::time::timeout(
+                        LIST_TIMEOUT,
+                        usbwire_client::list_tls(&host, addr.port(), tls),
+                    )
+                    .await
+                }
+                None => tokio::time::timeout(LIST_TIMEOUT, usbwire_client::list(*addr)).await,
+            };
+            match asked {
+                Ok(Ok(devices)) => return Ok(devices),
+                Ok(Err(e)) => errors.push(e.to_string()),
+                Err(_) => errors.push(format!("{addr}: no answer within {LIST_TIMEOUT:?}")),
+            }
+        }
+        if errors.is_empty() {
+            errors.push("no address was advertised".into());
+        }
+        Err(errors.join("; "))
+    }
+
+    fn render_text(servers: &[Found], results: &[Result<Vec<DeviceInfo>, String>]) -> String {
+        let mut s = String::new();
+        for (server, result) in servers.iter().zip(results) {
+            let addr = server
+                .addresses
+                .first()
+                .map(ToString::to_string)
+                .unwrap_or_else(|| format!("{}:{}", server.host, server.port));
+            let txt: Vec<String> = server.txt.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            s.push_str(&format!(
+                "Server \"{}\" at {addr} ({})\n",
+                server.instance,
+                txt.join(" ")
+            ));
+            match result {
+                Ok(devices) if devices.is_empty() => s.push_str("  no exportable devices\n\n"),
+                Ok(devices) => {
+                    let host = server.addresses.first().map(|a| a.ip().to_string());
+                    s.push_str(&super::render_remote(
+                        host.as_deref().unwrap_or(&server.host),
+                        devices,
+                    ))
+                }
+                Err(e) => s.push_str(&format!("  error: {e}\n\n")),
+            }
+        }
+        s
+    }
+
+    /// An address as a person types it: a link-local IPv6 one with its
+    /// interface (`fe80::1%2`), which it is useless without.
+    fn address(a: &std::net::SocketAddr) -> String {
+        match a {
+            std::net::SocketAddr::V6(v6) if v6.scope_id() != 0 => {
+                format!("{}%{}", v6.ip(), v6.scope_id())
+            }
+            a => a.ip().to_string(),
+        }
+    }
+
+    /// One object per server, in the shape of schema/usbip-discover.schema.json.
+    fn render_json(servers: &[Found], results: &[Result<Vec<DeviceInfo>, String>]) -> String {
+        let v: Vec<serde_json::Value> = servers
+            .iter()
+            .zip(results)
+            .map(|(server, result)| {
+                serde_json::json!({
+                    "instance": server.instance,
+                    "host": server.host,
+                    "addresses": server.addresses.iter().map(address).collect::<Vec<_>>(),
+                    "port": server.port,
+                    "txt": server.txt,
+                    "devices": result.as_ref().ok().map(|d| super::devices_value(d)),
+                    "error": result.as_ref().err(),
+                })
+            })
+            .collect();
+        serde_json::Value::Array(v).to_string()
     }
 }
 
@@ -741,36 +915,50 @@ async fn list_remote(
     if devices.is_empty() {
         return Err(format!("no exportable devices found on {host}"));
     }
-    // The C tool's layout, column for column.
-    println!("Exportable USB devices");
-    println!("======================");
-    println!(" - {host}");
-    for d in &devices {
-        println!(
+    print!("{}", render_remote(host, &devices));
+    Ok(())
+}
+
+/// `list -r`'s listing: the C tool's layout, column for column.
+fn render_remote(host: &str, devices: &[DeviceInfo]) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "Exportable USB devices");
+    let _ = writeln!(s, "======================");
+    let _ = writeln!(s, " - {host}");
+    for d in devices {
+        let _ = writeln!(
+            s,
             "{:>11}: {}",
             d.busid,
             names::product(d.id_vendor, d.id_product)
         );
-        println!("{:>11}: {}", "", d.path);
-        println!(
+        let _ = writeln!(s, "{:>11}: {}", "", d.path);
+        let _ = writeln!(
+            s,
             "{:>11}: {}",
             "",
             names::class(d.device_class, d.device_subclass, d.device_protocol)
         );
         for (j, i) in d.interfaces.iter().enumerate() {
-            println!(
+            let _ = writeln!(
+                s,
                 "{:>11}: {:>2} - {}",
                 "",
                 j,
                 names::class(i.class, i.subclass, i.protocol)
             );
         }
-        println!();
+        let _ = writeln!(s);
     }
-    Ok(())
+    s
 }
 
 fn devices_json(devices: &[DeviceInfo]) -> String {
+    devices_value(devices).to_string()
+}
+
+fn devices_value(devices: &[DeviceInfo]) -> serde_json::Value {
     let v: Vec<serde_json::Value> = devices
         .iter()
         .map(|d| {
@@ -791,7 +979,7 @@ fn devices_json(devices: &[DeviceInfo]) -> String {
             })
         })
         .collect();
-    serde_json::Value::Array(v).to_string()
+    serde_json::Value::Array(v)
 }
 
 #[cfg(test)]
@@ -824,6 +1012,19 @@ mod tests {
         assert!(Cli::try_parse_from(["usbip", "list", "-p", "-l"]).is_ok());
         assert!(Cli::try_parse_from(["usbip", "detach", "-p", "3"]).is_ok());
         assert!(Cli::try_parse_from(["usbip", "port", "--json"]).is_ok());
+        // --discover: its own listing, with its window.
+        assert!(
+            Cli::try_parse_from(["usbip", "list", "--discover", "--timeout", "2", "--json"])
+                .is_ok()
+        );
+        for bad in [
+            &["usbip", "list", "--discover", "-r", "h"][..],
+            &["usbip", "list", "--discover", "-p"],
+            &["usbip", "list", "-r", "h", "--timeout", "2"],
+            &["usbip", "list", "--discover", "--timeout", "0"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
     }
 
     fn used(port: u32, local_busid: &'static str, devid: u32, speed: Speed) -> Used<'static> {

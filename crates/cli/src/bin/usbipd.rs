@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 use usbwire_cli::config::Config;
 use usbwire_cli::control;
 use usbwire_cli::devices::{self, Exported};
+use usbwire_cli::discovery::{self, Advertiser};
 use usbwire_cli::listen::{self, ListenError, Listener, Origin};
 use usbwire_host::{Manager, Roots, VudcExports};
 use usbwire_server::acl::{AccessControl, ClientMatch, Policy, SharedPolicy};
@@ -127,6 +128,14 @@ pub(crate) struct Args {
     /// port, logged once bound.
     #[arg(long = "metrics", value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// Do not advertise this server over DNS-SD (mDNS `_usbip._tcp`, which
+    /// `usbip list --discover` browses); the config's `[discovery]
+    /// advertise = false` does the same.
+    #[arg(long = "no-advertise")]
+    no_advertise: bool,
+    /// The DNS-SD instance name to advertise (default: the host name).
+    #[arg(long = "advertise-name", value_name = "NAME")]
+    advertise_name: Option<String>,
 }
 
 const DEFAULT_STATE_FILE: &str = "/var/lib/usbwire/bindings.json";
@@ -505,6 +514,7 @@ async fn serve(
     };
     let policy = server_config.acl.policy.clone();
     let identities = Identities::of(args, &config, &server_config);
+    let advertising = advertise(args, &config, &server_config, &addrs, &registry)?;
     let server = Server::new(registry, server_config).map_err(|e| e.to_string())?;
     let metrics = metrics_listener
         .map(|listener| tokio::spawn(usbwire_cli::metrics::serve(listener, server.clone())));
@@ -519,6 +529,9 @@ async fn serve(
     if let Some(metrics) = metrics {
         metrics.abort();
     }
+    if let Some(advertising) = advertising {
+        advertising.stop().await;
+    }
     if let Some(control_plane) = control_plane {
         control_plane.stop().await;
     }
@@ -526,6 +539,86 @@ async fn serve(
     // The demo image is deleted only after the devices are flushed and gone.
     drop(demo_image);
     Ok(())
+}
+
+/// The DNS-SD advertisement, following the registry's device count.
+struct Advertising {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Advertising {
+    /// Withdraws the advertisement (goodbye packets, bounded in time).
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// Starts advertising over DNS-SD unless switched off (`--no-advertise`,
+/// `[discovery] advertise = false`). A host where mDNS cannot start
+/// (no multicast-capable socket) serves all the same, with a warning.
+fn advertise(
+    args: &Args,
+    config: &Config,
+    server_config: &ServerConfig,
+    addrs: &[SocketAddr],
+    registry: &Registry,
+) -> Result<Option<Advertising>, String> {
+    if args.no_advertise || config.discovery.advertise == Some(false) {
+        info!("not advertised over DNS-SD (switched off)");
+        return Ok(None);
+    }
+    let fingerprint = match (
+        &server_config.access.tls,
+        args.tls_cert.as_ref().or(config.tls.cert.as_ref()),
+    ) {
+        (Some(_), Some(cert)) => {
+            Some(tls::cert_fingerprint(cert).map_err(|e| format!("TLS: {e}"))?)
+        }
+        _ => None,
+    };
+    let txt = discovery::Txt {
+        tls: if server_config.access.tls.is_some() {
+            discovery::TlsMode::Required
+        } else {
+            discovery::TlsMode::Off
+        },
+        fingerprint,
+        devices: registry.all().len(),
+    };
+    let name = args
+        .advertise_name
+        .clone()
+        .or_else(|| config.discovery.name.clone())
+        .unwrap_or_else(discovery::host_name);
+    let mut advertiser = match Advertiser::start(&name, addrs, txt) {
+        Ok(Some(a)) => a,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            warn!("{e}; serving without DNS-SD (--no-advertise silences this)");
+            return Ok(None);
+        }
+    };
+    let (stop, mut stopped) = tokio::sync::oneshot::channel();
+    let mut changes = registry.changes();
+    let registry = registry.clone();
+    let task = tokio::spawn(async move {
+        // Each turn waits for a change of the registry or the stop.
+        loop {
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    advertiser.set_devices(registry.all().len());
+                }
+                _ = &mut stopped => break,
+            }
+        }
+        advertiser.stop().await;
+    });
+    Ok(Some(Advertising { stop, task }))
 }
 
 /// Exports the configured devices (and the demo set with `--demo`, whose
