@@ -326,6 +326,11 @@ impl Server {
         self.state.capture.set(capture).is_ok()
     }
 
+    /// The capture set with [`Server::set_capture`], if any.
+    pub fn capture(&self) -> Option<&Arc<capture::Capture>> {
+        self.state.capture.get()
+    }
+
     /// Bytes of the global in-flight budget no import holds now.
     pub fn inflight_budget_available(&self) -> i64 {
         self.state.budget.available()
