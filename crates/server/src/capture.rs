@@ -704,5 +704,46 @@ fn encode(event: &Event<'_>, busnum: u16, devnum: u8, ts: Duration) -> (Vec<u8>,
     (bytes, original.min(u32::MAX as usize) as u32)
 }
 
+/// A recorder whose records the test reads, on a queue of `capacity`.
+#[cfg(test)]
+pub(crate) fn test_recorder(capacity: usize) -> (DeviceCapture, TestRecords) {
+    let shared = Arc::new(Shared::default());
+    let (tx, rx) = mpsc::sync_channel(capacity);
+    let d = DeviceCapture {
+        shared: shared.clone(),
+        tx,
+        busnum: 1,
+        devnum: 4,
+        id_base: 3 << IMPORT_ID_SHIFT,
+    };
+    (d, TestRecords { rx, shared })
+}
+
+/// What a [`test_recorder`] recorded.
+#[cfg(test)]
+pub(crate) struct TestRecords {
+    rx: Receiver<Message>,
+    shared: Arc<Shared>,
+}
+
+#[cfg(test)]
+impl TestRecords {
+    /// The records queued since the last call: header, what follows it,
+    /// and the record's length had nothing been cut.
+    pub(crate) fn take(&self) -> Vec<(MonHeader, Vec<u8>, u32)> {
+        let mut out = Vec::new();
+        while let Ok(Message::Record(r)) = self.rx.try_recv() {
+            let mut h = [0u8; HEADER_LEN];
+            h.copy_from_slice(&r.bytes[..HEADER_LEN]);
+            out.push((
+                MonHeader::parse(&h),
+                r.bytes[HEADER_LEN..].to_vec(),
+                r.original_len,
+            ));
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -125,40 +125,16 @@ fn urb(ep: u8, direction: Direction, length: usize) -> Urb {
     }
 }
 
-/// A recorder on a queue of `capacity` records whose receiving end the
-/// test holds.
-fn recorder(capacity: usize) -> (DeviceCapture, Receiver<Message>, Arc<Shared>) {
-    let shared = Arc::new(Shared::default());
-    let (tx, rx) = mpsc::sync_channel(capacity);
-    let d = DeviceCapture {
-        shared: shared.clone(),
-        tx,
-        busnum: 1,
-        devnum: 4,
-        id_base: 3 << IMPORT_ID_SHIFT,
-    };
-    (d, rx, shared)
-}
-
-fn records(rx: &Receiver<Message>) -> Vec<(MonHeader, Vec<u8>, u32)> {
-    let mut out = Vec::new();
-    while let Ok(Message::Record(r)) = rx.try_recv() {
-        let h = MonHeader::parse(r.bytes[..HEADER_LEN].try_into().unwrap());
-        out.push((h, r.bytes[HEADER_LEN..].to_vec(), r.original_len));
-    }
-    out
-}
-
 #[test]
 fn bulk_data_goes_with_its_direction() {
-    let (d, rx, _) = recorder(16);
+    let (d, rx) = test_recorder(16);
     let out = urb(2, Direction::Out, 31);
     d.submitted(&out, XferType::Bulk);
     d.completed(&out, XferType::Bulk, 31, 0);
     let inn = urb(1, Direction::In, 512);
     d.submitted(&inn, XferType::Bulk);
     d.completed(&inn, XferType::Bulk, 13, 0);
-    let r = records(&rx);
+    let r = rx.take();
     assert_eq!(r.len(), 4);
     // OUT: the data on the submission, none on the completion.
     let (h, data, _) = &r[0];
@@ -186,10 +162,10 @@ fn bulk_data_goes_with_its_direction() {
 
 #[test]
 fn long_data_is_cut_to_the_snaplen() {
-    let (d, rx, _) = recorder(4);
+    let (d, rx) = test_recorder(4);
     let big = urb(1, Direction::In, SNAPLEN + 1000);
     d.completed(&big, XferType::Bulk, SNAPLEN + 1000, 0);
-    let r = records(&rx);
+    let r = rx.take();
     let (h, data, original) = &r[0];
     assert_eq!(h.len_urb as usize, SNAPLEN + 1000);
     assert_eq!(h.len_cap as usize, SNAPLEN);
@@ -199,7 +175,7 @@ fn long_data_is_cut_to_the_snaplen() {
 
 #[test]
 fn hostile_lengths_and_iso_counts_are_bounded() {
-    let (d, rx, _) = recorder(8);
+    let (d, rx) = test_recorder(8);
     // An actual length beyond the buffer, an endpoint number beyond 15.
     let mut u = urb(200, Direction::In, 8);
     d.completed(&u, XferType::Bulk, usize::MAX, -32);
@@ -215,7 +191,7 @@ fn hostile_lengths_and_iso_counts_are_bounded() {
         .collect();
     d.completed(&u, XferType::Isochronous, 8, 0);
     d.submitted(&u, XferType::Isochronous);
-    let r = records(&rx);
+    let r = rx.take();
     let (h, data, _) = &r[0];
     assert_eq!((h.epnum, h.status, h.len_urb), (200 & 0x7f | 0x80, -32, 8));
     assert_eq!(data.len(), 8);
@@ -244,15 +220,15 @@ fn hostile_lengths_and_iso_counts_are_bounded() {
 
 #[test]
 fn an_unread_queue_drops_and_counts() {
-    let (d, rx, shared) = recorder(2);
+    let (d, rx) = test_recorder(2);
     let u = urb(1, Direction::In, 8);
     for _ in 0..5 {
         d.submitted(&u, XferType::Bulk);
     }
-    assert_eq!(records(&rx).len(), 2);
-    assert_eq!(shared.dropped_queue.load(Ordering::Relaxed), 3);
+    assert_eq!(rx.take().len(), 2);
+    assert_eq!(rx.shared.dropped_queue.load(Ordering::Relaxed), 3);
     assert_eq!(
-        shared.queued_bytes.load(Ordering::Relaxed),
+        rx.shared.queued_bytes.load(Ordering::Relaxed),
         2 * HEADER_LEN,
         "what the writer takes it gives back; the test took it without"
     );
@@ -260,11 +236,11 @@ fn an_unread_queue_drops_and_counts() {
 
 #[test]
 fn descriptors_replay_as_get_descriptor_pairs() {
-    let (d, rx, _) = recorder(8);
+    let (d, rx) = test_recorder(8);
     let device = [18u8, 1, 0, 2, 0, 0, 0, 64, 1, 2, 3, 4, 0, 1, 1, 2, 3, 1];
     let config = [9u8, 2, 9, 0, 0, 1, 0, 0x80, 50];
     d.replay_descriptors(&device, &config);
-    let r = records(&rx);
+    let r = rx.take();
     assert_eq!(r.len(), 4);
     assert_eq!(r[0].0.setup, [0x80, 6, 0, 1, 0, 0, 18, 0]);
     assert_eq!(r[1].1, device);
