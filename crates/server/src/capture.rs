@@ -25,17 +25,18 @@
 //! The data path never waits for the file: records go to a writer thread
 //! over a queue bounded in records and in bytes, and what does not fit is
 //! dropped and counted. So is what would take the file past its size limit;
-//! the file then ends with the last whole record before it. The writer
-//! flushes whenever its queue runs empty, so a crash loses at most the
-//! records still queued and leaves a file readable up to its last whole
-//! block.
+//! the file then ends with the last whole record before it. Once the file
+//! is full, records are dropped before they are built. The writer drains
+//! its queue in batches and flushes once it has been empty for
+//! [`FLUSH_AFTER`]: a crash loses at most the records of that moment, and
+//! leaves a file readable up to its last whole block.
 
 use std::borrow::Cow;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -255,6 +256,10 @@ struct Shared {
     dropped_limit: AtomicU64,
     written: AtomicU64,
     warned_queue: AtomicBool,
+    /// The file is full (or failed): records are dropped unbuilt.
+    full: AtomicBool,
+    /// The capture finished: records are no longer counted either.
+    ended: AtomicBool,
     /// The next import's number, for its URB id range.
     next_import: AtomicU64,
 }
@@ -304,7 +309,17 @@ impl Capture {
         let path = config.path.clone();
         let thread = std::thread::Builder::new()
             .name("usbipd-capture".into())
-            .spawn(move || write_loop(rx, writer, header_len, limit, &path, &on_thread))
+            .spawn(move || {
+                Writer {
+                    w: writer,
+                    written: header_len,
+                    limit,
+                    path: &path,
+                    shared: &on_thread,
+                    stopped: false,
+                }
+                .run(rx)
+            })
             .map_err(CaptureError::Thread)?;
         info!(
             path = %config.path.display(),
@@ -349,6 +364,7 @@ impl Capture {
     /// Records of imports still running are dropped from then on.
     pub fn finish(&self) -> CaptureStats {
         let thread = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.shared.ended.store(true, Ordering::Relaxed);
         if let Some(thread) = thread {
             // Blocks only while the writer drains a full queue.
             let _ = self.tx.send(Message::Stop);
@@ -404,69 +420,119 @@ fn packet_block_len(data_len: usize) -> u64 {
     (32 + data_len.next_multiple_of(4)) as u64
 }
 
-fn write_loop(
-    rx: Receiver<Message>,
-    mut w: PcapNgWriter<BufWriter<File>>,
-    mut written: u64,
+/// How long the writer waits with nothing queued before it flushes what
+/// it buffered to the file.
+const FLUSH_AFTER: Duration = Duration::from_millis(100);
+/// How long a busy writer lets records gather before it drains them: it
+/// is not waiting on the queue meanwhile, so senders need not wake it
+/// (a system call per record otherwise).
+const BATCH_PAUSE: Duration = Duration::from_millis(1);
+
+/// The writer thread's state.
+struct Writer<'a> {
+    w: PcapNgWriter<BufWriter<File>>,
+    written: u64,
     limit: u64,
-    path: &Path,
-    shared: &Shared,
-) {
-    let mut full = false;
-    let mut failed = false;
-    let mut next = rx.recv().map_err(|_| TryRecvError::Disconnected);
-    // Bounded by the senders: it ends on Stop or when every one is gone.
-    while let Ok(Message::Record(r)) = next {
-        shared
+    path: &'a Path,
+    shared: &'a Shared,
+    /// Full or failed: nothing more is written.
+    stopped: bool,
+}
+
+impl Writer<'_> {
+    fn record(&mut self, r: Record) {
+        self.shared
             .queued_bytes
             .fetch_sub(r.bytes.len(), Ordering::Relaxed);
         let len = packet_block_len(r.bytes.len());
-        if full || failed || written + len > limit {
-            if !full && !failed {
-                full = true;
-                warn!(
-                    path = %path.display(), limit,
-                    "the capture file reached its size limit: further URBs are not captured \
-                     (raise --capture-limit)"
-                );
+        if !self.stopped && self.written + len > self.limit {
+            self.stop();
+            warn!(
+                path = %self.path.display(), limit = self.limit,
+                "the capture file reached its size limit: further URBs are not captured \
+                 (raise --capture-limit)"
+            );
+        }
+        if self.stopped {
+            self.shared.dropped_limit.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let block = EnhancedPacketBlock {
+            interface_id: 0,
+            timestamp: r.timestamp,
+            original_len: r.original_len,
+            data: Cow::Owned(r.bytes),
+            options: vec![],
+        };
+        match self.w.write_pcapng_block(block) {
+            Ok(n) => {
+                self.written += n as u64;
+                self.shared.written.fetch_add(1, Ordering::Relaxed);
             }
-            shared.dropped_limit.fetch_add(1, Ordering::Relaxed);
-        } else {
-            let block = EnhancedPacketBlock {
-                interface_id: 0,
-                timestamp: r.timestamp,
-                original_len: r.original_len,
-                data: Cow::Owned(r.bytes),
-                options: vec![],
-            };
-            match w.write_pcapng_block(block) {
-                Ok(n) => {
-                    written += n as u64;
-                    shared.written.fetch_add(1, Ordering::Relaxed);
+            Err(e) => {
+                self.stop();
+                warn!(path = %self.path.display(), "writing the capture failed, capture stopped: {e}");
+            }
+        }
+    }
+
+    /// From now on records are dropped, by the senders before they are
+    /// even built.
+    fn stop(&mut self) {
+        self.stopped = true;
+        self.shared.full.store(true, Ordering::Relaxed);
+    }
+
+    fn flush(&mut self) {
+        if let Err(e) = self.w.get_mut().flush() {
+            if !self.stopped {
+                warn!(path = %self.path.display(), "writing the capture failed, capture stopped: {e}");
+            }
+            self.stop();
+        }
+    }
+
+    /// Runs until [`Message::Stop`] or until every sender is gone, then
+    /// flushes.
+    fn run(mut self, rx: Receiver<Message>) {
+        // Bounded by the senders: every turn takes a message or waits.
+        loop {
+            let mut taken = 0usize;
+            // Bounded by the queue's capacity, refilled at most as fast
+            // as this drains it.
+            loop {
+                match rx.try_recv() {
+                    Ok(Message::Record(r)) => {
+                        self.record(r);
+                        taken += 1;
+                    }
+                    Ok(Message::Stop) | Err(TryRecvError::Disconnected) => {
+                        self.flush();
+                        return;
+                    }
+                    Err(TryRecvError::Empty) => break,
                 }
-                Err(e) => {
-                    failed = true;
-                    warn!(path = %path.display(), "writing the capture failed, capture stopped: {e}");
+            }
+            if taken > 1 {
+                std::thread::sleep(BATCH_PAUSE);
+                continue;
+            }
+            let next = match rx.recv_timeout(FLUSH_AFTER) {
+                Err(RecvTimeoutError::Timeout) => {
+                    // Quiet: what is buffered reaches the file now.
+                    self.flush();
+                    rx.recv().ok()
+                }
+                m => m.ok(),
+            };
+            match next {
+                Some(Message::Record(r)) => self.record(r),
+                Some(Message::Stop) | None => {
+                    self.flush();
+                    return;
                 }
             }
         }
-        next = match rx.try_recv() {
-            Ok(m) => Ok(m),
-            Err(TryRecvError::Empty) => {
-                // Idle: what is written so far reaches the file.
-                if let Err(e) = w.get_mut().flush() {
-                    if !failed {
-                        warn!(path = %path.display(), "writing the capture failed, capture stopped: {e}");
-                    }
-                    failed = true;
-                }
-                rx.recv().map_err(|_| TryRecvError::Disconnected)
-            }
-            Err(e) => Err(e),
-        };
-    }
-    if let Err(e) = w.get_mut().flush() {
-        warn!(path = %path.display(), "flushing the capture failed: {e}");
     }
 }
 
@@ -589,6 +655,12 @@ impl DeviceCapture {
     }
 
     fn send(&self, event: &Event<'_>) {
+        if self.shared.full.load(Ordering::Relaxed) {
+            if !self.shared.ended.load(Ordering::Relaxed) {
+                self.shared.dropped_limit.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
         let timestamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
