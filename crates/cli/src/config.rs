@@ -9,6 +9,9 @@
 //! failed_handshake_refill_ms = 1000  # connections are closed at accept
 //! device_mode = false       # like -e: also export gadgets bound to usbip-vudc
 //! metrics = "127.0.0.1:9240" # like --metrics: Prometheus text at /metrics
+//! capture = "urbs.pcapng"   # like --capture: every URB into a pcapng file
+//! capture_busid = "1-1"     # like --capture-busid: only this device's
+//! capture_limit = 268435456 # like --capture-limit: the file's size cap
 //!
 //! [[device]]
 //! kind = "mass-storage"
@@ -156,6 +159,13 @@ pub struct ServerSection {
     /// As `usbipd --metrics`: serve Prometheus metrics on this address.
     /// Read by usbipd, not the server.
     pub metrics: Option<std::net::SocketAddr>,
+    /// As `usbipd --capture`: record every URB into this pcapng file
+    /// (relative to the config file's folder). Read by usbipd.
+    pub capture: Option<PathBuf>,
+    /// As `usbipd --capture-busid`.
+    pub capture_busid: Option<String>,
+    /// As `usbipd --capture-limit`, in bytes.
+    pub capture_limit: Option<u64>,
     pub max_connections: Option<usize>,
     pub max_urbs_in_flight: Option<usize>,
     pub max_bytes_in_flight: Option<usize>,
@@ -317,9 +327,14 @@ impl Config {
             source,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for file in [&mut c.tls.cert, &mut c.tls.key, &mut c.tls.client_ca]
-            .into_iter()
-            .flatten()
+        for file in [
+            &mut c.tls.cert,
+            &mut c.tls.key,
+            &mut c.tls.client_ca,
+            &mut c.server.capture,
+        ]
+        .into_iter()
+        .flatten()
         {
             if file.is_relative() {
                 *file = base.join(&*file);
@@ -457,5 +472,20 @@ mod tests {
     fn rejects_unknown_fields() {
         assert!(toml::from_str::<Config>("[[device]]\nkind = \"test\"\ncolour = 1\n").is_err());
         assert!(toml::from_str::<Config>("[[device]]\nkind = \"toaster\"\n").is_err());
+    }
+
+    #[test]
+    fn capture_keys_and_a_capture_file_relative_to_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usbipd.toml");
+        std::fs::write(
+            &path,
+            "[server]\ncapture = \"urbs.pcapng\"\ncapture_busid = \"1-2\"\ncapture_limit = 4096\n",
+        )
+        .unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.server.capture, Some(dir.path().join("urbs.pcapng")));
+        assert_eq!(c.server.capture_busid.as_deref(), Some("1-2"));
+        assert_eq!(c.server.capture_limit, Some(4096));
     }
 }

@@ -184,6 +184,24 @@ pub fn render(server: &Server) -> prometheus::Result<String> {
     budget.set(server.inflight_budget_available());
     r.register(Box::new(budget))?;
 
+    if let Some(capture) = server.capture() {
+        let stats = capture.stats();
+        let records = counters(
+            &r,
+            "capture_records_total",
+            "URB records of the packet capture (--capture) by what became of them: written, \
+             or dropped because the writer fell behind or the file reached its size limit.",
+            &["result"],
+        )?;
+        for (result, n) in [
+            ("written", stats.written),
+            ("dropped_queue_full", stats.dropped_queue),
+            ("dropped_size_limit", stats.dropped_limit),
+        ] {
+            records.with_label_values(&[result]).inc_by(n);
+        }
+    }
+
     TextEncoder::new().encode_to_string(&r.gather())
 }
 
@@ -269,4 +287,27 @@ fn respond(request: &Request<Incoming>, server: &Server) -> Response<Full<Bytes>
         hyper::header::HeaderValue::from_static(content_type),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use usbwire_server::capture::{Capture, CaptureConfig};
+    use usbwire_server::{Registry as Devices, ServerConfig};
+
+    #[test]
+    fn a_capture_adds_its_record_counts() {
+        let server = Server::new(Devices::new(), ServerConfig::default()).unwrap();
+        assert!(!render(&server).unwrap().contains("capture_records_total"));
+        let dir = tempfile::tempdir().unwrap();
+        let capture = Capture::start(CaptureConfig::new(dir.path().join("c.pcapng"))).unwrap();
+        let capture = Arc::new(capture);
+        assert!(server.set_capture(capture.clone()));
+        let text = render(&server).unwrap();
+        for result in ["written", "dropped_queue_full", "dropped_size_limit"] {
+            let line = format!("usbwire_capture_records_total{{result=\"{result}\"}} 0");
+            assert!(text.contains(&line), "no {line:?} in\n{text}");
+        }
+        capture.finish();
+    }
 }

@@ -80,6 +80,11 @@ impl Backend for EmulatedBackend {
         self.dev.endpoint_type(ep_address)
     }
 
+    fn descriptors(&self) -> Option<(Vec<u8>, Vec<u8>)> {
+        let d = self.dev.descriptors();
+        Some((d.device_bytes().to_vec(), d.configuration.clone()))
+    }
+
     fn poll_urb(&mut self, urb: &mut Urb, cx: &mut Context<'_>) -> Poll<Completion> {
         let len = urb.length.min(urb.buf.len());
         if urb.ep == 0 {

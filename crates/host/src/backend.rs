@@ -124,6 +124,8 @@ pub struct UsbfsBackend {
     roots: Roots,
     sys: LocalDevice,
     desc: EndpointTypes,
+    /// The `descriptors` sysfs file as last read, for a packet capture.
+    raw_descriptors: Vec<u8>,
     config: u8,
     alts: BTreeMap<u8, u8>,
     /// Interfaces we claimed, with the driver each had before.
@@ -145,7 +147,8 @@ impl UsbfsBackend {
     /// detached from its driver and claimed.
     pub fn claim(roots: &Roots, sys: LocalDevice) -> io::Result<UsbfsBackend> {
         let dev = Usbfs::open(&sys.devnode(roots))?;
-        let desc = EndpointTypes::parse(&sys.descriptors()?);
+        let raw_descriptors = sys.descriptors()?;
+        let desc = EndpointTypes::parse(&raw_descriptors);
         let mut b = UsbfsBackend {
             dev,
             roots: roots.clone(),
@@ -158,6 +161,7 @@ impl UsbfsBackend {
             claimed: Vec::new(),
             sys,
             desc,
+            raw_descriptors,
             next_id: 1,
             in_flight: HashMap::new(),
             done: HashMap::new(),
@@ -231,6 +235,7 @@ impl UsbfsBackend {
         if let Ok(s) = self.roots.local_device(&self.sys.busid) {
             if let Ok(raw) = s.descriptors() {
                 self.desc = EndpointTypes::parse(&raw);
+                self.raw_descriptors = raw;
             }
             self.config = s.active_configuration();
             self.alts = s
@@ -667,6 +672,10 @@ impl Backend for UsbfsBackend {
         let mut i = self.sys.device_info();
         i.busid = busid.into();
         i
+    }
+
+    fn descriptors(&self) -> Option<(Vec<u8>, Vec<u8>)> {
+        crate::sysfs::split_descriptors(&self.raw_descriptors, self.config)
     }
 
     fn transfer_type(&self, ep_address: u8) -> Option<TransferType> {

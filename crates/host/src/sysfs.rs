@@ -494,6 +494,35 @@ fn read_interfaces(busid: &str, dir: &Path) -> Result<Vec<LocalInterface>, Local
     Ok(interfaces)
 }
 
+/// The device descriptor and configuration `config`'s full descriptor,
+/// cut from a device's raw descriptors (the `descriptors` sysfs file: the
+/// device descriptor, then every configuration, each `wTotalLength` long).
+/// `None` if the blob has no such configuration, or is not what the kernel
+/// writes there.
+pub fn split_descriptors(raw: &[u8], config: u8) -> Option<(Vec<u8>, Vec<u8>)> {
+    const DEVICE_LEN: usize = 18;
+    if raw.len() < DEVICE_LEN || raw[0] as usize != DEVICE_LEN || raw[1] != 1 {
+        return None;
+    }
+    let mut at = DEVICE_LEN;
+    // Bounded by the blob: every step moves on by at least a header.
+    while at + 9 <= raw.len() {
+        if raw[at + 1] != 2 {
+            return None;
+        }
+        let total = u16::from_le_bytes([raw[at + 2], raw[at + 3]]) as usize;
+        if total < 9 {
+            return None;
+        }
+        let end = (at + total).min(raw.len());
+        if raw[at + 5] == config {
+            return Some((raw[..DEVICE_LEN].to_vec(), raw[at..end].to_vec()));
+        }
+        at = end;
+    }
+    None
+}
+
 /// The endpoints of every configuration, interface and alternate setting,
 /// from a device's raw descriptors.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -705,6 +734,32 @@ pub mod fake {
 mod tests {
     use super::fake::*;
     use super::*;
+
+    #[test]
+    fn split_descriptors_finds_the_active_configuration() {
+        let mut raw = vec![18, 1, 0, 2, 0, 0, 0, 64, 1, 2, 3, 4, 0, 1, 1, 2, 3, 2];
+        let first = [9, 2, 18, 0, 1, 1, 0, 0x80, 50, 9, 4, 0, 0, 0, 8, 6, 80, 0];
+        let second = [9, 2, 9, 0, 0, 2, 0, 0x80, 50];
+        raw.extend_from_slice(&first);
+        raw.extend_from_slice(&second);
+        let (device, config) = split_descriptors(&raw, 1).unwrap();
+        assert_eq!(device, raw[..18]);
+        assert_eq!(config, first);
+        assert_eq!(split_descriptors(&raw, 2).unwrap().1, second);
+        // Unconfigured, or a configuration the device does not have.
+        assert_eq!(split_descriptors(&raw, 0), None);
+        assert_eq!(split_descriptors(&raw, 3), None);
+        // A wTotalLength past the end is cut at it; one below a header
+        // ends the walk; a blob that is not descriptors gives nothing.
+        let mut long = raw[..18 + 9].to_vec();
+        long[18 + 2] = 200;
+        assert_eq!(split_descriptors(&long, 1).unwrap().1.len(), 9);
+        let mut short = raw.clone();
+        short[18 + 2] = 3;
+        assert_eq!(split_descriptors(&short, 2), None);
+        assert_eq!(split_descriptors(&raw[..10], 1), None);
+        assert_eq!(split_descriptors(&[0u8; 64], 1), None);
+    }
 
     fn tree() -> tempfile::TempDir {
         let t = tempfile::tempdir().unwrap();

@@ -7,6 +7,7 @@
 
 pub mod abuse;
 pub mod acl;
+pub mod capture;
 pub mod metrics;
 pub mod queue;
 pub mod registry;
@@ -244,6 +245,8 @@ pub(crate) struct ServerState {
     /// Refusals per source, and their rate-limited log.
     pub refusals: abuse::RefusalLog,
     pub metrics: Arc<metrics::Metrics>,
+    /// Where every import's URBs are recorded, if anywhere.
+    pub capture: std::sync::OnceLock<Arc<capture::Capture>>,
 }
 
 impl ServerState {
@@ -253,6 +256,7 @@ impl ServerState {
             budget: abuse::ByteBudget::new(config.max_inflight_bytes),
             refusals: abuse::RefusalLog::new(config.refusals),
             metrics: Arc::default(),
+            capture: std::sync::OnceLock::new(),
             config,
         }
     }
@@ -313,6 +317,18 @@ impl Server {
     /// holds, TLS handshakes) since it started.
     pub fn metrics(&self) -> &metrics::Metrics {
         &self.state.metrics
+    }
+
+    /// Records every import's URBs, from the next import on, into
+    /// `capture` (see [`capture`]). A server captures into one file at
+    /// most: `false` if it already has one.
+    pub fn set_capture(&self, capture: Arc<capture::Capture>) -> bool {
+        self.state.capture.set(capture).is_ok()
+    }
+
+    /// The capture set with [`Server::set_capture`], if any.
+    pub fn capture(&self) -> Option<&Arc<capture::Capture>> {
+        self.state.capture.get()
     }
 
     /// Bytes of the global in-flight budget no import holds now.

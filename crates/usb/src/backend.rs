@@ -107,6 +107,15 @@ pub trait Backend: Send + 'static {
     /// Makes acknowledged writes durable; blocks until they are.
     fn flush(&mut self) -> io::Result<()>;
 
+    /// The device descriptor and the current configuration's descriptor
+    /// (with its interfaces and endpoints), as GET_DESCRIPTOR answers
+    /// them, if the backend has them at hand: a packet capture replays
+    /// them at the start of an import so that its reader knows the
+    /// interfaces' classes. It must not block.
+    fn descriptors(&self) -> Option<(Vec<u8>, Vec<u8>)> {
+        None
+    }
+
     /// A device that a kernel driver runs (usbip-host, usbip-vudc): an
     /// import gives the driver the connection itself, as the C usbipd
     /// does, instead of running URBs through `poll_urb`. `None` for a

@@ -136,6 +136,20 @@ pub(crate) struct Args {
     /// The DNS-SD instance name to advertise (default: the host name).
     #[arg(long = "advertise-name", value_name = "NAME")]
     advertise_name: Option<String>,
+    /// Record every URB (submission and completion, with its data) into
+    /// FILE, a pcapng in Linux usbmon's format that Wireshark and tshark
+    /// open. Recording never slows the devices down: what the writer
+    /// cannot keep up with is dropped and counted.
+    #[arg(long = "capture", value_name = "FILE")]
+    capture: Option<PathBuf>,
+    /// With --capture: record only this device's URBs.
+    #[arg(long = "capture-busid", value_name = "BUSID")]
+    capture_busid: Option<String>,
+    /// With --capture: the file's size limit in bytes, past which URBs are
+    /// no longer recorded (default 256 MiB).
+    #[arg(long = "capture-limit", value_name = "BYTES",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    capture_limit: Option<u64>,
 }
 
 const DEFAULT_STATE_FILE: &str = "/var/lib/usbwire/bindings.json";
@@ -516,6 +530,10 @@ async fn serve(
     let identities = Identities::of(args, &config, &server_config);
     let advertising = advertise(args, &config, &server_config, &addrs, &registry)?;
     let server = Server::new(registry, server_config).map_err(|e| e.to_string())?;
+    let capture = start_capture(args, &config).await?;
+    if let Some(capture) = &capture {
+        server.set_capture(capture.clone());
+    }
     let metrics = metrics_listener
         .map(|listener| tokio::spawn(usbwire_cli::metrics::serve(listener, server.clone())));
     listen::announce_ready(&addrs, ready_fd);
@@ -531,6 +549,10 @@ async fn serve(
     }
     if let Some(advertising) = advertising {
         advertising.stop().await;
+    }
+    if let Some(capture) = capture {
+        // Every import has ended: what they recorded is all queued.
+        let _ = tokio::task::spawn_blocking(move || capture.finish()).await;
     }
     if let Some(control_plane) = control_plane {
         control_plane.stop().await;
@@ -619,6 +641,40 @@ fn advertise(
         advertiser.stop().await;
     });
     Ok(Some(Advertising { stop, task }))
+}
+
+/// Starts the URB capture that `--capture` or the config's `capture`
+/// asks for.
+async fn start_capture(
+    args: &Args,
+    config: &Config,
+) -> Result<Option<Arc<usbwire_server::capture::Capture>>, String> {
+    use usbwire_server::capture::{Capture, CaptureConfig, DEFAULT_LIMIT};
+    let server = &config.server;
+    let busid = args.capture_busid.clone().or(server.capture_busid.clone());
+    let limit = args.capture_limit.or(server.capture_limit);
+    let Some(path) = args.capture.clone().or(server.capture.clone()) else {
+        if busid.is_some() || limit.is_some() {
+            return Err(
+                "--capture-busid and --capture-limit (capture_busid, capture_limit) \
+                        need a capture file: add --capture FILE"
+                    .into(),
+            );
+        }
+        return Ok(None);
+    };
+    let capture = CaptureConfig {
+        path,
+        busid,
+        limit: limit.unwrap_or(DEFAULT_LIMIT),
+    };
+    // Creating the file and its first blocks touches the disk.
+    let started = tokio::task::spawn_blocking(move || Capture::start(capture))
+        .await
+        .map_err(|e| format!("starting the capture panicked: {e}"))?;
+    started
+        .map(|c| Some(Arc::new(c)))
+        .map_err(|e| e.to_string())
 }
 
 /// Exports the configured devices (and the demo set with `--demo`, whose

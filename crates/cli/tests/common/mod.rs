@@ -8,6 +8,8 @@ use std::process::ExitStatus;
 use socket2::{Domain, Socket, Type};
 use usbwire_tests::daemon::Usbipd;
 
+pub mod scsi;
+
 /// A `usbipd` child process on a listener the test owns (passed by socket
 /// activation; see `usbwire_tests::daemon`), killed on drop.
 pub struct Daemon {

@@ -21,6 +21,7 @@ use super::{SessionConfig, DIRECT_READ_MIN, MAX_EARLY_UNLINKS, READ_CHUNK};
 use usbwire_usb::StateChange;
 
 use crate::abuse::BudgetShare;
+use crate::capture::{DeviceCapture, XferType};
 use crate::metrics::{self, DeviceMetrics, HoldEnd, Metrics};
 use crate::queue::EndpointQueue;
 use crate::{Backend, Completion, SessionError, TransferType, Urb, UrbId};
@@ -143,6 +144,8 @@ pub struct UrbSession {
     /// the backend gave it at the last submit, so that completions need
     /// not ask again.
     ep_types: [u8; 32],
+    /// Where this import's URBs are recorded, if anywhere.
+    capture: Option<DeviceCapture>,
 }
 
 impl UrbSession {
@@ -184,7 +187,32 @@ impl UrbSession {
             budget: None,
             metrics: None,
             ep_types: [0; 32],
+            capture: None,
         }
+    }
+
+    /// Records this import's URBs into `capture`, starting with the
+    /// device's descriptors as the backend has them.
+    pub fn with_capture(mut self, capture: DeviceCapture) -> Self {
+        if let Some((device, configuration)) = self.backend.descriptors() {
+            capture.replay_descriptors(&device, &configuration);
+        }
+        self.capture = Some(capture);
+        self
+    }
+
+    /// The usbmon transfer type of an URB's endpoint, for the capture: an
+    /// endpoint the device does not have is shown as bulk.
+    fn capture_xfer_type(&self, urb: &Urb) -> XferType {
+        if urb.ep == 0 {
+            return XferType::Control;
+        }
+        if urb.ep > 15 {
+            return XferType::Bulk;
+        }
+        self.backend
+            .transfer_type(urb.ep_address())
+            .map_or(XferType::Bulk, XferType::from)
     }
 
     /// Counts this import's URBs in `device` and its error holds in `server`.
@@ -503,6 +531,9 @@ impl UrbSession {
         if let Some((device, _)) = &self.metrics {
             device.submitted();
         }
+        if let Some(capture) = &self.capture {
+            capture.submitted(&urb, self.capture_xfer_type(&urb));
+        }
         if cmd.ep > 15 {
             self.complete(urb, 0, Some(Errno::EPIPE));
             return Ok(());
@@ -716,6 +747,9 @@ impl UrbSession {
             };
             device.completed(urb.direction, ty, actual, status);
         }
+        if let Some(capture) = &self.capture {
+            capture.completed(&urb, self.capture_xfer_type(&urb), actual, status);
+        }
         // Hashing every completion's seqnum costs more than the lookup is
         // worth when, as almost always, no unlink is under way.
         let unlink = if self.pending_unlinks.is_empty() {
@@ -778,6 +812,11 @@ impl UrbSession {
         self.count_out(&urb);
         if let Some((device, _)) = &self.metrics {
             device.dropped(1);
+        }
+        if let Some(capture) = &self.capture {
+            // As a host controller gives back an unlinked URB.
+            let status = Errno::ECONNRESET.to_status();
+            capture.completed(&urb, self.capture_xfer_type(&urb), 0, status);
         }
         self.pool.give(urb.buf);
     }

@@ -448,6 +448,13 @@ async fn urb_phase(
     )
     .with_budget(state.budget.share())
     .with_metrics(state.metrics.device(&busid), state.metrics.clone());
+    let capture = state
+        .capture
+        .get()
+        .and_then(|c| c.device(&busid, grant.device.busnum, grant.device.devnum));
+    if let Some(capture) = capture {
+        session = session.with_capture(capture);
+    }
     grant.record.start_counting();
     let r = tokio::select! {
         r = run(&stream, &mut session, &wake, &grant.record, &mut shutdown) => r,

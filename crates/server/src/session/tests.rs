@@ -443,6 +443,52 @@ fn ret_submit_precedes_ret_unlink_under_every_interleaving() {
     }
 }
 
+/// The capture sees every URB submitted and completed, an unlinked one
+/// completing with -ECONNRESET however the unlink took it; an URB for an
+/// endpoint the device lacks, and a submit its early unlink dropped, too.
+#[test]
+fn the_capture_records_each_urb_and_unlinks_as_econnreset() {
+    use crate::capture::test_recorder;
+    let mut h = Harness::new();
+    let (recorder, records) = test_recorder(64);
+    let session = std::mem::replace(&mut h.session, Harness::new().session);
+    h.session = session.with_capture(recorder);
+    h.script().cancel_is_asynchronous = false;
+    // 1 completes; 2 is cancelled at once; 4 never started (behind 3).
+    h.submit(1, BULK_IN, 64);
+    h.finish_ok(1, 64);
+    h.submit(2, BULK_IN, 64);
+    h.unlink(10, 2);
+    h.submit(3, BULK_IN, 64);
+    h.submit(4, BULK_IN, 64);
+    h.unlink(11, 4);
+    // An endpoint the device does not have: submitted and stalled.
+    h.submit(5, 0x87, 8);
+    h.finish_ok(3, 64);
+    let seen: Vec<(u8, i32, u32)> = records
+        .take()
+        .iter()
+        .map(|(r, _, _)| (r.kind, r.status, r.len_urb))
+        .collect();
+    let (s, c) = (b'S', b'C');
+    let reset = Errno::ECONNRESET.to_status();
+    assert_eq!(
+        seen,
+        vec![
+            (s, -115, 64),
+            (c, 0, 64),
+            (s, -115, 64),
+            (c, reset, 0),
+            (s, -115, 64),
+            (s, -115, 64),
+            (c, reset, 0),
+            (s, -115, 8),
+            (c, Errno::EPIPE.to_status(), 0),
+            (c, 0, 64),
+        ]
+    );
+}
+
 #[test]
 fn unlink_before_its_submit_is_answered_and_the_submit_dropped() {
     let mut h = Harness::new();
