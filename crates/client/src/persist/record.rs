@@ -222,16 +222,29 @@ impl PersistRecord {
         out
     }
 
-    /// Its process still runs (signal 0 reaches it).
+    /// Its process still runs: signal 0 reaches it and it is not a zombie
+    /// (a supervisor's parent exits at once; whoever adopts it may be slow
+    /// to reap it).
     pub fn alive(&self) -> bool {
         let Ok(pid) = i32::try_from(self.pid) else {
             return false;
         };
-        pid > 0
-            && matches!(
+        if pid <= 0
+            || !matches!(
                 nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
                 Ok(()) | Err(nix::errno::Errno::EPERM)
             )
+        {
+            return false;
+        }
+        // /proc/PID/stat: "pid (comm) S ...", comm may hold anything.
+        match fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next())
+                .is_some_and(|state| state != 'Z' && state != 'X'),
+            Err(e) => e.kind() != io::ErrorKind::NotFound,
+        }
     }
 }
 

@@ -91,10 +91,7 @@ type Running = (
 );
 
 /// Runs a supervisor over `steps` in the background; its states go to the log.
-fn start(
-    steps: Vec<Step>,
-    options: SuperviseOptions,
-) -> Running {
+fn start(steps: Vec<Step>, options: SuperviseOptions) -> Running {
     let shared = Arc::new(Mutex::new(Shared::default()));
     let log: Log = Arc::default();
     let start = Instant::now();
