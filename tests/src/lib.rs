@@ -6,5 +6,6 @@ pub mod capture;
 pub mod daemon;
 pub mod image;
 pub mod kernel;
+pub mod relay;
 pub mod support;
 pub mod tls;

@@ -9,10 +9,9 @@
 //! without reading a byte of what belongs to the kernel.
 
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use usbwire_proto::{DeviceInfo, OpStatus};
 use usbwire_tls::ktls::{self, KtlsError};
 
@@ -303,23 +302,32 @@ impl Attach for VhciAttach {
 /// Blocks until the socket's connection has ended (or `wake_rx`'s other
 /// end is closed) and says how it ended.
 fn watch_socket(socket: OwnedFd, wake_rx: OwnedFd) -> String {
-    // Each round ends with an event; spurious wake-ups (EINTR) are few,
-    // but the loop is bounded anyway.
-    for _ in 0..1_000_000 {
+    use nix::libc;
+    // Each round ends with an event; EINTR aside, the first one returns.
+    for _ in 0..1000 {
         let mut fds = [
-            PollFd::new(
-                socket.as_fd(),
-                PollFlags::from_bits_retain(nix::libc::POLLRDHUP),
-            ),
-            PollFd::new(wake_rx.as_fd(), PollFlags::POLLIN),
+            libc::pollfd {
+                fd: socket.as_raw_fd(),
+                events: libc::POLLRDHUP,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: wake_rx.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) => {}
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return format!("cannot watch the connection: {e}"),
+        // SAFETY: two valid pollfds, for descriptors this function owns.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return format!("cannot watch the connection: {e}");
         }
-        let sock = fds[0].revents().unwrap_or(PollFlags::empty());
-        if !sock.is_empty() {
+        let sock = fds[0].revents;
+        if sock != 0 {
             let err = nix::sys::socket::getsockopt(&socket, nix::sys::socket::sockopt::SocketError)
                 .unwrap_or(0);
             return if err != 0 {
@@ -327,13 +335,13 @@ fn watch_socket(socket: OwnedFd, wake_rx: OwnedFd) -> String {
                     "connection lost: {}",
                     std::io::Error::from_raw_os_error(err)
                 )
-            } else if sock.contains(PollFlags::POLLHUP) {
+            } else if sock & libc::POLLHUP != 0 {
                 "connection shut down (the kernel freed the port, or the server left)".into()
             } else {
                 "the server closed the connection".into()
             };
         }
-        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+        if fds[1].revents != 0 {
             return "stopped watching".into();
         }
     }
