@@ -6,6 +6,7 @@ pub mod capture;
 pub mod daemon;
 pub mod image;
 pub mod kernel;
+pub mod netns;
 pub mod relay;
 pub mod support;
 pub mod tls;

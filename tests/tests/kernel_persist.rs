@@ -63,7 +63,8 @@ fn persistent_attach_survives_restart_and_outage_and_detach_stops_it() {
         r#"set -e
 modprobe vhci-hcd
 server={server}
-U="usbip-rs -t {port}"
+# The guestfwd: 10.0.2.100:3240 is the relay on the host.
+U=usbip-rs
 # The keyboard's evdev node, once usbhid has bound it.
 kbd() {{
   for n in /sys/class/input/event*; do

@@ -227,7 +227,11 @@ pub async fn run_foreground(a: PersistAttach) -> Result<(), String> {
             }
             Ok(())
         }
-        Supervised::FirstAttemptFailed(e) => Err(e.message),
+        Supervised::FirstAttemptFailed(e) => {
+            // Nothing is kept: nothing to show or stop.
+            let _ = std::fs::remove_file(&path);
+            Err(e.message)
+        }
     }
 }
 

@@ -4,7 +4,8 @@
 //!
 //! The supervisor ([`supervise`]) only sequences; what an attachment is
 //! comes from an [`Attach`]: [`VhciAttach`] hands each import to the
-//! kernel's vhci-hcd (`usbip attach --persist`). Every state change goes
+//! kernel's vhci-hcd (`usbip attach --persist`), [`PersistentDevice`]
+//! keeps a userspace [`crate::RemoteDevice`]. Every state change goes
 //! to a callback as a [`PersistState`] and to `tracing`.
 //!
 //! Each attempt is bounded: connecting by [`CONNECT_TIMEOUT`], the import
@@ -23,6 +24,7 @@
 //! frees the port within about 11 s of the path going silent.
 
 mod record;
+mod remote;
 mod vhci;
 
 use std::future::Future;
@@ -33,6 +35,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 
 pub use record::{PersistRecord, Transition, MAX_TRANSITIONS, PERSIST_DIR};
+pub use remote::{PersistError, PersistentDevice};
 pub use vhci::{VhciAttach, VhciSession};
 
 /// How long connecting to the server may take in one attempt.

@@ -596,14 +596,16 @@ impl Acceptor {
 
 /// Keepalive of every accepted connection, so that a device whose client
 /// vanished (machine off, path black-holed) is freed for others: probes
-/// after 30 s idle, every 10 s, 3 unanswered drop it (60 s), and data left
-/// unacknowledged for 60 s does too. Never shorter than a persistent
-/// client's (`usbwire_client::persist::CLIENT_KEEPALIVE`, 11 s): the
-/// client is the one that notices and comes back.
-pub const SERVER_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
-pub const SERVER_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// after 10 s idle, every 5 s, 3 unanswered drop it (25 s), and data left
+/// unacknowledged for 30 s does too. A client that comes back after a
+/// network outage has forgotten the old connection: the next probe draws
+/// its reset and frees the device for the new import. Never shorter than
+/// a persistent client's (`usbwire_client::persist::CLIENT_KEEPALIVE`,
+/// 11 s and 10 s): the client is the one that notices and comes back.
+pub const SERVER_KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+pub const SERVER_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 pub const SERVER_KEEPALIVE_COUNT: u32 = 3;
-pub const SERVER_USER_TIMEOUT: Duration = Duration::from_secs(60);
+pub const SERVER_USER_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn set_keepalive(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
     let sock = socket2::SockRef::from(stream);

@@ -467,8 +467,8 @@ fn detach(vhci: &Vhci, port: &str) -> Result<(), String> {
     match vhci.detach(n) {
         Ok(()) => {}
         // Between attempts, the supervisor had no port: stopping it was
-        // the detach.
-        Err(VhciError::PortNotInUse { .. }) if !stopped.pids.is_empty() => {}
+        // the detach; its record of the port is stale.
+        Err(VhciError::PortNotInUse { .. }) if !stopped.pids.is_empty() => vhci.remove_record(n),
         Err(e) => return Err(e.to_string()),
     }
     for pid in &stopped.pids {
