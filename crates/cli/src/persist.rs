@@ -227,11 +227,8 @@ pub async fn run_foreground(a: PersistAttach) -> Result<(), String> {
             }
             Ok(())
         }
-        Supervised::FirstAttemptFailed(e) => {
-            // Nothing is kept: nothing to show or stop.
-            let _ = std::fs::remove_file(&path);
-            Err(e.message)
-        }
+        // Its state file is gone already (see write_states).
+        Supervised::FirstAttemptFailed(e) => Err(e.message),
     }
 }
 
@@ -288,6 +285,10 @@ fn write_states(
         };
         if let Some(line) = line {
             ready = true;
+            if line.starts_with("failed") {
+                // Nothing is kept: gone before the command returns.
+                let _ = std::fs::remove_file(record.path(&vhci));
+            }
             report_ready(ready_fd.take(), &line);
             // systemd's start ends with the first attach, or with a first
             // attempt that failed only for now: a server away at boot must
