@@ -97,6 +97,27 @@ fn persist_reattaches_after_a_server_restart_and_detach_stops_it() {
     assert!(first.alive());
     // The C tool's record is there too.
     assert_eq!(Vhci::new(&root).read_record(0).unwrap().busid, "1-2");
+    // One supervisor per device.
+    let out = usbip(
+        &root,
+        &[
+            "-t",
+            &port,
+            "attach",
+            "--persist",
+            "-r",
+            "127.0.0.1",
+            "-b",
+            "1-2",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("already kept attached by pid {}", first.pid)),
+        "{stderr}"
+    );
+    assert_eq!(PersistRecord::read_all(&Vhci::new(&root)).len(), 1);
 
     // The server dies: the supervisor sees its connection end.
     daemon.kill();
