@@ -7,5 +7,6 @@ pub mod daemon;
 pub mod image;
 pub mod kernel;
 pub mod netns;
+pub mod relay;
 pub mod support;
 pub mod tls;

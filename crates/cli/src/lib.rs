@@ -7,3 +7,4 @@ pub mod discovery;
 pub mod listen;
 pub mod metrics;
 pub mod names;
+pub mod persist;

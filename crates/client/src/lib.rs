@@ -12,7 +12,8 @@
 //! [`import_blocking`] only move bytes.
 //!
 //! [`vhci`] hands an imported device to the kernel's vhci-hcd instead
-//! (`usbip attach/detach/port`). Local USB devices (`usbip list -l`) are
+//! (`usbip attach/detach/port`), and [`persist`] keeps it there across
+//! connection losses (`usbip attach --persist`). Local USB devices (`usbip list -l`) are
 //! `usbwire_host::sysfs`'s.
 
 mod blocking;
@@ -20,6 +21,7 @@ mod connection;
 mod error;
 mod input;
 mod op;
+pub mod persist;
 mod remote;
 mod tls;
 mod transfer;

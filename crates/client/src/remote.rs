@@ -285,6 +285,17 @@ impl RemoteDevice {
         &self.info
     }
 
+    /// Resolves once the connection has ended (closed by the server, lost
+    /// on the network): every transfer fails from then on.
+    pub async fn closed(&self) {
+        self.submits.closed().await
+    }
+
+    /// The connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.submits.is_closed()
+    }
+
     /// Submits a transfer; many may be in flight at once.
     pub fn submit(&self, req: TransferRequest) -> PendingTransfer {
         let (seqnum_tx, seqnum) = oneshot::channel();

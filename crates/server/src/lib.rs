@@ -521,6 +521,9 @@ impl Server {
                 let _ = stream.set_zero_linger();
                 continue;
             }
+            if let Err(e) = set_keepalive(&stream) {
+                debug!(conn, %peer, "cannot set TCP keepalive: {e}");
+            }
             // Leaves this runtime's reactor; the worker registers it with its own.
             let stream = match stream.into_std() {
                 Ok(s) => s,
@@ -605,4 +608,28 @@ impl Acceptor {
             Acceptor::Here(mut loops) => loops.shutdown().await,
         }
     }
+}
+
+/// Keepalive of every accepted connection, so that a device whose client
+/// vanished (machine off, path black-holed) is freed for others: probes
+/// after 10 s idle, every 5 s, 3 unanswered drop it (25 s), and data left
+/// unacknowledged for 30 s does too. A client that comes back after a
+/// network outage has forgotten the old connection: the next probe draws
+/// its reset and frees the device for the new import. Never shorter than
+/// a persistent client's (`usbwire_client::persist::CLIENT_KEEPALIVE`,
+/// 11 s and 10 s): the client is the one that notices and comes back.
+pub const SERVER_KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+pub const SERVER_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+pub const SERVER_KEEPALIVE_COUNT: u32 = 3;
+pub const SERVER_USER_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn set_keepalive(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
+    let sock = socket2::SockRef::from(stream);
+    sock.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(SERVER_KEEPALIVE_IDLE)
+            .with_interval(SERVER_KEEPALIVE_INTERVAL)
+            .with_retries(SERVER_KEEPALIVE_COUNT),
+    )?;
+    sock.set_tcp_user_timeout(Some(SERVER_USER_TIMEOUT))
 }

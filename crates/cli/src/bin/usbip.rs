@@ -4,9 +4,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{ArgGroup, Args as ClapArgs, Parser, Subcommand};
-use usbwire_cli::{control, names};
+use usbwire_cli::{control, names, persist};
+use usbwire_client::persist::PersistRecord;
 use usbwire_client::{
     certificate_fingerprint, self_signed, ImportedDevice, ServerTrust, TlsClientConfig, Vhci,
+    VhciError,
 };
 use usbwire_host::{ExportStatus, LocalDevice, Roots};
 use usbwire_proto::{DeviceInfo, Speed};
@@ -242,6 +244,24 @@ struct AttachArgs {
     /// --tls-* option; never falls back to plaintext.
     #[arg(long = "tls")]
     tls: bool,
+    /// Keep the device attached (not in the C tool): a supervisor process
+    /// imports it again, with backoff, whenever its connection ends, until
+    /// `usbip detach` of its port. Its state shows in `usbip port`.
+    #[arg(long = "persist")]
+    persist: bool,
+    /// With --persist: run the supervisor in this process (for systemd,
+    /// which it tells READY=1 after the first attach) instead of detached.
+    #[arg(long = "foreground", requires = "persist")]
+    foreground: bool,
+    /// With --persist --foreground: report the first attempt on this
+    /// descriptor (how the detaching parent learns it).
+    #[arg(
+        long = "ready-fd",
+        value_name = "FD",
+        requires = "foreground",
+        hide = true
+    )]
+    ready_fd: Option<i32>,
 }
 
 #[derive(ClapArgs, Debug)]
@@ -261,7 +281,14 @@ struct PortArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(if cli.debug { "debug" } else { "warn" })
+        .with_env_filter(if cli.debug {
+            "debug"
+        } else if matches!(&cli.command, Command::Attach(a) if a.persist) {
+            // A supervisor logs each transition.
+            "info"
+        } else {
+            "warn"
+        })
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -330,13 +357,22 @@ async fn run(cli: Cli) -> Result<(), String> {
                 None => None,
             };
             let busid = a.busid.or(a.device).unwrap_or_default();
-            attach(
-                &Vhci::new(root()),
-                &a.remote,
-                cli.tcp_port,
-                &busid,
-                tls.as_ref(),
-            )
+            let vhci = Vhci::new(root());
+            if a.persist && !a.foreground {
+                return persist::spawn_detached(&vhci, &a.remote, cli.tcp_port, &busid);
+            }
+            if a.persist {
+                return persist::run_foreground(persist::PersistAttach {
+                    vhci,
+                    host: a.remote,
+                    tcp_port: cli.tcp_port,
+                    busid,
+                    tls,
+                    ready_fd: a.ready_fd,
+                })
+                .await;
+            }
+            attach(&vhci, &a.remote, cli.tcp_port, &busid, tls.as_ref())
         }
         Command::Detach(a) => detach(&Vhci::new(root()), &a.port),
         Command::Port(a) => port(&Vhci::new(root()), &Roots::under(&root()), a.json),
@@ -592,7 +628,26 @@ fn detach(vhci: &Vhci, port: &str) -> Result<(), String> {
         return Err(format!("invalid port {port}"));
     }
     let n: u32 = port.parse().map_err(|_| format!("invalid port {port}"))?;
-    vhci.detach(n).map_err(|e| e.to_string())?;
+    // A supervisor keeping this port is stopped first and waited for, so
+    // that nothing attaches the device again once this returns.
+    let stopped = persist::stop_supervisors_of(vhci, n)?;
+    for p in stopped.ports.iter().filter(|p| **p != n) {
+        // It had moved the device to another port meanwhile.
+        match vhci.detach(*p) {
+            Ok(()) | Err(VhciError::PortNotInUse { .. }) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    match vhci.detach(n) {
+        Ok(()) => {}
+        // Between attempts, the supervisor had no port: stopping it was
+        // the detach; its record of the port is stale.
+        Err(VhciError::PortNotInUse { .. }) if !stopped.pids.is_empty() => vhci.remove_record(n),
+        Err(e) => return Err(e.to_string()),
+    }
+    for pid in &stopped.pids {
+        eprintln!("usbip: info: stopped the supervisor of port {n} (pid {pid})");
+    }
     // The C tool's info() line, its doubled newline included.
     eprint!("usbip: info: Port {n} is now detached!\n\n");
     Ok(())
@@ -639,8 +694,12 @@ fn imported_devices(vhci: &Vhci, sysfs: &Roots) -> Result<Vec<PortView>, String>
 /// `usbip port`.
 fn port(vhci: &Vhci, sysfs: &Roots, json: bool) -> Result<(), String> {
     let devices = imported_devices(vhci, sysfs)?;
+    let supervisors: Vec<PersistRecord> = persist::live_supervisors(vhci)
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect();
     if json {
-        println!("{}", imported_json(&devices));
+        println!("{}", ports_json(&devices, &supervisors));
         return Ok(());
     }
     for d in &devices {
@@ -649,7 +708,52 @@ fn port(vhci: &Vhci, sysfs: &Roots, json: bool) -> Result<(), String> {
         }
     }
     print!("{}", render_ports(&devices));
+    print!("{}", render_supervisors(&supervisors));
     Ok(())
+}
+
+/// The supervisors of `usbip attach --persist` (nothing without any, so
+/// that the C tool's output stays as it is).
+fn render_supervisors(supervisors: &[PersistRecord]) -> String {
+    if supervisors.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("Kept attached (usbip attach --persist)\n");
+    for r in supervisors {
+        let port = match r.port {
+            Some(p) => format!("port {p:02}"),
+            None => "no port".to_string(),
+        };
+        out.push_str(&format!(
+            "  usbip://{}:{}/{}: {port}, {} (attempt {}, pid {})",
+            r.host, r.tcp_port, r.busid, r.state, r.attempts, r.pid
+        ));
+        match &r.last_error {
+            Some(e) if r.port.is_none() => out.push_str(&format!(": {e}\n")),
+            _ => out.push('\n'),
+        }
+    }
+    out
+}
+
+/// `usbip port --json`: the ports in use, each with a `persist` object
+/// when a supervisor keeps it, then one `{"persist": ...}` item per
+/// supervisor re-attaching (no port right now).
+fn ports_json(devices: &[PortView], supervisors: &[PersistRecord]) -> String {
+    let mut items = imported_values(devices);
+    for (item, view) in items.iter_mut().zip(devices) {
+        let port = view.imported.status.port;
+        if let Some(r) = supervisors.iter().find(|r| r.port == Some(port)) {
+            item["persist"] = persist::persist_json(r);
+        }
+    }
+    let ports: Vec<u32> = devices.iter().map(|d| d.imported.status.port).collect();
+    for r in supervisors {
+        if !r.port.is_some_and(|p| ports.contains(&p)) {
+            items.push(serde_json::json!({ "persist": persist::persist_json(r) }));
+        }
+    }
+    serde_json::Value::Array(items).to_string()
 }
 
 /// What `snprintf(buf, size, ...)` keeps of `s`.
@@ -700,8 +804,13 @@ fn render_ports(devices: &[PortView]) -> String {
     out
 }
 
+#[cfg(test)]
 fn imported_json(devices: &[PortView]) -> String {
-    let v: Vec<serde_json::Value> = devices
+    serde_json::Value::Array(imported_values(devices)).to_string()
+}
+
+fn imported_values(devices: &[PortView]) -> Vec<serde_json::Value> {
+    devices
         .iter()
         .map(|view| {
             let (vendor, product) = view.ids();
@@ -724,8 +833,7 @@ fn imported_json(devices: &[PortView]) -> String {
                 "remote_devnum": d.status.devnum(),
             })
         })
-        .collect();
-    serde_json::Value::Array(v).to_string()
+        .collect()
 }
 
 /// How `usbip list -l` prints.
@@ -1136,6 +1244,121 @@ Port 24: <Port in Use> at Super Speed(5000Mbps)
                 &imported_devices(&Vhci::new(t2.path()), &Roots::under(t2.path())).unwrap()
             ),
             "Imported USB devices\n====================\n"
+        );
+    }
+
+    #[test]
+    fn port_json_shows_supervisors_and_fits_the_schema() {
+        use std::time::{Duration, SystemTime};
+        use usbwire_client::persist::PersistState;
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        vhci(root, 1, 8, &[used(2, "3-1", 0x0001_0002, Speed::High)]);
+        let v = Vhci::new(root);
+        v.write_record(
+            2,
+            &PortRecord {
+                host: "server".into(),
+                service: "3240".into(),
+                busid: "1-2".into(),
+            },
+        )
+        .unwrap();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        // This process stands for both supervisors: alive.
+        let me = std::process::id();
+        let mut kept = PersistRecord::new(me, "server", 3240, "1-2");
+        kept.apply(&PersistState::Connecting { attempt: 1 }, now);
+        kept.apply(
+            &PersistState::Attached {
+                port: Some(2),
+                since: now,
+            },
+            now,
+        );
+        kept.write(&v).unwrap();
+        let mut away = PersistRecord::new(me, "server", 3240, "1-3");
+        away.apply(&PersistState::Connecting { attempt: 1 }, now);
+        away.apply(
+            &PersistState::Attached {
+                port: Some(5),
+                since: now,
+            },
+            now,
+        );
+        away.apply(
+            &PersistState::Disconnected {
+                reason: "port 5: connection lost: Connection timed out".into(),
+            },
+            now,
+        );
+        away.apply(
+            &PersistState::Waiting {
+                until: now + Duration::from_secs(2),
+                attempt: 2,
+            },
+            now,
+        );
+        away.write(&v).unwrap();
+        // A dead supervisor's file is left out.
+        PersistRecord::new(u32::MAX / 2, "server", 3240, "9-9")
+            .write(&v)
+            .unwrap();
+        let sups: Vec<PersistRecord> = persist::live_supervisors(&v)
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect();
+        assert_eq!(sups.len(), 2);
+        let devices = imported_devices(&v, &Roots::under(root)).unwrap();
+        let j: serde_json::Value = serde_json::from_str(&ports_json(&devices, &sups)).unwrap();
+        assert_eq!(j[0]["port"], 2);
+        assert_eq!(j[0]["persist"]["state"], "attached");
+        assert_eq!(j[0]["persist"]["pid"], me);
+        assert_eq!(j[1]["port"], serde_json::Value::Null);
+        assert_eq!(j[1]["persist"]["state"], "waiting");
+        assert_eq!(j[1]["persist"]["last_port"], 5);
+        assert_eq!(j[1]["persist"]["next_attempt_at"], 1_800_000_002.0);
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../../../schema/usbip-port.schema.json"))
+                .unwrap();
+        let schema = jsonschema::validator_for(&schema).unwrap();
+        let errors: Vec<String> = schema.iter_errors(&j).map(|e| e.to_string()).collect();
+        assert!(errors.is_empty(), "{j} breaks the schema: {errors:#?}");
+        let mut broken = j.clone();
+        broken[1]["persist"]["state"] = "sleeping".into();
+        assert!(!schema.is_valid(&broken));
+        let mut broken = j.clone();
+        broken[1]["port"] = 3.into();
+        assert!(!schema.is_valid(&broken), "a re-attaching item has no port");
+        // Text: the C tool's lines, then one line per supervisor.
+        let text = render_supervisors(&sups);
+        assert_eq!(
+            text,
+            format!(
+                "Kept attached (usbip attach --persist)\n  \
+                 usbip://server:3240/1-2: port 02, attached (attempt 1, pid {me})\n  \
+                 usbip://server:3240/1-3: no port, waiting (attempt 1, pid {me}): \
+                 port 5: connection lost: Connection timed out\n"
+            )
+        );
+        assert_eq!(render_supervisors(&[]), "");
+        // The attach flags.
+        let c = Cli::try_parse_from([
+            "usbip",
+            "attach",
+            "-r",
+            "h",
+            "-b",
+            "1-1",
+            "--persist",
+            "--foreground",
+        ])
+        .unwrap();
+        assert!(matches!(c.command, Command::Attach(a) if a.persist && a.foreground));
+        assert!(
+            Cli::try_parse_from(["usbip", "attach", "-r", "h", "-b", "1-1", "--foreground"])
+                .is_err(),
+            "--foreground belongs to --persist"
         );
     }
 

@@ -29,7 +29,7 @@ mod attach;
 #[cfg(any(test, feature = "test-util"))]
 pub mod fake;
 mod record;
-mod remote;
+pub(crate) mod remote;
 mod status;
 #[cfg(test)]
 mod tests;

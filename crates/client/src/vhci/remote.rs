@@ -86,7 +86,7 @@ impl Vhci {
     }
 
     /// Gives an imported device's connection to vhci-hcd and records the port.
-    fn hand_over(
+    pub(crate) fn hand_over(
         &self,
         writer: &mut dyn AttrWriter,
         stream: TcpStream,
@@ -159,7 +159,7 @@ pub enum AttachError {
     },
 }
 
-fn client_message(e: &ClientError) -> String {
+pub(crate) fn client_message(e: &ClientError) -> String {
     match e {
         ClientError::Connect { addr, source }
             if source.kind() == io::ErrorKind::ConnectionRefused =>
