@@ -28,6 +28,7 @@
 //!   goes at once (the goodbye).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{
@@ -65,7 +66,7 @@ type DeviceSet = BTreeMap<String, DeviceRecord>;
 
 /// The publishing task's handle.
 pub struct Publisher {
-    desired: watch::Sender<DeviceSet>,
+    desired: DeviceSetter,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
@@ -78,7 +79,7 @@ impl Publisher {
         let (stop, stop_rx) = oneshot::channel();
         let task = tokio::spawn(run(config, rx, stop_rx));
         Publisher {
-            desired,
+            desired: DeviceSetter(Arc::new(desired)),
             stop: Some(stop),
             task,
         }
@@ -86,14 +87,12 @@ impl Publisher {
 
     /// The devices this server exports now, each under its fleet name.
     pub fn set_devices(&self, devices: impl IntoIterator<Item = DeviceRecord>) {
-        let set: DeviceSet = devices.into_iter().map(|d| (d.name.clone(), d)).collect();
-        self.desired.send_if_modified(|current| {
-            if *current == set {
-                return false;
-            }
-            *current = set;
-            true
-        });
+        self.desired.set_devices(devices);
+    }
+
+    /// A handle that sets the devices from another task.
+    pub fn desired_handle(&self) -> DeviceSetter {
+        self.desired.clone()
     }
 
     /// Revokes the lease (every key of this server goes at once) and ends
@@ -107,6 +106,36 @@ impl Publisher {
             warn!("fleet: the goodbye to etcd did not finish within {limit:?}; the lease expires by itself");
             self.task.abort();
         }
+    }
+}
+
+/// Sets what a [`Publisher`] publishes; cheap to clone.
+#[derive(Clone)]
+pub struct DeviceSetter(Arc<watch::Sender<DeviceSet>>);
+
+impl DeviceSetter {
+    /// The devices this server exports now, each under its fleet name
+    /// (a second device under the same name is left out, and logged).
+    pub fn set_devices(&self, devices: impl IntoIterator<Item = DeviceRecord>) {
+        let mut set = DeviceSet::new();
+        for d in devices {
+            if let Some(first) = set.get(&d.name) {
+                warn!(
+                    "fleet: {} and {} are both named \"{}\" on this server (EEXIST): \
+                     only {} is published; give each a `name` of its own",
+                    first.busid, d.busid, d.name, first.busid
+                );
+                continue;
+            }
+            set.insert(d.name.clone(), d);
+        }
+        self.0.send_if_modified(|current| {
+            if *current == set {
+                return false;
+            }
+            *current = set;
+            true
+        });
     }
 }
 

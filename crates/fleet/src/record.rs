@@ -99,6 +99,8 @@ pub enum FleetError {
     },
     #[error("etcd at {endpoints} did not answer within {limit:?} (is the cluster up and reachable from here?)")]
     Timeout { endpoints: String, limit: Duration },
+    #[error("probing the etcd members failed: {0}")]
+    Probe(String),
     #[error("etcd key {key} kept changing under this server's transaction; giving up for now")]
     Contended { key: String },
     #[error("etcd key {key}: the value is not a valid record: {source}")]
@@ -136,18 +138,59 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A client of the cluster at `endpoints`, each request bounded in time.
+///
+/// Only the members that answer now are used: etcd-client balances over
+/// its endpoints but sends a request to a dead one all the same (tcp
+/// connect error), so a member that is down would fail a share of the
+/// requests. Each member is asked for its status first, all at once; a
+/// member that dies later fails the session's requests, and the session
+/// connects again (publishing) or the command fails (listing).
 pub async fn connect(endpoints: &[String]) -> Result<Client, FleetError> {
-    let options = ConnectOptions::new()
+    let mut probes = tokio::task::JoinSet::new();
+    for (i, e) in endpoints.iter().enumerate() {
+        let e = e.clone();
+        probes.spawn(async move { (i, answers(&e).await) });
+    }
+    let mut live = Vec::new();
+    let mut first_error = None;
+    // One result per endpoint; each probe is bounded in time.
+    while let Some(joined) = probes.join_next().await {
+        match joined {
+            Ok((i, Ok(()))) => live.push(i),
+            Ok((_, Err(e))) => {
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                first_error.get_or_insert(FleetError::Probe(e.to_string()));
+            }
+        }
+    }
+    live.sort_unstable();
+    let live: Vec<String> = live.into_iter().map(|i| endpoints[i].clone()).collect();
+    if live.is_empty() {
+        return Err(first_error.unwrap_or(FleetError::NoEndpoints));
+    }
+    connect_to(&live).await
+}
+
+/// Whether the member at `endpoint` answers a status request.
+async fn answers(endpoint: &str) -> Result<(), FleetError> {
+    let one = [endpoint.to_string()];
+    let mut client = connect_to(&one).await?;
+    bounded(&one, client.status()).await.map(|_| ())
+}
+
+fn options() -> ConnectOptions {
+    ConnectOptions::new()
         .with_connect_timeout(CONNECT_TIMEOUT)
         .with_timeout(REQUEST_TIMEOUT)
-        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+}
+
+async fn connect_to(endpoints: &[String]) -> Result<Client, FleetError> {
     let all = endpoints.join(",");
-    match tokio::time::timeout(
-        CONNECT_TIMEOUT + REQUEST_TIMEOUT,
-        Client::connect(endpoints, Some(options)),
-    )
-    .await
-    {
+    let limit = CONNECT_TIMEOUT + REQUEST_TIMEOUT;
+    match tokio::time::timeout(limit, Client::connect(endpoints, Some(options()))).await {
         Ok(Ok(c)) => Ok(c),
         Ok(Err(source)) => Err(FleetError::Etcd {
             endpoints: all,
@@ -155,7 +198,7 @@ pub async fn connect(endpoints: &[String]) -> Result<Client, FleetError> {
         }),
         Err(_) => Err(FleetError::Timeout {
             endpoints: all,
-            limit: CONNECT_TIMEOUT + REQUEST_TIMEOUT,
+            limit,
         }),
     }
 }

@@ -187,8 +187,12 @@ struct UnbindArgs {
 }
 
 #[derive(ClapArgs, Debug)]
-#[command(group(ArgGroup::new("what").args(["remote", "local"])))]
+#[command(group(ArgGroup::new("what").args(["remote", "local", "fleet"])))]
 struct ListArgs {
+    /// List every device published to the fleet: the etcd cluster at these
+    /// client URLs (comma-separated), with its server, labels and holder.
+    #[arg(long = "fleet", value_name = "ENDPOINTS")]
+    fleet: Option<String>,
     /// List the exportable devices of a remote host.
     #[arg(short = 'r', long = "remote", value_name = "HOST")]
     remote: Option<String>,
@@ -276,6 +280,10 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::List(a) => match a.remote {
+            None if a.fleet.is_some() => {
+                usbwire_cli::fleet::list_command(a.fleet.as_deref().unwrap_or_default(), a.json)
+                    .await
+            }
             Some(host) => {
                 let tls = cli.tls.config()?;
                 list_remote(&host, cli.tcp_port, tls.as_ref(), a.parsable, a.json).await
