@@ -104,7 +104,12 @@ impl Server {
         let status = usbwire_tests::daemon::wait_exit(&mut c, HANG)
             .expect("waiting for usbipd")
             .unwrap_or_else(|| panic!("{} did not exit on SIGTERM\n{}", self.id, self.log_text()));
-        assert!(status.success(), "{}: {status}\n{}", self.id, self.log_text());
+        assert!(
+            status.success(),
+            "{}: {status}\n{}",
+            self.id,
+            self.log_text()
+        );
         self.stdout = None;
     }
 
@@ -240,7 +245,9 @@ fn fleet_publishes_lists_and_survives_failures() {
     // srv-a first: the name bench/sourcesink is its.
     let mut a = Server::start("srv-a", ha.clone(), dir.path(), CONFIG_A, &eps);
     let a_names = set(&["bench/sourcesink", "srv-a/1-2"]);
-    wait_for("srv-a published", &cluster, |c| names_of(c, "srv-a") == a_names);
+    wait_for("srv-a published", &cluster, |c| {
+        names_of(c, "srv-a") == a_names
+    });
     let mut b = Server::start("srv-b", hb.clone(), dir.path(), CONFIG_B, &eps);
     let mut c = Server::start("srv-c", hc.clone(), dir.path(), CONFIG_C, &eps);
     let b_names = set(&["srv-b/1-1", "srv-b/1-2"]);
@@ -250,7 +257,9 @@ fn fleet_publishes_lists_and_survives_failures() {
     });
 
     // --- A duplicate configured name: EEXIST on srv-c, nothing of it left.
-    wait_for("srv-c logs EEXIST", &cluster, |_| c.log_text().contains("EEXIST"));
+    wait_for("srv-c logs EEXIST", &cluster, |_| {
+        c.log_text().contains("EEXIST")
+    });
     let log = c.log_text();
     assert!(
         log.contains("\"bench/sourcesink\" is already published by server srv-a (EEXIST)"),
@@ -339,12 +348,20 @@ fn fleet_publishes_lists_and_survives_failures() {
     println!("srv-b SIGKILLed: its devices left the fleet after {gone:?} (lease ttl {TTL} s)");
     let restart = Instant::now();
     b.spawn();
-    wait_for("srv-b back", &cluster, |cl| names_of(cl, "srv-b") == b_names);
-    println!("srv-b restarted: its devices back after {:?}", restart.elapsed());
+    wait_for("srv-b back", &cluster, |cl| {
+        names_of(cl, "srv-b") == b_names
+    });
+    println!(
+        "srv-b restarted: its devices back after {:?}",
+        restart.elapsed()
+    );
 
     // --- SIGTERM: the goodbye revokes the lease, the keys go at once.
     c.terminate();
-    assert!(names_of(&cluster, "srv-c").is_empty(), "srv-c left keys behind");
+    assert!(
+        names_of(&cluster, "srv-c").is_empty(),
+        "srv-c left keys behind"
+    );
     assert!(cluster.get("/usbwire/v1/servers/srv-c").is_none());
 
     // --- An etcd member killed: publishing and listing go on.
@@ -376,7 +393,10 @@ fn fleet_publishes_lists_and_survives_failures() {
         &usbip(&client, &["list", "-r", &ha.addr().to_string()]),
         "usbip list -r srv-a with etcd down",
     );
-    assert!(remote.contains("1-1:") && remote.contains("1-2:"), "{remote}");
+    assert!(
+        remote.contains("1-1:") && remote.contains("1-2:"),
+        "{remote}"
+    );
     let addr = std::net::SocketAddr::from((ha.addr(), PORT));
     let imported = client.run(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -391,9 +411,15 @@ fn fleet_publishes_lists_and_survives_failures() {
     });
     match imported {
         Ok(Ok(busid)) => assert_eq!(busid, "1-2"),
-        other => panic!("import from srv-a with etcd down: {other:?}\n{}", a.log_text()),
+        other => panic!(
+            "import from srv-a with etcd down: {other:?}\n{}",
+            a.log_text()
+        ),
     }
-    println!("etcd down: srv-a listed and imported from in {:?}", down.elapsed());
+    println!(
+        "etcd down: srv-a listed and imported from in {:?}",
+        down.elapsed()
+    );
     // Let srv-a see the outage before the cluster comes back.
     let log_mark = "fleet: publishing stopped";
     let seen = Instant::now();
@@ -413,12 +439,13 @@ fn fleet_publishes_lists_and_survives_failures() {
         let lease = lease_of(cl, &client, a_key);
         lease != 0 && lease != lease_before && names_of(cl, "srv-a") == a_names
     });
-    println!(
-        "etcd back (healthy after {healthy:?}): srv-a publishing again {resumed:?} later"
-    );
+    println!("etcd back (healthy after {healthy:?}): srv-a publishing again {resumed:?} later");
     assert_eq!(names_of(&cluster, "srv-b"), b_names);
     assert_eq!(names_of(&cluster, "srv-c"), c_names);
     a.terminate();
-    assert!(names_of(&cluster, "srv-a").is_empty(), "srv-a left keys behind");
+    assert!(
+        names_of(&cluster, "srv-a").is_empty(),
+        "srv-a left keys behind"
+    );
     println!("whole scenario took {:?}", t0.elapsed());
 }

@@ -190,7 +190,10 @@ pub async fn list_command(endpoints: &str, json: bool) -> Result<(), String> {
         return Ok(());
     }
     if devices.is_empty() {
-        println!("no device is published in the fleet at {}", endpoints.join(","));
+        println!(
+            "no device is published in the fleet at {}",
+            endpoints.join(",")
+        );
         return Ok(());
     }
     println!("Fleet devices ({}):", endpoints.join(","));

@@ -567,22 +567,28 @@ fn start_fleet(
         (Some(list), _) => list.clone(),
         (None, false) => config.fleet.endpoints.join(","),
         (None, true) => {
-            if args.fleet_name.is_some() || args.fleet_ttl.is_some() || args.fleet_address.is_some() {
-                return Err("--fleet-name, --fleet-ttl and --fleet-address only mean something \
+            if args.fleet_name.is_some() || args.fleet_ttl.is_some() || args.fleet_address.is_some()
+            {
+                return Err(
+                    "--fleet-name, --fleet-ttl and --fleet-address only mean something \
                      with --fleet ENDPOINTS (or [fleet] endpoints)"
-                    .into());
+                        .into(),
+                );
             }
             return Ok(None);
         }
     };
-    let endpoints = usbwire_fleet::record::parse_endpoints(&endpoints).map_err(|e| e.to_string())?;
+    let endpoints =
+        usbwire_fleet::record::parse_endpoints(&endpoints).map_err(|e| e.to_string())?;
     let server_id = args
         .fleet_name
         .clone()
         .or_else(|| config.fleet.name.clone())
         .unwrap_or_else(fleet::host_name);
     let (host, port) = fleet::reach(
-        args.fleet_address.as_deref().or(config.fleet.address.as_deref()),
+        args.fleet_address
+            .as_deref()
+            .or(config.fleet.address.as_deref()),
         listening,
     )?;
     let cert = args.tls_cert.clone().or_else(|| config.tls.cert.clone());
