@@ -29,6 +29,14 @@
 //! [[device]]
 //! kind = "test"
 //! pattern = 0               # source/sink data: 0 zeros, 1 mod63, 2 none
+//! name = "lab2/sourcesink"  # any device: its fleet name (default HOST/BUSID)
+//! labels = ["pixel-7", "lab-2"]  # any device: labels published to the fleet
+//!
+//! [fleet]                   # like --fleet: publish the devices to etcd
+//! endpoints = ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+//! name = "lab2"             # this server's id and HOST in HOST/BUSID (default: host name)
+//! ttl_secs = 5              # a dead server's devices leave the fleet after this
+//! address = "lab2.example:3240"  # where clients reach this server (default: the listening address)
 //!
 //! [tls]                     # mutual TLS 1.3; plaintext is then refused...
 //! cert = "server.pem"
@@ -79,6 +87,7 @@ pub struct Config {
     pub access: Vec<AccessRule>,
     #[serde(default)]
     pub discovery: DiscoverySection,
+    pub fleet: FleetSection,
 }
 
 /// DNS-SD advertisement (`_usbip._tcp` over mDNS), read by usbipd.
@@ -89,6 +98,21 @@ pub struct DiscoverySection {
     pub advertise: Option<bool>,
     /// The instance name, as `--advertise-name` (default: the host name).
     pub name: Option<String>,
+}
+
+/// Publishing to the fleet (etcd); the `--fleet*` flags override each field.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetSection {
+    /// etcd client URLs; none: no publishing.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// This server's id, and HOST in the default device names HOST/BUSID.
+    pub name: Option<String>,
+    /// The lease's time to live (seconds).
+    pub ttl_secs: Option<u64>,
+    /// HOST:PORT where clients reach this server.
+    pub address: Option<String>,
 }
 
 /// One `[[access]]` rule: these clients may see and import these devices.
@@ -233,6 +257,11 @@ impl ServerSection {
 pub enum DeviceConfig {
     MassStorage {
         busid: Option<String>,
+        /// The device's fleet name (`usbipd --fleet`); default HOST/BUSID.
+        name: Option<String>,
+        /// Labels published with it to the fleet, e.g. ["pixel-7", "lab-2"].
+        #[serde(default)]
+        labels: Vec<String>,
         image: PathBuf,
         #[serde(default)]
         read_only: bool,
@@ -243,6 +272,11 @@ pub enum DeviceConfig {
     },
     Keyboard {
         busid: Option<String>,
+        /// The device's fleet name (`usbipd --fleet`); default HOST/BUSID.
+        name: Option<String>,
+        /// Labels published with it to the fleet, e.g. ["pixel-7", "lab-2"].
+        #[serde(default)]
+        labels: Vec<String>,
         /// Lines written to this FIFO are typed.
         fifo: Option<PathBuf>,
         /// Text queued at start.
@@ -251,6 +285,11 @@ pub enum DeviceConfig {
     },
     Serial {
         busid: Option<String>,
+        /// The device's fleet name (`usbipd --fleet`); default HOST/BUSID.
+        name: Option<String>,
+        /// Labels published with it to the fleet, e.g. ["pixel-7", "lab-2"].
+        #[serde(default)]
+        labels: Vec<String>,
         #[serde(default)]
         backend: SerialBackend,
         /// For `backend = "tcp"`: a loopback address to listen on.
@@ -260,6 +299,11 @@ pub enum DeviceConfig {
     },
     Test {
         busid: Option<String>,
+        /// The device's fleet name (`usbipd --fleet`); default HOST/BUSID.
+        name: Option<String>,
+        /// Labels published with it to the fleet, e.g. ["pixel-7", "lab-2"].
+        #[serde(default)]
+        labels: Vec<String>,
         /// What the source sends and the sink checks, as f_sourcesink's
         /// `pattern`: 0 zeros (the default), 1 `(i % 512) % 63`, 2 none.
         #[serde(default, deserialize_with = "test_pattern")]
@@ -292,6 +336,34 @@ impl DeviceConfig {
             | DeviceConfig::Keyboard { busid, .. }
             | DeviceConfig::Serial { busid, .. }
             | DeviceConfig::Test { busid, .. } => busid.as_deref(),
+        }
+    }
+
+    /// The fleet name the configuration gives the device, if any.
+    pub fn fleet_name(&self) -> Option<&str> {
+        match self {
+            DeviceConfig::MassStorage { name, .. }
+            | DeviceConfig::Keyboard { name, .. }
+            | DeviceConfig::Serial { name, .. }
+            | DeviceConfig::Test { name, .. } => name.as_deref(),
+        }
+    }
+
+    /// The labels published with the device to the fleet.
+    pub fn labels(&self) -> &[String] {
+        match self {
+            DeviceConfig::MassStorage { labels, .. }
+            | DeviceConfig::Keyboard { labels, .. }
+            | DeviceConfig::Serial { labels, .. }
+            | DeviceConfig::Test { labels, .. } => labels,
+        }
+    }
+
+    /// The serial number the configuration gives the device, if any.
+    pub fn serial(&self) -> Option<&str> {
+        match self {
+            DeviceConfig::MassStorage { serial, .. } => serial.as_deref(),
+            _ => None,
         }
     }
 }
@@ -410,6 +482,36 @@ mod tests {
         let mut sc = ServerConfig::default();
         c.server.apply(&mut sc);
         assert!(!sc.hold_on_error);
+    }
+
+    #[test]
+    fn fleet_section_and_device_names_and_labels() {
+        let c: Config = toml::from_str(
+            r#"
+            [fleet]
+            endpoints = ["http://10.0.0.1:2379"]
+            name = "lab2"
+            ttl_secs = 7
+            [[device]]
+            kind = "test"
+            name = "lab2/sourcesink"
+            labels = ["pixel-7", "lab-2"]
+            [[device]]
+            kind = "keyboard"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.fleet.endpoints, ["http://10.0.0.1:2379"]);
+        assert_eq!(c.fleet.name.as_deref(), Some("lab2"));
+        assert_eq!(c.fleet.ttl_secs, Some(7));
+        assert_eq!(c.devices[0].fleet_name(), Some("lab2/sourcesink"));
+        assert_eq!(c.devices[0].labels(), ["pixel-7", "lab-2"]);
+        assert_eq!(c.devices[1].fleet_name(), None);
+        assert!(c.devices[1].labels().is_empty());
+        let e = toml::from_str::<Config>("[fleet]\nendpoint = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field"), "{e}");
     }
 
     #[test]

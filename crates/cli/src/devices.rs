@@ -69,6 +69,8 @@ pub fn demo_set() -> Result<(Vec<DeviceConfig>, tempfile::TempPath), ExportError
     let devices = vec![
         DeviceConfig::MassStorage {
             busid: None,
+            name: None,
+            labels: Vec::new(),
             image: path.to_path_buf(),
             read_only: false,
             product: Some("usbwire demo disk".into()),
@@ -77,17 +79,23 @@ pub fn demo_set() -> Result<(Vec<DeviceConfig>, tempfile::TempPath), ExportError
         },
         DeviceConfig::Keyboard {
             busid: None,
+            name: None,
+            labels: Vec::new(),
             fifo: None,
             type_text: None,
         },
         DeviceConfig::Serial {
             busid: None,
+            name: None,
+            labels: Vec::new(),
             backend: SerialBackend::Echo,
             listen: None,
             link: None,
         },
         DeviceConfig::Test {
             busid: None,
+            name: None,
+            labels: Vec::new(),
             pattern: Pattern::default(),
         },
     ];

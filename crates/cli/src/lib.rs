@@ -4,6 +4,7 @@ pub mod config;
 pub mod control;
 pub mod devices;
 pub mod discovery;
+pub mod fleet;
 pub mod listen;
 pub mod metrics;
 pub mod names;

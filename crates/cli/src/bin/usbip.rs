@@ -189,8 +189,12 @@ struct UnbindArgs {
 }
 
 #[derive(ClapArgs, Debug)]
-#[command(group(ArgGroup::new("what").args(["remote", "local", "discover"])))]
+#[command(group(ArgGroup::new("what").args(["remote", "local", "discover", "fleet"])))]
 struct ListArgs {
+    /// List every device published to the fleet: the etcd cluster at these
+    /// client URLs (comma-separated), with its server, labels and holder.
+    #[arg(long = "fleet", value_name = "ENDPOINTS")]
+    fleet: Option<String>,
     /// List the exportable devices of a remote host.
     #[arg(short = 'r', long = "remote", value_name = "HOST")]
     remote: Option<String>,
@@ -322,6 +326,10 @@ async fn run(cli: Cli) -> Result<(), String> {
                     a.json,
                 )
                 .await
+            }
+            None if a.fleet.is_some() => {
+                usbwire_cli::fleet::list_command(a.fleet.as_deref().unwrap_or_default(), a.json)
+                    .await
             }
             Some(host) => {
                 let tls = cli.tls.config()?;

@@ -16,6 +16,7 @@ use usbwire_cli::config::Config;
 use usbwire_cli::control;
 use usbwire_cli::devices::{self, Exported};
 use usbwire_cli::discovery::{self, Advertiser};
+use usbwire_cli::fleet::{self, Fleet};
 use usbwire_cli::listen::{self, ListenError, Listener, Origin};
 use usbwire_host::{Manager, Roots, VudcExports};
 use usbwire_server::acl::{AccessControl, ClientMatch, Policy, SharedPolicy};
@@ -150,6 +151,26 @@ pub(crate) struct Args {
     #[arg(long = "capture-limit", value_name = "BYTES",
           value_parser = clap::value_parser!(u64).range(1..))]
     capture_limit: Option<u64>,
+    /// Publish the exported devices to the fleet: the etcd cluster at these
+    /// client URLs (comma-separated, e.g. http://10.0.0.1:2379,...), under a
+    /// lease kept alive. Publishing never holds up local export: while
+    /// etcd is unreachable the devices stay exported here, and publishing
+    /// resumes by itself.
+    #[arg(long = "fleet", value_name = "ENDPOINTS")]
+    fleet: Option<String>,
+    /// This server's id in the fleet, and HOST of its devices' default
+    /// names HOST/BUSID (default: the host name).
+    #[arg(long = "fleet-name", value_name = "NAME")]
+    fleet_name: Option<String>,
+    /// Seconds a dead server's devices stay in the fleet (the lease's TTL;
+    /// default 5).
+    #[arg(long = "fleet-ttl", value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    fleet_ttl: Option<u64>,
+    /// HOST:PORT where clients reach this server (default: the listening
+    /// address, or the host name when listening on every address).
+    #[arg(long = "fleet-address", value_name = "HOST:PORT")]
+    fleet_address: Option<String>,
 }
 
 const DEFAULT_STATE_FILE: &str = "/var/lib/usbwire/bindings.json";
@@ -529,6 +550,7 @@ async fn serve(
     let policy = server_config.acl.policy.clone();
     let identities = Identities::of(args, &config, &server_config);
     let advertising = advertise(args, &config, &server_config, &addrs, &registry)?;
+    let fleet = start_fleet(args, &config, &registry, &exported, &addrs)?;
     let server = Server::new(registry, server_config).map_err(|e| e.to_string())?;
     let capture = start_capture(args, &config).await?;
     if let Some(capture) = &capture {
@@ -546,6 +568,10 @@ async fn serve(
         .await;
     if let Some(metrics) = metrics {
         metrics.abort();
+    }
+    // The goodbye first: clients stop picking devices about to go away.
+    if let Some(fleet) = fleet {
+        fleet.stop().await;
     }
     if let Some(advertising) = advertising {
         advertising.stop().await;
@@ -675,6 +701,87 @@ async fn start_capture(
     started
         .map(|c| Some(Arc::new(c)))
         .map_err(|e| e.to_string())
+}
+
+/// With `--fleet` (or `[fleet] endpoints`), starts publishing the
+/// registry's devices to etcd, on a task of its own.
+fn start_fleet(
+    args: &Args,
+    config: &Config,
+    registry: &Registry,
+    exported: &[Exported],
+    listening: &[SocketAddr],
+) -> Result<Option<Fleet>, String> {
+    let endpoints = match (&args.fleet, config.fleet.endpoints.is_empty()) {
+        (Some(list), _) => list.clone(),
+        (None, false) => config.fleet.endpoints.join(","),
+        (None, true) => {
+            if args.fleet_name.is_some() || args.fleet_ttl.is_some() || args.fleet_address.is_some()
+            {
+                return Err(
+                    "--fleet-name, --fleet-ttl and --fleet-address only mean something \
+                     with --fleet ENDPOINTS (or [fleet] endpoints)"
+                        .into(),
+                );
+            }
+            return Ok(None);
+        }
+    };
+    let endpoints =
+        usbwire_fleet::record::parse_endpoints(&endpoints).map_err(|e| e.to_string())?;
+    let server_id = args
+        .fleet_name
+        .clone()
+        .or_else(|| config.fleet.name.clone())
+        .unwrap_or_else(fleet::host_name);
+    let (host, port) = fleet::reach(
+        args.fleet_address
+            .as_deref()
+            .or(config.fleet.address.as_deref()),
+        listening,
+    )?;
+    let cert = args.tls_cert.clone().or_else(|| config.tls.cert.clone());
+    let fingerprint = match &cert {
+        Some(cert) => Some(
+            tls::cert_fingerprint(cert)
+                .map_err(|e| format!("TLS: {e}"))?
+                .to_string(),
+        ),
+        None => None,
+    };
+    let ttl = args
+        .fleet_ttl
+        .or(config.fleet.ttl_secs)
+        .map(Duration::from_secs)
+        .unwrap_or(usbwire_fleet::publish::DEFAULT_TTL);
+    let meta = exported
+        .iter()
+        .zip(&config.devices)
+        .map(|(e, d)| {
+            (
+                e.busid.clone(),
+                fleet::DeviceMeta {
+                    name: d.fleet_name().map(str::to_string),
+                    labels: d.labels().to_vec(),
+                    serial: d.serial().map(str::to_string),
+                },
+            )
+        })
+        .collect();
+    info!(
+        "fleet: publishing to {} as server {server_id}, reached at {host}:{port}, lease ttl {ttl:?}",
+        endpoints.join(",")
+    );
+    let settings = fleet::FleetSettings {
+        endpoints,
+        server_id,
+        ttl,
+        host,
+        port,
+        tls: cert.is_some(),
+        fingerprint,
+    };
+    Ok(Some(Fleet::start(settings, registry, meta)))
 }
 
 /// Exports the configured devices (and the demo set with `--demo`, whose

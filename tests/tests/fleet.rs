@@ -1,0 +1,451 @@
+//! The fleet on a real 3-member etcd cluster (Debian's etcd-server), with
+//! three `usbipd --fleet` servers and a client, each in a network
+//! namespace of its own (tests/src/fabric.rs, tests/src/etcd.rs).
+//!
+//! One test function, one cluster and one set of servers, scenario after
+//! scenario, each starting from the state the one before left (all
+//! published): the listing, a duplicate name (EEXIST), a killed server, a
+//! killed etcd member, and the whole cluster down. The times printed are
+//! measured, not asserted: the TTL is etcd's; only generous hang bounds
+//! are asserted.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Stdio};
+use std::time::{Duration, Instant};
+
+use usbwire_tests::daemon::read_line;
+use usbwire_tests::etcd::{self, Cluster};
+use usbwire_tests::fabric::{Fabric, Host};
+use usbwire_tests::kernel::cargo_bin;
+
+const PORT: u16 = 3240;
+/// The servers' lease TTL (seconds).
+const TTL: u64 = 3;
+/// How long any awaited change may take before the test calls it a hang.
+const HANG: Duration = Duration::from_secs(60);
+const POLL: Duration = Duration::from_millis(100);
+const SCHEMA: &str = include_str!("../../schema/usbip-list-fleet.schema.json");
+
+/// A `usbipd --fleet` in its own namespace, killed on drop.
+struct Server {
+    id: String,
+    host: Host,
+    config: PathBuf,
+    endpoints: String,
+    log: PathBuf,
+    child: Option<Child>,
+    stdout: Option<ChildStdout>,
+}
+
+impl Server {
+    fn start(id: &str, host: Host, dir: &Path, config: &str, endpoints: &str) -> Server {
+        let path = dir.join(format!("{id}.toml"));
+        std::fs::write(&path, config).expect("writing the server's config");
+        let mut s = Server {
+            id: id.to_string(),
+            host,
+            config: path,
+            endpoints: endpoints.to_string(),
+            log: dir.join(format!("{id}.log")),
+            child: None,
+            stdout: None,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("server log");
+        let addr = self.host.addr().to_string();
+        let mut child = self
+            .host
+            .command(cargo_bin("usbipd"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(["--no-control", "--listen", &addr, "-t", &PORT.to_string()])
+            .args(["--fleet", &self.endpoints, "--fleet-name", &self.id])
+            .args(["--fleet-ttl", &TTL.to_string(), "--ready-fd", "1"])
+            .env("USBWIRE_LOG", "info,usbwire_fleet=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawning usbipd");
+        let mut stdout = child.stdout.take().expect("usbipd's stdout");
+        let line = read_line(&mut stdout, HANG);
+        self.child = Some(child);
+        self.stdout = Some(stdout);
+        assert!(
+            line.is_ok(),
+            "{} did not report that it serves: {line:?}\n{}",
+            self.id,
+            self.log_text()
+        );
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.stdout = None;
+    }
+
+    /// SIGTERM, and waits for a clean exit.
+    fn terminate(&mut self) {
+        let mut c = self.child.take().expect("the server runs");
+        // SAFETY: kill(2) on our own child, not reaped yet.
+        unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+        let status = usbwire_tests::daemon::wait_exit(&mut c, HANG)
+            .expect("waiting for usbipd")
+            .unwrap_or_else(|| panic!("{} did not exit on SIGTERM\n{}", self.id, self.log_text()));
+        assert!(
+            status.success(),
+            "{}: {status}\n{}",
+            self.id,
+            self.log_text()
+        );
+        self.stdout = None;
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The names of the devices published now, and by which server.
+fn published(cluster: &Cluster) -> BTreeSet<(String, String)> {
+    cluster
+        .keys("/usbwire/v1/devices/")
+        .iter()
+        .filter_map(|k| {
+            let name = k.strip_prefix("/usbwire/v1/devices/")?;
+            let value = cluster.get(k)?;
+            let v: serde_json::Value = serde_json::from_str(&value).ok()?;
+            Some((name.to_string(), v["server"].as_str()?.to_string()))
+        })
+        .collect()
+}
+
+/// Polls (bounded by [`HANG`]) until `done` holds; returns how long it took.
+fn wait_for(what: &str, cluster: &Cluster, mut done: impl FnMut(&Cluster) -> bool) -> Duration {
+    let start = Instant::now();
+    // Each round is one etcdctl exchange; the loop ends by HANG.
+    while start.elapsed() < HANG {
+        if done(cluster) {
+            return start.elapsed();
+        }
+        std::thread::sleep(POLL);
+    }
+    panic!(
+        "{what}: not within {HANG:?}; published now: {:?}\n{}",
+        published(cluster),
+        cluster.logs()
+    );
+}
+
+fn names_of(cluster: &Cluster, server: &str) -> BTreeSet<String> {
+    published(cluster)
+        .into_iter()
+        .filter(|(_, s)| s == server)
+        .map(|(n, _)| n)
+        .collect()
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+/// `usbip ARGS` run on the client host.
+fn usbip(client: &Host, args: &[&str]) -> std::process::Output {
+    client
+        .command(cargo_bin("usbip"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running usbip")
+}
+
+fn stdout_of(out: &std::process::Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The lease a key is attached to (0: none or no key).
+fn lease_of(cluster: &Cluster, from: &Host, key: &str) -> i64 {
+    let out = cluster.etcdctl(from, &["get", key, "-w", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("etcdctl -w json");
+    v["kvs"][0]["lease"].as_i64().unwrap_or(0)
+}
+
+const CONFIG_A: &str = r#"
+[[device]]
+kind = "test"
+name = "bench/sourcesink"
+labels = ["pixel-7", "lab-2"]
+[[device]]
+kind = "keyboard"
+labels = ["lab-2"]
+"#;
+
+const CONFIG_B: &str = r#"
+[[device]]
+kind = "test"
+labels = ["lab-1"]
+[[device]]
+kind = "serial"
+labels = ["lab-1", "uart"]
+"#;
+
+// Its test device takes a name srv-a holds already.
+const CONFIG_C: &str = r#"
+[[device]]
+kind = "test"
+name = "bench/sourcesink"
+labels = ["duplicate"]
+[[device]]
+kind = "keyboard"
+labels = ["lab-3"]
+"#;
+
+#[test]
+fn fleet_publishes_lists_and_survives_failures() {
+    if !etcd::require() {
+        return;
+    }
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut fabric = Fabric::new();
+    let mut cluster = Cluster::start(&mut fabric, 3);
+    let eps = cluster.endpoints();
+    let client = fabric.add_host("client");
+    let (ha, hb, hc) = (
+        fabric.add_host("srv-a"),
+        fabric.add_host("srv-b"),
+        fabric.add_host("srv-c"),
+    );
+    println!("cluster of 3 up in {:?}", t0.elapsed());
+
+    // srv-a first: the name bench/sourcesink is its.
+    let mut a = Server::start("srv-a", ha.clone(), dir.path(), CONFIG_A, &eps);
+    let a_names = set(&["bench/sourcesink", "srv-a/1-2"]);
+    wait_for("srv-a published", &cluster, |c| {
+        names_of(c, "srv-a") == a_names
+    });
+    let mut b = Server::start("srv-b", hb.clone(), dir.path(), CONFIG_B, &eps);
+    let mut c = Server::start("srv-c", hc.clone(), dir.path(), CONFIG_C, &eps);
+    let b_names = set(&["srv-b/1-1", "srv-b/1-2"]);
+    let c_names = set(&["srv-c/1-2"]);
+    wait_for("srv-b and srv-c published", &cluster, |cl| {
+        names_of(cl, "srv-b") == b_names && names_of(cl, "srv-c") == c_names
+    });
+
+    // --- A duplicate configured name: EEXIST on srv-c, nothing of it left.
+    wait_for("srv-c logs EEXIST", &cluster, |_| {
+        c.log_text().contains("EEXIST")
+    });
+    let log = c.log_text();
+    assert!(
+        log.contains("\"bench/sourcesink\" is already published by server srv-a (EEXIST)"),
+        "{log}"
+    );
+    let record: serde_json::Value = serde_json::from_str(
+        &cluster
+            .get("/usbwire/v1/devices/bench/sourcesink")
+            .expect("the record"),
+    )
+    .unwrap();
+    assert_eq!(record["server"], "srv-a");
+    assert_eq!(record["labels"], serde_json::json!(["pixel-7", "lab-2"]));
+    assert!(
+        cluster.keys("/usbwire/v1/transition/").is_empty(),
+        "a transition key was left"
+    );
+    let all_keys = cluster.keys("/usbwire/v1/");
+    let expected_keys: Vec<String> = [
+        "devices/bench/sourcesink",
+        "devices/srv-a/1-2",
+        "devices/srv-b/1-1",
+        "devices/srv-b/1-2",
+        "devices/srv-c/1-2",
+        "servers/srv-a",
+        "servers/srv-b",
+        "servers/srv-c",
+    ]
+    .iter()
+    .map(|k| format!("/usbwire/v1/{k}"))
+    .collect();
+    assert_eq!(all_keys, expected_keys, "the whole keyspace");
+
+    // --- Listing: every device once, text and JSON (schema-checked).
+    let json = stdout_of(
+        &usbip(&client, &["list", "--fleet", &eps, "--json"]),
+        "usbip list --fleet --json",
+    );
+    let listed: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    let schema: serde_json::Value = serde_json::from_str(SCHEMA).unwrap();
+    let validator = jsonschema::validator_for(&schema).expect("a valid schema");
+    if let Err(e) = validator.validate(&listed) {
+        panic!("list --fleet --json does not match its schema: {e}\n{json}");
+    }
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "bench/sourcesink",
+            "srv-a/1-2",
+            "srv-b/1-1",
+            "srv-b/1-2",
+            "srv-c/1-2"
+        ]
+    );
+    let bench = &listed[0];
+    assert_eq!(bench["host"], ha.addr().to_string());
+    assert_eq!(bench["port"], PORT);
+    assert_eq!(bench["busid"], "1-1");
+    assert_eq!(bench["holder"], serde_json::Value::Null);
+    assert_eq!(bench["tls"], false);
+    let text = stdout_of(
+        &usbip(&client, &["list", "--fleet", &eps]),
+        "usbip list --fleet",
+    );
+    for name in &names {
+        assert_eq!(
+            text.matches(&format!("  {name}: ")).count(),
+            1,
+            "{name} not listed exactly once:\n{text}"
+        );
+    }
+    assert!(text.contains("labels: pixel-7, lab-2"), "{text}");
+    println!("listing and EEXIST checked at {:?}", t0.elapsed());
+
+    // --- A killed server leaves within the TTL, and comes back.
+    b.kill();
+    let gone = wait_for("srv-b's devices gone", &cluster, |cl| {
+        names_of(cl, "srv-b").is_empty() && cl.get("/usbwire/v1/servers/srv-b").is_none()
+    });
+    println!("srv-b SIGKILLed: its devices left the fleet after {gone:?} (lease ttl {TTL} s)");
+    let restart = Instant::now();
+    b.spawn();
+    wait_for("srv-b back", &cluster, |cl| {
+        names_of(cl, "srv-b") == b_names
+    });
+    println!(
+        "srv-b restarted: its devices back after {:?}",
+        restart.elapsed()
+    );
+
+    // --- SIGTERM: the goodbye revokes the lease, the keys go at once.
+    c.terminate();
+    assert!(
+        names_of(&cluster, "srv-c").is_empty(),
+        "srv-c left keys behind"
+    );
+    assert!(cluster.get("/usbwire/v1/servers/srv-c").is_none());
+
+    // --- An etcd member killed: publishing and listing go on.
+    cluster.kill_member(0);
+    let republish = Instant::now();
+    c.spawn();
+    wait_for("srv-c published with a member down", &cluster, |cl| {
+        names_of(cl, "srv-c") == c_names
+    });
+    println!(
+        "etcd member 0 killed: srv-c restarted and published in {:?}",
+        republish.elapsed()
+    );
+    let listed = stdout_of(
+        &usbip(&client, &["list", "--fleet", &eps, "--json"]),
+        "usbip list --fleet with a member down",
+    );
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 5, "{listed}");
+    cluster.restart_member(0);
+
+    // --- The whole cluster down: local export goes on; publishing resumes.
+    let a_key = "/usbwire/v1/devices/srv-a/1-2";
+    let lease_before = lease_of(&cluster, &client, a_key);
+    assert_ne!(lease_before, 0, "srv-a's record has no lease");
+    cluster.stop();
+    let down = Instant::now();
+    let remote = stdout_of(
+        &usbip(&client, &["list", "-r", &ha.addr().to_string()]),
+        "usbip list -r srv-a with etcd down",
+    );
+    assert!(
+        remote.contains("1-1:") && remote.contains("1-2:"),
+        "{remote}"
+    );
+    let addr = std::net::SocketAddr::from((ha.addr(), PORT));
+    let imported = client.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(HANG, usbwire_client::import(addr, "1-2"))
+                .await
+                .map(|r| r.map(|d| d.info().busid.to_string()))
+        })
+    });
+    match imported {
+        Ok(Ok(busid)) => assert_eq!(busid, "1-2"),
+        other => panic!(
+            "import from srv-a with etcd down: {other:?}\n{}",
+            a.log_text()
+        ),
+    }
+    println!(
+        "etcd down: srv-a listed and imported from in {:?}",
+        down.elapsed()
+    );
+    // Let srv-a see the outage before the cluster comes back.
+    let log_mark = "fleet: publishing stopped";
+    let seen = Instant::now();
+    while !a.log_text().contains(log_mark) {
+        assert!(
+            seen.elapsed() < HANG,
+            "srv-a never noticed the outage\n{}",
+            a.log_text()
+        );
+        std::thread::sleep(POLL);
+    }
+    println!("srv-a noticed the outage after {:?}", down.elapsed());
+    let back = Instant::now();
+    cluster.start_again();
+    let healthy = back.elapsed();
+    let resumed = wait_for("srv-a re-published under a new lease", &cluster, |cl| {
+        let lease = lease_of(cl, &client, a_key);
+        lease != 0 && lease != lease_before && names_of(cl, "srv-a") == a_names
+    });
+    println!("etcd back (healthy after {healthy:?}): srv-a publishing again {resumed:?} later");
+    assert_eq!(names_of(&cluster, "srv-b"), b_names);
+    assert_eq!(names_of(&cluster, "srv-c"), c_names);
+    a.terminate();
+    assert!(
+        names_of(&cluster, "srv-a").is_empty(),
+        "srv-a left keys behind"
+    );
+    println!("whole scenario took {:?}", t0.elapsed());
+}
