@@ -87,6 +87,7 @@ pub struct Config {
     pub access: Vec<AccessRule>,
     #[serde(default)]
     pub discovery: DiscoverySection,
+    #[serde(default)]
     pub fleet: FleetSection,
 }
 
