@@ -19,3 +19,5 @@
 
 /// Where every usbwire fleet key lives.
 pub const PREFIX: &str = "/usbwire/v1/";
+
+pub mod reserve;
