@@ -6,3 +6,4 @@ pub mod devices;
 pub mod listen;
 pub mod metrics;
 pub mod names;
+pub mod reserve;
