@@ -4,6 +4,8 @@ pub mod activation;
 pub mod audio;
 pub mod capture;
 pub mod daemon;
+pub mod etcd;
+pub mod fabric;
 pub mod image;
 pub mod kernel;
 pub mod support;

@@ -1,0 +1,406 @@
+//! Publishing a server's devices to the fleet (`usbipd --fleet`).
+//!
+//! A [`Publisher`] is a task of its own: usbipd hands it the full set of
+//! devices it exports ([`Publisher::set_devices`]) whenever that set
+//! changes, and the task brings etcd in line with it, so nothing of this
+//! ever waits on etcd in a session worker or in the registry.
+//!
+//! - Everything it writes hangs on one lease it keeps alive (`ttl`): a
+//!   server that dies leaves the namespace when the lease expires.
+//! - `servers/<id>`, then one transaction per device: `devices/<name>` is
+//!   created only if no such key exists (`create_revision == 0`), or
+//!   overwritten only if the record there is this server's own and has not
+//!   changed since it was read (`mod_revision`). A name another server
+//!   holds is refused with EEXIST: logged, the device stays exported
+//!   locally, nothing of it is written. A refused name is tried again
+//!   when this server's device set changes or its fleet session restarts
+//!   (an etcd outage, a restart), never by polling.
+//! - A device that goes away is withdrawn at once: `transition/<name>`
+//!   first, then `devices/<name>` and `transition/<name>` deleted in one
+//!   transaction. A name withdrawn earlier in this run that comes back
+//!   (hotplug) is re-published the same way round: `transition/<name>`,
+//!   then the record and the transition's removal in one transaction. In
+//!   between, a reservation sees EAGAIN.
+//! - etcd unreachable or the lease lost: the session ends, local export
+//!   goes on untouched, and a new session (new lease, everything
+//!   re-published) is tried with a bounded exponential backoff.
+//! - [`Publisher::shutdown`] revokes the lease: every key of this server
+//!   goes at once (the goodbye).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Client, Compare, CompareOp, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp,
+    TxnOpResponse,
+};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::record::{
+    bounded, connect, device_key, server_key, transition_key, DeviceRecord, FleetError,
+    ServerRecord,
+};
+
+/// What a server publishes, and where.
+#[derive(Debug, Clone)]
+pub struct PublisherConfig {
+    pub endpoints: Vec<String>,
+    pub server: ServerRecord,
+    /// The lease's time to live: how long a dead server's devices stay.
+    pub ttl: Duration,
+}
+
+/// The lease's default time to live.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(5);
+
+/// The first and the longest wait before a new session after a failure.
+const BACKOFF_FIRST: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(4);
+/// Attempts at one device's transaction when the key changes under it.
+const TXN_ATTEMPTS: usize = 3;
+
+type DeviceSet = BTreeMap<String, DeviceRecord>;
+
+/// The publishing task's handle.
+pub struct Publisher {
+    desired: watch::Sender<DeviceSet>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Publisher {
+    /// Starts publishing (nothing yet: see [`Publisher::set_devices`]) on
+    /// the current tokio runtime.
+    pub fn spawn(config: PublisherConfig) -> Publisher {
+        let (desired, rx) = watch::channel(DeviceSet::new());
+        let (stop, stop_rx) = oneshot::channel();
+        let task = tokio::spawn(run(config, rx, stop_rx));
+        Publisher {
+            desired,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// The devices this server exports now, each under its fleet name.
+    pub fn set_devices(&self, devices: impl IntoIterator<Item = DeviceRecord>) {
+        let set: DeviceSet = devices.into_iter().map(|d| (d.name.clone(), d)).collect();
+        self.desired.send_if_modified(|current| {
+            if *current == set {
+                return false;
+            }
+            *current = set;
+            true
+        });
+    }
+
+    /// Revokes the lease (every key of this server goes at once) and ends
+    /// the task; bounded in time, whatever etcd does.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let limit = crate::record::REQUEST_TIMEOUT + Duration::from_secs(2);
+        if tokio::time::timeout(limit, &mut self.task).await.is_err() {
+            warn!("fleet: the goodbye to etcd did not finish within {limit:?}; the lease expires by itself");
+            self.task.abort();
+        }
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Why a session ended.
+enum End {
+    Stop,
+    Lost(String),
+}
+
+async fn run(
+    config: PublisherConfig,
+    mut desired: watch::Receiver<DeviceSet>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let mut delay = BACKOFF_FIRST;
+    // Names withdrawn in this run: coming back, they pass through
+    // transition/ (a hotplug), not straight to devices/.
+    let mut withdrawn = BTreeSet::new();
+    loop {
+        let opened = tokio::select! {
+            s = Session::open(&config) => s,
+            _ = &mut stop => return,
+        };
+        match opened {
+            Ok(mut session) => {
+                delay = BACKOFF_FIRST;
+                info!(
+                    "fleet: publishing as server {} to {} (lease {:x}, ttl {:?})",
+                    config.server.id,
+                    config.endpoints.join(","),
+                    session.lease,
+                    config.ttl
+                );
+                match session.serve(&mut desired, &mut stop, &mut withdrawn).await {
+                    End::Stop => {
+                        session.goodbye().await;
+                        return;
+                    }
+                    End::Lost(why) => warn!(
+                        "fleet: publishing stopped: {why}; the devices stay exported locally, \
+                         publishing starts again by itself (first try in {delay:?})"
+                    ),
+                }
+            }
+            Err(e) => warn!(
+                "fleet: cannot publish: {e}; the devices stay exported locally, \
+                 trying again in {delay:?}"
+            ),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = &mut stop => return,
+        }
+        delay = (delay * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// One lease and what was published under it.
+struct Session<'a> {
+    config: &'a PublisherConfig,
+    client: Client,
+    lease: i64,
+    keeper: LeaseKeeper,
+    acks: LeaseKeepAliveStream,
+    /// Name -> the record published and the revision that wrote it.
+    published: BTreeMap<String, (DeviceRecord, i64)>,
+}
+
+/// What became of one device's publication.
+enum Outcome {
+    Published(i64),
+    /// EEXIST: another server's record holds the name.
+    Taken(String),
+}
+
+impl<'a> Session<'a> {
+    async fn open(config: &'a PublisherConfig) -> Result<Session<'a>, FleetError> {
+        let eps = &config.endpoints;
+        let mut client = connect(eps).await?;
+        let ttl = config.ttl.as_secs().max(1) as i64;
+        let lease = bounded(eps, client.lease_grant(ttl, None)).await?.id();
+        let (keeper, acks) = bounded(eps, client.lease_keep_alive(lease)).await?;
+        let value = serde_json::to_vec(&config.server).expect("a server record serialises");
+        bounded(
+            eps,
+            client.put(
+                server_key(&config.server.id),
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+        )
+        .await?;
+        Ok(Session {
+            config,
+            client,
+            lease,
+            keeper,
+            acks,
+            published: BTreeMap::new(),
+        })
+    }
+
+    async fn serve(
+        &mut self,
+        desired: &mut watch::Receiver<DeviceSet>,
+        stop: &mut oneshot::Receiver<()>,
+        withdrawn: &mut BTreeSet<String>,
+    ) -> End {
+        let ttl = self.config.ttl.max(Duration::from_secs(1));
+        let mut ticks = tokio::time::interval(ttl / 3);
+        let mut last_ack = Instant::now();
+        let set = desired.borrow_and_update().clone();
+        if let Err(e) = self.reconcile(&set, withdrawn).await {
+            return End::Lost(e.to_string());
+        }
+        // Each turn handles one event; the lease's acks bound how long a
+        // silent cluster goes unnoticed.
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {
+                    if last_ack.elapsed() > ttl {
+                        return End::Lost(format!("no lease keep-alive answered for {ttl:?}"));
+                    }
+                    let sent = tokio::time::timeout(ttl / 3, self.keeper.keep_alive()).await;
+                    if let Ok(Err(e)) = sent {
+                        return End::Lost(format!("lease keep-alive: {e}"));
+                    }
+                }
+                ack = self.acks.message() => match ack {
+                    Ok(Some(r)) if r.ttl() > 0 => last_ack = Instant::now(),
+                    Ok(Some(_)) => return End::Lost("the lease expired".into()),
+                    Ok(None) => return End::Lost("the lease keep-alive stream ended".into()),
+                    Err(e) => return End::Lost(format!("lease keep-alive: {e}")),
+                },
+                changed = desired.changed() => {
+                    if changed.is_err() {
+                        return End::Stop;
+                    }
+                    let set = desired.borrow_and_update().clone();
+                    if let Err(e) = self.reconcile(&set, withdrawn).await {
+                        return End::Lost(e.to_string());
+                    }
+                }
+                _ = &mut *stop => return End::Stop,
+            }
+        }
+    }
+
+    /// Brings etcd in line with `set`: what went away (or changed) is
+    /// withdrawn first, then what is new is published.
+    async fn reconcile(
+        &mut self,
+        set: &DeviceSet,
+        withdrawn: &mut BTreeSet<String>,
+    ) -> Result<(), FleetError> {
+        let gone: Vec<String> = self
+            .published
+            .iter()
+            .filter(|(name, (rec, _))| set.get(*name) != Some(rec))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            let (_, rev) = self.published.remove(&name).expect("listed above");
+            self.withdraw(&name, rev).await?;
+            withdrawn.insert(name);
+        }
+        for (name, rec) in set {
+            if self.published.contains_key(name) {
+                continue;
+            }
+            match self.publish(rec, withdrawn.contains(name)).await? {
+                Outcome::Published(rev) => {
+                    info!(
+                        "fleet: published {name} ({} on {}:{}, labels [{}])",
+                        rec.busid,
+                        rec.host,
+                        rec.port,
+                        rec.labels.join(", ")
+                    );
+                    self.published.insert(name.clone(), (rec.clone(), rev));
+                }
+                Outcome::Taken(owner) => warn!(
+                    "fleet: the name \"{name}\" is already published by server {owner} \
+                     (EEXIST): {} stays exported locally only and nothing of it is written \
+                     to etcd; give it a `name` of its own in its [[device]] section. \
+                     It is tried again when this server's devices change or publishing restarts",
+                    rec.busid
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    /// One device's record into `devices/<name>`, under this lease.
+    async fn publish(&mut self, rec: &DeviceRecord, hotplug: bool) -> Result<Outcome, FleetError> {
+        let eps = self.config.endpoints.clone();
+        let key = device_key(&rec.name);
+        let transition = transition_key(&rec.name);
+        let value = serde_json::to_vec(rec).expect("a device record serialises");
+        let leased = || Some(PutOptions::new().with_lease(self.lease));
+        for _ in 0..TXN_ATTEMPTS {
+            let current = bounded(&eps, self.client.get(key.as_str(), None)).await?;
+            // The guard: the key is as read (absent, or this server's own
+            // record at that revision).
+            let guard = match current.kvs().first() {
+                None => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+                Some(kv) => {
+                    let owner = serde_json::from_slice::<DeviceRecord>(kv.value())
+                        .map(|r| r.server)
+                        .unwrap_or_else(|_| "(unreadable record)".into());
+                    if owner != self.config.server.id {
+                        return Ok(Outcome::Taken(owner));
+                    }
+                    Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision())
+                }
+            };
+            if hotplug {
+                let txn = Txn::new().when([guard.clone()]).and_then([TxnOp::put(
+                    transition.as_str(),
+                    rec.name.as_str(),
+                    leased(),
+                )]);
+                let r = bounded(&eps, self.client.txn(txn)).await?;
+                if !r.succeeded() {
+                    continue;
+                }
+                debug!("fleet: {} in transition (re-published)", rec.name);
+            }
+            let txn = Txn::new().when([guard]).and_then([
+                TxnOp::put(key.as_str(), value.clone(), leased()),
+                TxnOp::delete(transition.as_str(), None),
+            ]);
+            let r = bounded(&eps, self.client.txn(txn)).await?;
+            if r.succeeded() {
+                let rev = r.op_responses().into_iter().find_map(|op| match op {
+                    TxnOpResponse::Put(p) => p.header().map(|h| h.revision()),
+                    _ => None,
+                });
+                let rev = rev
+                    .or_else(|| r.header().map(|h| h.revision()))
+                    .unwrap_or(0);
+                return Ok(Outcome::Published(rev));
+            }
+        }
+        Err(FleetError::Contended { key })
+    }
+
+    /// Takes `devices/<name>` (written at `rev`) out: `transition/<name>`
+    /// first, then both deleted in one transaction.
+    async fn withdraw(&mut self, name: &str, rev: i64) -> Result<(), FleetError> {
+        let eps = self.config.endpoints.clone();
+        let key = device_key(name);
+        let transition = transition_key(name);
+        let ours = Compare::mod_revision(key.as_str(), CompareOp::Equal, rev);
+        let mark = Txn::new().when([ours.clone()]).and_then([TxnOp::put(
+            transition.as_str(),
+            name,
+            Some(PutOptions::new().with_lease(self.lease)),
+        )]);
+        let marked = bounded(&eps, self.client.txn(mark)).await?.succeeded();
+        if !marked {
+            // The record is not the one this session wrote any more (its
+            // lease expired meanwhile and another server took the name):
+            // nothing of ours to withdraw.
+            info!("fleet: {name} was no longer this server's record; nothing withdrawn");
+            return Ok(());
+        }
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, rev)])
+            .and_then([
+                TxnOp::delete(key.as_str(), None),
+                TxnOp::delete(transition.as_str(), None),
+            ])
+            .or_else([TxnOp::delete(transition.as_str(), None)]);
+        bounded(&eps, self.client.txn(txn)).await?;
+        info!("fleet: withdrew {name}");
+        Ok(())
+    }
+
+    /// Revokes the lease: this server and its devices leave the fleet.
+    async fn goodbye(&mut self) {
+        let eps = self.config.endpoints.clone();
+        match bounded(&eps, self.client.lease_revoke(self.lease)).await {
+            Ok(_) => info!(
+                "fleet: revoked lease {:x}: server {} and its devices left the fleet",
+                self.lease, self.config.server.id
+            ),
+            Err(e) => warn!("fleet: revoking the lease failed ({e}); it expires by itself"),
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! What the fleet keeps in etcd: the keys, their JSON values, and the
+//! connection to the cluster.
+
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions};
+use serde::{Deserialize, Serialize};
+
+use crate::PREFIX;
+
+/// `servers/<id>`.
+pub fn server_key(id: &str) -> String {
+    format!("{PREFIX}servers/{id}")
+}
+
+/// `devices/<name>`.
+pub fn device_key(name: &str) -> String {
+    format!("{PREFIX}devices/{name}")
+}
+
+/// `transition/<name>`.
+pub fn transition_key(name: &str) -> String {
+    format!("{PREFIX}transition/{name}")
+}
+
+/// `reservations/<name>` (written by `usbip reserve`, read by the listing).
+pub fn reservation_key(name: &str) -> String {
+    format!("{PREFIX}reservations/{name}")
+}
+
+/// The prefix of every key of `kind` ("devices", "servers", ...).
+pub fn kind_prefix(kind: &str) -> String {
+    format!("{PREFIX}{kind}/")
+}
+
+/// One interface's class triple.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceClass {
+    pub class: u8,
+    pub subclass: u8,
+    pub protocol: u8,
+}
+
+/// `devices/<name>`: one exported device as a client needs it to pick and
+/// import it. Later versions only add fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    /// The fleet name (unique across the fleet).
+    pub name: String,
+    /// The id of the server that exports it (its `servers/<id>` key).
+    pub server: String,
+    /// Host name or address, and port, where clients reach that server.
+    pub host: String,
+    pub port: u16,
+    /// The bus id to import on that server.
+    pub busid: String,
+    /// Four lowercase hex digits each.
+    pub vendor_id: String,
+    pub product_id: String,
+    /// The device's class triple (0/0/0: per interface).
+    pub device_class: InterfaceClass,
+    pub interfaces: Vec<InterfaceClass>,
+    /// "low", "full", "high", "wireless", "super", "super-plus" or "unknown".
+    pub speed: String,
+    pub serial: Option<String>,
+    pub labels: Vec<String>,
+    /// Whether the server requires TLS (clients then need a certificate
+    /// it accepts).
+    pub tls: bool,
+    /// The server certificate's SHA-256 fingerprint (`AB:CD:...`), to pin.
+    pub fingerprint: Option<String>,
+}
+
+/// `servers/<id>`: one usbipd of the fleet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerRecord {
+    pub id: String,
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    pub fingerprint: Option<String>,
+    /// usbipd's version.
+    pub version: String,
+}
+
+/// Connecting to the cluster failed, or it did not answer in time.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("no etcd endpoint given: pass --fleet http://HOST:2379[,http://HOST:2379...]")]
+    NoEndpoints,
+    #[error(
+        "etcd at {endpoints}: {source} (is the cluster up and reachable from here? \
+         `etcdctl --endpoints {endpoints} endpoint health` tells)"
+    )]
+    Etcd {
+        endpoints: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+    #[error("etcd at {endpoints} did not answer within {limit:?} (is the cluster up and reachable from here?)")]
+    Timeout { endpoints: String, limit: Duration },
+    #[error("etcd key {key} kept changing under this server's transaction; giving up for now")]
+    Contended { key: String },
+    #[error("etcd key {key}: the value is not a valid record: {source}")]
+    BadRecord {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// A comma-separated endpoint list, as `--fleet` takes it; a bare
+/// `HOST:PORT` gets `http://`.
+pub fn parse_endpoints(list: &str) -> Result<Vec<String>, FleetError> {
+    let endpoints: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            if e.contains("://") {
+                e.to_string()
+            } else {
+                format!("http://{e}")
+            }
+        })
+        .collect();
+    if endpoints.is_empty() {
+        return Err(FleetError::NoEndpoints);
+    }
+    Ok(endpoints)
+}
+
+/// Every request to etcd ends within this; a member that died makes a
+/// request fail over to another, a cluster that is gone makes it fail.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A client of the cluster at `endpoints`, each request bounded in time.
+pub async fn connect(endpoints: &[String]) -> Result<Client, FleetError> {
+    let options = ConnectOptions::new()
+        .with_connect_timeout(CONNECT_TIMEOUT)
+        .with_timeout(REQUEST_TIMEOUT)
+        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+    let all = endpoints.join(",");
+    match tokio::time::timeout(
+        CONNECT_TIMEOUT + REQUEST_TIMEOUT,
+        Client::connect(endpoints, Some(options)),
+    )
+    .await
+    {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(source)) => Err(FleetError::Etcd {
+            endpoints: all,
+            source,
+        }),
+        Err(_) => Err(FleetError::Timeout {
+            endpoints: all,
+            limit: CONNECT_TIMEOUT + REQUEST_TIMEOUT,
+        }),
+    }
+}
+
+/// Runs one etcd request, bounded by [`REQUEST_TIMEOUT`] even where the
+/// client's own timeout does not reach (a connection that hangs).
+pub async fn bounded<T>(
+    endpoints: &[String],
+    request: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, FleetError> {
+    let limit = REQUEST_TIMEOUT + Duration::from_secs(1);
+    match tokio::time::timeout(limit, request).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(source)) => Err(FleetError::Etcd {
+            endpoints: endpoints.join(","),
+            source,
+        }),
+        Err(_) => Err(FleetError::Timeout {
+            endpoints: endpoints.join(","),
+            limit,
+        }),
+    }
+}
