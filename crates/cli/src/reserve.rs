@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use serde::{Deserialize, Serialize};
-use usbwire_fleet::reserve::{Fleet, Reserved, ReserveError, Want};
+use usbwire_fleet::reserve::{Fleet, ReserveError, Reserved, Want};
 use usbwire_proto::ImportToken;
 
 /// Where local reservation records live unless the environment says.
@@ -110,10 +110,7 @@ impl From<String> for Failure {
 
 /// Who this client is in a reservation: its certificate with TLS, else
 /// `--client-id` or `user@host`.
-pub fn holder_identity(
-    tls_cert: Option<&Path>,
-    client_id: Option<&str>,
-) -> Result<String, String> {
+pub fn holder_identity(tls_cert: Option<&Path>, client_id: Option<&str>) -> Result<String, String> {
     if let Some(cert) = tls_cert {
         let f = usbwire_client::certificate_fingerprint(cert).map_err(|e| e.to_string())?;
         return Ok(usbwire_fleet::reserve::tls_holder(&f.to_string()));
@@ -174,7 +171,7 @@ pub async fn take(
         token: token.to_hex(),
         holder: holder.into(),
         pid: None,
-        address: device.address,
+        address: device.address(),
         busid: device.busid,
     };
     if let Err(e) = store(&dir(), &local) {
@@ -189,7 +186,13 @@ pub fn spawn_holder(mut local: LocalReservation) -> Result<LocalReservation, Fai
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
     let child = std::process::Command::new(exe)
-        .args(["reserve", "--fleet", &local.endpoints, "--hold", &local.name])
+        .args([
+            "reserve",
+            "--fleet",
+            &local.endpoints,
+            "--hold",
+            &local.name,
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -256,7 +259,10 @@ pub async fn release(endpoints: Option<&str>, name: &str, force: bool) -> Result
             };
             let fleet = Fleet::connect(endpoints).await?;
             let record = fleet.release_any(name).await?;
-            Ok(format!("released {name} (it was held by {})", record.holder))
+            Ok(format!(
+                "released {name} (it was held by {})",
+                record.holder
+            ))
         }
         None => Err(format!(
             "this client holds no reservation of {name} (no record in {}); \
@@ -271,9 +277,7 @@ pub async fn release(endpoints: Option<&str>, name: &str, force: bool) -> Result
 /// pid).
 fn stop_holder(pid: u32) {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let is_holder = cmdline
-        .split(|&b| b == 0)
-        .any(|arg| arg == b"--hold");
+    let is_holder = cmdline.split(|&b| b == 0).any(|arg| arg == b"--hold");
     if is_holder {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),

@@ -2,8 +2,8 @@
 //! (OP_REQ_DEVLIST or OP_REQ_IMPORT), one reply in.
 
 use usbwire_proto::{
-    DecodeError, DeviceInfo, ImportToken, Limits, OpReply, OpRequest, OpStatus, OP_REP_DEVLIST, OP_REP_IMPORT,
-    USBIP_VERSION,
+    DecodeError, DeviceInfo, ImportToken, Limits, OpReply, OpRequest, OpStatus, OP_REP_DEVLIST,
+    OP_REP_IMPORT, USBIP_VERSION,
 };
 
 use crate::error::ClientError;

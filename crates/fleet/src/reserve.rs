@@ -60,21 +60,41 @@ pub fn reservation_key(name: &str) -> String {
 }
 
 /// What reserve reads of a `devices/<name>` record (fleet's publisher
-/// writes more; unknown fields are ignored).
+/// writes more, see `record::DeviceRecord`; unknown fields are ignored).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct PublishedDevice {
     /// The owner server's id.
     pub server: String,
-    /// `HOST:PORT` as clients reach the server.
-    pub address: String,
+    /// Where clients reach the server.
+    pub host: String,
+    pub port: u16,
     pub busid: String,
-    pub vendor: u16,
-    pub product: u16,
+    /// Hex, as "046d".
+    pub vendor_id: String,
+    pub product_id: String,
     pub labels: Vec<String>,
     /// Whether the server requires TLS.
     pub tls: bool,
     pub fingerprint: Option<String>,
+}
+
+impl PublishedDevice {
+    /// `HOST:PORT` (an IPv6 host in brackets).
+    pub fn address(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    fn ids(&self) -> Option<(u16, u16)> {
+        Some((
+            u16::from_str_radix(&self.vendor_id, 16).ok()?,
+            u16::from_str_radix(&self.product_id, 16).ok()?,
+        ))
+    }
 }
 
 /// `reservations/<name>`.
@@ -131,7 +151,10 @@ pub fn new_token() -> Result<ImportToken, ReserveError> {
 pub enum Want {
     Name(String),
     /// `--match VID:PID`
-    Match { vendor: u16, product: u16 },
+    Match {
+        vendor: u16,
+        product: u16,
+    },
     /// `--label L`
     Label(String),
 }
@@ -140,9 +163,7 @@ impl Want {
     fn matches(&self, name: &str, device: &PublishedDevice) -> bool {
         match self {
             Want::Name(n) => n == name,
-            Want::Match { vendor, product } => {
-                device.vendor == *vendor && device.product == *product
-            }
+            Want::Match { vendor, product } => device.ids() == Some((*vendor, *product)),
             Want::Label(l) => device.labels.iter().any(|x| x == l),
         }
     }
@@ -177,7 +198,9 @@ pub enum ReserveError {
         #[source]
         source: etcd_client::Error,
     },
-    #[error("etcd ({endpoints}) did not answer within {ETCD_TIMEOUT:?}; is it reachable from here?")]
+    #[error(
+        "etcd ({endpoints}) did not answer within {ETCD_TIMEOUT:?}; is it reachable from here?"
+    )]
     EtcdTimeout { endpoints: String },
     #[error("{name} is already reserved by {holder} (EBUSY)")]
     Busy { name: String, holder: String },
@@ -604,11 +627,19 @@ impl ReservationGate {
             Ok(Ok(record)) => record,
             Ok(Err(e)) => {
                 warn!(%name, "reservation check falls back to the watched copy: {e}");
-                self.watched.lock().expect("not poisoned").get(&name).cloned()
+                self.watched
+                    .lock()
+                    .expect("not poisoned")
+                    .get(&name)
+                    .cloned()
             }
             Err(_) => {
                 warn!(%name, "reservation check falls back to the watched copy: etcd did not answer within {GATE_READ_TIMEOUT:?}");
-                self.watched.lock().expect("not poisoned").get(&name).cloned()
+                self.watched
+                    .lock()
+                    .expect("not poisoned")
+                    .get(&name)
+                    .cloned()
             }
         };
         let Some(record) = record else {
@@ -652,10 +683,7 @@ impl ImportGate for ReservationGate {
 /// Keeps `watched` equal to `reservations/`: a full read, then a watch
 /// from the revision after it; on any failure, again after a pause that
 /// doubles up to 5 s.
-async fn watch_reservations(
-    fleet: Fleet,
-    watched: Arc<Mutex<HashMap<String, ReservationRecord>>>,
-) {
+async fn watch_reservations(fleet: Fleet, watched: Arc<Mutex<HashMap<String, ReservationRecord>>>) {
     let prefix = format!("{PREFIX}reservations/");
     let mut pause = Duration::from_millis(250);
     loop {
@@ -690,10 +718,14 @@ async fn watch_once(
         .with_start_revision(revision + 1);
     let mut events = fleet.run(client.watch(prefix, Some(options))).await?;
     // Ends when the stream does (etcd gone): the caller starts over.
-    while let Some(answer) = events.message().await.map_err(|source| ReserveError::Etcd {
-        endpoints: fleet.endpoints.clone(),
-        source,
-    })? {
+    while let Some(answer) = events
+        .message()
+        .await
+        .map_err(|source| ReserveError::Etcd {
+            endpoints: fleet.endpoints.clone(),
+            source,
+        })?
+    {
         let mut map = watched.lock().expect("not poisoned");
         for event in answer.events() {
             let Some(kv) = event.kv() else { continue };
@@ -737,8 +769,8 @@ mod tests {
     #[test]
     fn match_and_label_select_devices() {
         let device = PublishedDevice {
-            vendor: 0x1d6b,
-            product: 0x0104,
+            vendor_id: "1d6b".into(),
+            product_id: "0104".into(),
             labels: vec!["lab-2".into()],
             ..Default::default()
         };

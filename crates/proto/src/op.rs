@@ -544,7 +544,9 @@ mod import_token_tests {
     fn a_token_travels_after_the_bus_id_and_decodes_as_the_same_bus_id() {
         let token = ImportToken::from_hex("00112233445566778899aabbccddeeff").unwrap();
         let mut out = Vec::new();
-        token.encode_import(USBIP_VERSION, "10-1.2.3.4.5.6", &mut out).unwrap();
+        token
+            .encode_import(USBIP_VERSION, "10-1.2.3.4.5.6", &mut out)
+            .unwrap();
         let Decoded::Message(OpRequest::Import { busid, .. }, n) = OpRequest::decode(&out).unwrap()
         else {
             panic!("not an import")

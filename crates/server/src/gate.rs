@@ -73,6 +73,10 @@ impl Gate {
 
 impl fmt::Debug for Gate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_some() { "Gate(on)" } else { "Gate(none)" })
+        f.write_str(if self.0.is_some() {
+            "Gate(on)"
+        } else {
+            "Gate(none)"
+        })
     }
 }

@@ -269,11 +269,21 @@ struct ListArgs {
 #[command(group(ArgGroup::new("dev").required(true).args(["busid", "device", "name"])))]
 struct AttachArgs {
     /// The machine with exported USB devices.
-    #[arg(short = 'r', long = "remote", value_name = "HOST", required_unless_present = "fleet")]
+    #[arg(
+        short = 'r',
+        long = "remote",
+        value_name = "HOST",
+        required_unless_present = "fleet"
+    )]
     remote: Option<String>,
     /// Attach the fleet device NAME, which this client reserved (or
     /// reserves now): its server comes from the fleet's etcd (ENDPOINTS).
-    #[arg(long = "fleet", value_name = "ENDPOINTS", requires = "name", conflicts_with = "remote")]
+    #[arg(
+        long = "fleet",
+        value_name = "ENDPOINTS",
+        requires = "name",
+        conflicts_with = "remote"
+    )]
     fleet: Option<String>,
     /// With --fleet: the device's fleet name.
     #[arg(value_name = "NAME", requires = "fleet")]
@@ -368,7 +378,8 @@ async fn run(cli: Cli) -> Result<(), String> {
                 None => None,
             };
             if let (Some(endpoints), Some(name)) = (&a.fleet, &a.name) {
-                let holder = usbwire_cli::reserve::holder_identity(cli.tls.tls_cert.as_deref(), None)?;
+                let holder =
+                    usbwire_cli::reserve::holder_identity(cli.tls.tls_cert.as_deref(), None)?;
                 return attach_fleet(endpoints, name, &holder, tls.as_ref()).await;
             }
             let busid = a.busid.or(a.device).unwrap_or_default();
@@ -382,17 +393,21 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Detach(a) => detach(&Vhci::new(root()), &a.port),
         Command::Reserve(a) => {
-            let holder =
-                usbwire_cli::reserve::holder_identity(cli.tls.tls_cert.as_deref(), a.client_id.as_deref())?;
+            let holder = usbwire_cli::reserve::holder_identity(
+                cli.tls.tls_cert.as_deref(),
+                a.client_id.as_deref(),
+            )?;
             reserve(a, &holder).await
         }
-        Command::Release(a) => match usbwire_cli::reserve::release(a.fleet.as_deref(), &a.name, a.force).await {
-            Ok(done) => {
-                println!("{done}");
-                Ok(())
+        Command::Release(a) => {
+            match usbwire_cli::reserve::release(a.fleet.as_deref(), &a.name, a.force).await {
+                Ok(done) => {
+                    println!("{done}");
+                    Ok(())
+                }
+                Err(f) => fail(f),
             }
-            Err(f) => fail(f),
-        },
+        }
         Command::Port(a) => port(&Vhci::new(root()), &Roots::under(&root()), a.json),
         Command::Bind(a) => {
             let path = control::socket_path(a.control_socket);
@@ -505,7 +520,8 @@ async fn reserve(a: ReserveArgs, holder: &str) -> Result<(), String> {
     }
     let want = match (&a.name, &a.matching, &a.label) {
         (Some(n), _, _) => Want::Name(n.clone()),
-        (_, Some(m), _) => parse_match(m).ok_or_else(|| format!("--match {m}: expected VID:PID in hex, e.g. 1d6b:0104"))?,
+        (_, Some(m), _) => parse_match(m)
+            .ok_or_else(|| format!("--match {m}: expected VID:PID in hex, e.g. 1d6b:0104"))?,
         (_, _, Some(l)) => Want::Label(l.clone()),
         _ => return Err("name a device, or give --match VID:PID or --label LABEL".into()),
     };
@@ -532,7 +548,9 @@ async fn attach_fleet(
 ) -> Result<(), String> {
     use usbwire_cli::reserve as r;
     use usbwire_fleet::reserve::{Fleet, Want};
-    let fleet = Fleet::connect(endpoints).await.unwrap_or_else(|e| fail(e.into()));
+    let fleet = Fleet::connect(endpoints)
+        .await
+        .unwrap_or_else(|e| fail(e.into()));
     let local = match r::load(&r::dir(), name) {
         Some(local) => local,
         None => {
@@ -545,11 +563,13 @@ async fn attach_fleet(
         }
     };
     let device = fleet.device(name).await.unwrap_or_else(|e| fail(e.into()));
-    let (host, port) = device
-        .address
-        .rsplit_once(':')
-        .and_then(|(h, p)| Some((h.trim_start_matches('[').trim_end_matches(']'), p.parse().ok()?)))
-        .ok_or_else(|| format!("the fleet record of {name} has no usable address: {:?}", device.address))?;
+    if device.host.is_empty() || device.port == 0 {
+        return Err(format!(
+            "the fleet record of {name} has no usable address: {:?}",
+            device.address()
+        ));
+    }
+    let (host, port) = (device.host.as_str(), device.port);
     let busid = format!("{}#{}", device.busid, local.token);
     attach(&Vhci::new(root()), host, port, &busid, tls).map_err(|e| {
         // The server's status says busy; etcd says by whom.
@@ -565,8 +585,14 @@ fn current_holder(fleet: &usbwire_fleet::reserve::Fleet, name: &str) -> Option<S
     let fleet = fleet.clone();
     let name = name.to_string();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
-        rt.block_on(fleet.reservation(&name)).ok().flatten().map(|r| r.holder)
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        rt.block_on(fleet.reservation(&name))
+            .ok()
+            .flatten()
+            .map(|r| r.holder)
     })
     .join()
     .ok()

@@ -4,7 +4,8 @@ use std::time::Instant;
 
 use usbwire_proto::op::OP_HEADER_LEN;
 use usbwire_proto::{
-    BusId, DecodeError, Decoded, DeviceInfo, ImportToken, OpReply, OpRequest, OpStatus, USBIP_VERSION,
+    BusId, DecodeError, Decoded, DeviceInfo, ImportToken, OpReply, OpRequest, OpStatus,
+    USBIP_VERSION,
 };
 
 use super::OP_TIMEOUT;
