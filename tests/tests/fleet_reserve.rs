@@ -102,6 +102,27 @@ fn reservations_race_expire_release_and_guard_imports() {
     let other = device_json(&server_ip, "2-1", "046d", "c52b");
     cluster.etcdctl(&client, &["put", "/usbwire/v1/devices/other", &other]);
 
+    // One reserve and release alone, for scale.
+    let alone = tempfile::tempdir().unwrap();
+    let t = Instant::now();
+    let out = usbip(
+        &client,
+        alone.path(),
+        &["reserve", "--fleet", &endpoints, "other"],
+    )
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let reserved_in = t.elapsed();
+    let out = usbip(&client, alone.path(), &["release", "other"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    println!(
+        "one reserve alone: {reserved_in:?}, its release: {:?}",
+        t.elapsed() - reserved_in
+    );
+
     // 50 racers, each its own client (its own record dir).
     let dirs: Vec<tempfile::TempDir> = (0..RACERS).map(|_| tempfile::tempdir().unwrap()).collect();
     let race = Instant::now();

@@ -995,7 +995,7 @@ mod tests {
         assert!(c.debug);
         match c.command {
             Command::Attach(a) => assert_eq!(
-                (a.remote.as_str(), a.device.as_deref()),
+                (a.remote.as_deref().unwrap_or_default(), a.device.as_deref()),
                 ("h", Some("usbip-vudc.0"))
             ),
             c => panic!("{c:?}"),
@@ -1010,6 +1010,23 @@ mod tests {
         assert!(Cli::try_parse_from(["usbip", "list", "-r", "h", "-l"]).is_err());
         assert!(Cli::try_parse_from(["usbip", "list", "-p", "-l"]).is_ok());
         assert!(Cli::try_parse_from(["usbip", "detach", "-p", "3"]).is_ok());
+        assert!(Cli::try_parse_from(["usbip", "attach", "--fleet", "e:2379", "lab/1-1"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["usbip", "attach", "--fleet", "e:2379"]).is_err(),
+            "--fleet needs a NAME"
+        );
+        assert!(
+            Cli::try_parse_from(["usbip", "attach", "-b", "1-1"]).is_err(),
+            "needs -r"
+        );
+        assert!(
+            Cli::try_parse_from(["usbip", "reserve", "--fleet", "e", "--match", "1:2"]).is_ok()
+        );
+        assert!(
+            Cli::try_parse_from(["usbip", "reserve", "--fleet", "e"]).is_err(),
+            "reserve needs NAME, --match or --label"
+        );
+        assert!(Cli::try_parse_from(["usbip", "release", "lab/1-1"]).is_ok());
         assert!(Cli::try_parse_from(["usbip", "port", "--json"]).is_ok());
     }
 
