@@ -86,6 +86,8 @@ fn reservations_race_expire_release_and_guard_imports() {
     if !etcd::require() {
         return;
     }
+    // Built (once per test process) before anything is timed.
+    kernel::cargo_bin("usbip");
     let started = Instant::now();
     let mut fabric = Fabric::new();
     let cluster = etcd::Cluster::start(&mut fabric, 3);
