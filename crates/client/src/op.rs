@@ -409,4 +409,32 @@ mod tests {
         assert!(matches!(decoded, Err(DecodeError::TooLong { .. })));
         assert_eq!(read, 12);
     }
+
+    #[test]
+    fn a_reservation_token_goes_after_the_bus_id_and_never_into_messages() {
+        let hex = "00112233445566778899aabbccddeeff";
+        let op = OpExchange::import(&format!("1-1.2#{hex}"));
+        let field = &op.poll_transmit()[8..];
+        assert_eq!(&field[..6], b"1-1.2\0");
+        assert_eq!(
+            ImportToken::from_busid_field(field),
+            ImportToken::from_hex(hex)
+        );
+        let refused = op.imported(
+            OpReply::Import {
+                version: USBIP_VERSION,
+                status: OpStatus::DevBusy,
+                device: None,
+            },
+            "h:3240",
+        );
+        assert!(!refused.unwrap_err().to_string().contains(hex));
+        // Malformed: the bus id alone, no token.
+        let op = OpExchange::import("1-1#xyz");
+        assert_eq!(
+            ImportToken::from_busid_field(&op.poll_transmit()[8..]),
+            None
+        );
+        assert_eq!(&op.poll_transmit()[8..12], b"1-1\0");
+    }
 }

@@ -767,6 +767,31 @@ mod tests {
     }
 
     #[test]
+    fn over_tls_only_the_holders_certificate_is_the_holder() {
+        use usbwire_server::acl::{ClientIdentity, Subject};
+        let fingerprint = |b: &[u8]| usbwire_server::tls::Fingerprint::of(b);
+        let peer = |cert: &[u8]| Peer {
+            addr: "10.0.0.9:40000".parse().unwrap(),
+            tls: Some(ClientIdentity {
+                fingerprint: fingerprint(cert),
+                subject: Subject::default(),
+                subject_verified: false,
+            }),
+        };
+        let record = ReservationRecord {
+            holder: tls_holder(&fingerprint(b"holder's certificate").to_string()),
+            token_sha256: String::new(),
+            since: 0,
+            ttl: 5,
+            client_host: "a".into(),
+            lease: 1,
+        };
+        assert!(record.held_by_tls(&peer(b"holder's certificate")));
+        assert!(!record.held_by_tls(&peer(b"another certificate")));
+        assert!(!record.held_by_tls(&Peer::plaintext("10.0.0.9:1".parse().unwrap())));
+    }
+
+    #[test]
     fn match_and_label_select_devices() {
         let device = PublishedDevice {
             vendor_id: "1d6b".into(),
