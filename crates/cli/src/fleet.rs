@@ -4,11 +4,13 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use usbwire_fleet::publish::{Publisher, PublisherConfig};
 use usbwire_fleet::record::{DeviceRecord, InterfaceClass, ServerRecord};
+use usbwire_fleet::reserve::NameOf;
 use usbwire_proto::op::{DeviceInfo, Speed};
 use usbwire_server::Registry;
 
@@ -38,6 +40,8 @@ pub struct FleetSettings {
 pub struct Fleet {
     publisher: Publisher,
     feeder: JoinHandle<()>,
+    endpoints: String,
+    name_of: NameOf,
 }
 
 impl Fleet {
@@ -61,6 +65,23 @@ impl Fleet {
             ttl: settings.ttl,
         });
         let desired = publisher.desired_handle();
+        let endpoints = settings.endpoints.join(",");
+        let name_of: NameOf = {
+            let server_id = settings.server_id.clone();
+            let names: BTreeMap<String, String> = meta
+                .iter()
+                .filter_map(|(busid, m)| Some((busid.clone(), m.name.clone()?)))
+                .collect();
+            // The name record() publishes a device under.
+            Arc::new(move |busid: &str| {
+                Some(
+                    names
+                        .get(busid)
+                        .cloned()
+                        .unwrap_or_else(|| format!("{server_id}/{busid}")),
+                )
+            })
+        };
         let registry = registry.clone();
         let mut changes = registry.changes();
         let feeder = tokio::spawn(async move {
@@ -78,7 +99,22 @@ impl Fleet {
                 }
             }
         });
-        Fleet { publisher, feeder }
+        Fleet {
+            publisher,
+            feeder,
+            endpoints,
+            name_of,
+        }
+    }
+
+    /// The etcd endpoints, comma-separated.
+    pub fn endpoints(&self) -> String {
+        self.endpoints.clone()
+    }
+
+    /// The fleet name each exported bus id is published under.
+    pub fn name_of(&self) -> NameOf {
+        self.name_of.clone()
     }
 
     /// Stops following the registry and revokes the lease (bounded).

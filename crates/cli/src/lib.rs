@@ -9,3 +9,4 @@ pub mod listen;
 pub mod metrics;
 pub mod names;
 pub mod persist;
+pub mod reserve;

@@ -33,7 +33,7 @@ pub use connection::{
     Completed, Connection, ConnectionConfig, ConnectionError, SubmitError, MAX_TRANSMIT_SLICES,
 };
 pub use error::{ClientError, TransferError};
-pub use op::OpExchange;
+pub use op::{split_token, OpExchange};
 pub use remote::{
     import, import_stream, import_tls, list, list_tls, PendingTransfer, RemoteDevice,
 };

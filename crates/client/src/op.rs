@@ -2,8 +2,8 @@
 //! (OP_REQ_DEVLIST or OP_REQ_IMPORT), one reply in.
 
 use usbwire_proto::{
-    DecodeError, DeviceInfo, Limits, OpReply, OpRequest, OpStatus, OP_REP_DEVLIST, OP_REP_IMPORT,
-    USBIP_VERSION,
+    DecodeError, DeviceInfo, ImportToken, Limits, OpReply, OpRequest, OpStatus, OP_REP_DEVLIST,
+    OP_REP_IMPORT, USBIP_VERSION,
 };
 
 use crate::error::ClientError;
@@ -16,7 +16,24 @@ const OP_HEADER_LEN: usize = 8;
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Asked {
     Devlist,
-    Import { busid: String },
+    Import {
+        busid: String,
+        token: Option<ImportToken>,
+    },
+}
+
+/// Splits `BUSID#TOKEN` (a fleet reservation's token, 32 hex digits, see
+/// [`ImportToken`]) into the bus id and the token. A plain bus id has no
+/// token; so has one whose token is malformed or that is too long to carry
+/// one: its import goes without, and a reserved device refuses it.
+pub fn split_token(busid: &str) -> (&str, Option<ImportToken>) {
+    match busid.rsplit_once('#') {
+        Some((bus, hex)) if bus.len() <= usbwire_proto::op::IMPORT_TOKEN_BUSID_MAX => {
+            (bus, ImportToken::from_hex(hex))
+        }
+        Some((bus, _)) => (bus, None),
+        None => (busid, None),
+    }
 }
 
 /// One OP request and its reply. A driver sends
@@ -44,10 +61,13 @@ impl OpExchange {
         Self::new(Asked::Devlist)
     }
 
-    /// OP_REQ_IMPORT of `busid`.
+    /// OP_REQ_IMPORT of `busid`, or of `BUSID#TOKEN` with a fleet
+    /// reservation's token (see [`split_token`]).
     pub fn import(busid: &str) -> Self {
+        let (busid, token) = split_token(busid);
         Self::new(Asked::Import {
             busid: busid.into(),
+            token,
         })
     }
 
@@ -56,13 +76,21 @@ impl OpExchange {
         match &asked {
             Asked::Devlist => OpRequest::Devlist {
                 version: USBIP_VERSION,
-            },
-            Asked::Import { busid } => OpRequest::Import {
+            }
+            .encode(&mut request),
+            Asked::Import {
+                busid,
+                token: Some(token),
+            } => {
+                // Fits: split_token kept the token only beside a short bus id.
+                let _ = token.encode_import(USBIP_VERSION, busid, &mut request);
+            }
+            Asked::Import { busid, token: None } => OpRequest::Import {
                 version: USBIP_VERSION,
                 busid: busid.as_str().into(),
-            },
+            }
+            .encode(&mut request),
         }
-        .encode(&mut request);
         OpExchange {
             asked,
             request,
@@ -130,7 +158,7 @@ impl OpExchange {
                     ..
                 },
             ) => Ok(info),
-            (Asked::Import { busid }, OpReply::Import { status, .. }) => {
+            (Asked::Import { busid, .. }, OpReply::Import { status, .. }) => {
                 Err(ClientError::ImportRefused {
                     addr: addr.into(),
                     busid: busid.clone(),
@@ -380,5 +408,33 @@ mod tests {
         let (decoded, read) = run(&mut op, &huge, 64);
         assert!(matches!(decoded, Err(DecodeError::TooLong { .. })));
         assert_eq!(read, 12);
+    }
+
+    #[test]
+    fn a_reservation_token_goes_after_the_bus_id_and_never_into_messages() {
+        let hex = "00112233445566778899aabbccddeeff";
+        let op = OpExchange::import(&format!("1-1.2#{hex}"));
+        let field = &op.poll_transmit()[8..];
+        assert_eq!(&field[..6], b"1-1.2\0");
+        assert_eq!(
+            ImportToken::from_busid_field(field),
+            ImportToken::from_hex(hex)
+        );
+        let refused = op.imported(
+            OpReply::Import {
+                version: USBIP_VERSION,
+                status: OpStatus::DevBusy,
+                device: None,
+            },
+            "h:3240",
+        );
+        assert!(!refused.unwrap_err().to_string().contains(hex));
+        // Malformed: the bus id alone, no token.
+        let op = OpExchange::import("1-1#xyz");
+        assert_eq!(
+            ImportToken::from_busid_field(&op.poll_transmit()[8..]),
+            None
+        );
+        assert_eq!(&op.poll_transmit()[8..12], b"1-1\0");
     }
 }

@@ -28,3 +28,5 @@ pub mod record;
 
 /// Where every usbwire fleet key lives.
 pub const PREFIX: &str = "/usbwire/v1/";
+
+pub mod reserve;

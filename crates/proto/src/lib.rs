@@ -21,8 +21,8 @@ mod wire;
 pub use errno::Errno;
 pub use field::{BusId, DevicePath, WireString};
 pub use op::{
-    DeviceInfo, InterfaceInfo, OpReply, OpRequest, OpStatus, Speed, OP_REP_DEVLIST, OP_REP_IMPORT,
-    OP_REQ_DEVLIST, OP_REQ_IMPORT, USBIP_VERSION,
+    DeviceInfo, ImportToken, InterfaceInfo, OpReply, OpRequest, OpStatus, Speed, OP_REP_DEVLIST,
+    OP_REP_IMPORT, OP_REQ_DEVLIST, OP_REQ_IMPORT, USBIP_VERSION,
 };
 pub use urb::{
     CmdSubmit, CmdUnlink, Direction, IsoPacket, RetSubmit, RetUnlink, SetupPacket, SubmitHeader,

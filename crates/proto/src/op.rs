@@ -459,3 +459,127 @@ impl OpReply {
         }
     }
 }
+
+/// Bytes of a fleet reservation token (128 bits).
+pub const IMPORT_TOKEN_LEN: usize = 16;
+/// The longest bus id an `OP_REQ_IMPORT` can carry beside a token: the
+/// token takes the field's last [`IMPORT_TOKEN_LEN`] bytes, and the bus id
+/// its NUL before them. Linux bus ids (`10-1.2.3.4.5.6` at the deepest hub
+/// chain) are shorter.
+pub const IMPORT_TOKEN_BUSID_MAX: usize = BUSID_LEN - IMPORT_TOKEN_LEN - 1;
+
+/// usbwire's extension of `OP_REQ_IMPORT`: the token of a fleet
+/// reservation, which proves to a server that the importer is the
+/// reservation's holder.
+///
+/// It travels in the `busid` field after the bus id's terminating NUL, in
+/// the field's last 16 bytes. Linux's usbip tools and the kernel zero the
+/// whole field and compare bus ids only up to the NUL, so they never send
+/// a token, and a server that knows nothing of tokens ignores one. A field
+/// whose tail is all zero carries none (a random token is never all zero).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ImportToken(pub [u8; IMPORT_TOKEN_LEN]);
+
+impl ImportToken {
+    /// The token in the `busid` field of an `OP_REQ_IMPORT` (the field's
+    /// 32 bytes), if it carries one.
+    pub fn from_busid_field(field: &[u8]) -> Option<ImportToken> {
+        if field.len() != BUSID_LEN {
+            return None;
+        }
+        let (head, tail) = field.split_at(BUSID_LEN - IMPORT_TOKEN_LEN);
+        // The bus id must end before the token: a long bus id is no token.
+        if !head.contains(&0) || tail.iter().all(|&b| b == 0) {
+            return None;
+        }
+        Some(ImportToken(tail.try_into().ok()?))
+    }
+
+    /// An `OP_REQ_IMPORT` of `busid` carrying this token; `None` if the bus
+    /// id is too long to leave room for it.
+    pub fn encode_import(&self, version: u16, busid: &str, out: &mut Vec<u8>) -> Option<()> {
+        if busid.len() > IMPORT_TOKEN_BUSID_MAX || busid.contains('\0') {
+            return None;
+        }
+        OpRequest::Import {
+            version,
+            busid: busid.into(),
+        }
+        .encode(out);
+        let end = out.len();
+        out[end - IMPORT_TOKEN_LEN..].copy_from_slice(&self.0);
+        Some(())
+    }
+
+    /// The token from its 32 hex digits.
+    pub fn from_hex(hex: &str) -> Option<ImportToken> {
+        if hex.len() != 2 * IMPORT_TOKEN_LEN || !hex.is_ascii() {
+            return None;
+        }
+        let mut token = [0; IMPORT_TOKEN_LEN];
+        for (i, byte) in token.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(ImportToken(token))
+    }
+
+    /// Lower-case hex, 32 digits.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// Not the token itself: it is a secret, and debug output ends up in logs.
+impl std::fmt::Debug for ImportToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ImportToken(..)")
+    }
+}
+
+#[cfg(test)]
+mod import_token_tests {
+    use super::*;
+
+    #[test]
+    fn a_token_travels_after_the_bus_id_and_decodes_as_the_same_bus_id() {
+        let token = ImportToken::from_hex("00112233445566778899aabbccddeeff").unwrap();
+        let mut out = Vec::new();
+        token
+            .encode_import(USBIP_VERSION, "10-1.2.3.4.5.6", &mut out)
+            .unwrap();
+        let Decoded::Message(OpRequest::Import { busid, .. }, n) = OpRequest::decode(&out).unwrap()
+        else {
+            panic!("not an import")
+        };
+        assert_eq!(n, out.len());
+        assert_eq!(busid, "10-1.2.3.4.5.6");
+        let field = &out[OP_HEADER_LEN..];
+        assert_eq!(ImportToken::from_busid_field(field), Some(token));
+        assert_eq!(token.to_hex(), "00112233445566778899aabbccddeeff");
+    }
+
+    #[test]
+    fn what_linux_sends_carries_no_token_and_long_bus_ids_leave_no_room() {
+        let mut plain = Vec::new();
+        OpRequest::Import {
+            version: USBIP_VERSION,
+            busid: "1-1".into(),
+        }
+        .encode(&mut plain);
+        assert_eq!(ImportToken::from_busid_field(&plain[OP_HEADER_LEN..]), None);
+        // A 31-byte bus id fills the field: its tail is the bus id's.
+        let mut long = Vec::new();
+        OpRequest::Import {
+            version: USBIP_VERSION,
+            busid: "x".repeat(31).as_str().into(),
+        }
+        .encode(&mut long);
+        assert_eq!(ImportToken::from_busid_field(&long[OP_HEADER_LEN..]), None);
+        let token = ImportToken([7; IMPORT_TOKEN_LEN]);
+        assert!(token
+            .encode_import(USBIP_VERSION, &"x".repeat(16), &mut Vec::new())
+            .is_none());
+        assert!(ImportToken::from_hex("zz112233445566778899aabbccddeeff").is_none());
+        assert!(ImportToken::from_hex("0011").is_none());
+    }
+}

@@ -8,6 +8,7 @@
 pub mod abuse;
 pub mod acl;
 pub mod capture;
+pub mod gate;
 pub mod metrics;
 pub mod queue;
 pub mod registry;
@@ -76,6 +77,8 @@ pub struct ServerConfig {
     /// How refusals are counted, logged and, for failed handshakes,
     /// throttled per source.
     pub refusals: abuse::RefusalLimits,
+    /// A check every import passes first (a fleet's reservations).
+    pub import_gate: gate::Gate,
 }
 
 impl Default for ServerConfig {
@@ -96,6 +99,7 @@ impl Default for ServerConfig {
             tls_handshake_timeout: tls::HANDSHAKE_TIMEOUT,
             reply_stall_timeout: Duration::from_secs(60),
             refusals: abuse::RefusalLimits::default(),
+            import_gate: gate::Gate::default(),
         }
     }
 }

@@ -117,6 +117,57 @@ enum Command {
     /// Make or inspect TLS certificates (not in the C tool).
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Reserve a device of a fleet (etcd) and hold it (not in the C tool).
+    Reserve(ReserveArgs),
+    /// Give back a reserved device (not in the C tool).
+    Release(ReleaseArgs),
+}
+
+#[derive(ClapArgs, Debug)]
+#[command(group(ArgGroup::new("want").required(true).args(["name", "matching", "label", "hold"])))]
+struct ReserveArgs {
+    /// The fleet's etcd endpoints, comma-separated (host:port or URLs).
+    #[arg(long = "fleet", value_name = "ENDPOINTS")]
+    fleet: String,
+    /// The device's fleet name.
+    #[arg(value_name = "NAME")]
+    name: Option<String>,
+    /// Any free device with this vendor:product (hex).
+    #[arg(long = "match", value_name = "VID:PID")]
+    matching: Option<String>,
+    /// Any free device with this label.
+    #[arg(long = "label", value_name = "LABEL")]
+    label: Option<String>,
+    /// Seconds the device stays reserved after its holder dies.
+    #[arg(long = "ttl", value_name = "S", default_value_t = 10)]
+    ttl: i64,
+    /// Print the reservation as JSON.
+    #[arg(long = "json")]
+    json: bool,
+    /// Hold the reservation in this process until SIGTERM or ^C, instead of
+    /// a detached holder.
+    #[arg(long = "foreground")]
+    foreground: bool,
+    /// Who holds it, without TLS (default USER@HOST); with --tls-cert the
+    /// certificate's fingerprint.
+    #[arg(long = "client-id", value_name = "ID")]
+    client_id: Option<String>,
+    /// The detached holder of a reservation made already (internal).
+    #[arg(long = "hold", value_name = "NAME", hide = true)]
+    hold: Option<String>,
+}
+
+#[derive(ClapArgs, Debug)]
+struct ReleaseArgs {
+    /// The fleet's etcd endpoints (default: those it was reserved through).
+    #[arg(long = "fleet", value_name = "ENDPOINTS")]
+    fleet: Option<String>,
+    /// The device's fleet name.
+    #[arg(value_name = "NAME")]
+    name: String,
+    /// Release it although this client does not hold it.
+    #[arg(long = "force")]
+    force: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -232,11 +283,28 @@ struct ListArgs {
 }
 
 #[derive(ClapArgs, Debug)]
-#[command(group(ArgGroup::new("dev").required(true).args(["busid", "device"])))]
+#[command(group(ArgGroup::new("dev").required(true).args(["busid", "device", "name"])))]
 struct AttachArgs {
     /// The machine with exported USB devices.
-    #[arg(short = 'r', long = "remote", value_name = "HOST")]
-    remote: String,
+    #[arg(
+        short = 'r',
+        long = "remote",
+        value_name = "HOST",
+        required_unless_present = "fleet"
+    )]
+    remote: Option<String>,
+    /// Attach the fleet device NAME, which this client reserved (or
+    /// reserves now): its server comes from the fleet's etcd (ENDPOINTS).
+    #[arg(
+        long = "fleet",
+        value_name = "ENDPOINTS",
+        requires = "name",
+        conflicts_with = "remote"
+    )]
+    fleet: Option<String>,
+    /// With --fleet: the device's fleet name.
+    #[arg(value_name = "NAME", requires = "fleet")]
+    name: Option<String>,
     /// Bus id of the device on HOST.
     #[arg(short = 'b', long = "busid")]
     busid: Option<String>,
@@ -354,7 +422,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 };
                 list_local(&Roots::under(&root()), &bindings, opts)
             }
-            None => Err("list: give -r HOST, -l or --discover".into()),
+            None => Err("list: give -r HOST, -l, --discover or --fleet ENDPOINTS".into()),
         },
         Command::Attach(a) => {
             // Any TLS option means TLS, as for `list -r`: a client given a
@@ -364,15 +432,25 @@ async fn run(cli: Cli) -> Result<(), String> {
                 None if a.tls => return Err(ATTACH_TLS_NEEDS_OPTIONS.into()),
                 None => None,
             };
+            if let (Some(endpoints), Some(name)) = (&a.fleet, &a.name) {
+                let holder =
+                    usbwire_cli::reserve::holder_identity(cli.tls.tls_cert.as_deref(), None)?;
+                return attach_fleet(endpoints, name, &holder, tls.as_ref()).await;
+            }
             let busid = a.busid.or(a.device).unwrap_or_default();
             let vhci = Vhci::new(root());
             if a.persist && !a.foreground {
-                return persist::spawn_detached(&vhci, &a.remote, cli.tcp_port, &busid);
+                return persist::spawn_detached(
+                    &vhci,
+                    a.remote.as_deref().unwrap_or_default(),
+                    cli.tcp_port,
+                    &busid,
+                );
             }
             if a.persist {
                 return persist::run_foreground(persist::PersistAttach {
                     vhci,
-                    host: a.remote,
+                    host: a.remote.unwrap_or_default(),
                     tcp_port: cli.tcp_port,
                     busid,
                     tls,
@@ -380,9 +458,31 @@ async fn run(cli: Cli) -> Result<(), String> {
                 })
                 .await;
             }
-            attach(&vhci, &a.remote, cli.tcp_port, &busid, tls.as_ref())
+            attach(
+                &vhci,
+                a.remote.as_deref().unwrap_or_default(),
+                cli.tcp_port,
+                &busid,
+                tls.as_ref(),
+            )
         }
         Command::Detach(a) => detach(&Vhci::new(root()), &a.port),
+        Command::Reserve(a) => {
+            let holder = usbwire_cli::reserve::holder_identity(
+                cli.tls.tls_cert.as_deref(),
+                a.client_id.as_deref(),
+            )?;
+            reserve(a, &holder).await
+        }
+        Command::Release(a) => {
+            match usbwire_cli::reserve::release(a.fleet.as_deref(), &a.name, a.force).await {
+                Ok(done) => {
+                    println!("{done}");
+                    Ok(())
+                }
+                Err(f) => fail(f),
+            }
+        }
         Command::Port(a) => port(&Vhci::new(root()), &Roots::under(&root()), a.json),
         Command::Bind(a) => {
             let path = control::socket_path(a.control_socket);
@@ -628,6 +728,104 @@ fn attach(
     .map_err(|e| e.to_string())?;
     tracing::debug!(port = a.port, "attached {busid} from {host}");
     Ok(())
+}
+
+/// Ends the process with a fleet failure's status (its errno).
+fn fail(f: usbwire_cli::reserve::Failure) -> ! {
+    eprintln!("usbip: error: {}", f.message);
+    std::process::exit(f.status.into())
+}
+
+/// `usbip reserve`.
+async fn reserve(a: ReserveArgs, holder: &str) -> Result<(), String> {
+    use usbwire_cli::reserve as r;
+    use usbwire_fleet::reserve::{parse_match, Fleet, Want};
+    let fleet = match Fleet::connect(&a.fleet).await {
+        Ok(f) => f,
+        Err(e) => fail(e.into()),
+    };
+    if let Some(name) = &a.hold {
+        return r::hold(&fleet, name).await.or_else(|f| fail(f));
+    }
+    let want = match (&a.name, &a.matching, &a.label) {
+        (Some(n), _, _) => Want::Name(n.clone()),
+        (_, Some(m), _) => parse_match(m)
+            .ok_or_else(|| format!("--match {m}: expected VID:PID in hex, e.g. 1d6b:0104"))?,
+        (_, _, Some(l)) => Want::Label(l.clone()),
+        _ => return Err("name a device, or give --match VID:PID or --label LABEL".into()),
+    };
+    let local = match r::take(&fleet, &a.fleet, &want, holder, a.ttl).await {
+        Ok(l) => l,
+        Err(f) => fail(f),
+    };
+    if a.foreground {
+        println!("{}", r::describe(&local, a.json));
+        return r::hold(&fleet, &local.name).await.or_else(|f| fail(f));
+    }
+    let local = r::spawn_holder(local).unwrap_or_else(|f| fail(f));
+    println!("{}", r::describe(&local, a.json));
+    Ok(())
+}
+
+/// `usbip attach --fleet ENDPOINTS NAME`: the device this client reserved
+/// (or reserves now, with a detached holder), imported with its token.
+async fn attach_fleet(
+    endpoints: &str,
+    name: &str,
+    holder: &str,
+    tls: Option<&TlsClientConfig>,
+) -> Result<(), String> {
+    use usbwire_cli::reserve as r;
+    use usbwire_fleet::reserve::{Fleet, Want};
+    let fleet = Fleet::connect(endpoints)
+        .await
+        .unwrap_or_else(|e| fail(e.into()));
+    let local = match r::load(&r::dir(), name) {
+        Some(local) => local,
+        None => {
+            let local = r::take(&fleet, endpoints, &Want::Name(name.into()), holder, 10)
+                .await
+                .unwrap_or_else(|f| fail(f));
+            let local = r::spawn_holder(local).unwrap_or_else(|f| fail(f));
+            eprintln!("usbip: info: {}", r::describe(&local, false));
+            local
+        }
+    };
+    let device = fleet.device(name).await.unwrap_or_else(|e| fail(e.into()));
+    if device.host.is_empty() || device.port == 0 {
+        return Err(format!(
+            "the fleet record of {name} has no usable address: {:?}",
+            device.address()
+        ));
+    }
+    let (host, port) = (device.host.as_str(), device.port);
+    let busid = format!("{}#{}", device.busid, local.token);
+    attach(&Vhci::new(root()), host, port, &busid, tls).map_err(|e| {
+        // The server's status says busy; etcd says by whom.
+        match current_holder(&fleet, name) {
+            Some(h) if h != holder => format!("{e}: {name} is reserved by {h}"),
+            _ => e,
+        }
+    })
+}
+
+/// Who holds `name` now, best effort (for an error message).
+fn current_holder(fleet: &usbwire_fleet::reserve::Fleet, name: &str) -> Option<String> {
+    let fleet = fleet.clone();
+    let name = name.to_string();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        rt.block_on(fleet.reservation(&name))
+            .ok()
+            .flatten()
+            .map(|r| r.holder)
+    })
+    .join()
+    .ok()
+    .flatten()
 }
 
 /// `usbip detach -p PORT`.
@@ -1112,7 +1310,7 @@ mod tests {
         assert!(c.debug);
         match c.command {
             Command::Attach(a) => assert_eq!(
-                (a.remote.as_str(), a.device.as_deref()),
+                (a.remote.as_deref().unwrap_or_default(), a.device.as_deref()),
                 ("h", Some("usbip-vudc.0"))
             ),
             c => panic!("{c:?}"),
@@ -1127,6 +1325,23 @@ mod tests {
         assert!(Cli::try_parse_from(["usbip", "list", "-r", "h", "-l"]).is_err());
         assert!(Cli::try_parse_from(["usbip", "list", "-p", "-l"]).is_ok());
         assert!(Cli::try_parse_from(["usbip", "detach", "-p", "3"]).is_ok());
+        assert!(Cli::try_parse_from(["usbip", "attach", "--fleet", "e:2379", "lab/1-1"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["usbip", "attach", "--fleet", "e:2379"]).is_err(),
+            "--fleet needs a NAME"
+        );
+        assert!(
+            Cli::try_parse_from(["usbip", "attach", "-b", "1-1"]).is_err(),
+            "needs -r"
+        );
+        assert!(
+            Cli::try_parse_from(["usbip", "reserve", "--fleet", "e", "--match", "1:2"]).is_ok()
+        );
+        assert!(
+            Cli::try_parse_from(["usbip", "reserve", "--fleet", "e"]).is_err(),
+            "reserve needs NAME, --match or --label"
+        );
+        assert!(Cli::try_parse_from(["usbip", "release", "lab/1-1"]).is_ok());
         assert!(Cli::try_parse_from(["usbip", "port", "--json"]).is_ok());
         // --discover: its own listing, with its window.
         assert!(

@@ -551,6 +551,13 @@ async fn serve(
     let identities = Identities::of(args, &config, &server_config);
     let advertising = advertise(args, &config, &server_config, &addrs, &registry)?;
     let fleet = start_fleet(args, &config, &registry, &exported, &addrs)?;
+    let mut server_config = server_config;
+    if let Some(fleet) = &fleet {
+        // A reserved device is imported only by its holder.
+        server_config.import_gate = usbwire_server::gate::Gate::new(Arc::new(
+            usbwire_fleet::reserve::FleetGate::new(fleet.endpoints(), fleet.name_of()),
+        ));
+    }
     let server = Server::new(registry, server_config).map_err(|e| e.to_string())?;
     let capture = start_capture(args, &config).await?;
     if let Some(capture) = &capture {

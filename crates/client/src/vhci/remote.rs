@@ -95,6 +95,9 @@ impl Vhci {
         tcp_port: u16,
         busid: &str,
     ) -> Result<Attached, AttachError> {
+        // A reservation's token was for the import only; the port record
+        // and the check name the device.
+        let (busid, _) = crate::op::split_token(busid);
         if device.busid != busid {
             return Err(AttachError::WrongDevice {
                 asked: busid.to_string(),

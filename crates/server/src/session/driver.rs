@@ -307,6 +307,23 @@ async fn import(
         }
     };
     let record = importer.record();
+    let token = op.import_token();
+    let asked = busid.to_string_lossy();
+    let admitted = tokio::select! {
+        r = state.config.import_gate.admit(&asked, &peer, token) => r,
+        _ = shutdown.changed() => return Ok(()),
+    };
+    if let Err(refusal) = admitted {
+        if state.refusals.count(peer.addr.ip(), Refusal::RefusedImport) {
+            info!(
+                conn, %busid, client = %peer,
+                "import refused: {refusal} (answered {})", refusal.status.name()
+            );
+        }
+        op.refuse_import(refusal.status);
+        write_all(&stream, op.poll_transmit()).await?;
+        return Ok(());
+    }
     let denied = AtomicBool::new(false);
     let granted = |info: &usbwire_proto::DeviceInfo| {
         let allowed = policy.allows(&peer, info);

@@ -4,7 +4,8 @@ use std::time::Instant;
 
 use usbwire_proto::op::OP_HEADER_LEN;
 use usbwire_proto::{
-    BusId, DecodeError, Decoded, DeviceInfo, OpReply, OpRequest, OpStatus, USBIP_VERSION,
+    BusId, DecodeError, Decoded, DeviceInfo, ImportToken, OpReply, OpRequest, OpStatus,
+    USBIP_VERSION,
 };
 
 use super::OP_TIMEOUT;
@@ -132,6 +133,14 @@ impl OpSession {
             device: Some(device),
         }
         .encode(&mut self.reply);
+    }
+
+    /// The fleet reservation token an OP_REQ_IMPORT carried, if any.
+    pub fn import_token(&self) -> Option<ImportToken> {
+        let field = self
+            .input
+            .get(OP_HEADER_LEN..OP_HEADER_LEN + usbwire_proto::op::BUSID_LEN)?;
+        ImportToken::from_busid_field(field)
     }
 
     /// The reply bytes not yet sent.
