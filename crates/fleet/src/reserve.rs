@@ -47,17 +47,7 @@ pub const GATE_READ_TIMEOUT: Duration = Duration::from_secs(2);
 pub const TTL_MIN: i64 = 2;
 pub const TTL_MAX: i64 = 3600;
 
-pub fn device_key(name: &str) -> String {
-    format!("{PREFIX}devices/{name}")
-}
-
-pub fn transition_key(name: &str) -> String {
-    format!("{PREFIX}transition/{name}")
-}
-
-pub fn reservation_key(name: &str) -> String {
-    format!("{PREFIX}reservations/{name}")
-}
+pub use crate::record::{device_key, reservation_key, transition_key};
 
 /// What reserve reads of a `devices/<name>` record (fleet's publisher
 /// writes more, see `record::DeviceRecord`; unknown fields are ignored).
