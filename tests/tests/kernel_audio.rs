@@ -196,7 +196,7 @@ fn kernel_audio_iso_out_through_usbfs_and_vhci() {
             .backend_prop("out.channels", "2")
             .backend_prop("out.format", "s16")])
         .cpus(2)
-        .memory_mib(768)
+        .memory_mib(1024)
         .host_binary(&kernel::stripped_bin("usbipd"), "/usr/bin/usbipd-rs")
         .host_binary(&kernel::stripped_bin("usbip"), "/usr/bin/usbip-rs")
         .host_binary(Path::new(APLAY), "/usr/bin/aplay")

@@ -51,7 +51,7 @@ tail -n 40 /tmp/usbipd.log
         .script(&script)
         .host_binary(&kernel::stripped_bin("usbipd"), "/usr/bin/usbipd-rs")
         .host_binary(&kernel::stripped_bin("usbip"), "/usr/bin/usbip-rs")
-        .memory_mib(768)
+        .memory_mib(1024)
         .hostfwd(3240)
         .hostfwd(SIGNAL)
         .timeout(Duration::from_secs(300))

@@ -210,7 +210,7 @@ fn kernel_xhci_superspeed_disk_keyboard_and_serial_through_usbfs() {
         .env("SERIAL_LEN", &SERIAL_LEN.to_string())
         .env("GUEST_TO_HOST", &guest_to_host)
         .hostfwd(5600)
-        .memory_mib(768)
+        .memory_mib(1024)
         .timeout(Duration::from_secs(300))
         .env("MARK", std::str::from_utf8(MARK).unwrap())
         .script(SCRIPT)

@@ -196,7 +196,7 @@ echo DONE
         .file("/etc/usbwire/client.key", client.key.as_bytes(), 0o600)
         .host_binary(&kernel::stripped_bin("usbipd"), "/usr/bin/usbipd-rs")
         .host_binary(&kernel::stripped_bin("usbip"), "/usr/bin/usbip-rs")
-        .memory_mib(768)
+        .memory_mib(1024)
         .script(&script)
         .timeout(Duration::from_secs(600))
         .run()

@@ -361,7 +361,7 @@ cat /tmp/user.log
         .file("/etc/usbwire/client.key", client.key.as_bytes(), 0o600)
         .host_binary(&usbipd, "/usr/bin/usbipd-rs")
         .host_binary(&kernel::stripped_bin("usbip"), "/usr/bin/usbip-rs")
-        .memory_mib(768)
+        .memory_mib(1024)
         .hostfwd(KERNEL_PORT)
         .hostfwd(USER_PORT)
         .hostfwd(SIGNAL_STAT)

@@ -43,7 +43,7 @@ fn make_image(dir: &std::path::Path) -> Vec<u8> {
 fn with_our_tools(g: kernel::Guest) -> kernel::Guest {
     g.host_binary(&kernel::stripped_bin("usbipd"), "/usr/bin/usbipd-rs")
         .host_binary(&kernel::stripped_bin("usbip"), "/usr/bin/usbip-rs")
-        .memory_mib(768)
+        .memory_mib(1024)
 }
 
 /// The output of a guest run that must have succeeded and reached its

@@ -195,7 +195,7 @@ echo DONE
         .file("/etc/usbwire/client.key", client.key.as_bytes(), 0o600)
         .host_binary(&usbipd, "/usr/bin/usbipd-rs")
         .host_binary(&usbip, "/usr/bin/usbip-rs")
-        .memory_mib(768)
+        .memory_mib(1024)
         .timeout(Duration::from_secs(600))
         .run()
         .expect("guest run");

@@ -431,7 +431,7 @@ impl Guest {
             hostfwds: Vec::new(),
             guestfwds: Vec::new(),
             timeout: DEFAULT_TIMEOUT,
-            memory_mib: 512,
+            memory_mib: 1024,
             cpus: 1,
             loglevel: 7,
             autoload: true,
@@ -504,7 +504,9 @@ impl Guest {
         self
     }
 
-    /// Guest RAM (default 512 MiB).
+    /// Guest RAM (default 1024 MiB). The initramfs, with our debug
+    /// binaries (tens of MiB each since etcd-client), unpacks into a root
+    /// file system limited to half of it.
     pub fn memory_mib(mut self, mib: u32) -> Self {
         self.memory_mib = mib;
         self
