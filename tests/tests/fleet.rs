@@ -385,6 +385,12 @@ fn fleet_publishes_lists_and_survives_failures() {
 
     // --- The whole cluster down: local export goes on; publishing resumes.
     let a_key = "/usbwire/v1/devices/srv-a/1-2";
+    // A server whose etcd member died opens a new session with the members
+    // left and publishes again; its records are gone meanwhile if that
+    // took longer than the TTL. Wait for srv-a's to be back.
+    wait_for("srv-a's record back under a lease", &cluster, |cl| {
+        lease_of(cl, &client, a_key) != 0
+    });
     let lease_before = lease_of(&cluster, &client, a_key);
     assert_ne!(lease_before, 0, "srv-a's record has no lease");
     cluster.stop();
