@@ -286,8 +286,10 @@ impl Cluster {
         );
     }
 
-    /// `etcdctl --endpoints ALL ARGS` run in `from`'s namespace; panics
-    /// with its output when it fails.
+    /// `etcdctl --endpoints RUNNING ARGS` run in `from`'s namespace (the
+    /// members the harness has not killed, so that a check does not wait
+    /// out a dial timeout on a dead one); panics with its output when it
+    /// fails.
     pub fn etcdctl(&self, from: &Host, args: &[&str]) -> String {
         let out = self.etcdctl_output(from, args);
         assert!(
@@ -302,7 +304,18 @@ impl Cluster {
 
     /// As [`Cluster::etcdctl`], but returns the output whatever happened.
     pub fn etcdctl_output(&self, from: &Host, args: &[&str]) -> Output {
-        let endpoints = self.endpoints();
+        let running: Vec<String> = self
+            .members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .map(Member::client_url)
+            .collect();
+        // With none running, etcdctl fails as a client would.
+        let endpoints = if running.is_empty() {
+            self.endpoints()
+        } else {
+            running.join(",")
+        };
         let mut all = vec![
             "--endpoints",
             &endpoints,

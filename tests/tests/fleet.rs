@@ -5,9 +5,9 @@
 //! One test function, one cluster and one set of servers, scenario after
 //! scenario, each starting from the state the one before left (all
 //! published): the listing, a duplicate name (EEXIST), a killed server, a
-//! killed etcd member, and the whole cluster down. The times printed are
-//! measured, not asserted: the TTL is etcd's; only generous hang bounds
-//! are asserted.
+//! killed etcd member, the whole cluster down, and one server cut off.
+//! The times printed are measured, not asserted: the TTL is etcd's; only
+//! generous hang bounds are asserted.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -364,7 +364,14 @@ fn fleet_publishes_lists_and_survives_failures() {
     );
     assert!(cluster.get("/usbwire/v1/servers/srv-c").is_none());
 
-    // --- An etcd member killed: publishing and listing go on.
+    // --- An etcd member killed: publishing and listing go on, and no
+    // record loses its lease (a server whose session was on that member
+    // keeps the same lease alive through another one).
+    let a_key = "/usbwire/v1/devices/srv-a/1-2";
+    let b_key = "/usbwire/v1/devices/srv-b/1-1";
+    let a_lease = lease_of(&cluster, &client, a_key);
+    let b_lease = lease_of(&cluster, &client, b_key);
+    assert!(a_lease != 0 && b_lease != 0, "records without a lease");
     cluster.kill_member(0);
     let republish = Instant::now();
     c.spawn();
@@ -380,19 +387,40 @@ fn fleet_publishes_lists_and_survives_failures() {
         "usbip list --fleet with a member down",
     );
     let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
-    assert_eq!(listed.as_array().unwrap().len(), 5, "{listed}");
+    let logs = || {
+        format!(
+            "--- srv-a\n{}\n--- srv-b\n{}\n--- srv-c\n{}",
+            a.log_text(),
+            b.log_text(),
+            c.log_text()
+        )
+    };
+    assert_eq!(listed.as_array().unwrap().len(), 5, "{listed}\n{}", logs());
+    assert_eq!(
+        (
+            lease_of(&cluster, &client, a_key),
+            lease_of(&cluster, &client, b_key)
+        ),
+        (a_lease, b_lease),
+        "a record changed lease when a member died\n{}",
+        logs()
+    );
+    for s in [&a, &b] {
+        let lost = s.log_text().contains("fleet: publishing stopped");
+        println!(
+            "{}: {}",
+            s.id,
+            if lost {
+                "its session was on member 0; it kept its lease through another member"
+            } else {
+                "its session was on another member"
+            }
+        );
+    }
     cluster.restart_member(0);
 
-    // --- The whole cluster down: local export goes on; publishing resumes.
-    let a_key = "/usbwire/v1/devices/srv-a/1-2";
-    // A server whose etcd member died opens a new session with the members
-    // left and publishes again; its records are gone meanwhile if that
-    // took longer than the TTL. Wait for srv-a's to be back.
-    wait_for("srv-a's record back under a lease", &cluster, |cl| {
-        lease_of(cl, &client, a_key) != 0
-    });
-    let lease_before = lease_of(&cluster, &client, a_key);
-    assert_ne!(lease_before, 0, "srv-a's record has no lease");
+    // --- The whole cluster down: local export goes on; publishing resumes
+    // on the same lease (etcd keeps leases through its own restart).
     cluster.stop();
     let down = Instant::now();
     let remote = stdout_of(
@@ -427,9 +455,9 @@ fn fleet_publishes_lists_and_survives_failures() {
         down.elapsed()
     );
     // Let srv-a see the outage before the cluster comes back.
-    let log_mark = "fleet: publishing stopped";
+    let sessions_before = a.log_text().matches("fleet: publishing as server").count();
     let seen = Instant::now();
-    while !a.log_text().contains(log_mark) {
+    while a.log_text().matches("fleet: publishing stopped").count() < sessions_before {
         assert!(
             seen.elapsed() < HANG,
             "srv-a never noticed the outage\n{}",
@@ -438,14 +466,59 @@ fn fleet_publishes_lists_and_survives_failures() {
         std::thread::sleep(POLL);
     }
     println!("srv-a noticed the outage after {:?}", down.elapsed());
+    // A server that dies while etcd is down: its lease is restored with the
+    // cluster and then expires, as nobody keeps it alive.
+    b.kill();
     let back = Instant::now();
     cluster.start_again();
     let healthy = back.elapsed();
-    let resumed = wait_for("srv-a re-published under a new lease", &cluster, |cl| {
-        let lease = lease_of(cl, &client, a_key);
-        lease != 0 && lease != lease_before && names_of(cl, "srv-a") == a_names
+    let b_gone = wait_for(
+        "srv-b's records expired after the cluster's return",
+        &cluster,
+        |cl| names_of(cl, "srv-b").is_empty(),
+    );
+    assert_eq!(
+        names_of(&cluster, "srv-a"),
+        a_names,
+        "srv-a's records went with srv-b's: it did not resume\n{}",
+        a.log_text()
+    );
+    assert_eq!(lease_of(&cluster, &client, a_key), a_lease);
+    let log = a.log_text();
+    assert!(log.contains(", kept, ttl"), "{log}");
+    println!(
+        "etcd back (healthy after {healthy:?}): srv-b (killed meanwhile) left {b_gone:?} later; \
+         srv-a publishing again on its lease"
+    );
+
+    // --- A server cut off from the cluster for longer than the TTL: its
+    // records leave; back, it publishes everything under a new lease.
+    b.spawn();
+    wait_for("srv-b back", &cluster, |cl| {
+        names_of(cl, "srv-b") == b_names
     });
-    println!("etcd back (healthy after {healthy:?}): srv-a publishing again {resumed:?} later");
+    ha.disconnect();
+    let left = wait_for(
+        "srv-a's records expired while it is cut off",
+        &cluster,
+        |cl| names_of(cl, "srv-a").is_empty(),
+    );
+    println!("srv-a cut off: its devices left the fleet after {left:?} (lease ttl {TTL} s)");
+    ha.reconnect();
+    let rejoined = Instant::now();
+    wait_for("srv-a re-published under a new lease", &cluster, |cl| {
+        let lease = lease_of(cl, &client, a_key);
+        lease != 0 && lease != a_lease && names_of(cl, "srv-a") == a_names
+    });
+    println!(
+        "srv-a reconnected: published again under a new lease {:?} later",
+        rejoined.elapsed()
+    );
+    assert!(
+        a.log_text().contains("is gone"),
+        "srv-a did not say its lease was gone\n{}",
+        a.log_text()
+    );
     assert_eq!(names_of(&cluster, "srv-b"), b_names);
     assert_eq!(names_of(&cluster, "srv-c"), c_names);
     a.terminate();

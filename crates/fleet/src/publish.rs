@@ -21,9 +21,15 @@
 //!   (hotplug) is re-published the same way round: `transition/<name>`,
 //!   then the record and the transition's removal in one transaction. In
 //!   between, a reservation sees EAGAIN.
-//! - etcd unreachable or the lease lost: the session ends, local export
-//!   goes on untouched, and a new session (new lease, everything
-//!   re-published) is tried with a bounded exponential backoff.
+//! - The session's connection lost (its etcd member died, or stopped
+//!   answering keep-alives for a third of the TTL): local export goes on
+//!   untouched and a new session connects to the members that answer. It
+//!   keeps the same lease alive if that is still possible, so the records
+//!   never leave the namespace for a member's death; only a lease that
+//!   expired (the whole cluster gone for longer than the TTL) makes it
+//!   grant a new one and publish everything again. Tries are spaced by a
+//!   bounded exponential backoff, kept shorter than the TTL while the old
+//!   lease may still be saved.
 //! - [`Publisher::shutdown`] revokes the lease: every key of this server
 //!   goes at once (the goodbye).
 
@@ -40,7 +46,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::record::{
-    bounded, connect, device_key, server_key, transition_key, DeviceRecord, FleetError,
+    bounded, connect_live, device_key, server_key, transition_key, DeviceRecord, FleetError,
     ServerRecord,
 };
 
@@ -63,6 +69,15 @@ const BACKOFF_MAX: Duration = Duration::from_secs(4);
 const TXN_ATTEMPTS: usize = 3;
 
 type DeviceSet = BTreeMap<String, DeviceRecord>;
+/// Name -> the record published and the revision that wrote it.
+type Published = BTreeMap<String, (DeviceRecord, i64)>;
+
+/// What outlives a session whose connection was lost: the lease, maybe
+/// still alive, and what hangs on it.
+struct Held {
+    lease: i64,
+    published: Published,
+}
 
 /// The publishing task's handle.
 pub struct Publisher {
@@ -160,54 +175,87 @@ async fn run(
     // Names withdrawn in this run: coming back, they pass through
     // transition/ (a hotplug), not straight to devices/.
     let mut withdrawn = BTreeSet::new();
+    let mut held: Option<Held> = None;
+    let mut last_error: Option<String> = None;
+    // While a lease may still be saved, a try comes well within its TTL.
+    let saving = ttl_of(&config) / 6;
     loop {
         let opened = tokio::select! {
-            s = Session::open(&config) => s,
+            s = Session::open(&config, &mut held) => s,
             _ = &mut stop => return,
         };
         match opened {
             Ok(mut session) => {
                 delay = BACKOFF_FIRST;
+                last_error = None;
                 info!(
-                    "fleet: publishing as server {} to {} (lease {:x}, ttl {:?})",
+                    "fleet: publishing as server {} to {} (lease {:x}{}, ttl {:?})",
                     config.server.id,
-                    config.endpoints.join(","),
+                    session.endpoints.join(","),
                     session.lease,
+                    if session.kept { ", kept" } else { "" },
                     config.ttl
                 );
-                match session.serve(&mut desired, &mut stop, &mut withdrawn).await {
+                let end = session.serve(&mut desired, &mut stop, &mut withdrawn).await;
+                match end {
                     End::Stop => {
                         session.goodbye().await;
                         return;
                     }
-                    End::Lost(why) => warn!(
-                        "fleet: publishing stopped: {why}; the devices stay exported locally, \
-                         publishing starts again by itself (first try in {delay:?})"
-                    ),
+                    End::Lost(why) => {
+                        warn!(
+                            "fleet: publishing stopped: {why}; the devices stay exported \
+                             locally, publishing starts again by itself on the lease {:x} \
+                             if it is still alive",
+                            session.lease
+                        );
+                        held = Some(session.into_held());
+                    }
                 }
             }
-            Err(e) => warn!(
-                "fleet: cannot publish: {e}; the devices stay exported locally, \
-                 trying again in {delay:?}"
-            ),
+            Err(e) => {
+                let why = e.to_string();
+                // An outage fails every try the same way: said once.
+                if last_error.as_ref() != Some(&why) {
+                    warn!(
+                        "fleet: cannot publish: {why}; the devices stay exported locally, \
+                         trying again by itself (said once while it fails this way)"
+                    );
+                } else {
+                    debug!("fleet: cannot publish yet: {why}");
+                }
+                last_error = Some(why);
+            }
         }
+        let wait = if held.is_some() {
+            delay.min(saving)
+        } else {
+            delay
+        };
         tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = &mut stop => return,
         }
         delay = (delay * 2).min(BACKOFF_MAX);
     }
 }
 
+fn ttl_of(config: &PublisherConfig) -> Duration {
+    config.ttl.max(Duration::from_secs(1))
+}
+
 /// One lease and what was published under it.
 struct Session<'a> {
     config: &'a PublisherConfig,
+    /// The members that answered when it connected.
+    endpoints: Vec<String>,
     client: Client,
     lease: i64,
+    /// Whether the lease is one an earlier session granted.
+    kept: bool,
     keeper: LeaseKeeper,
     acks: LeaseKeepAliveStream,
-    /// Name -> the record published and the revision that wrote it.
-    published: BTreeMap<String, (DeviceRecord, i64)>,
+    published: Published,
 }
 
 /// What became of one device's publication.
@@ -218,12 +266,45 @@ enum Outcome {
 }
 
 impl<'a> Session<'a> {
-    async fn open(config: &'a PublisherConfig) -> Result<Session<'a>, FleetError> {
-        let eps = &config.endpoints;
-        let mut client = connect(eps).await?;
-        let ttl = config.ttl.as_secs().max(1) as i64;
-        let lease = bounded(eps, client.lease_grant(ttl, None)).await?.id();
-        let (keeper, acks) = bounded(eps, client.lease_keep_alive(lease)).await?;
+    /// Connects to the members that answer; keeps `held`'s lease alive if
+    /// it still is (taking it, with what was published under it), grants a
+    /// new one if it expired. `held` is left as it was on an error.
+    async fn open(
+        config: &'a PublisherConfig,
+        held: &mut Option<Held>,
+    ) -> Result<Session<'a>, FleetError> {
+        let (mut client, endpoints) = connect_live(&config.endpoints).await?;
+        let eps = &endpoints;
+        let kept = match held.as_ref() {
+            None => None,
+            Some(h) => match bounded(eps, client.lease_keep_alive(h.lease)).await {
+                Ok(stream) => Some((h.lease, stream)),
+                // Nothing hangs on an expired lease any more: what was
+                // published is gone with it.
+                Err(FleetError::Etcd {
+                    source: etcd_client::Error::LeaseKeepAliveError(why),
+                    ..
+                }) => {
+                    info!(
+                        "fleet: the lease {:x} is gone ({why}): everything is published again \
+                         under a new one",
+                        h.lease
+                    );
+                    *held = None;
+                    None
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        let kept_lease = kept.is_some();
+        let (lease, (keeper, acks)) = match kept {
+            Some(k) => k,
+            None => {
+                let ttl = ttl_of(config).as_secs() as i64;
+                let lease = bounded(eps, client.lease_grant(ttl, None)).await?.id();
+                (lease, bounded(eps, client.lease_keep_alive(lease)).await?)
+            }
+        };
         let value = serde_json::to_vec(&config.server).expect("a server record serialises");
         bounded(
             eps,
@@ -234,14 +315,27 @@ impl<'a> Session<'a> {
             ),
         )
         .await?;
+        let published = match held.take() {
+            Some(h) if h.lease == lease => h.published,
+            _ => Published::new(),
+        };
         Ok(Session {
             config,
+            kept: kept_lease,
+            endpoints,
             client,
             lease,
             keeper,
             acks,
-            published: BTreeMap::new(),
+            published,
         })
+    }
+
+    fn into_held(self) -> Held {
+        Held {
+            lease: self.lease,
+            published: self.published,
+        }
     }
 
     async fn serve(
@@ -250,8 +344,12 @@ impl<'a> Session<'a> {
         stop: &mut oneshot::Receiver<()>,
         withdrawn: &mut BTreeSet<String>,
     ) -> End {
-        let ttl = self.config.ttl.max(Duration::from_secs(1));
-        let mut ticks = tokio::time::interval(ttl / 3);
+        let ttl = ttl_of(self.config);
+        // A keep-alive every sixth of the TTL; a third of it without an
+        // answer ends the session, which leaves half the TTL to save the
+        // lease through another member.
+        let silence = ttl / 3;
+        let mut ticks = tokio::time::interval(ttl / 6);
         let mut last_ack = Instant::now();
         let set = desired.borrow_and_update().clone();
         if let Err(e) = self.reconcile(&set, withdrawn).await {
@@ -262,10 +360,10 @@ impl<'a> Session<'a> {
         loop {
             tokio::select! {
                 _ = ticks.tick() => {
-                    if last_ack.elapsed() > ttl {
-                        return End::Lost(format!("no lease keep-alive answered for {ttl:?}"));
+                    if last_ack.elapsed() > silence {
+                        return End::Lost(format!("no lease keep-alive answered for {silence:?}"));
                     }
-                    let sent = tokio::time::timeout(ttl / 3, self.keeper.keep_alive()).await;
+                    let sent = tokio::time::timeout(silence, self.keeper.keep_alive()).await;
                     if let Ok(Err(e)) = sent {
                         return End::Lost(format!("lease keep-alive: {e}"));
                     }
@@ -304,8 +402,11 @@ impl<'a> Session<'a> {
             .map(|(name, _)| name.clone())
             .collect();
         for name in gone {
-            let (_, rev) = self.published.remove(&name).expect("listed above");
+            let rev = self.published[&name].1;
+            // Forgotten only once withdrawn: a session lost in between
+            // leaves it for the next one on the same lease to finish.
             self.withdraw(&name, rev).await?;
+            self.published.remove(&name);
             withdrawn.insert(name);
         }
         for (name, rec) in set {
@@ -337,7 +438,7 @@ impl<'a> Session<'a> {
 
     /// One device's record into `devices/<name>`, under this lease.
     async fn publish(&mut self, rec: &DeviceRecord, hotplug: bool) -> Result<Outcome, FleetError> {
-        let eps = self.config.endpoints.clone();
+        let eps = self.endpoints.clone();
         let key = device_key(&rec.name);
         let transition = transition_key(&rec.name);
         let value = serde_json::to_vec(rec).expect("a device record serialises");
@@ -392,7 +493,7 @@ impl<'a> Session<'a> {
     /// Takes `devices/<name>` (written at `rev`) out: `transition/<name>`
     /// first, then both deleted in one transaction.
     async fn withdraw(&mut self, name: &str, rev: i64) -> Result<(), FleetError> {
-        let eps = self.config.endpoints.clone();
+        let eps = self.endpoints.clone();
         let key = device_key(name);
         let transition = transition_key(name);
         let ours = Compare::mod_revision(key.as_str(), CompareOp::Equal, rev);
@@ -423,7 +524,7 @@ impl<'a> Session<'a> {
 
     /// Revokes the lease: this server and its devices leave the fleet.
     async fn goodbye(&mut self) {
-        let eps = self.config.endpoints.clone();
+        let eps = self.endpoints.clone();
         match bounded(&eps, self.client.lease_revoke(self.lease)).await {
             Ok(_) => info!(
                 "fleet: revoked lease {:x}: server {} and its devices left the fleet",

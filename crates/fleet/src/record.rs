@@ -138,14 +138,25 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A client of the cluster at `endpoints`, each request bounded in time.
-///
-/// Only the members that answer now are used: etcd-client balances over
-/// its endpoints but sends a request to a dead one all the same (tcp
-/// connect error), so a member that is down would fail a share of the
-/// requests. Each member is asked for its status first, all at once; a
-/// member that dies later fails the session's requests, and the session
-/// connects again (publishing) or the command fails (listing).
 pub async fn connect(endpoints: &[String]) -> Result<Client, FleetError> {
+    connect_live(endpoints).await.map(|(client, _)| client)
+}
+
+/// How long the members' answers are awaited after the first one came.
+const STRAGGLER_GRACE: Duration = Duration::from_millis(500);
+
+/// A client of the members of `endpoints` that answer now, and which
+/// those are.
+///
+/// etcd-client balances over its endpoints but sends a request to a dead
+/// one all the same (tcp connect error), so a member that is down would
+/// fail a share of the requests. Each member is asked for its status
+/// first, all at once; one that has not answered [`STRAGGLER_GRACE`] after
+/// the first did is left out, so a member that black-holes its traffic
+/// delays a reconnect by that, not by the connect timeout. A member that
+/// dies later fails the session's requests, and the session connects again
+/// (publishing) or the command fails (listing).
+pub async fn connect_live(endpoints: &[String]) -> Result<(Client, Vec<String>), FleetError> {
     let mut probes = tokio::task::JoinSet::new();
     for (i, e) in endpoints.iter().enumerate() {
         let e = e.clone();
@@ -153,10 +164,23 @@ pub async fn connect(endpoints: &[String]) -> Result<Client, FleetError> {
     }
     let mut live = Vec::new();
     let mut first_error = None;
-    // One result per endpoint; each probe is bounded in time.
-    while let Some(joined) = probes.join_next().await {
+    let mut deadline: Option<tokio::time::Instant> = None;
+    // One result per endpoint, each probe bounded in time; after the first
+    // live one, bounded by the grace.
+    loop {
+        let joined = match deadline {
+            None => probes.join_next().await,
+            Some(d) => match tokio::time::timeout_at(d, probes.join_next()).await {
+                Ok(j) => j,
+                Err(_) => break,
+            },
+        };
+        let Some(joined) = joined else { break };
         match joined {
-            Ok((i, Ok(()))) => live.push(i),
+            Ok((i, Ok(()))) => {
+                live.push(i);
+                deadline.get_or_insert_with(|| tokio::time::Instant::now() + STRAGGLER_GRACE);
+            }
             Ok((_, Err(e))) => {
                 first_error.get_or_insert(e);
             }
@@ -165,12 +189,13 @@ pub async fn connect(endpoints: &[String]) -> Result<Client, FleetError> {
             }
         }
     }
+    probes.abort_all();
     live.sort_unstable();
     let live: Vec<String> = live.into_iter().map(|i| endpoints[i].clone()).collect();
     if live.is_empty() {
         return Err(first_error.unwrap_or(FleetError::NoEndpoints));
     }
-    connect_to(&live).await
+    Ok((connect_to(&live).await?, live))
 }
 
 /// Whether the member at `endpoint` answers a status request.
