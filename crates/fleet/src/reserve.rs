@@ -24,8 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
-    TxnOpResponse, WatchOptions,
+    Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+    WatchOptions,
 };
 use rand::seq::SliceRandom;
 use ring::digest;
@@ -35,6 +35,7 @@ use usbwire_proto::{ImportToken, OpStatus};
 use usbwire_server::acl::Peer;
 use usbwire_server::gate::{GateFuture, GateRefusal, ImportGate};
 
+use crate::record::{connect_live, parse_endpoints, FleetError};
 use crate::PREFIX;
 
 /// How long one etcd request may take before the operation fails with a
@@ -192,6 +193,9 @@ pub enum ReserveError {
         "etcd ({endpoints}) did not answer within {ETCD_TIMEOUT:?}; is it reachable from here?"
     )]
     EtcdTimeout { endpoints: String },
+    /// Reaching the cluster at all failed (no member answered).
+    #[error(transparent)]
+    Connect(#[from] FleetError),
     #[error("{name} is already reserved by {holder} (EBUSY)")]
     Busy { name: String, holder: String },
     #[error("no device matching {want} is free: all {count} are reserved (EBUSY)")]
@@ -229,6 +233,8 @@ impl ReserveError {
         match self {
             ReserveError::Etcd { .. } => libc::ECONNREFUSED,
             ReserveError::EtcdTimeout { .. } => libc::ETIMEDOUT,
+            ReserveError::Connect(FleetError::Timeout { .. }) => libc::ETIMEDOUT,
+            ReserveError::Connect(_) => libc::ECONNREFUSED,
             ReserveError::Busy { .. } | ReserveError::NoneLeft { .. } => libc::EBUSY,
             ReserveError::InTransition { .. } | ReserveError::AllInTransition { .. } => {
                 libc::EAGAIN
@@ -252,16 +258,14 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// `endpoints`: comma-separated `host:port` or URLs of etcd members.
+    /// `endpoints`: comma-separated `host:port` or URLs of etcd members;
+    /// only those that answer now are used (a dead member would fail a
+    /// share of the requests otherwise).
     pub async fn connect(endpoints: &str) -> Result<Fleet, ReserveError> {
-        let list: Vec<&str> = endpoints.split(',').map(str::trim).collect();
-        let options = ConnectOptions::new()
-            .with_connect_timeout(ETCD_TIMEOUT)
-            .with_timeout(ETCD_TIMEOUT);
-        let client = bounded(endpoints, Client::connect(list, Some(options))).await?;
+        let (client, live) = connect_live(&parse_endpoints(endpoints)?).await?;
         Ok(Fleet {
             client,
-            endpoints: endpoints.to_string(),
+            endpoints: live.join(","),
         })
     }
 
