@@ -43,9 +43,11 @@ export -f fuzz_one
 # most two qemu guests at a time (.config/nextest.toml): the kernel tests
 # overlap instead of queueing binary after binary. Doc tests are cargo's.
 # The kernel tests put our binaries into their guests (kernel::cargo_bin);
-# built here, once, with the features a plain build resolves, and not in the
-# middle of the tests that wait for them.
+# built here, once, and not in the middle of the tests that wait for them
+# (USBWIRE_BINS_PREBUILT: the tests take them as they are; cargo's test
+# build relinks them with the same sources before any test starts).
 cargo build --workspace --bins
+export USBWIRE_BINS_PREBUILT=1
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace
     cargo test --workspace --doc

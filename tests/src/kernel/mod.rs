@@ -261,7 +261,7 @@ pub fn host_usbip() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Path of a binary of this workspace, built with `cargo build --bin <name>` (same
+/// Path of a binary of this workspace, built with `cargo build --workspace --bin <name>` (same
 /// profile as the running test) the first time it is asked for in this process.
 /// Panics with cargo's output when the build fails or the binary does not appear.
 pub fn cargo_bin(name: &str) -> PathBuf {
@@ -290,9 +290,22 @@ pub fn cargo_bin_in(package: Option<&str>, name: &str) -> PathBuf {
     if built.contains(name) {
         return path;
     }
+    // The test script builds every binary before the tests start; building
+    // again from each test process would relink them (cargo test links
+    // them with the dev-dependencies' features, cargo build without), a
+    // few seconds each time, while other tests run them.
+    if std::env::var_os("USBWIRE_BINS_PREBUILT").is_some_and(|v| v == "1") && path.is_file() {
+        built.insert(name.to_string());
+        return path;
+    }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(assets::workspace_root()).arg("build");
+    // --workspace: the features the whole workspace unifies, as the test
+    // binaries and CI's `cargo build --workspace --bins` were built with;
+    // one binary's own feature set would rebuild crates (tens of seconds)
+    // and flip the build back and forth between the two.
+    cmd.current_dir(assets::workspace_root())
+        .args(["build", "--workspace"]);
     if let Some(p) = package {
         cmd.args(["--package", p]);
     }
