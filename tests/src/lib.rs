@@ -6,6 +6,7 @@ pub mod capture;
 pub mod daemon;
 pub mod etcd;
 pub mod fabric;
+pub mod fleet;
 pub mod image;
 pub mod kernel;
 pub mod netns;

@@ -10,119 +10,20 @@
 //! generous hang bounds are asserted.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use usbwire_tests::daemon::read_line;
 use usbwire_tests::etcd::{self, Cluster};
 use usbwire_tests::fabric::{Fabric, Host};
+use usbwire_tests::fleet::{FleetServer as Server, PORT};
 use usbwire_tests::kernel::cargo_bin;
 
-const PORT: u16 = 3240;
 /// The servers' lease TTL (seconds).
 const TTL: u64 = 3;
 /// How long any awaited change may take before the test calls it a hang.
 const HANG: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(100);
 const SCHEMA: &str = include_str!("../../schema/usbip-list-fleet.schema.json");
-
-/// A `usbipd --fleet` in its own namespace, killed on drop.
-struct Server {
-    id: String,
-    host: Host,
-    config: PathBuf,
-    endpoints: String,
-    log: PathBuf,
-    child: Option<Child>,
-    stdout: Option<ChildStdout>,
-}
-
-impl Server {
-    fn start(id: &str, host: Host, dir: &Path, config: &str, endpoints: &str) -> Server {
-        let path = dir.join(format!("{id}.toml"));
-        std::fs::write(&path, config).expect("writing the server's config");
-        let mut s = Server {
-            id: id.to_string(),
-            host,
-            config: path,
-            endpoints: endpoints.to_string(),
-            log: dir.join(format!("{id}.log")),
-            child: None,
-            stdout: None,
-        };
-        s.spawn();
-        s
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("server log");
-        let addr = self.host.addr().to_string();
-        let mut child = self
-            .host
-            .command(cargo_bin("usbipd"))
-            .arg("--config")
-            .arg(&self.config)
-            .args(["--no-control", "--listen", &addr, "-t", &PORT.to_string()])
-            .args(["--fleet", &self.endpoints, "--fleet-name", &self.id])
-            .args(["--fleet-ttl", &TTL.to_string(), "--ready-fd", "1"])
-            .env("USBWIRE_LOG", "info,usbwire_fleet=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("spawning usbipd");
-        let mut stdout = child.stdout.take().expect("usbipd's stdout");
-        let line = read_line(&mut stdout, HANG);
-        self.child = Some(child);
-        self.stdout = Some(stdout);
-        assert!(
-            line.is_ok(),
-            "{} did not report that it serves: {line:?}\n{}",
-            self.id,
-            self.log_text()
-        );
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        self.stdout = None;
-    }
-
-    /// SIGTERM, and waits for a clean exit.
-    fn terminate(&mut self) {
-        let mut c = self.child.take().expect("the server runs");
-        // SAFETY: kill(2) on our own child, not reaped yet.
-        unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
-        let status = usbwire_tests::daemon::wait_exit(&mut c, HANG)
-            .expect("waiting for usbipd")
-            .unwrap_or_else(|| panic!("{} did not exit on SIGTERM\n{}", self.id, self.log_text()));
-        assert!(
-            status.success(),
-            "{}: {status}\n{}",
-            self.id,
-            self.log_text()
-        );
-        self.stdout = None;
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// The names of the devices published now, and by which server.
 fn published(cluster: &Cluster) -> BTreeSet<(String, String)> {
@@ -242,14 +143,16 @@ fn fleet_publishes_lists_and_survives_failures() {
     );
     println!("cluster of 3 up in {:?}", t0.elapsed());
 
+    let ttl_secs = TTL.to_string();
+    let ttl = ["--fleet-ttl", ttl_secs.as_str()];
     // srv-a first: the name bench/sourcesink is its.
-    let mut a = Server::start("srv-a", ha.clone(), dir.path(), CONFIG_A, &eps);
+    let mut a = Server::start("srv-a", ha.clone(), dir.path(), CONFIG_A, &eps, &ttl);
     let a_names = set(&["bench/sourcesink", "srv-a/1-2"]);
     wait_for("srv-a published", &cluster, |c| {
         names_of(c, "srv-a") == a_names
     });
-    let mut b = Server::start("srv-b", hb.clone(), dir.path(), CONFIG_B, &eps);
-    let mut c = Server::start("srv-c", hc.clone(), dir.path(), CONFIG_C, &eps);
+    let mut b = Server::start("srv-b", hb.clone(), dir.path(), CONFIG_B, &eps, &ttl);
+    let mut c = Server::start("srv-c", hc.clone(), dir.path(), CONFIG_C, &eps, &ttl);
     let b_names = set(&["srv-b/1-1", "srv-b/1-2"]);
     let c_names = set(&["srv-c/1-2"]);
     wait_for("srv-b and srv-c published", &cluster, |cl| {
