@@ -205,6 +205,7 @@ $U reserve --fleet $E {name} --ttl 30 >/tmp/reserve.out 2>&1 || {{ cat /tmp/rese
 echo "RESERVE-OUT=$(cat /tmp/reserve.out)"
 holder=$(sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' $USBWIRE_RESERVATION_DIR/*.json)
 echo "HOLDER=$holder"
+echo "LISTED-HELD=$($U list --fleet $E | grep -o 'held by .*')"
 if [ -z "$holder" ] || dead "$holder"; then echo "no holder keeps the lease"; exit 3; fi
 echo RESERVED
 usbwire_wait_signal {sig} 300
@@ -235,6 +236,7 @@ $U release {name}
 usbwire_wait_cmd 30 dead "$holder"
 echo HOLDER-GONE
 echo "RECORDS-LEFT=[$(ls $USBWIRE_RESERVATION_DIR)]"
+echo "LISTED-RELEASED=$($U list --fleet $E | grep -o 'free$')"
 # The holder's session ends at the server a moment after the detach.
 usbwire_wait_cmd 60 exported
 usbip attach -r $S -b {busid}
@@ -302,6 +304,19 @@ echo DONE
         )),
         "{said}"
     );
+
+    let holder = said
+        .split(" for ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or_default();
+    assert!(holder.starts_with("root@"), "{said}");
+    assert_eq!(
+        output_value(o, "LISTED-HELD="),
+        format!("held by {holder}"),
+        "{o}"
+    );
+    assert_eq!(output_value(o, "LISTED-RELEASED="), "free", "{o}");
 
     // (2) Debian's C tool and our plain attach were refused as busy.
     assert_ne!(output_value(o, "C-ATTACH-RC="), "0", "{o}");
