@@ -221,6 +221,19 @@ impl Host {
     /// every socket it (or a current-thread tokio runtime it builds) opens
     /// is in this namespace; returns what `f` returns.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn(f)
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+
+    /// Like [`Host::run`] without waiting: `f` runs on a new thread that
+    /// has entered this namespace first. Sockets made before (and passed
+    /// in) stay in their own namespaces, so a listener of the host's root
+    /// namespace can hand its connections to sockets made in here.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
         let inner = self.inner.clone();
         std::thread::spawn(move || {
             // SAFETY: setns(2) with an open namespace fd changes only this
@@ -235,8 +248,6 @@ impl Host {
             );
             f()
         })
-        .join()
-        .unwrap_or_else(|e| std::panic::resume_unwind(e))
     }
 
     /// Cuts this host off the bridge (its packets are dropped from now on,

@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::fabric::Host;
+
 /// How long connecting to the server may take.
 const UPSTREAM_CONNECT_LIMIT: Duration = Duration::from_secs(10);
 /// The most connections one relay accepts (a bound on its accept loop).
@@ -56,6 +58,20 @@ pub struct Relay {
 
 impl Relay {
     pub fn start(upstream: SocketAddr) -> io::Result<Relay> {
+        Relay::start_via(upstream, None)
+    }
+
+    /// A relay on the host's 127.0.0.1 to `upstream` inside `host`'s
+    /// namespace (a fabric host's address, unreachable from the root
+    /// namespace): its upstream connections are made from there. This is
+    /// how a guest's guestfwd reaches a server of a [`Fabric`].
+    ///
+    /// [`Fabric`]: crate::fabric::Fabric
+    pub fn start_into(upstream: SocketAddr, host: &Host) -> io::Result<Relay> {
+        Relay::start_via(upstream, Some(host))
+    }
+
+    fn start_via(upstream: SocketAddr, host: Option<&Host>) -> io::Result<Relay> {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
         let addr = listener.local_addr()?;
         let inner = Arc::new(Inner {
@@ -70,7 +86,12 @@ impl Relay {
             closing: AtomicBool::new(false),
         });
         let i = inner.clone();
-        let accept = std::thread::spawn(move || accept_loop(listener, i));
+        // The listener is made here, in this thread's namespace; the accept
+        // thread, which connects upstream, may be in another one.
+        let accept = match host {
+            Some(host) => host.spawn(move || accept_loop(listener, i)),
+            None => std::thread::spawn(move || accept_loop(listener, i)),
+        };
         Ok(Relay {
             addr,
             inner,
