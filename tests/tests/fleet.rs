@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use usbwire_tests::etcd::{self, Cluster};
 use usbwire_tests::fabric::{Fabric, Host};
-use usbwire_tests::fleet::{FleetServer as Server, PORT};
+use usbwire_tests::fleet::{import, import_once_free, FleetServer as Server, PORT};
 use usbwire_tests::kernel::cargo_bin;
 
 /// The servers' lease TTL (seconds).
@@ -73,6 +73,17 @@ fn usbip(client: &Host, args: &[&str]) -> std::process::Output {
     client
         .command(cargo_bin("usbip"))
         .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running usbip")
+}
+
+/// `usbip ARGS` run on the client host, its reservations recorded in `dir`.
+fn usbip_holding(client: &Host, dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    client
+        .command(cargo_bin("usbip"))
+        .args(args)
+        .env("USBWIRE_RESERVATION_DIR", dir)
         .stdin(Stdio::null())
         .output()
         .expect("running usbip")
@@ -275,6 +286,10 @@ fn fleet_publishes_lists_and_survives_failures() {
     let a_lease = lease_of(&cluster, &client, a_key);
     let b_lease = lease_of(&cluster, &client, b_key);
     assert!(a_lease != 0 && b_lease != 0, "records without a lease");
+    // srv-b's import check connects to etcd at its first import: now,
+    // while every member is up.
+    let b_addr = std::net::SocketAddr::from((hb.addr(), PORT));
+    assert_eq!(import(&client, b_addr, None, "1-1"), Ok("1-1".into()));
     cluster.kill_member(0);
     let republish = Instant::now();
     c.spawn();
@@ -320,6 +335,44 @@ fn fleet_publishes_lists_and_survives_failures() {
             }
         );
     }
+    // Reserving and the servers' import check go on too.
+    let held = dir.path().join("reservations");
+    std::fs::create_dir_all(&held).unwrap();
+    let reserved = stdout_of(
+        &usbip_holding(
+            &client,
+            &held,
+            &["reserve", "--fleet", &eps, "srv-b/1-1", "--json"],
+        ),
+        "usbip reserve with a member down",
+    );
+    let reserved: serde_json::Value = serde_json::from_str(&reserved).expect("JSON");
+    assert_eq!(reserved["name"], "srv-b/1-1", "{reserved}");
+    let token = std::fs::read_dir(&held)
+        .unwrap()
+        .filter_map(Result::ok)
+        .find(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .map(|e| {
+            let r: serde_json::Value = serde_json::from_slice(&std::fs::read(e.path()).unwrap())
+                .expect("the local reservation record");
+            r["token"].as_str().expect("a token").to_string()
+        })
+        .expect("a local reservation record");
+    assert_eq!(
+        import(&client, b_addr, None, "1-1"),
+        Err(usbwire_proto::OpStatus::DevBusy),
+        "a reserved device was imported without its token, a member down\n{}",
+        b.log_text()
+    );
+    assert_eq!(
+        import_once_free(&client, b_addr, || None, &format!("1-1#{token}")),
+        Ok("1-1".into()),
+        "{}",
+        b.log_text()
+    );
+    let out = usbip_holding(&client, &held, &["release", "srv-b/1-1"]);
+    assert!(out.status.success(), "usbip release: {out:?}");
+    println!("etcd member 0 down: reserved, refused, imported by the holder, released");
     cluster.restart_member(0);
 
     // --- The whole cluster down: local export goes on; publishing resumes

@@ -16,11 +16,11 @@ use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use usbwire_client::{ClientError, RemoteDevice, ServerTrust, TlsClientConfig};
+use usbwire_client::{ServerTrust, TlsClientConfig};
 use usbwire_proto::OpStatus;
 use usbwire_tests::etcd::{self, Cluster};
 use usbwire_tests::fabric::{Fabric, Host, PREFIX_LEN};
-use usbwire_tests::fleet::{FleetServer, PORT};
+use usbwire_tests::fleet::{import, import_once_free, FleetServer, PORT};
 use usbwire_tests::kernel::cargo_bin;
 use usbwire_tests::tls::Ca;
 
@@ -70,75 +70,6 @@ fn recorded_token(dir: &Path, name: &str) -> String {
         }
     }
     panic!("no local reservation record of {name} in {}", dir.display());
-}
-
-/// How an import from `client` went: the device's busid, or the status
-/// the server refused it with.
-fn import(
-    client: &Host,
-    server: SocketAddr,
-    tls: Option<TlsClientConfig>,
-    busid: &str,
-) -> Result<String, OpStatus> {
-    let busid = busid.to_string();
-    client.run(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let imported = async {
-                match &tls {
-                    Some(tls) => {
-                        usbwire_client::import_tls(
-                            &server.ip().to_string(),
-                            server.port(),
-                            tls,
-                            &busid,
-                        )
-                        .await
-                    }
-                    None => usbwire_client::import(server, &busid).await,
-                }
-            };
-            let device: Result<RemoteDevice, ClientError> = tokio::time::timeout(HANG, imported)
-                .await
-                .expect("the import did not end within the hang bound");
-            match device {
-                Ok(d) => {
-                    // Used, not only imported.
-                    let descriptor = d.device_descriptor().await.expect("GET_DESCRIPTOR");
-                    assert_eq!(descriptor[1], 1, "a device descriptor");
-                    let busid = d.info().busid.to_string();
-                    drop(d);
-                    Ok(busid)
-                }
-                Err(ClientError::ImportRefused { status, .. }) => Err(status),
-                Err(e) => panic!("the import failed otherwise than refused: {e}"),
-            }
-        })
-    })
-}
-
-/// [`import`], until the server has freed the device from an earlier
-/// import (it does when it sees that connection end, which the client
-/// cannot wait for): DevBusy meanwhile, bounded by [`HANG`].
-fn import_once_free(
-    client: &Host,
-    server: SocketAddr,
-    tls: impl Fn() -> Option<TlsClientConfig>,
-    busid: &str,
-) -> Result<String, OpStatus> {
-    let start = Instant::now();
-    // Each round is one import; the loop ends by HANG.
-    loop {
-        match import(client, server, tls(), busid) {
-            Err(OpStatus::DevBusy) if start.elapsed() < HANG => {
-                std::thread::sleep(Duration::from_millis(50))
-            }
-            done => return done,
-        }
-    }
 }
 
 #[test]

@@ -254,7 +254,10 @@ impl ReserveError {
 #[derive(Clone)]
 pub struct Fleet {
     client: Client,
+    /// The members that answered when it connected.
     endpoints: String,
+    /// Every member it was given, to connect again from.
+    requested: String,
 }
 
 impl Fleet {
@@ -266,7 +269,14 @@ impl Fleet {
         Ok(Fleet {
             client,
             endpoints: live.join(","),
+            requested: endpoints.to_string(),
         })
+    }
+
+    /// A new connection to the members that answer now, from every member
+    /// this one was given (one it used may have died since).
+    pub async fn reconnect(&self) -> Result<Fleet, ReserveError> {
+        Fleet::connect(&self.requested).await
     }
 
     pub fn client(&self) -> Client {
@@ -587,7 +597,8 @@ pub type NameOf = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 /// in it (nor be made: a client cannot reach etcd either, or the server
 /// is cut off from it alone), and those made before it stay honoured.
 pub struct ReservationGate {
-    fleet: Fleet,
+    /// Replaced by a new connection when a read through it fails.
+    fleet: Mutex<Fleet>,
     name_of: NameOf,
     watched: Arc<Mutex<HashMap<String, ReservationRecord>>>,
     watcher: tokio::task::JoinHandle<()>,
@@ -599,7 +610,7 @@ impl ReservationGate {
         let watched = Arc::new(Mutex::new(HashMap::new()));
         let watcher = tokio::spawn(watch_reservations(fleet.clone(), watched.clone()));
         ReservationGate {
-            fleet,
+            fleet: Mutex::new(fleet),
             name_of,
             watched,
             watcher,
@@ -615,9 +626,7 @@ impl ReservationGate {
         let Some(name) = (self.name_of)(busid) else {
             return Ok(());
         };
-        let record = match tokio::time::timeout(GATE_READ_TIMEOUT, self.fleet.reservation(&name))
-            .await
-        {
+        let record = match tokio::time::timeout(GATE_READ_TIMEOUT, self.read(&name)).await {
             Ok(Ok(record)) => record,
             Ok(Err(e)) => {
                 warn!(%name, "reservation check falls back to the watched copy: {e}");
@@ -654,6 +663,27 @@ impl ReservationGate {
                 record.holder, record.client_host
             ),
         })
+    }
+}
+
+impl ReservationGate {
+    /// `reservations/<name>`, read linearizably; when the connection fails
+    /// (the member it used died), once more through a new one.
+    async fn read(&self, name: &str) -> Result<Option<ReservationRecord>, ReserveError> {
+        let fleet = self.fleet.lock().expect("not poisoned").clone();
+        match fleet.reservation(name).await {
+            Err(ReserveError::Etcd { .. }) => {
+                let fresh = fleet.reconnect().await?;
+                let record = fresh.reservation(name).await?;
+                debug!(
+                    endpoints = fresh.endpoints,
+                    "the reservation check connected again"
+                );
+                *self.fleet.lock().expect("not poisoned") = fresh;
+                Ok(record)
+            }
+            other => other,
+        }
     }
 }
 
@@ -735,12 +765,18 @@ impl ImportGate for FleetGate {
 async fn watch_reservations(fleet: Fleet, watched: Arc<Mutex<HashMap<String, ReservationRecord>>>) {
     let prefix = format!("{PREFIX}reservations/");
     let mut pause = Duration::from_millis(250);
+    let mut fleet = fleet;
     loop {
         if let Err(e) = watch_once(&fleet, &prefix, &watched).await {
             debug!("watching the fleet's reservations: {e}; again in {pause:?}");
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(5));
+        // The member the watch was on may be the one that died.
+        match fleet.reconnect().await {
+            Ok(fresh) => fleet = fresh,
+            Err(e) => debug!("watching the fleet's reservations: connecting again: {e}"),
+        }
     }
 }
 
