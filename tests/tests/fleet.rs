@@ -5,7 +5,8 @@
 //! One test function, one cluster and one set of servers, scenario after
 //! scenario, each starting from the state the one before left (all
 //! published): the listing, a duplicate name (EEXIST), a killed server, a
-//! killed etcd member, the whole cluster down, and one server cut off.
+//! killed etcd member (no record changes lease; reserving and the import
+//! check go on), the whole cluster down, and one server cut off.
 //! The times printed are measured, not asserted: the TTL is etcd's; only
 //! generous hang bounds are asserted.
 
