@@ -241,14 +241,18 @@ impl Cluster {
         self.wait_healthy();
     }
 
-    /// Waits until every running member answers healthy (a bounded poll).
-    pub fn wait_healthy(&self) {
-        let running: Vec<String> = self
-            .members
+    /// The client URLs of the members the harness has not killed.
+    fn running_endpoints(&self) -> Vec<String> {
+        self.members
             .iter()
             .filter(|m| m.child.is_some())
             .map(Member::client_url)
-            .collect();
+            .collect()
+    }
+
+    /// Waits until every running member answers healthy (a bounded poll).
+    pub fn wait_healthy(&self) {
+        let running = self.running_endpoints();
         if running.is_empty() {
             return;
         }
@@ -304,12 +308,7 @@ impl Cluster {
 
     /// As [`Cluster::etcdctl`], but returns the output whatever happened.
     pub fn etcdctl_output(&self, from: &Host, args: &[&str]) -> Output {
-        let running: Vec<String> = self
-            .members
-            .iter()
-            .filter(|m| m.child.is_some())
-            .map(Member::client_url)
-            .collect();
+        let running = self.running_endpoints();
         // With none running, etcdctl fails as a client would.
         let endpoints = if running.is_empty() {
             self.endpoints()

@@ -20,6 +20,17 @@ pub const PORT: u16 = 3240;
 /// How long a start or a stop may take before the test calls it a hang.
 const HANG: Duration = Duration::from_secs(60);
 
+/// `usbip ARGS` run on `client`, its reservations recorded in `dir`.
+pub fn usbip(client: &Host, dir: &Path, args: &[&str]) -> std::process::Output {
+    client
+        .command(cargo_bin("usbip"))
+        .args(args)
+        .env("USBWIRE_RESERVATION_DIR", dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running usbip")
+}
+
 /// A `usbipd --fleet` in its own namespace, killed on drop.
 pub struct FleetServer {
     pub id: String,

@@ -11,13 +11,11 @@
 //! generous hang bounds are asserted.
 
 use std::collections::BTreeSet;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use usbwire_tests::etcd::{self, Cluster};
 use usbwire_tests::fabric::{Fabric, Host};
-use usbwire_tests::fleet::{import, import_once_free, FleetServer as Server, PORT};
-use usbwire_tests::kernel::cargo_bin;
+use usbwire_tests::fleet::{import, import_once_free, usbip, FleetServer as Server, PORT};
 
 /// The servers' lease TTL (seconds).
 const TTL: u64 = 3;
@@ -67,27 +65,6 @@ fn names_of(cluster: &Cluster, server: &str) -> BTreeSet<String> {
 
 fn set(names: &[&str]) -> BTreeSet<String> {
     names.iter().map(|s| s.to_string()).collect()
-}
-
-/// `usbip ARGS` run on the client host.
-fn usbip(client: &Host, args: &[&str]) -> std::process::Output {
-    client
-        .command(cargo_bin("usbip"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running usbip")
-}
-
-/// `usbip ARGS` run on the client host, its reservations recorded in `dir`.
-fn usbip_holding(client: &Host, dir: &std::path::Path, args: &[&str]) -> std::process::Output {
-    client
-        .command(cargo_bin("usbip"))
-        .args(args)
-        .env("USBWIRE_RESERVATION_DIR", dir)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running usbip")
 }
 
 fn stdout_of(out: &std::process::Output, what: &str) -> String {
@@ -144,6 +121,8 @@ fn fleet_publishes_lists_and_survives_failures() {
     }
     let t0 = Instant::now();
     let dir = tempfile::tempdir().expect("temp dir");
+    let held = dir.path().join("reservations");
+    std::fs::create_dir_all(&held).unwrap();
     let mut fabric = Fabric::new();
     let mut cluster = Cluster::start(&mut fabric, 3);
     let eps = cluster.endpoints();
@@ -210,7 +189,7 @@ fn fleet_publishes_lists_and_survives_failures() {
 
     // --- Listing: every device once, text and JSON (schema-checked).
     let json = stdout_of(
-        &usbip(&client, &["list", "--fleet", &eps, "--json"]),
+        &usbip(&client, &held, &["list", "--fleet", &eps, "--json"]),
         "usbip list --fleet --json",
     );
     let listed: serde_json::Value = serde_json::from_str(&json).expect("JSON");
@@ -242,7 +221,7 @@ fn fleet_publishes_lists_and_survives_failures() {
     assert_eq!(bench["holder"], serde_json::Value::Null);
     assert_eq!(bench["tls"], false);
     let text = stdout_of(
-        &usbip(&client, &["list", "--fleet", &eps]),
+        &usbip(&client, &held, &["list", "--fleet", &eps]),
         "usbip list --fleet",
     );
     for name in &names {
@@ -302,7 +281,7 @@ fn fleet_publishes_lists_and_survives_failures() {
         republish.elapsed()
     );
     let listed = stdout_of(
-        &usbip(&client, &["list", "--fleet", &eps, "--json"]),
+        &usbip(&client, &held, &["list", "--fleet", &eps, "--json"]),
         "usbip list --fleet with a member down",
     );
     let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
@@ -337,10 +316,8 @@ fn fleet_publishes_lists_and_survives_failures() {
         );
     }
     // Reserving and the servers' import check go on too.
-    let held = dir.path().join("reservations");
-    std::fs::create_dir_all(&held).unwrap();
     let reserved = stdout_of(
-        &usbip_holding(
+        &usbip(
             &client,
             &held,
             &["reserve", "--fleet", &eps, "srv-b/1-1", "--json"],
@@ -371,7 +348,7 @@ fn fleet_publishes_lists_and_survives_failures() {
         "{}",
         b.log_text()
     );
-    let out = usbip_holding(&client, &held, &["release", "srv-b/1-1"]);
+    let out = usbip(&client, &held, &["release", "srv-b/1-1"]);
     assert!(out.status.success(), "usbip release: {out:?}");
     println!("etcd member 0 down: reserved, refused, imported by the holder, released");
     cluster.restart_member(0);
@@ -381,7 +358,7 @@ fn fleet_publishes_lists_and_survives_failures() {
     cluster.stop();
     let down = Instant::now();
     let remote = stdout_of(
-        &usbip(&client, &["list", "-r", &ha.addr().to_string()]),
+        &usbip(&client, &held, &["list", "-r", &ha.addr().to_string()]),
         "usbip list -r srv-a with etcd down",
     );
     assert!(

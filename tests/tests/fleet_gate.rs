@@ -13,15 +13,14 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use usbwire_client::{ServerTrust, TlsClientConfig};
 use usbwire_proto::OpStatus;
 use usbwire_tests::etcd::{self, Cluster};
-use usbwire_tests::fabric::{Fabric, Host, PREFIX_LEN};
-use usbwire_tests::fleet::{import, import_once_free, FleetServer, PORT};
-use usbwire_tests::kernel::cargo_bin;
+use usbwire_tests::fabric::{Fabric, PREFIX_LEN};
+use usbwire_tests::fleet::{import, import_once_free, usbip, FleetServer, PORT};
 use usbwire_tests::tls::Ca;
 
 const HANG: Duration = Duration::from_secs(60);
@@ -34,17 +33,6 @@ labels = ["gate"]
 kind = "keyboard"
 labels = ["gate"]
 "#;
-
-/// `usbip ARGS` on `client`, its reservations recorded in `dir`.
-fn usbip(client: &Host, dir: &Path, args: &[&str]) -> Output {
-    client
-        .command(cargo_bin("usbip"))
-        .args(args)
-        .env("USBWIRE_RESERVATION_DIR", dir)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running usbip")
-}
 
 fn json_of(out: &Output, what: &str) -> serde_json::Value {
     assert!(
