@@ -186,6 +186,29 @@ fn fleet_publishes_lists_and_survives_failures() {
     .map(|k| format!("/usbwire/v1/{k}"))
     .collect();
     assert_eq!(all_keys, expected_keys, "the whole keyspace");
+    // srv-c's device refused the name is exported locally only: a
+    // reservation of srv-a's bench/sourcesink is not about it.
+    let out = usbip(
+        &client,
+        &held,
+        &["reserve", "--fleet", &eps, "bench/sourcesink"],
+    );
+    assert!(out.status.success(), "reserving bench/sourcesink: {out:?}");
+    let a_addr = std::net::SocketAddr::from((ha.addr(), PORT));
+    let c_addr = std::net::SocketAddr::from((hc.addr(), PORT));
+    assert_eq!(
+        import(&client, a_addr, None, "1-1"),
+        Err(usbwire_proto::OpStatus::DevBusy),
+        "srv-a's reserved device imported without a token"
+    );
+    assert_eq!(
+        import(&client, c_addr, None, "1-1"),
+        Ok("1-1".into()),
+        "srv-c's local-only device refused for another server's reservation\n{}",
+        c.log_text()
+    );
+    let out = usbip(&client, &held, &["release", "bench/sourcesink"]);
+    assert!(out.status.success(), "usbip release: {out:?}");
 
     // --- Listing: every device once, text and JSON (schema-checked).
     let json = stdout_of(

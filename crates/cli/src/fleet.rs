@@ -68,18 +68,20 @@ impl Fleet {
         let endpoints = settings.endpoints.join(",");
         let name_of: NameOf = {
             let server_id = settings.server_id.clone();
+            let refused = publisher.refused_names();
             let names: BTreeMap<String, String> = meta
                 .iter()
                 .filter_map(|(busid, m)| Some((busid.clone(), m.name.clone()?)))
                 .collect();
-            // The name record() publishes a device under.
+            // The name record() publishes a device under; none for a
+            // device whose name another server holds (exported locally
+            // only, so no reservation in the fleet is about it).
             Arc::new(move |busid: &str| {
-                Some(
-                    names
-                        .get(busid)
-                        .cloned()
-                        .unwrap_or_else(|| format!("{server_id}/{busid}")),
-                )
+                let name = names
+                    .get(busid)
+                    .cloned()
+                    .unwrap_or_else(|| format!("{server_id}/{busid}"));
+                (!refused.contains(&name)).then_some(name)
             })
         };
         let registry = registry.clone();

@@ -34,7 +34,7 @@
 //!   goes at once (the goodbye).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd_client::{
@@ -79,9 +79,32 @@ struct Held {
     published: Published,
 }
 
+/// The names this server's devices were refused (EEXIST: another server
+/// publishes them), so that nothing of this server treats them as its own
+/// in the fleet (the import check must not apply another server's
+/// reservation of the name to a device that is exported locally only).
+#[derive(Clone, Default)]
+pub struct RefusedNames(Arc<Mutex<BTreeSet<String>>>);
+
+impl RefusedNames {
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.lock().expect("not poisoned").contains(name)
+    }
+
+    fn set(&self, name: &str, refused: bool) {
+        let mut names = self.0.lock().expect("not poisoned");
+        if refused {
+            names.insert(name.to_string());
+        } else {
+            names.remove(name);
+        }
+    }
+}
+
 /// The publishing task's handle.
 pub struct Publisher {
     desired: DeviceSetter,
+    refused: RefusedNames,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
@@ -92,9 +115,11 @@ impl Publisher {
     pub fn spawn(config: PublisherConfig) -> Publisher {
         let (desired, rx) = watch::channel(DeviceSet::new());
         let (stop, stop_rx) = oneshot::channel();
-        let task = tokio::spawn(run(config, rx, stop_rx));
+        let refused = RefusedNames::default();
+        let task = tokio::spawn(run(config, rx, stop_rx, refused.clone()));
         Publisher {
             desired: DeviceSetter(Arc::new(desired)),
+            refused,
             stop: Some(stop),
             task,
         }
@@ -103,6 +128,11 @@ impl Publisher {
     /// The devices this server exports now, each under its fleet name.
     pub fn set_devices(&self, devices: impl IntoIterator<Item = DeviceRecord>) {
         self.desired.set_devices(devices);
+    }
+
+    /// The names refused with EEXIST now.
+    pub fn refused_names(&self) -> RefusedNames {
+        self.refused.clone()
     }
 
     /// A handle that sets the devices from another task.
@@ -170,6 +200,7 @@ async fn run(
     config: PublisherConfig,
     mut desired: watch::Receiver<DeviceSet>,
     mut stop: oneshot::Receiver<()>,
+    refused: RefusedNames,
 ) {
     let mut delay = BACKOFF_FIRST;
     // Names withdrawn in this run: coming back, they pass through
@@ -181,7 +212,7 @@ async fn run(
     let saving = ttl_of(&config) / 6;
     loop {
         let opened = tokio::select! {
-            s = Session::open(&config, &mut held) => s,
+            s = Session::open(&config, &mut held, &refused) => s,
             _ = &mut stop => return,
         };
         match opened {
@@ -256,6 +287,7 @@ struct Session<'a> {
     keeper: LeaseKeeper,
     acks: LeaseKeepAliveStream,
     published: Published,
+    refused: RefusedNames,
 }
 
 /// What became of one device's publication.
@@ -272,6 +304,7 @@ impl<'a> Session<'a> {
     async fn open(
         config: &'a PublisherConfig,
         held: &mut Option<Held>,
+        refused: &RefusedNames,
     ) -> Result<Session<'a>, FleetError> {
         let (mut client, endpoints) = connect_live(&config.endpoints).await?;
         let eps = &endpoints;
@@ -328,6 +361,7 @@ impl<'a> Session<'a> {
             keeper,
             acks,
             published,
+            refused: refused.clone(),
         })
     }
 
@@ -415,6 +449,7 @@ impl<'a> Session<'a> {
             }
             match self.publish(rec, withdrawn.contains(name)).await? {
                 Outcome::Published(rev) => {
+                    self.refused.set(name, false);
                     info!(
                         "fleet: published {name} ({} on {}:{}, labels [{}])",
                         rec.busid,
@@ -424,13 +459,17 @@ impl<'a> Session<'a> {
                     );
                     self.published.insert(name.clone(), (rec.clone(), rev));
                 }
-                Outcome::Taken(owner) => warn!(
-                    "fleet: the name \"{name}\" is already published by server {owner} \
-                     (EEXIST): {} stays exported locally only and nothing of it is written \
-                     to etcd; give it a `name` of its own in its [[device]] section. \
-                     It is tried again when this server's devices change or publishing restarts",
-                    rec.busid
-                ),
+                Outcome::Taken(owner) => {
+                    self.refused.set(name, true);
+                    warn!(
+                        "fleet: the name \"{name}\" is already published by server {owner} \
+                         (EEXIST): {} stays exported locally only and nothing of it is written \
+                         to etcd; give it a `name` of its own in its [[device]] section. \
+                         It is tried again when this server's devices change or publishing \
+                         restarts",
+                        rec.busid
+                    )
+                }
             }
         }
         Ok(())
