@@ -6,7 +6,9 @@
 //! scenario, each starting from the state the one before left (all
 //! published): the listing, a duplicate name (EEXIST), a killed server, a
 //! killed etcd member (no record changes lease; reserving and the import
-//! check go on), the whole cluster down, and one server cut off.
+//! check go on), the whole cluster down (an attached device keeps working,
+//! a new import works, a reservation fails saying why, publishing resumes
+//! on the same lease), and one server cut off.
 //! The times printed are measured, not asserted: the TTL is etcd's; only
 //! generous hang bounds are asserted.
 
@@ -378,8 +380,51 @@ fn fleet_publishes_lists_and_survives_failures() {
 
     // --- The whole cluster down: local export goes on; publishing resumes
     // on the same lease (etcd keeps leases through its own restart).
+    // An import made before the outage, used during it.
+    let (imported_tx, imported_rx) = std::sync::mpsc::channel();
+    let (down_tx, down_rx) = std::sync::mpsc::channel::<()>();
+    let attached = client.spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let device = tokio::time::timeout(HANG, usbwire_client::import(a_addr, "1-1"))
+                .await
+                .expect("import hang")
+                .expect("import from srv-a before the outage");
+            imported_tx.send(()).unwrap();
+            tokio::task::spawn_blocking(move || down_rx.recv_timeout(HANG))
+                .await
+                .unwrap()
+                .expect("told that etcd is down");
+            let used = tokio::time::timeout(HANG, device.device_descriptor()).await;
+            used.map(|d| d.map(|d| d[1]))
+        })
+    });
+    imported_rx
+        .recv_timeout(HANG)
+        .expect("the import before the outage");
     cluster.stop();
     let down = Instant::now();
+    down_tx.send(()).unwrap();
+    match attached.join().expect("the attached client's thread") {
+        Ok(Ok(1)) => {}
+        other => panic!("an attached device stopped working with etcd down: {other:?}"),
+    }
+    // A new reservation fails, and says why.
+    let refused = usbip(&client, &held, &["reserve", "--fleet", &eps, "srv-a/1-2"]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("etcd") && said.contains("reachable"),
+        "usbip reserve with etcd down: {refused:?}"
+    );
+    println!(
+        "etcd down: a reservation fails at once ({:?}, {:?}): {}",
+        refused.status,
+        down.elapsed(),
+        said.trim()
+    );
     let remote = stdout_of(
         &usbip(&client, &held, &["list", "-r", &ha.addr().to_string()]),
         "usbip list -r srv-a with etcd down",
@@ -388,14 +433,13 @@ fn fleet_publishes_lists_and_survives_failures() {
         remote.contains("1-1:") && remote.contains("1-2:"),
         "{remote}"
     );
-    let addr = std::net::SocketAddr::from((ha.addr(), PORT));
     let imported = client.run(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(async {
-            tokio::time::timeout(HANG, usbwire_client::import(addr, "1-2"))
+            tokio::time::timeout(HANG, usbwire_client::import(a_addr, "1-2"))
                 .await
                 .map(|r| r.map(|d| d.info().busid.to_string()))
         })

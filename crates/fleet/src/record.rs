@@ -99,6 +99,11 @@ pub enum FleetError {
     },
     #[error("etcd at {endpoints} did not answer within {limit:?} (is the cluster up and reachable from here?)")]
     Timeout { endpoints: String, limit: Duration },
+    #[error("no etcd member of {endpoints} answered; the first said: {first}")]
+    NoneAnswered {
+        endpoints: String,
+        first: Box<FleetError>,
+    },
     #[error("probing the etcd members failed: {0}")]
     Probe(String),
     #[error("etcd key {key} kept changing under this server's transaction; giving up for now")]
@@ -193,7 +198,14 @@ pub async fn connect_live(endpoints: &[String]) -> Result<(Client, Vec<String>),
     live.sort_unstable();
     let live: Vec<String> = live.into_iter().map(|i| endpoints[i].clone()).collect();
     if live.is_empty() {
-        return Err(first_error.unwrap_or(FleetError::NoEndpoints));
+        return Err(match first_error {
+            None => FleetError::NoEndpoints,
+            Some(first) if endpoints.len() == 1 => first,
+            Some(first) => FleetError::NoneAnswered {
+                endpoints: endpoints.join(","),
+                first: Box::new(first),
+            },
+        });
     }
     Ok((connect_to(&live).await?, live))
 }
