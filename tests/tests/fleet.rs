@@ -169,6 +169,8 @@ fn fleet_publishes_lists_and_survives_failures() {
     .unwrap();
     assert_eq!(record["server"], "srv-a");
     assert_eq!(record["labels"], serde_json::json!(["pixel-7", "lab-2"]));
+    // The device's own iSerialNumber string (Gadget Zero's), none configured.
+    assert_eq!(record["serial"], "0001", "{record}");
     assert!(
         cluster.keys("/usbwire/v1/transition/").is_empty(),
         "a transition key was left"

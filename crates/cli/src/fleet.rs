@@ -93,7 +93,10 @@ impl Fleet {
                 let records = registry
                     .all()
                     .into_iter()
-                    .map(|(info, _)| record(&settings, &meta, &info))
+                    .map(|(info, _)| {
+                        let serial = registry.serial(&info.busid.to_string());
+                        record(&settings, &meta, &info, serial)
+                    })
                     .collect::<Vec<_>>();
                 desired.set_devices(records);
                 if changes.changed().await.is_err() {
@@ -131,6 +134,7 @@ pub fn record(
     settings: &FleetSettings,
     meta: &BTreeMap<String, DeviceMeta>,
     info: &DeviceInfo,
+    device_serial: Option<String>,
 ) -> DeviceRecord {
     let busid = info.busid.to_string();
     let m = meta.get(&busid).cloned().unwrap_or_default();
@@ -159,7 +163,8 @@ pub fn record(
             })
             .collect(),
         speed: speed_name(info.speed).to_string(),
-        serial: m.serial,
+        // The configured one wins: it is what the operator labels by.
+        serial: m.serial.or(device_serial),
         labels: m.labels,
         tls: settings.tls,
         fingerprint: settings.fingerprint.clone(),

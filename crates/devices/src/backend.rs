@@ -85,6 +85,15 @@ impl Backend for EmulatedBackend {
         Some((d.device_bytes().to_vec(), d.configuration.clone()))
     }
 
+    fn serial(&self) -> Option<String> {
+        self.dev
+            .descriptors()
+            .device
+            .serial
+            .clone()
+            .filter(|s| !s.is_empty())
+    }
+
     fn poll_urb(&mut self, urb: &mut Urb, cx: &mut Context<'_>) -> Poll<Completion> {
         let len = urb.length.min(urb.buf.len());
         if urb.ep == 0 {

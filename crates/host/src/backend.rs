@@ -678,6 +678,10 @@ impl Backend for UsbfsBackend {
         crate::sysfs::split_descriptors(&self.raw_descriptors, self.config)
     }
 
+    fn serial(&self) -> Option<String> {
+        self.sys.serial.clone().filter(|s| !s.is_empty())
+    }
+
     fn transfer_type(&self, ep_address: u8) -> Option<TransferType> {
         if ep_address & 0x0f == 0 {
             return Some(TransferType::Control);

@@ -188,6 +188,8 @@ enum SlotState {
 
 struct Slot {
     info: DeviceInfo,
+    /// The backend's serial number, read when it was added.
+    serial: Option<String>,
     state: SlotState,
 }
 
@@ -246,6 +248,7 @@ impl Reservation {
         let mut map = self.registry.lock();
         if let Some(slot) = map.get_mut(&self.busid) {
             slot.info = info;
+            slot.serial = backend.serial();
             slot.state = SlotState::Available(backend);
         }
         self.registry.notify();
@@ -453,6 +456,7 @@ impl Registry {
             busid.to_string(),
             Slot {
                 info: placeholder_info(busid),
+                serial: None,
                 state: SlotState::Transitional,
             },
         );
@@ -656,6 +660,11 @@ impl Registry {
     }
 
     /// Every committed device and whether it is imported.
+    /// The serial number of the device at `busid`, if its backend has one.
+    pub fn serial(&self, busid: &str) -> Option<String> {
+        self.lock().get(busid).and_then(|s| s.serial.clone())
+    }
+
     pub fn all(&self) -> Vec<(DeviceInfo, bool)> {
         self.lock()
             .values()

@@ -116,6 +116,13 @@ pub trait Backend: Send + 'static {
         None
     }
 
+    /// The device's serial number (its iSerialNumber string), if it has
+    /// one and the backend has it at hand: what a fleet publishes to tell
+    /// two devices of one model apart. It must not block.
+    fn serial(&self) -> Option<String> {
+        None
+    }
+
     /// A device that a kernel driver runs (usbip-host, usbip-vudc): an
     /// import gives the driver the connection itself, as the C usbipd
     /// does, instead of running URBs through `poll_urb`. `None` for a
