@@ -109,10 +109,7 @@ impl Usbipd {
     /// SIGKILL: no shutdown, no flush. The listener stays the test's:
     /// connections made now wait for [`Usbipd::restart`].
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill_and_reap(self.child.take());
         self.stdout = None;
     }
 
@@ -146,16 +143,7 @@ impl Usbipd {
     /// SIGTERM; the exit status, or `None` (and SIGKILL) when it did not
     /// exit within 20 s.
     pub fn terminate(&mut self) -> Option<ExitStatus> {
-        let mut c = self.child.take()?;
-        // SAFETY: plain kill(2) on our own child's pid, not reaped yet.
-        unsafe {
-            libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let status = wait_exit(&mut c, STOP_LIMIT).ok().flatten();
-        if status.is_none() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        let status = terminate(self.child.take()?, STOP_LIMIT);
         self.stdout = None;
         status
     }
@@ -171,6 +159,28 @@ impl Drop for Usbipd {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// SIGKILL, and reaps it.
+pub fn kill_and_reap(child: Option<Child>) {
+    if let Some(mut c) = child {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// SIGTERM; the exit status, or `None` (and SIGKILL) when it did not exit
+/// within `limit`.
+pub fn terminate(mut child: Child, limit: Duration) -> Option<ExitStatus> {
+    // SAFETY: plain kill(2) on our own child's pid, not reaped yet.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let status = wait_exit(&mut child, limit).ok().flatten();
+    if status.is_none() {
+        kill_and_reap(Some(child));
+    }
+    status
 }
 
 /// Reads up to and including the first newline, or fails at EOF (the child

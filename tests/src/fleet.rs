@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use usbwire_client::{ClientError, RemoteDevice, TlsClientConfig};
 use usbwire_proto::OpStatus;
 
-use crate::daemon::{read_line, wait_exit};
+use crate::daemon::{kill_and_reap, read_line, terminate};
 use crate::fabric::Host;
 use crate::kernel::cargo_bin;
 
@@ -109,20 +109,14 @@ impl FleetServer {
 
     /// SIGKILL: no goodbye to etcd.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill_and_reap(self.child.take());
         self.stdout = None;
     }
 
     /// SIGTERM, and waits for a clean exit.
     pub fn terminate(&mut self) {
-        let mut c = self.child.take().expect("the server runs");
-        // SAFETY: kill(2) on our own child, not reaped yet.
-        unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
-        let status = wait_exit(&mut c, HANG)
-            .expect("waiting for usbipd")
+        let c = self.child.take().expect("the server runs");
+        let status = terminate(c, HANG)
             .unwrap_or_else(|| panic!("{} did not exit on SIGTERM\n{}", self.id, self.log_text()));
         assert!(
             status.success(),
