@@ -4,10 +4,13 @@
 //! holder's device coming free within its TTL, and the server's import
 //! check (a reserved device only for its holder's token).
 //!
-//! The device records are written straight into etcd in the publisher's
-//! schema (crates/fleet's `devices/<name>`), so that this test depends on
-//! reservations alone. One cluster serves every scenario, in an order in
-//! which each starts from a known state.
+//! The 10 matching devices (Gadget Zero test devices, 0525:a4a0) are
+//! published by three `usbipd --fleet` servers, each in a namespace of its
+//! own (4, 3 and 3 of them, with a keyboard that does not match); two more
+//! records ("other", "guarded") are written by hand in the publisher's
+//! schema, for the transition and the in-process import check. One
+//! cluster serves every scenario, in an order in which each starts from a
+//! known state.
 
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
@@ -20,12 +23,25 @@ use usbwire_proto::OpStatus;
 use usbwire_server::gate::Gate;
 use usbwire_server::ServerConfig;
 use usbwire_tests::fabric::{Fabric, Host};
+use usbwire_tests::fleet::FleetServer;
 use usbwire_tests::support::TestServer;
 use usbwire_tests::{etcd, kernel};
 
 const RESERVATIONS: &str = "/usbwire/v1/reservations/";
 const RACERS: usize = 50;
 const MATCHING: usize = 10;
+/// What the servers' test devices are (Gadget Zero's ids).
+const MATCH: &str = "0525:a4a0";
+
+/// A server's configuration: `tests` test devices and a keyboard.
+fn server_config(tests: usize) -> String {
+    let mut config = String::new();
+    for _ in 0..tests {
+        config.push_str("[[device]]\nkind = \"test\"\nlabels = [\"race\"]\n");
+    }
+    config.push_str("[[device]]\nkind = \"keyboard\"\n");
+    config
+}
 /// Short, so that a killed holder's device comes free soon.
 const TTL: i64 = 4;
 
@@ -96,11 +112,38 @@ fn reservations_race_expire_release_and_guard_imports() {
     let endpoints = cluster.endpoints();
     println!("3-member etcd cluster up in {:?}", started.elapsed());
     let server_ip = server.addr().to_string();
-    for i in 0..MATCHING {
-        let key = format!("/usbwire/v1/devices/match-{i}");
-        let value = device_json(&server_ip, &format!("1-{}", i + 1), "1d6b", "0104");
-        cluster.etcdctl(&client, &["put", &key, &value]);
+    let configs = tempfile::tempdir().unwrap();
+    let _servers: Vec<FleetServer> = [4, 3, 3]
+        .iter()
+        .enumerate()
+        .map(|(i, &tests)| {
+            let id = format!("srv-{i}");
+            let host = fabric.add_host(&id);
+            FleetServer::start(
+                &id,
+                host,
+                configs.path(),
+                &server_config(tests),
+                &endpoints,
+                &[],
+            )
+        })
+        .collect();
+    let published = Instant::now();
+    // Each round is one etcdctl; bounded by its own limit.
+    while cluster.keys("/usbwire/v1/devices/srv-").len() < MATCHING + 3 {
+        assert!(
+            published.elapsed() < Duration::from_secs(60),
+            "the servers did not publish: {:?}",
+            cluster.keys("/usbwire/v1/devices/")
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
+    println!(
+        "3 servers published {} devices in {:?}",
+        MATCHING + 3,
+        published.elapsed()
+    );
     let other = device_json(&server_ip, "2-1", "046d", "c52b");
     cluster.etcdctl(&client, &["put", "/usbwire/v1/devices/other", &other]);
 
@@ -142,7 +185,7 @@ fn reservations_race_expire_release_and_guard_imports() {
                     "--fleet",
                     &endpoints,
                     "--match",
-                    "1d6b:0104",
+                    MATCH,
                     "--ttl",
                     &ttl,
                     "--client-id",
@@ -195,7 +238,17 @@ fn reservations_race_expire_release_and_guard_imports() {
     );
     for &i in &won {
         let name = record(dirs[i].path())["name"].as_str().unwrap().to_string();
-        assert!(name.starts_with("match-"), "{name}");
+        let device: serde_json::Value = serde_json::from_str(
+            &cluster
+                .get(&format!("/usbwire/v1/devices/{name}"))
+                .unwrap_or_else(|| panic!("{name} is not published")),
+        )
+        .unwrap();
+        assert_eq!(
+            format!("{}:{}", device["vendor_id"], device["product_id"]).replace('"', ""),
+            MATCH,
+            "{name} does not match"
+        );
         assert!(String::from_utf8_lossy(&outputs[i].stdout).contains(&name));
     }
 
