@@ -23,22 +23,20 @@
 //! dials.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use usbwire_client::ClientError;
 use usbwire_fleet::record::{device_key, kind_prefix, DeviceRecord};
 use usbwire_proto::OpStatus;
-use usbwire_tests::daemon::read_line;
 use usbwire_tests::etcd::{self, Cluster, CLIENT_PORT};
-use usbwire_tests::fabric::{Fabric, Host};
+use usbwire_tests::fabric::Fabric;
+// usbipd's port in its namespace, and the guest's port forwarded to it.
+use usbwire_tests::fleet::{import, import_once_free, FleetServer, PORT as USBIP_PORT};
 use usbwire_tests::kernel::{self, GUESTFWD_ADDR};
 use usbwire_tests::relay::Relay;
 use usbwire_tests::support::output_value;
 
-/// usbipd's port in its namespace, and the guest's port forwarded to it.
-const USBIP_PORT: u16 = 3240;
 /// The guest signals port: the host has checked its import is refused.
 const SIG_CHECKED: u16 = 5555;
 const NAME: &str = "lab/disk";
@@ -50,81 +48,19 @@ const HANG: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(100);
 const DISK_BYTES: u32 = 1024 * 1024;
 
-/// `usbipd --fleet` in `host`'s namespace, killed on drop.
-struct Server {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Server {
-    fn start(host: &Host, dir: &Path, endpoints: &str) -> Server {
-        let image = dir.join("disk.img");
-        // Distinct bytes in every block: a read of the wrong block shows.
-        let disk: Vec<u8> = (0..DISK_BYTES)
-            .map(|i| ((i / 512) as u8) ^ (i as u8).rotate_left(3) ^ 0x5a)
-            .collect();
-        std::fs::write(&image, &disk).expect("writing the disk image");
-        let config = dir.join("usbipd.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[[device]]\nkind = \"mass-storage\"\nimage = \"{}\"\nread_only = true\n\
-                 name = \"{NAME}\"\nlabels = [\"kernel-fleet\"]\n",
-                image.display()
-            ),
-        )
-        .expect("writing the server's config");
-        let log = dir.join("usbipd.log");
-        let log_file = std::fs::File::create(&log).expect("usbipd log");
-        let published = format!("{GUESTFWD_ADDR}:{USBIP_PORT}");
-        let mut child = host
-            .command(kernel::cargo_bin("usbipd"))
-            .arg("--config")
-            .arg(&config)
-            .args(["--no-control", "--listen", &host.addr().to_string()])
-            .args(["-t", &USBIP_PORT.to_string()])
-            .args(["--fleet", endpoints, "--fleet-name", "srv"])
-            .args(["--fleet-ttl", &TTL.to_string()])
-            .args(["--fleet-address", &published, "--ready-fd", "1"])
-            .env("USBWIRE_LOG", "info,usbwire_fleet=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log_file)
-            .spawn()
-            .expect("spawning usbipd");
-        let mut stdout = child.stdout.take().expect("usbipd's stdout");
-        let ready = read_line(&mut stdout, HANG);
-        let server = Server { child, log };
-        assert!(
-            ready.is_ok(),
-            "usbipd did not report that it serves: {ready:?}\n{}",
-            server.log_text()
-        );
-        server
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// An import of the disk by the host's client library, from `client`'s
-/// namespace; the device is dropped (the import ended) before it returns.
-fn import_from(client: &Host, server: SocketAddr) -> Result<(), ClientError> {
-    client.run(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime");
-        rt.block_on(async { usbwire_client::import(server, BUSID).await.map(drop) })
-    })
+/// The disk usbipd exports, and its configuration.
+fn disk_config(dir: &Path) -> String {
+    let image = dir.join("disk.img");
+    // Distinct bytes in every block: a read of the wrong block shows.
+    let disk: Vec<u8> = (0..DISK_BYTES)
+        .map(|i| ((i / 512) as u8) ^ (i as u8).rotate_left(3) ^ 0x5a)
+        .collect();
+    std::fs::write(&image, &disk).expect("writing the disk image");
+    format!(
+        "[[device]]\nkind = \"mass-storage\"\nimage = \"{}\"\nread_only = true\n\
+         name = \"{NAME}\"\nlabels = [\"kernel-fleet\"]\n",
+        image.display()
+    )
 }
 
 fn sha256_of(path: &Path) -> String {
@@ -156,7 +92,16 @@ fn reserved_device_is_refused_to_others_and_attached_by_its_holder_through_vhci(
     let srv = fabric.add_host("srv");
     // The guest's side of the fabric, and the host library's client.
     let gw = fabric.add_host("gw");
-    let server = Server::start(&srv, dir.path(), &endpoints);
+    let ttl = TTL.to_string();
+    let published_addr = format!("{GUESTFWD_ADDR}:{USBIP_PORT}");
+    let server = FleetServer::start(
+        "srv",
+        srv.clone(),
+        dir.path(),
+        &disk_config(dir.path()),
+        &endpoints,
+        &["--fleet-ttl", &ttl, "--fleet-address", &published_addr],
+    );
     let server_addr = SocketAddr::from((srv.addr(), USBIP_PORT));
     let etcd_addr = SocketAddr::from((cluster.member_host(0).addr(), CLIENT_PORT));
     let etcd_relay = Relay::start_into(etcd_addr, &gw).expect("the relay to etcd");
@@ -276,16 +221,12 @@ echo DONE
         "{}",
         g.output()
     );
-    match import_from(&gw, server_addr) {
-        Err(ClientError::ImportRefused {
-            status: OpStatus::DevBusy,
-            ..
-        }) => {}
-        other => panic!(
-            "import of the reserved {NAME} by another client: {other:?}\n{}",
-            logs()
-        ),
-    }
+    assert_eq!(
+        import(&gw, server_addr, None, BUSID),
+        Err(OpStatus::DevBusy),
+        "import of the reserved {NAME} by another client\n{}",
+        logs()
+    );
     g.signal(SIG_CHECKED, "checked", Duration::from_secs(60))
         .expect("signal the guest");
 
@@ -347,8 +288,14 @@ echo DONE
         cluster.keys(&kind_prefix("reservations")).is_empty(),
         "a reservation is left after release"
     );
-    import_from(&gw, server_addr)
-        .unwrap_or_else(|e| panic!("import after the release: {e}\n{}", logs()));
+    // The guest's last import ended with the guest; the server frees the
+    // disk when it sees that connection end.
+    assert_eq!(
+        import_once_free(&gw, server_addr, || None, BUSID),
+        Ok(BUSID.to_string()),
+        "import after the release\n{}",
+        logs()
+    );
 
     println!(
         "guest: {said}\n  Debian's C usbip attach: exit {}, {}\n  our plain usbip attach: exit {}, {}",
