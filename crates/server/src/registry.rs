@@ -659,12 +659,12 @@ impl Registry {
             .collect()
     }
 
-    /// Every committed device and whether it is imported.
     /// The serial number of the device at `busid`, if its backend has one.
     pub fn serial(&self, busid: &str) -> Option<String> {
         self.lock().get(busid).and_then(|s| s.serial.clone())
     }
 
+    /// Every committed device and whether it is imported.
     pub fn all(&self) -> Vec<(DeviceInfo, bool)> {
         self.lock()
             .values()
