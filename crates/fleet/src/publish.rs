@@ -227,8 +227,7 @@ async fn run(
                     if session.kept { ", kept" } else { "" },
                     config.ttl
                 );
-                let end = session.serve(&mut desired, &mut stop, &mut withdrawn).await;
-                match end {
+                match session.serve(&mut desired, &mut stop, &mut withdrawn).await {
                     End::Stop => {
                         session.goodbye().await;
                         return;
