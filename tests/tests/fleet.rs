@@ -435,24 +435,12 @@ fn fleet_publishes_lists_and_survives_failures() {
         remote.contains("1-1:") && remote.contains("1-2:"),
         "{remote}"
     );
-    let imported = client.run(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            tokio::time::timeout(HANG, usbwire_client::import(a_addr, "1-2"))
-                .await
-                .map(|r| r.map(|d| d.info().busid.to_string()))
-        })
-    });
-    match imported {
-        Ok(Ok(busid)) => assert_eq!(busid, "1-2"),
-        other => panic!(
-            "import from srv-a with etcd down: {other:?}\n{}",
-            a.log_text()
-        ),
-    }
+    assert_eq!(
+        import(&client, a_addr, None, "1-2"),
+        Ok("1-2".into()),
+        "import from srv-a with etcd down\n{}",
+        a.log_text()
+    );
     println!(
         "etcd down: srv-a listed and imported from in {:?}",
         down.elapsed()
